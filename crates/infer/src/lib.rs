@@ -1,0 +1,26 @@
+//! Inference: sampling, streaming generation with a KV cache, and chat templates.
+
+pub mod chat;
+pub mod generate;
+pub mod sampling;
+
+pub use chat::{ChatMessage, ChatTemplate};
+pub use generate::{generate, GenerationStats, TextStream};
+pub use sampling::{Sampler, SamplingParams};
+
+/// Errors from generation and templating.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Model(#[from] mode_model::Error),
+    #[error(transparent)]
+    Io(#[from] mode_io::Error),
+    #[error("tensor computation failed: {0}")]
+    Candle(#[from] candle_core::Error),
+    #[error("chat template: {0}")]
+    Template(String),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;

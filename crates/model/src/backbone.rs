@@ -1,0 +1,216 @@
+//! The frozen backbone: token embeddings, decoder layers, final norm and LM head.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, IndexOp, Module, Tensor};
+use mode_io::{GgufFile, HfFolder, Tokenizer};
+use rand::{Rng, SeedableRng};
+
+use crate::layers::{Linear, RmsNorm, Rope};
+use crate::{Config, DecoderLayer, LayerCache, Result, Weights};
+
+/// Key/value caches of every layer, for incremental decoding.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    pub layers: Vec<LayerCache>,
+}
+
+impl KvCache {
+    pub fn new(num_layers: usize) -> Self {
+        Self {
+            layers: vec![LayerCache::default(); num_layers],
+        }
+    }
+
+    /// Number of positions already processed.
+    pub fn len(&self) -> usize {
+        self.layers.first().map_or(0, |l| l.len())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A decoder-only language model.
+pub struct Backbone {
+    pub config: Config,
+    pub embed_tokens: Tensor,
+    pub layers: Vec<DecoderLayer>,
+    pub norm: RmsNorm,
+    pub lm_head: Linear,
+    pub rope: Rope,
+    source: PathBuf,
+    device: Device,
+}
+
+impl Backbone {
+    /// Builds a backbone from `weights`, storing the large matrices in `dtype` (f32, f16 or bf16).
+    pub fn load(config: Config, weights: &Weights, dtype: DType, device: &Device) -> Result<Self> {
+        let h = config.hidden_size;
+        let embed_tokens = weights.get(
+            &config,
+            "model.embed_tokens.weight",
+            &[config.vocab_size, h],
+            dtype,
+            device,
+        )?;
+        let layers = (0..config.num_hidden_layers)
+            .map(|i| DecoderLayer::load(&config, weights, &format!("model.layers.{i}"), dtype, device))
+            .collect::<Result<Vec<_>>>()?;
+        let norm = RmsNorm {
+            weight: weights.get(&config, "model.norm.weight", &[h], DType::F32, device)?,
+            eps: config.rms_norm_eps as f32,
+        };
+        // Some "tied" checkpoints still ship lm_head.weight; use it when it is there.
+        let lm_head = if !config.tie_word_embeddings || weights.contains("lm_head.weight") {
+            Linear::new(
+                weights.get(&config, "lm_head.weight", &[config.vocab_size, h], dtype, device)?,
+                None,
+            )
+        } else {
+            Linear::new(embed_tokens.clone(), None)
+        };
+        let freq_factors = weights.gguf_rope_freq_factors()?;
+        let rope = Rope::new(&config, freq_factors.as_deref());
+        Ok(Self {
+            config,
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            rope,
+            source: weights.path().to_path_buf(),
+            device: device.clone(),
+        })
+    }
+
+    /// Opens a `.gguf` file or a Hugging Face folder and returns the model and its tokenizer.
+    pub fn open(path: &Path, dtype: DType, device: &Device) -> Result<(Self, Tokenizer)> {
+        if path.is_dir() {
+            let folder = HfFolder::open(path)?;
+            let config = Config::from_hf(&folder)?;
+            let tokenizer = Tokenizer::from_hf_dir(path)?;
+            let model = Self::load(config, &Weights::Hf(folder), dtype, device)?;
+            Ok((model, tokenizer))
+        } else {
+            let gguf = GgufFile::open(path)?;
+            let config = Config::from_gguf(&gguf)?;
+            let tokenizer = Tokenizer::from_gguf(&gguf)?;
+            let model = Self::load(config, &Weights::Gguf(gguf), dtype, device)?;
+            Ok((model, tokenizer))
+        }
+    }
+
+    /// The file or folder this backbone was loaded from.
+    pub fn source(&self) -> &Path {
+        &self.source
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Token embeddings for `ids` (`[batch, seq]`), as f32 `[batch, seq, hidden]`.
+    pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let x = self.embed_tokens.index_select(&ids.flatten_all()?, 0)?;
+        Ok(x.to_dtype(DType::F32)?.reshape((b, t, self.config.hidden_size))?)
+    }
+
+    /// Runs the layers on `ids` (`[batch, seq]`) and returns the final-normed hidden states
+    /// `[batch, seq, hidden]`. With a cache, positions continue after what it holds.
+    pub fn forward_hidden(&self, ids: &Tensor, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let (_, t) = ids.dims2()?;
+        let start = cache.as_ref().map_or(0, |c| c.len());
+        let (cos, sin) = self.rope.tables(start, t, &self.device)?;
+        let mut x = self.embed(ids)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let layer_cache = cache.as_mut().map(|c| &mut c.layers[i]);
+            x = layer.forward(&x, &cos, &sin, layer_cache)?;
+        }
+        Ok(self.norm.forward(&x)?)
+    }
+
+    /// Logits for hidden states of any leading shape.
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        Ok(self.lm_head.forward(hidden)?)
+    }
+
+    /// Full forward: logits `[batch, seq, vocab]`.
+    pub fn forward(&self, ids: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let hidden = self.forward_hidden(ids, cache)?;
+        self.logits(&hidden)
+    }
+
+    /// Forward that only computes logits for the last position: `[batch, vocab]`. This is what
+    /// generation needs, and it skips the LM head for every prompt position but one.
+    pub fn forward_last(&self, ids: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let hidden = self.forward_hidden(ids, cache)?;
+        let t = hidden.dims()[1];
+        self.logits(&hidden.i((.., t - 1, ..))?.contiguous()?)
+    }
+
+    /// A fresh, empty cache for this model.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.layers.len())
+    }
+}
+
+/// Random weights of the real architecture, under Hugging Face names: linear and embedding
+/// entries uniform with standard deviation 0.02 (as the backbones were initialised), norm scales
+/// near 1. Deterministic in `seed`.
+pub fn random_weights(config: &Config, seed: u64) -> Weights {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut tensors = HashMap::new();
+    let bound = 0.02f32 * 3f32.sqrt();
+    let mut add = |name: String, shape: Vec<usize>, around_one: bool| {
+        let n: usize = shape.iter().product();
+        let data: Vec<f32> = (0..n)
+            .map(|_| {
+                if around_one {
+                    1.0 + rng.random_range(-0.1f32..0.1)
+                } else {
+                    rng.random_range(-bound..bound)
+                }
+            })
+            .collect();
+        let t = Tensor::from_vec(data, shape, &Device::Cpu).expect("shape matches data");
+        tensors.insert(name, t);
+    };
+    let h = config.hidden_size;
+    let q = config.num_attention_heads * config.head_dim;
+    let kv = config.num_key_value_heads * config.head_dim;
+    let f = config.intermediate_size;
+    add("model.embed_tokens.weight".into(), vec![config.vocab_size, h], false);
+    for i in 0..config.num_hidden_layers {
+        let p = format!("model.layers.{i}");
+        add(format!("{p}.input_layernorm.weight"), vec![h], true);
+        add(format!("{p}.post_attention_layernorm.weight"), vec![h], true);
+        add(format!("{p}.self_attn.q_proj.weight"), vec![q, h], false);
+        add(format!("{p}.self_attn.k_proj.weight"), vec![kv, h], false);
+        add(format!("{p}.self_attn.v_proj.weight"), vec![kv, h], false);
+        add(format!("{p}.self_attn.o_proj.weight"), vec![h, q], false);
+        if config.attention_bias {
+            add(format!("{p}.self_attn.q_proj.bias"), vec![q], false);
+            add(format!("{p}.self_attn.k_proj.bias"), vec![kv], false);
+            add(format!("{p}.self_attn.v_proj.bias"), vec![kv], false);
+        }
+        if config.qk_norm {
+            add(format!("{p}.self_attn.q_norm.weight"), vec![config.head_dim], true);
+            add(format!("{p}.self_attn.k_norm.weight"), vec![config.head_dim], true);
+        }
+        add(format!("{p}.mlp.gate_proj.weight"), vec![f, h], false);
+        add(format!("{p}.mlp.up_proj.weight"), vec![f, h], false);
+        add(format!("{p}.mlp.down_proj.weight"), vec![h, f], false);
+    }
+    add("model.norm.weight".into(), vec![h], true);
+    if !config.tie_word_embeddings {
+        add("lm_head.weight".into(), vec![config.vocab_size, h], false);
+    }
+    Weights::Map {
+        tensors,
+        label: PathBuf::from(format!("<random {:?} weights, seed {seed}>", config.architecture)),
+    }
+}

@@ -1,0 +1,55 @@
+//! Decoder-only transformer backbones: Llama (SmolLM2, TinyLlama, Llama 3.x), Qwen2 and Qwen3.
+//!
+//! One plain [`Config`], one [`DecoderLayer`] shared by every architecture (the differences are
+//! flags: attention bias, q/k norm, RoPE scaling), and a [`Backbone`] that owns embeddings, layers,
+//! final norm and LM head. Weights come from GGUF files, Hugging Face folders, or an in-memory map
+//! (tests, random initialisation), always under Hugging Face tensor names.
+
+pub mod config;
+pub mod error;
+pub mod layers;
+pub mod backbone;
+pub mod weights;
+
+pub use backbone::{random_weights, Backbone, KvCache};
+pub use config::{Architecture, Config, RopeScaling};
+pub use error::{Error, Result};
+pub use layers::{DecoderLayer, LayerCache};
+pub use weights::Weights;
+
+/// A causal language model the evaluator and the generator drive: hidden states for token ids
+/// (optionally continuing a KV cache), then logits. The backbone implements it; so will models
+/// with experts or adapters.
+pub trait CausalLm {
+    /// Final-normed hidden states `[batch, seq, hidden]` for `ids` `[batch, seq]`; with a cache,
+    /// positions continue after what it holds and it is extended.
+    fn hidden_states(
+        &self,
+        ids: &candle_core::Tensor,
+        cache: Option<&mut KvCache>,
+    ) -> Result<candle_core::Tensor>;
+    /// Logits `[..., vocab]` for hidden states `[..., hidden]`.
+    fn logits(&self, hidden: &candle_core::Tensor) -> Result<candle_core::Tensor>;
+    /// An empty cache sized for this model.
+    fn new_cache(&self) -> KvCache;
+    fn device(&self) -> &candle_core::Device;
+}
+
+impl CausalLm for Backbone {
+    fn hidden_states(
+        &self,
+        ids: &candle_core::Tensor,
+        cache: Option<&mut KvCache>,
+    ) -> Result<candle_core::Tensor> {
+        self.forward_hidden(ids, cache)
+    }
+    fn logits(&self, hidden: &candle_core::Tensor) -> Result<candle_core::Tensor> {
+        Backbone::logits(self, hidden)
+    }
+    fn new_cache(&self) -> KvCache {
+        Backbone::new_cache(self)
+    }
+    fn device(&self) -> &candle_core::Device {
+        Backbone::device(self)
+    }
+}
