@@ -30,7 +30,10 @@ pub enum Error {
         msg: String,
     },
     #[error("{}: {msg}", path.display())]
-    Data { path: std::path::PathBuf, msg: String },
+    Data {
+        path: std::path::PathBuf,
+        msg: String,
+    },
     #[error(transparent)]
     Model(#[from] mode_model::Error),
     #[error(transparent)]
@@ -89,7 +92,10 @@ pub fn read_eval_text(path: &Path) -> Result<String> {
     })?;
     let text = String::from_utf8(bytes).map_err(|e| Error::Data {
         path: path.to_path_buf(),
-        msg: format!("not valid UTF-8 (first bad byte at offset {})", e.utf8_error().valid_up_to()),
+        msg: format!(
+            "not valid UTF-8 (first bad byte at offset {})",
+            e.utf8_error().valid_up_to()
+        ),
     })?;
     if path.extension().is_none_or(|e| e != "jsonl") {
         return Ok(text);
@@ -117,7 +123,9 @@ pub fn read_eval_text(path: &Path) -> Result<String> {
 
 /// The protocol's windows over `ids`.
 pub fn windows(ids: &[u32], seq_len: usize) -> Vec<&[u32]> {
-    ids.chunks(seq_len.max(2)).filter(|w| w.len() >= 2).collect()
+    ids.chunks(seq_len.max(2))
+        .filter(|w| w.len() >= 2)
+        .collect()
 }
 
 /// Evaluates token ids: full windows in batches of `batch_size`, then the shorter tail window.
@@ -202,11 +210,16 @@ pub fn evaluate_file(
     if n_windows == 0 {
         return Err(Error::Data {
             path: path.to_path_buf(),
-            msg: format!("{} tokens: nothing to evaluate (need at least 2)", ids.len()),
+            msg: format!(
+                "{} tokens: nothing to evaluate (need at least 2)",
+                ids.len()
+            ),
         });
     }
     let mut progress = progress;
-    let totals = evaluate_ids(model, &ids, seq_len, batch_size, |done| progress(done, n_windows))?;
+    let totals = evaluate_ids(model, &ids, seq_len, batch_size, |done| {
+        progress(done, n_windows)
+    })?;
     Ok(totals.report(ids.len()))
 }
 

@@ -47,12 +47,20 @@ impl ChatTemplate {
         let mut env = minijinja::Environment::new();
         minijinja_contrib::add_to_environment(&mut env);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
-        });
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> std::result::Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(
+                    minijinja::ErrorKind::InvalidOperation,
+                    msg,
+                ))
+            },
+        );
         env.add_template("chat", &self.source)
             .map_err(|e| Error::Template(e.to_string()))?;
-        let template = env.get_template("chat").map_err(|e| Error::Template(e.to_string()))?;
+        let template = env
+            .get_template("chat")
+            .map_err(|e| Error::Template(e.to_string()))?;
         template
             .render(minijinja::context! {
                 messages => messages,
@@ -71,10 +79,11 @@ mod tests {
     #[test]
     fn chatml_fallback() {
         let t = ChatTemplate::new(None, "", "");
-        let text = t
-            .render(&[ChatMessage::new("user", "Hi")], true)
-            .unwrap();
-        assert_eq!(text, "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n");
+        let text = t.render(&[ChatMessage::new("user", "Hi")], true).unwrap();
+        assert_eq!(
+            text,
+            "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+        );
     }
 
     #[test]

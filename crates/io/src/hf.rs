@@ -26,7 +26,11 @@ impl HfFolder {
         let text = std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
         let config: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Config {
             path: config_path.clone(),
-            msg: format!("invalid JSON at line {} column {}: {e}", e.line(), e.column()),
+            msg: format!(
+                "invalid JSON at line {} column {}: {e}",
+                e.line(),
+                e.column()
+            ),
         })?;
 
         let mut files = Vec::new();
@@ -121,7 +125,11 @@ fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
         let text = std::fs::read_to_string(&index_path).map_err(|e| Error::io(&index_path, e))?;
         let index: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Config {
             path: index_path.clone(),
-            msg: format!("invalid JSON at line {} column {}: {e}", e.line(), e.column()),
+            msg: format!(
+                "invalid JSON at line {} column {}: {e}",
+                e.line(),
+                e.column()
+            ),
         })?;
         let map = index
             .get("weight_map")

@@ -1,7 +1,6 @@
 //! Tokenizers: from a Hugging Face `tokenizer.json`, or rebuilt from GGUF metadata so that a lone
 //! GGUF file is enough.
 
-
 use std::path::{Path, PathBuf};
 
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
@@ -64,7 +63,11 @@ impl Tokenizer {
             .collect();
         if let Some(v) = model_config.as_ref().and_then(|c| c.get("eos_token_id")) {
             let ids: Vec<u32> = match v {
-                serde_json::Value::Array(a) => a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32).collect(),
+                serde_json::Value::Array(a) => a
+                    .iter()
+                    .filter_map(|x| x.as_u64())
+                    .map(|x| x as u32)
+                    .collect(),
                 v => v.as_u64().map(|x| x as u32).into_iter().collect(),
             };
             eos_ids.extend(ids);
@@ -127,14 +130,16 @@ impl Tokenizer {
             .unwrap_or("default");
         let byte_level = ByteLevel::new(false, true, true);
         let pre_tokenizer: PreTokenizerWrapper = match pre {
-            "smollm" | "starcoder" | "refact" => Sequence::new(vec![
-                Digits::new(true).into(),
-                byte_level.into(),
-            ])
-            .into(),
+            "smollm" | "starcoder" | "refact" => {
+                Sequence::new(vec![Digits::new(true).into(), byte_level.into()]).into()
+            }
             "default" | "gpt2" | "gpt-2" => byte_level.into(),
             "llama-bpe" | "llama3" | "qwen2" => {
-                let pattern = if pre == "qwen2" { QWEN2_PATTERN } else { LLAMA3_PATTERN };
+                let pattern = if pre == "qwen2" {
+                    QWEN2_PATTERN
+                } else {
+                    LLAMA3_PATTERN
+                };
                 let split = Split::new(
                     SplitPattern::Regex(pattern.to_string()),
                     SplitDelimiterBehavior::Isolated,
@@ -258,6 +263,10 @@ fn read_json_if_exists(path: &Path) -> Result<Option<serde_json::Value>> {
         .map(Some)
         .map_err(|e| Error::Config {
             path: path.to_path_buf(),
-            msg: format!("invalid JSON at line {} column {}: {e}", e.line(), e.column()),
+            msg: format!(
+                "invalid JSON at line {} column {}: {e}",
+                e.line(),
+                e.column()
+            ),
         })
 }

@@ -57,7 +57,15 @@ impl Backbone {
             device,
         )?;
         let layers = (0..config.num_hidden_layers)
-            .map(|i| DecoderLayer::load(&config, weights, &format!("model.layers.{i}"), dtype, device))
+            .map(|i| {
+                DecoderLayer::load(
+                    &config,
+                    weights,
+                    &format!("model.layers.{i}"),
+                    dtype,
+                    device,
+                )
+            })
             .collect::<Result<Vec<_>>>()?;
         let norm = RmsNorm {
             weight: weights.get(&config, "model.norm.weight", &[h], DType::F32, device)?,
@@ -66,7 +74,13 @@ impl Backbone {
         // Some "tied" checkpoints still ship lm_head.weight; use it when it is there.
         let lm_head = if !config.tie_word_embeddings || weights.contains("lm_head.weight") {
             Linear::new(
-                weights.get(&config, "lm_head.weight", &[config.vocab_size, h], dtype, device)?,
+                weights.get(
+                    &config,
+                    "lm_head.weight",
+                    &[config.vocab_size, h],
+                    dtype,
+                    device,
+                )?,
                 None,
             )
         } else {
@@ -116,7 +130,8 @@ impl Backbone {
     pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let x = self.embed_tokens.index_select(&ids.flatten_all()?, 0)?;
-        Ok(x.to_dtype(DType::F32)?.reshape((b, t, self.config.hidden_size))?)
+        Ok(x.to_dtype(DType::F32)?
+            .reshape((b, t, self.config.hidden_size))?)
     }
 
     /// Runs the layers on `ids` (`[batch, seq]`) and returns the final-normed hidden states
@@ -183,11 +198,19 @@ pub fn random_weights(config: &Config, seed: u64) -> Weights {
     let q = config.num_attention_heads * config.head_dim;
     let kv = config.num_key_value_heads * config.head_dim;
     let f = config.intermediate_size;
-    add("model.embed_tokens.weight".into(), vec![config.vocab_size, h], false);
+    add(
+        "model.embed_tokens.weight".into(),
+        vec![config.vocab_size, h],
+        false,
+    );
     for i in 0..config.num_hidden_layers {
         let p = format!("model.layers.{i}");
         add(format!("{p}.input_layernorm.weight"), vec![h], true);
-        add(format!("{p}.post_attention_layernorm.weight"), vec![h], true);
+        add(
+            format!("{p}.post_attention_layernorm.weight"),
+            vec![h],
+            true,
+        );
         add(format!("{p}.self_attn.q_proj.weight"), vec![q, h], false);
         add(format!("{p}.self_attn.k_proj.weight"), vec![kv, h], false);
         add(format!("{p}.self_attn.v_proj.weight"), vec![kv, h], false);
@@ -198,8 +221,16 @@ pub fn random_weights(config: &Config, seed: u64) -> Weights {
             add(format!("{p}.self_attn.v_proj.bias"), vec![kv], false);
         }
         if config.qk_norm {
-            add(format!("{p}.self_attn.q_norm.weight"), vec![config.head_dim], true);
-            add(format!("{p}.self_attn.k_norm.weight"), vec![config.head_dim], true);
+            add(
+                format!("{p}.self_attn.q_norm.weight"),
+                vec![config.head_dim],
+                true,
+            );
+            add(
+                format!("{p}.self_attn.k_norm.weight"),
+                vec![config.head_dim],
+                true,
+            );
         }
         add(format!("{p}.mlp.gate_proj.weight"), vec![f, h], false);
         add(format!("{p}.mlp.up_proj.weight"), vec![f, h], false);
@@ -211,6 +242,9 @@ pub fn random_weights(config: &Config, seed: u64) -> Weights {
     }
     Weights::Map {
         tensors,
-        label: PathBuf::from(format!("<random {:?} weights, seed {seed}>", config.architecture)),
+        label: PathBuf::from(format!(
+            "<random {:?} weights, seed {seed}>",
+            config.architecture
+        )),
     }
 }

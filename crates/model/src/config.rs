@@ -17,7 +17,8 @@ pub enum Architecture {
     Qwen3,
 }
 
-const SUPPORTED: &str = "LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM (GGUF: llama, qwen2, qwen3)";
+const SUPPORTED: &str =
+    "LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM (GGUF: llama, qwen2, qwen3)";
 
 /// Llama 3.x frequency-dependent RoPE scaling (`rope_type = "llama3"`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -143,10 +144,7 @@ impl Config {
             .or_else(|| rope.and_then(|r| r.get("rope_theta")))
             .and_then(|v| v.as_f64())
             .unwrap_or(10000.0);
-        let scaling = json
-            .get("rope_scaling")
-            .filter(|v| v.is_object())
-            .or(rope);
+        let scaling = json.get("rope_scaling").filter(|v| v.is_object()).or(rope);
         let rope_scaling = match scaling {
             Some(s) => {
                 let kind = s
@@ -158,9 +156,9 @@ impl Config {
                     "default" => None,
                     "llama3" => {
                         let f = |key: &str| {
-                            s.get(key)
-                                .and_then(|v| v.as_f64())
-                                .ok_or_else(|| err(format!("rope scaling field `{key}` is missing")))
+                            s.get(key).and_then(|v| v.as_f64()).ok_or_else(|| {
+                                err(format!("rope scaling field `{key}` is missing"))
+                            })
                         };
                         Some(RopeScaling {
                             factor: f("factor")?,
@@ -170,12 +168,15 @@ impl Config {
                                 as usize,
                         })
                     }
-                    other => return Err(err(format!("RoPE scaling `{other}` is not supported yet"))),
+                    other => {
+                        return Err(err(format!("RoPE scaling `{other}` is not supported yet")))
+                    }
                 }
             }
             None => None,
         };
-        let bool_field = |key: &str, default: bool| json.get(key).and_then(|v| v.as_bool()).unwrap_or(default);
+        let bool_field =
+            |key: &str, default: bool| json.get(key).and_then(|v| v.as_bool()).unwrap_or(default);
         if bool_field("mlp_bias", false) {
             return Err(err("`mlp_bias = true` is not supported".into()));
         }
@@ -188,7 +189,10 @@ impl Config {
             num_attention_heads,
             num_key_value_heads,
             head_dim,
-            rms_norm_eps: json.get("rms_norm_eps").and_then(|v| v.as_f64()).unwrap_or(1e-6),
+            rms_norm_eps: json
+                .get("rms_norm_eps")
+                .and_then(|v| v.as_f64())
+                .unwrap_or(1e-6),
             rope_theta,
             rope_scaling,
             max_position_embeddings: usize_field("max_position_embeddings").unwrap_or(4096),
@@ -280,7 +284,10 @@ impl Config {
             ));
         }
         if self.head_dim % 2 != 0 {
-            return err(format!("head dimension {} is odd; RoPE needs it even", self.head_dim));
+            return err(format!(
+                "head dimension {} is odd; RoPE needs it even",
+                self.head_dim
+            ));
         }
         if self.hidden_size == 0 || self.vocab_size == 0 || self.num_hidden_layers == 0 {
             return err("hidden size, vocabulary size and layer count must be positive".into());
@@ -300,7 +307,11 @@ impl Config {
         if self.qk_norm {
             layer += 2 * self.head_dim;
         }
-        let head = if self.tie_word_embeddings { 0 } else { self.vocab_size * h };
+        let head = if self.tie_word_embeddings {
+            0
+        } else {
+            self.vocab_size * h
+        };
         self.vocab_size * h + self.num_hidden_layers * layer + h + head
     }
 }

@@ -207,7 +207,15 @@ impl Attention {
 /// `[t, s]` additive mask: query i (at absolute position past + i) sees keys 0..=past + i.
 pub fn causal_mask(t: usize, s: usize, past: usize, device: &Device) -> Result<Tensor> {
     let mask: Vec<f32> = (0..t)
-        .flat_map(|i| (0..s).map(move |j| if j <= past + i { 0.0 } else { f32::NEG_INFINITY }))
+        .flat_map(|i| {
+            (0..s).map(move |j| {
+                if j <= past + i {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+        })
         .collect();
     Ok(Tensor::from_vec(mask, (t, s), device)?)
 }
@@ -310,7 +318,9 @@ impl DecoderLayer {
             .self_attn
             .forward(&self.input_layernorm.forward(x)?, cos, sin, cache)?;
         let x = (x + h)?;
-        let h = self.mlp.forward(&self.post_attention_layernorm.forward(&x)?)?;
+        let h = self
+            .mlp
+            .forward(&self.post_attention_layernorm.forward(&x)?)?;
         Ok((x + h)?)
     }
 }

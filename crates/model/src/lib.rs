@@ -5,10 +5,10 @@
 //! final norm and LM head. Weights come from GGUF files, Hugging Face folders, or an in-memory map
 //! (tests, random initialisation), always under Hugging Face tensor names.
 
+pub mod backbone;
 pub mod config;
 pub mod error;
 pub mod layers;
-pub mod backbone;
 pub mod weights;
 
 pub use backbone::{random_weights, Backbone, KvCache};

@@ -61,10 +61,12 @@ impl Weights {
                 h.tensor(name, dtype, device)?
             }
             Weights::Map { tensors, label } => {
-                let t = tensors.get(name).ok_or_else(|| mode_io::Error::MissingTensor {
-                    path: label.clone(),
-                    name: name.to_string(),
-                })?;
+                let t = tensors
+                    .get(name)
+                    .ok_or_else(|| mode_io::Error::MissingTensor {
+                        path: label.clone(),
+                        name: name.to_string(),
+                    })?;
                 check_shape(label, name, shape, t.dims())?;
                 t.to_dtype(dtype)?.to_device(device)?
             }
@@ -141,8 +143,7 @@ pub fn gguf_name(hf: &str) -> String {
 fn unpermute_rope_rows(w: &Tensor, heads: usize) -> Result<Tensor> {
     let (rows, cols) = w.dims2()?;
     let head_dim = rows / heads;
-    Ok(w
-        .reshape((heads, head_dim / 2, 2, cols))?
+    Ok(w.reshape((heads, head_dim / 2, 2, cols))?
         .transpose(1, 2)?
         .contiguous()?
         .reshape((rows, cols))?)
@@ -154,10 +155,22 @@ mod tests {
 
     #[test]
     fn gguf_names() {
-        assert_eq!(gguf_name("model.layers.3.self_attn.q_proj.weight"), "blk.3.attn_q.weight");
-        assert_eq!(gguf_name("model.layers.12.mlp.down_proj.weight"), "blk.12.ffn_down.weight");
-        assert_eq!(gguf_name("model.layers.0.self_attn.k_proj.bias"), "blk.0.attn_k.bias");
-        assert_eq!(gguf_name("model.layers.0.post_attention_layernorm.weight"), "blk.0.ffn_norm.weight");
+        assert_eq!(
+            gguf_name("model.layers.3.self_attn.q_proj.weight"),
+            "blk.3.attn_q.weight"
+        );
+        assert_eq!(
+            gguf_name("model.layers.12.mlp.down_proj.weight"),
+            "blk.12.ffn_down.weight"
+        );
+        assert_eq!(
+            gguf_name("model.layers.0.self_attn.k_proj.bias"),
+            "blk.0.attn_k.bias"
+        );
+        assert_eq!(
+            gguf_name("model.layers.0.post_attention_layernorm.weight"),
+            "blk.0.ffn_norm.weight"
+        );
         assert_eq!(gguf_name("lm_head.weight"), "output.weight");
     }
 

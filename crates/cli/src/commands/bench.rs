@@ -109,10 +109,23 @@ fn infer(args: InferArgs) -> Result<()> {
             })
         );
     } else {
-        println!("backbone {} ({threads} threads), medians of {} runs", path.display(), args.runs);
-        println!("  prefill  {p:>8.1} tokens/s  ({} prompt tokens)", args.prompt_tokens);
-        println!("  decode   {d:>8.1} tokens/s  ({} new tokens, greedy, KV cache)", args.new_tokens);
-        println!("  eval     {e:>8.1} tokens/s  ({} tokens, seq-len {})", args.eval_tokens, args.seq_len);
+        println!(
+            "backbone {} ({threads} threads), medians of {} runs",
+            path.display(),
+            args.runs
+        );
+        println!(
+            "  prefill  {p:>8.1} tokens/s  ({} prompt tokens)",
+            args.prompt_tokens
+        );
+        println!(
+            "  decode   {d:>8.1} tokens/s  ({} new tokens, greedy, KV cache)",
+            args.new_tokens
+        );
+        println!(
+            "  eval     {e:>8.1} tokens/s  ({} tokens, seq-len {})",
+            args.eval_tokens, args.seq_len
+        );
     }
     Ok(())
 }
@@ -124,14 +137,23 @@ fn prefill_and_decode(model: &Backbone, prompt: &[u32], new_tokens: usize) -> Re
     let start = Instant::now();
     let ids = Tensor::new(prompt, device)?.unsqueeze(0)?;
     let hidden = model.forward_hidden(&ids, Some(&mut cache))?;
-    let last = hidden.i((0, prompt.len() - 1..prompt.len(), ..))?.contiguous()?;
-    let mut next = model.logits(&last)?.flatten_all()?.argmax(0)?.to_scalar::<u32>()?;
+    let last = hidden
+        .i((0, prompt.len() - 1..prompt.len(), ..))?
+        .contiguous()?;
+    let mut next = model
+        .logits(&last)?
+        .flatten_all()?
+        .argmax(0)?
+        .to_scalar::<u32>()?;
     let prefill = prompt.len() as f64 / start.elapsed().as_secs_f64();
     let start = Instant::now();
     for _ in 0..new_tokens {
         let ids = Tensor::new(&[next], device)?.unsqueeze(0)?;
         let hidden = model.forward_hidden(&ids, Some(&mut cache))?;
-        next = CausalLm::logits(model, &hidden)?.flatten_all()?.argmax(0)?.to_scalar::<u32>()?;
+        next = CausalLm::logits(model, &hidden)?
+            .flatten_all()?
+            .argmax(0)?
+            .to_scalar::<u32>()?;
     }
     Ok((prefill, new_tokens as f64 / start.elapsed().as_secs_f64()))
 }

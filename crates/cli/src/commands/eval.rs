@@ -9,10 +9,12 @@ use super::BackboneArgs;
 
 /// Next-token accuracy, loss and perplexity on held-out files.
 #[derive(clap::Args, Debug)]
-#[command(after_help = "Protocol: each file is tokenised whole (plain text; JSONL: the `text` \
+#[command(
+    after_help = "Protocol: each file is tokenised whole (plain text; JSONL: the `text` \
     fields joined by newlines) with no BOS/EOS, cut into consecutive windows of --seq-len tokens \
     (a last shorter window is kept if it has >= 2 tokens); position t predicts token t+1.\n\n\
-    Example:\n  mode eval --data english.txt --data code.py --json")]
+    Example:\n  mode eval --data english.txt --data code.py --json"
+)]
 pub struct Args {
     #[command(flatten)]
     backbone: BackboneArgs,
@@ -44,9 +46,11 @@ pub fn run(args: Args) -> Result<()> {
     for path in &args.data {
         let name = report_name(path, &args.data);
         let bar = ProgressBar::new(0).with_style(
-            ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} windows, {elapsed} (ETA {eta})")
-                .expect("valid template")
-                .progress_chars("=> "),
+            ProgressStyle::with_template(
+                "{msg} [{bar:30}] {pos}/{len} windows, {elapsed} (ETA {eta})",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
         );
         bar.set_message(name.clone());
         let start = Instant::now();
@@ -96,7 +100,11 @@ pub fn run(args: Args) -> Result<()> {
 /// The file's base name, or its full path when two inputs share a base name.
 fn report_name(path: &std::path::Path, all: &[PathBuf]) -> String {
     let base = path.file_name().map(|n| n.to_string_lossy().into_owned());
-    let clashes = all.iter().filter(|p| p.file_name() == path.file_name()).count() > 1;
+    let clashes = all
+        .iter()
+        .filter(|p| p.file_name() == path.file_name())
+        .count()
+        > 1;
     match base {
         Some(b) if !clashes => b,
         _ => path.display().to_string(),

@@ -7,8 +7,10 @@ use super::BackboneArgs;
 
 /// Generate text from a prompt, streaming it to stdout.
 #[derive(clap::Args, Debug)]
-#[command(after_help = "Speeds (prefill and decode tokens/s) are printed on stderr at the end.\n\n\
-    Example:\n  mode generate --chat --temperature 0 --prompt \"What is the capital of France?\"")]
+#[command(
+    after_help = "Speeds (prefill and decode tokens/s) are printed on stderr at the end.\n\n\
+    Example:\n  mode generate --chat --temperature 0 --prompt \"What is the capital of France?\""
+)]
 pub struct Args {
     #[command(flatten)]
     backbone: BackboneArgs,
@@ -44,7 +46,10 @@ pub fn run(args: Args) -> Result<()> {
     }
     let (model, tokenizer, _) = args.backbone.load()?;
     let text = if args.chat {
-        let token = |id: Option<u32>| id.and_then(|i| tokenizer.id_to_token(i)).unwrap_or_default();
+        let token = |id: Option<u32>| {
+            id.and_then(|i| tokenizer.id_to_token(i))
+                .unwrap_or_default()
+        };
         let template = ChatTemplate::new(
             tokenizer.chat_template(),
             &token(tokenizer.bos_id()),
