@@ -1,0 +1,121 @@
+#!/usr/bin/env python3
+"""Peer benchmark: greedy decoding speed of Hugging Face `generate` (PyTorch eager, CPU, float32).
+
+    scripts/reference/.venv/bin/python bench/peer/hf_generate.py \
+        --gguf PATH.gguf --threads 2 --max-new-tokens 64 --runs 5
+
+On the ChatML chat prompt ("What is the capital of France?"), after one warm-up run, reports the median over
+--runs of
+  prefill_tokens_per_sec = prompt tokens / wall time of one forward pass over the prompt (use_cache=True)
+  decode_tokens_per_sec  = tokens generated after the first one / wall time between the first and the last
+                           generated token inside `generate` (so the prefill is excluded)
+generate runs greedily with min_new_tokens = max_new_tokens, so it never stops early. OMP_WAIT_POLICY=PASSIVE
+is set before torch is imported (OpenMP spinning makes shared 2-core machines much slower), and the thread
+count is pinned with torch.set_num_threads. Prints one JSON line.
+"""
+
+import os
+
+os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+import transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessor, LogitsProcessorList
+
+CHAT_PROMPT = (
+    "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+    "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n"
+    "<|im_start|>assistant\n"
+)
+
+
+class StepClock(LogitsProcessor):
+    """Records wall and CPU time each time generate has new logits (once per generated token)."""
+
+    def __init__(self):
+        self.wall = []
+        self.cpu = []
+
+    def __call__(self, input_ids, scores):
+        self.wall.append(time.perf_counter())
+        self.cpu.append(time.process_time())
+        return scores
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--gguf", required=True)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--runs", type=int, default=5)
+    args = ap.parse_args()
+    if args.max_new_tokens < 2:
+        raise SystemExit("--max-new-tokens must be >= 2")
+
+    torch.set_num_threads(args.threads)
+    gguf_path = os.path.abspath(args.gguf)
+    gdir, gname = os.path.split(gguf_path)
+    tokenizer = AutoTokenizer.from_pretrained(gdir, gguf_file=gname)
+    model = AutoModelForCausalLM.from_pretrained(gdir, gguf_file=gname, dtype=torch.float32)
+    model.eval()
+
+    ids = tokenizer(CHAT_PROMPT, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    n_prompt = ids.shape[1]
+    n_new = args.max_new_tokens
+
+    prefill, decode, decode_cpu = [], [], []
+    text = None
+    with torch.no_grad():
+        for run in range(args.runs + 1):  # run 0 is the warm-up
+            t0 = time.perf_counter()
+            model(input_ids=ids, use_cache=True)
+            t_prefill = time.perf_counter() - t0
+
+            clock = StepClock()
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=False,
+                max_new_tokens=n_new,
+                min_new_tokens=n_new,
+                pad_token_id=tokenizer.pad_token_id,
+                logits_processor=LogitsProcessorList([clock]),
+            )
+            generated = out.shape[1] - n_prompt
+            assert generated == n_new, (generated, n_new)
+            assert len(clock.wall) == n_new, len(clock.wall)
+            dt = clock.wall[-1] - clock.wall[0]  # covers the n_new - 1 decode steps
+            dcpu = clock.cpu[-1] - clock.cpu[0]
+            if run == 0:
+                text = tokenizer.decode(out[0, n_prompt:], skip_special_tokens=False)
+                continue
+            prefill.append(n_prompt / t_prefill)
+            decode.append((n_new - 1) / dt)
+            decode_cpu.append(dcpu / (n_new - 1))
+            print(f"run {run}: prefill {prefill[-1]:.1f} tok/s, decode {decode[-1]:.2f} tok/s, "
+                  f"{decode_cpu[-1]:.3f} CPU-s/token", file=sys.stderr, flush=True)
+
+    print(f"generated: {text!r}", file=sys.stderr)
+    print(json.dumps({
+        "peer": "hf_transformers",
+        "prefill_tokens_per_sec": round(statistics.median(prefill), 2),
+        "decode_tokens_per_sec": round(statistics.median(decode), 2),
+        "threads": args.threads,
+        "decode_cpu_seconds_per_token": round(statistics.median(decode_cpu), 4),
+        "prompt_tokens": n_prompt,
+        "new_tokens": n_new,
+        "runs": args.runs,
+        "dtype": "float32",
+        "torch_version": torch.__version__,
+        "transformers_version": transformers.__version__,
+    }))
+
+
+if __name__ == "__main__":
+    main()
