@@ -33,6 +33,9 @@ import torch.nn.functional as F
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from smollm_tokenizer import use_original_pretokenizer  # noqa: E402
+
 
 def sha256_file(path):
     h = hashlib.sha256()
@@ -103,7 +106,7 @@ def main():
     gdir, gname = os.path.split(gguf_path)
     log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
 
-    tokenizer = AutoTokenizer.from_pretrained(gdir, gguf_file=gname)
+    tokenizer = use_original_pretokenizer(AutoTokenizer.from_pretrained(gdir, gguf_file=gname))
     model = AutoModelForCausalLM.from_pretrained(gdir, gguf_file=gname, dtype=torch.float32)
     model.eval()
 

