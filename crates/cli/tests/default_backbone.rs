@@ -253,3 +253,37 @@ fn eval_matches_transformers_on_sample_texts() {
         );
     }
 }
+
+/// The Hugging Face path: the tokenizer saved as `tokenizer.json` (+ `tokenizer_config.json`)
+/// loads back with the same ids, end-of-turn tokens and chat template.
+#[test]
+fn tokenizer_json_round_trip() {
+    let Some((_, tokenizer)) = model() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    tokenizer
+        .inner()
+        .save(dir.path().join("tokenizer.json"), false)
+        .unwrap();
+    let config = serde_json::json!({
+        "chat_template": tokenizer.chat_template().unwrap(),
+        "eos_token": "<|im_end|>",
+        "bos_token": {"content": "<|im_start|>"},
+    });
+    std::fs::write(dir.path().join("tokenizer_config.json"), config.to_string()).unwrap();
+    let loaded = Tokenizer::from_hf_dir(dir.path()).unwrap();
+    let text = std::fs::read_to_string(fixtures().join("smollm2_tokenization.json")).unwrap();
+    let cases: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap();
+    for case in cases {
+        let text = case["text"].as_str().unwrap();
+        assert_eq!(
+            loaded.encode(text).unwrap(),
+            tokenizer.encode(text).unwrap(),
+            "{text:?}"
+        );
+    }
+    assert_eq!(loaded.eos_ids(), tokenizer.eos_ids());
+    assert_eq!(loaded.bos_id(), Some(1));
+    assert_eq!(loaded.chat_template(), tokenizer.chat_template());
+}

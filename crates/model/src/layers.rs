@@ -100,6 +100,11 @@ impl Rope {
         }
     }
 
+    /// The inverse frequency of each rotary pair, scaling applied.
+    pub fn inv_freq(&self) -> &[f32] {
+        &self.inv_freq
+    }
+
     /// cos and sin tables, each `[len, head_dim / 2]`, for positions `start..start + len`.
     pub fn tables(&self, start: usize, len: usize, device: &Device) -> Result<(Tensor, Tensor)> {
         let half = self.inv_freq.len();

@@ -352,3 +352,34 @@ fn broken_hf_folders_give_errors_naming_file_and_tensor() {
     let (_, text) = error_text(Backbone::open(dir.path(), DType::F32, &Device::Cpu));
     assert!(text.contains("tokenizer.json"), "{text}");
 }
+
+#[test]
+fn llama3_rope_scaling_matches_transformers() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/rope_llama3_inv_freq.json");
+    let fixture: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let mut json = hf_config_json(&Config::tiny(Architecture::Llama));
+    json["head_dim"] = fixture["head_dim"].clone();
+    json["rope_theta"] = fixture["rope_theta"].clone();
+    json["rope_scaling"] = fixture["rope_scaling"].clone();
+    let config = Config::from_hf_json(&json, Path::new("config.json")).unwrap();
+    assert!(config.rope_scaling.is_some());
+    let rope = mode_model::layers::Rope::new(&config, None);
+    let expected: Vec<f64> = fixture["inv_freq"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    assert_eq!(rope.inv_freq().len(), expected.len());
+    for (i, (a, b)) in rope.inv_freq().iter().zip(&expected).enumerate() {
+        assert!(
+            ((*a as f64) - b).abs() <= 1e-6 * b.abs().max(1e-12),
+            "pair {i}: {a} vs {b}"
+        );
+    }
+    // Scaling changed the low frequencies, so the check is not vacuous.
+    let unscaled = 1.0 / 500000f64.powf(2.0 * 63.0 / 128.0);
+    assert!((expected[63] - unscaled).abs() > 0.5 * unscaled);
+}

@@ -1,0 +1,259 @@
+//! Decoder ops, forward and backward. Shapes use `n` for rows (batch x sequence flattened),
+//! `h` for features. All ops work in f32 and f64 (the finite-difference checks run in f64).
+
+use candle_core::{DType, Result, Tensor, D};
+
+/// `y = x W^T (+ b)` for `x: [n, in]`, `w: [out, in]`. A compact (f16/bf16) frozen weight is
+/// widened to the activation dtype.
+pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let w = widen(w, x.dtype())?;
+    let y = x.matmul(&w.t()?)?;
+    match b {
+        Some(b) => y.broadcast_add(&widen(b, x.dtype())?),
+        None => Ok(y),
+    }
+}
+
+/// Gradient of [`linear`] with respect to its input: `dx = dy W`.
+pub fn linear_backward_input(dy: &Tensor, w: &Tensor) -> Result<Tensor> {
+    dy.matmul(&widen(w, dy.dtype())?)
+}
+
+/// Gradients of [`linear`] with respect to weight and bias: `dW = dy^T x`, `db = sum_n dy`.
+pub fn linear_backward_weight(dy: &Tensor, x: &Tensor) -> Result<(Tensor, Tensor)> {
+    Ok((dy.t()?.matmul(x)?, dy.sum(0)?))
+}
+
+fn widen(t: &Tensor, dtype: DType) -> Result<Tensor> {
+    if t.dtype() == dtype {
+        Ok(t.clone())
+    } else {
+        t.to_dtype(dtype)
+    }
+}
+
+/// RMSNorm `y = x / rms(x) * w` over the last dimension of `x: [n, h]`. Returns `y` and the
+/// per-row reciprocal RMS `[n, 1]` that the backward pass needs.
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
+    let rstd = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
+    let y = x
+        .broadcast_mul(&rstd)?
+        .broadcast_mul(&widen(w, x.dtype())?)?;
+    Ok((y, rstd))
+}
+
+/// Backward of [`rms_norm`]: `(dx, dw)`.
+///
+/// With `xh = x * rstd` and `g = dy * w`: `dw = sum_n dy * xh` and
+/// `dx = rstd * (g - xh * mean(g * xh))`.
+pub fn rms_norm_backward(
+    dy: &Tensor,
+    x: &Tensor,
+    w: &Tensor,
+    rstd: &Tensor,
+) -> Result<(Tensor, Tensor)> {
+    let xh = x.broadcast_mul(rstd)?;
+    let dw = (dy * &xh)?.sum(0)?;
+    let g = dy.broadcast_mul(&widen(w, dy.dtype())?)?;
+    let proj = (&g * &xh)?.mean_keepdim(D::Minus1)?;
+    let dx = (g - xh.broadcast_mul(&proj)?)?.broadcast_mul(rstd)?;
+    Ok((dx, dw))
+}
+
+/// Rotary embedding in the Hugging Face (rotate-half) layout: `x: [b, heads, t, d]`,
+/// `cos`/`sin: [t, d/2]`. Pair i is (x[i], x[i + d/2]).
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let (c, s) = full_tables(cos, sin, x.dtype())?;
+    x.broadcast_mul(&c)? + rotate_half(x)?.broadcast_mul(&s)?
+}
+
+/// Backward of [`rope`]: the transpose of the rotation, i.e. a rotation by the opposite angle.
+pub fn rope_backward(dy: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let (c, s) = full_tables(cos, sin, dy.dtype())?;
+    dy.broadcast_mul(&c)? + rotate_half_transposed(&dy.broadcast_mul(&s)?)?
+}
+
+fn full_tables(cos: &Tensor, sin: &Tensor, dtype: DType) -> Result<(Tensor, Tensor)> {
+    let c = Tensor::cat(&[cos, cos], D::Minus1)?.to_dtype(dtype)?;
+    let s = Tensor::cat(&[sin, sin], D::Minus1)?.to_dtype(dtype)?;
+    Ok((c, s))
+}
+
+/// `[x1, x2] -> [-x2, x1]`
+fn rotate_half(x: &Tensor) -> Result<Tensor> {
+    let half = x.dim(D::Minus1)? / 2;
+    let x1 = x.narrow(D::Minus1, 0, half)?;
+    let x2 = x.narrow(D::Minus1, half, half)?;
+    Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)
+}
+
+/// `[z1, z2] -> [z2, -z1]`, the transpose of [`rotate_half`].
+fn rotate_half_transposed(z: &Tensor) -> Result<Tensor> {
+    let half = z.dim(D::Minus1)? / 2;
+    let z1 = z.narrow(D::Minus1, 0, half)?;
+    let z2 = z.narrow(D::Minus1, half, half)?;
+    Tensor::cat(&[&z2, &z1.neg()?], D::Minus1)
+}
+
+/// Causal grouped-query attention core. `q: [b, nh, t, d]`, `k`, `v: [b, nkv, t, d]` (RoPE
+/// already applied). Returns the output `[b, nh, t, d]` and the attention probabilities
+/// `[b, nkv, rep * t, t]` (query heads sharing a kv head folded into the row axis, so no key or
+/// value is copied), which the backward pass reuses.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+    let (b, nh, t, d) = q.dims4()?;
+    let nkv = k.dim(1)?;
+    let rep = nh / nkv;
+    let scale = 1.0 / (d as f64).sqrt();
+    let qf = q.reshape((b, nkv, rep * t, d))?;
+    let scores = (qf.matmul(&k.t()?)? * scale)?;
+    let mask = causal_mask(rep, t, q.dtype(), q.device())?;
+    let probs = candle_nn::ops::softmax_last_dim(&scores.broadcast_add(&mask)?)?;
+    let out = probs.matmul(v)?.reshape((b, nh, t, d))?;
+    Ok((out, probs))
+}
+
+/// Backward of [`attention`]: `(dq, dk, dv)`.
+///
+/// `dv = P^T dO`, `dP = dO V^T`, `dS = P * (dP - rowsum(dP * P))`, `dq = dS K * scale`,
+/// `dk = dS^T Q * scale`.
+pub fn attention_backward(
+    d_out: &Tensor,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    probs: &Tensor,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (b, nh, t, d) = q.dims4()?;
+    let nkv = k.dim(1)?;
+    let rep = nh / nkv;
+    let scale = 1.0 / (d as f64).sqrt();
+    let dof = d_out.reshape((b, nkv, rep * t, d))?;
+    let qf = q.reshape((b, nkv, rep * t, d))?;
+    let dv = probs.t()?.matmul(&dof)?;
+    let dp = dof.matmul(&v.t()?)?;
+    let row = (&dp * probs)?.sum_keepdim(D::Minus1)?;
+    let ds = (probs * dp.broadcast_sub(&row)?)?;
+    let dq = (ds.matmul(k)? * scale)?.reshape((b, nh, t, d))?;
+    let dk = (ds.t()?.matmul(&qf)? * scale)?;
+    Ok((dq, dk, dv))
+}
+
+/// `[rep * t, t]` additive causal mask for folded query rows.
+fn causal_mask(rep: usize, t: usize, dtype: DType, device: &candle_core::Device) -> Result<Tensor> {
+    let row: Vec<f32> = (0..t)
+        .flat_map(|i| (0..t).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY }))
+        .collect();
+    let mask = Tensor::from_vec(row, (1, t, t), device)?;
+    mask.repeat((rep, 1, 1))?
+        .reshape((rep * t, t))?
+        .to_dtype(dtype)
+}
+
+/// SwiGLU activation `silu(g) * u`.
+pub fn swiglu(g: &Tensor, u: &Tensor) -> Result<Tensor> {
+    candle_nn::ops::silu(g)? * u
+}
+
+/// Backward of [`swiglu`]: `(dg, du)` with `silu'(g) = s (1 + g (1 - s))`, `s = sigmoid(g)`.
+pub fn swiglu_backward(dh: &Tensor, g: &Tensor, u: &Tensor) -> Result<(Tensor, Tensor)> {
+    let s = candle_nn::ops::sigmoid(g)?;
+    let silu = (g * &s)?;
+    let du = (dh * silu)?;
+    let dsilu = (&s * ((g * (1.0 - &s)?)? + 1.0)?)?;
+    let dg = ((dh * u)? * dsilu)?;
+    Ok((dg, du))
+}
+
+/// Gradient of an embedding lookup: rows of `dx: [n, h]` added into a `[vocab, h]` matrix.
+pub fn embedding_backward(ids: &Tensor, dx: &Tensor, vocab: usize) -> Result<Tensor> {
+    let h = dx.dim(1)?;
+    Tensor::zeros((vocab, h), dx.dtype(), dx.device())?.index_add(ids, dx, 0)
+}
+
+/// Targets with this id are ignored by [`lm_head_cross_entropy`] (prompt tokens, padding).
+pub const IGNORE: u32 = u32::MAX;
+
+/// Result of [`lm_head_cross_entropy`].
+pub struct CrossEntropy {
+    /// Sum over counted targets of `-log softmax(logits)[target]`.
+    pub loss_sum: f64,
+    /// Targets counted (not [`IGNORE`]).
+    pub count: usize,
+    /// Targets whose argmax logit is the target.
+    pub correct: usize,
+    /// Gradient of `loss_sum * grad_scale` with respect to the hidden states `[n, h]`.
+    pub d_hidden: Tensor,
+    /// Same, with respect to the head weight `[vocab, h]`, when asked for.
+    pub d_weight: Option<Tensor>,
+}
+
+/// The LM head fused with cross-entropy, chunked over rows so that the `[n x vocab]` logit
+/// matrix never exists whole. `hidden: [n, h]`, `w: [vocab, h]`, `targets.len() == n`.
+/// Gradients are of `grad_scale * loss_sum` (pass `1 / tokens` for a mean loss).
+pub fn lm_head_cross_entropy(
+    hidden: &Tensor,
+    w: &Tensor,
+    targets: &[u32],
+    grad_scale: f64,
+    want_weight_grad: bool,
+    rows_per_chunk: usize,
+) -> Result<CrossEntropy> {
+    let (n, h) = hidden.dims2()?;
+    let dtype = hidden.dtype();
+    let w = widen(w, dtype)?;
+    let vocab = w.dim(0)?;
+    let mut loss_sum = 0f64;
+    let (mut count, mut correct) = (0, 0);
+    let mut d_hidden = Vec::new();
+    let mut d_weight: Option<Tensor> = None;
+    let chunk = rows_per_chunk.max(1);
+    for start in (0..n).step_by(chunk) {
+        let rows = chunk.min(n - start);
+        let hc = hidden.narrow(0, start, rows)?;
+        let logits = hc.matmul(&w.t()?)?.to_dtype(DType::F64)?;
+        let probs = candle_nn::ops::softmax_last_dim(&logits)?;
+        let mut p: Vec<f64> = probs.flatten_all()?.to_vec1()?;
+        let lv: Vec<f64> = logits.flatten_all()?.to_vec1()?;
+        for (r, &target) in targets[start..start + rows].iter().enumerate() {
+            let row = &mut p[r * vocab..(r + 1) * vocab];
+            if target == IGNORE {
+                row.iter_mut().for_each(|x| *x = 0.0);
+                continue;
+            }
+            let t = target as usize;
+            let lrow = &lv[r * vocab..(r + 1) * vocab];
+            let max = lrow.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let lse = max + lrow.iter().map(|x| (x - max).exp()).sum::<f64>().ln();
+            loss_sum += lse - lrow[t];
+            count += 1;
+            let argmax = lrow
+                .iter()
+                .enumerate()
+                .fold(0, |b, (i, &x)| if x > lrow[b] { i } else { b });
+            correct += (argmax == t) as usize;
+            row[t] -= 1.0;
+            row.iter_mut().for_each(|x| *x *= grad_scale);
+        }
+        let dlogits = Tensor::from_vec(p, (rows, vocab), hidden.device())?.to_dtype(dtype)?;
+        d_hidden.push(dlogits.matmul(&w)?);
+        if want_weight_grad {
+            let dw = dlogits.t()?.matmul(&hc)?;
+            d_weight = Some(match d_weight {
+                Some(acc) => (acc + dw)?,
+                None => dw,
+            });
+        }
+    }
+    let d_hidden = if d_hidden.is_empty() {
+        Tensor::zeros((0, h), dtype, hidden.device())?
+    } else {
+        Tensor::cat(&d_hidden, 0)?
+    };
+    Ok(CrossEntropy {
+        loss_sum,
+        count,
+        correct,
+        d_hidden,
+        d_weight,
+    })
+}
