@@ -40,6 +40,8 @@ pub struct Backbone {
     pub layers: Vec<DecoderLayer>,
     pub norm: RmsNorm,
     pub lm_head: Linear,
+    /// The LM head is the embedding matrix itself (tied embeddings).
+    pub lm_head_tied: bool,
     pub rope: Rope,
     source: PathBuf,
     device: Device,
@@ -68,11 +70,18 @@ impl Backbone {
             })
             .collect::<Result<Vec<_>>>()?;
         let norm = RmsNorm {
-            weight: weights.get(&config, "model.norm.weight", &[h], DType::F32, device)?,
+            weight: weights.get(
+                &config,
+                "model.norm.weight",
+                &[h],
+                crate::layers::small_dtype(dtype),
+                device,
+            )?,
             eps: config.rms_norm_eps as f32,
         };
         // Some "tied" checkpoints still ship lm_head.weight; use it when it is there.
-        let lm_head = if !config.tie_word_embeddings || weights.contains("lm_head.weight") {
+        let lm_head_tied = config.tie_word_embeddings && !weights.contains("lm_head.weight");
+        let lm_head = if !lm_head_tied {
             Linear::new(
                 weights.get(
                     &config,
@@ -94,6 +103,7 @@ impl Backbone {
             layers,
             norm,
             lm_head,
+            lm_head_tied,
             rope,
             source: weights.path().to_path_buf(),
             device: device.clone(),

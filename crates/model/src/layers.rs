@@ -3,7 +3,7 @@
 //! This is the inference path: it uses candle's fused kernels (softmax, RMSNorm, RoPE), which
 //! have no backward pass. Training goes through the training engine's own ops.
 
-use candle_core::{DType, Device, Module, Tensor, D};
+use candle_core::{DType, Device, Module, Tensor};
 
 use crate::{Config, Result, Weights};
 
@@ -56,6 +56,10 @@ pub struct RmsNorm {
 impl Module for RmsNorm {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let w = self.weight.to_dtype(x.dtype())?;
+        if x.dtype() == DType::F64 {
+            // The fused kernel has no f64 version; f64 models exist for gradient checks.
+            return candle_nn::ops::rms_norm_slow(x, &w, self.eps);
+        }
         candle_nn::ops::rms_norm(&x.contiguous()?, &w, self.eps)
     }
 }
@@ -166,8 +170,9 @@ impl Attention {
             q = qn.forward(&q)?;
             k = kn.forward(&k)?;
         }
-        let q = candle_nn::rotary_emb::rope(&q.transpose(1, 2)?.contiguous()?, cos, sin)?;
-        let k = candle_nn::rotary_emb::rope(&k.transpose(1, 2)?.contiguous()?, cos, sin)?;
+        let (cos, sin) = (cos.to_dtype(q.dtype())?, sin.to_dtype(q.dtype())?);
+        let q = candle_nn::rotary_emb::rope(&q.transpose(1, 2)?.contiguous()?, &cos, &sin)?;
+        let k = candle_nn::rotary_emb::rope(&k.transpose(1, 2)?.contiguous()?, &cos, &sin)?;
         let v = v.transpose(1, 2)?.contiguous()?;
 
         let (k, v) = match cache {
@@ -264,17 +269,18 @@ impl DecoderLayer {
         let get = |name: &str, shape: &[usize], dt: DType| {
             weights.get(config, &format!("{prefix}.{name}"), shape, dt, device)
         };
-        // Norm scales and biases are tiny; keep them in f32 whatever the weight dtype.
+        // Norm scales and biases are tiny; keep them in full precision whatever the weight dtype.
+        let small = small_dtype(dtype);
         let norm = |name: &str, size: usize| -> Result<RmsNorm> {
             Ok(RmsNorm {
-                weight: get(name, &[size], DType::F32)?,
+                weight: get(name, &[size], small)?,
                 eps: config.rms_norm_eps as f32,
             })
         };
         let linear = |name: &str, out: usize, inp: usize, bias: bool| -> Result<Linear> {
             let weight = get(&format!("{name}.weight"), &[out, inp], dtype)?;
             let bias = if bias {
-                Some(get(&format!("{name}.bias"), &[out], DType::F32)?)
+                Some(get(&format!("{name}.bias"), &[out], small)?)
             } else {
                 None
             };
@@ -330,7 +336,11 @@ impl DecoderLayer {
     }
 }
 
-/// Last-dimension argmax for each row of a `[rows, vocab]` tensor.
-pub fn argmax_rows(logits: &Tensor) -> Result<Vec<u32>> {
-    Ok(logits.argmax(D::Minus1)?.to_vec1()?)
+/// The dtype of small tensors (norm scales, biases): f64 for an f64 model, else f32.
+pub fn small_dtype(dtype: DType) -> DType {
+    if dtype == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    }
 }
