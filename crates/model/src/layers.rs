@@ -68,7 +68,7 @@ impl Module for RmsNorm {
 /// cos/sin tables for a range of positions.
 #[derive(Debug, Clone)]
 pub struct Rope {
-    inv_freq: Vec<f32>,
+    inv_freq: Vec<f64>,
 }
 
 impl Rope {
@@ -99,25 +99,39 @@ impl Rope {
                 *f /= *div as f64;
             }
         }
-        Self {
-            inv_freq: inv_freq.into_iter().map(|f| f as f32).collect(),
-        }
+        Self { inv_freq }
     }
 
     /// The inverse frequency of each rotary pair, scaling applied.
-    pub fn inv_freq(&self) -> &[f32] {
+    pub fn inv_freq(&self) -> &[f64] {
         &self.inv_freq
     }
 
-    /// cos and sin tables, each `[len, head_dim / 2]`, for positions `start..start + len`.
+    /// cos and sin tables, each `[len, head_dim / 2]` in f32, for positions `start..start + len`.
     pub fn tables(&self, start: usize, len: usize, device: &Device) -> Result<(Tensor, Tensor)> {
+        self.tables_as(start, len, DType::F32, device)
+    }
+
+    /// [`Self::tables`] in `dtype`; angles are computed in f64 before rounding.
+    pub fn tables_as(
+        &self,
+        start: usize,
+        len: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<(Tensor, Tensor)> {
         let half = self.inv_freq.len();
-        let mut angles = Vec::with_capacity(len * half);
+        let mut cos = Vec::with_capacity(len * half);
+        let mut sin = Vec::with_capacity(len * half);
         for pos in start..start + len {
-            angles.extend(self.inv_freq.iter().map(|f| pos as f32 * f));
+            for f in &self.inv_freq {
+                let angle = pos as f64 * f;
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
         }
-        let angles = Tensor::from_vec(angles, (len, half), device)?;
-        Ok((angles.cos()?, angles.sin()?))
+        let table = |v: Vec<f64>| Tensor::from_vec(v, (len, half), device)?.to_dtype(dtype);
+        Ok((table(cos)?, table(sin)?))
     }
 }
 

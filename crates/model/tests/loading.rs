@@ -375,7 +375,7 @@ fn llama3_rope_scaling_matches_transformers() {
     assert_eq!(rope.inv_freq().len(), expected.len());
     for (i, (a, b)) in rope.inv_freq().iter().zip(&expected).enumerate() {
         assert!(
-            ((*a as f64) - b).abs() <= 1e-6 * b.abs().max(1e-12),
+            (*a - b).abs() <= 1e-6 * b.abs().max(1e-12),
             "pair {i}: {a} vs {b}"
         );
     }

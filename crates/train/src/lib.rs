@@ -1,11 +1,12 @@
-//! The training engine: every method (MoDE experts and gates, LoRA, full fine-tuning) trains
-//! through these ops.
-//!
-//! Each op has an explicit, tested backward pass instead of candle's autograd: candle's fused
-//! softmax, RMSNorm and RoPE have no backward and silently cut gradients, and its matmul backward
-//! computes weight gradients even for frozen weights. Here a frozen linear computes dX only, and
-//! layers before the first trainable parameter run forward only.
+//! Training: the optimizer (AdamW with decoupled weight decay and bias correction), the
+//! learning-rate schedule (linear warm-up, cosine decay), global-norm gradient clipping and
+//! gradient accumulation. Parameters are candle tensors updated in place; only parameters that
+//! receive gradients ever get optimizer state, so a frozen backbone costs nothing here.
 
-pub mod layer;
-pub mod model;
-pub mod ops;
+pub mod grads;
+pub mod optim;
+pub mod schedule;
+
+pub use grads::{global_norm, GradAccumulator};
+pub use optim::{AdamW, AdamWConfig};
+pub use schedule::LrSchedule;

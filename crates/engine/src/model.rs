@@ -71,7 +71,7 @@ pub fn loss_and_grads(
     let h = model.config.hidden_size;
     let (cos, sin) = model
         .rope
-        .tables(0, t, ids.device())
+        .tables_as(0, t, model.embed_tokens.dtype(), ids.device())
         .map_err(candle_core::Error::wrap)?;
     let first = trainable.first_backward_layer();
     let flat_ids = ids.flatten_all()?;

@@ -5,7 +5,7 @@
 //! central difference `(L(x + e) - L(x - e)) / 2e`.
 
 use candle_core::{DType, Device, Tensor};
-use mode_train::ops;
+use mode_engine::ops;
 use rand::{Rng, SeedableRng};
 
 fn randn(shape: &[usize], seed: u64) -> Tensor {

@@ -4,9 +4,9 @@
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
+use mode_engine::model::{loss_and_grads, Trainable};
+use mode_engine::ops::IGNORE;
 use mode_model::{random_weights, Architecture, Backbone, Config, Weights};
-use mode_train::model::{loss_and_grads, Trainable};
-use mode_train::ops::IGNORE;
 
 const ARCHES: [Architecture; 3] = [
     Architecture::Llama,

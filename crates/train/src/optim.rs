@@ -1,0 +1,209 @@
+//! AdamW (Loshchilov & Hutter): Adam moments with bias correction, weight decay applied to the
+//! parameters directly (decoupled), not through the gradient.
+//!
+//! The update runs fused over each parameter's memory (one pass, parallel over chunks), in place
+//! on the candle storage: candle's own AdamW is a chain of unfused tensor ops that took seconds
+//! per step over 135M parameters.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+
+use candle_core::{CpuStorage, DType, InplaceOp1, Layout, Result, Tensor};
+use rayon::prelude::*;
+
+/// AdamW hyper-parameters (the learning rate comes per step from the schedule).
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdamWConfig {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+}
+
+impl Default for AdamWConfig {
+    fn default() -> Self {
+        Self {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+        }
+    }
+}
+
+/// First and second moments of one parameter.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Moments {
+    pub m: Vec<f32>,
+    pub v: Vec<f32>,
+}
+
+/// The optimizer: hyper-parameters, step count and per-parameter moments.
+#[derive(Debug, Clone)]
+pub struct AdamW {
+    pub config: AdamWConfig,
+    /// Optimizer steps taken so far.
+    pub step: u64,
+    pub state: HashMap<String, Moments>,
+}
+
+impl AdamW {
+    pub fn new(config: AdamWConfig) -> Self {
+        Self {
+            config,
+            step: 0,
+            state: HashMap::new(),
+        }
+    }
+
+    /// Updates each parameter that has a gradient in `grads`, in place. `grad_scale` multiplies
+    /// every gradient first (gradient clipping); weight decay applies where `decays(name)`.
+    pub fn update(
+        &mut self,
+        params: &[(&str, &Tensor)],
+        grads: &HashMap<String, Tensor>,
+        lr: f64,
+        grad_scale: f64,
+        decays: impl Fn(&str) -> bool,
+    ) -> Result<()> {
+        self.step += 1;
+        let t = self.step as i32;
+        let c = &self.config;
+        let hyper = Hyper {
+            lr,
+            beta1: c.beta1,
+            beta2: c.beta2,
+            eps: c.eps,
+            bias1: 1.0 - c.beta1.powi(t),
+            bias2: 1.0 - c.beta2.powi(t),
+            grad_scale,
+            decay: 0.0,
+        };
+        for (name, param) in params {
+            let Some(grad) = grads.get(*name) else {
+                continue;
+            };
+            if grad.dims() != param.dims() {
+                candle_core::bail!(
+                    "{name}: gradient shape {:?} != parameter shape {:?}",
+                    grad.dims(),
+                    param.dims()
+                );
+            }
+            let n = param.elem_count();
+            let grad: Vec<f32> = grad.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
+            let moments = self
+                .state
+                .entry(name.to_string())
+                .or_insert_with(|| Moments {
+                    m: vec![0.0; n],
+                    v: vec![0.0; n],
+                });
+            let op = Step {
+                grad,
+                moments: RefCell::new(moments),
+                hyper: Hyper {
+                    decay: if decays(name) { c.weight_decay } else { 0.0 },
+                    ..hyper
+                },
+            };
+            param.inplace_op1(&op)?;
+        }
+        Ok(())
+    }
+
+    /// Bytes held by optimizer state.
+    pub fn state_bytes(&self) -> usize {
+        self.state
+            .values()
+            .map(|m| 4 * (m.m.len() + m.v.len()))
+            .sum()
+    }
+}
+
+/// Weight decay for matrices, not for norm scales and biases (the usual choice).
+pub fn decay_matrices(param: &Tensor) -> bool {
+    param.rank() >= 2
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Hyper {
+    lr: f64,
+    beta1: f64,
+    beta2: f64,
+    eps: f64,
+    bias1: f64,
+    bias2: f64,
+    grad_scale: f64,
+    decay: f64,
+}
+
+struct Step<'a> {
+    grad: Vec<f32>,
+    moments: RefCell<&'a mut Moments>,
+    hyper: Hyper,
+}
+
+const CHUNK: usize = 1 << 14;
+
+impl InplaceOp1 for Step<'_> {
+    fn name(&self) -> &'static str {
+        "adamw"
+    }
+
+    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> Result<()> {
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("adamw: parameter is not contiguous");
+        };
+        let mut moments = self.moments.borrow_mut();
+        let Moments { m, v } = &mut **moments;
+        match storage {
+            CpuStorage::F32(p) => update(&mut p[start..end], &self.grad, m, v, &self.hyper),
+            CpuStorage::F64(p) => update(&mut p[start..end], &self.grad, m, v, &self.hyper),
+            _ => candle_core::bail!("adamw: parameters must be f32 or f64"),
+        }
+        Ok(())
+    }
+}
+
+trait Float: Copy + Send + Sync {
+    fn to_f64(self) -> f64;
+    fn from_f64(v: f64) -> Self;
+}
+impl Float for f32 {
+    fn to_f64(self) -> f64 {
+        self as f64
+    }
+    fn from_f64(v: f64) -> Self {
+        v as f32
+    }
+}
+impl Float for f64 {
+    fn to_f64(self) -> f64 {
+        self
+    }
+    fn from_f64(v: f64) -> Self {
+        v
+    }
+}
+
+fn update<F: Float>(p: &mut [F], g: &[f32], m: &mut [f32], v: &mut [f32], h: &Hyper) {
+    p.par_chunks_mut(CHUNK)
+        .zip(g.par_chunks(CHUNK))
+        .zip(m.par_chunks_mut(CHUNK))
+        .zip(v.par_chunks_mut(CHUNK))
+        .for_each(|(((p, g), m), v)| {
+            for i in 0..p.len() {
+                let grad = g[i] as f64 * h.grad_scale;
+                let mi = h.beta1 * m[i] as f64 + (1.0 - h.beta1) * grad;
+                let vi = h.beta2 * v[i] as f64 + (1.0 - h.beta2) * grad * grad;
+                m[i] = mi as f32;
+                v[i] = vi as f32;
+                let m_hat = mi / h.bias1;
+                let v_hat = vi / h.bias2;
+                let x = p[i].to_f64();
+                let x = x - h.lr * h.decay * x - h.lr * m_hat / (v_hat.sqrt() + h.eps);
+                p[i] = F::from_f64(x);
+            }
+        });
+}
