@@ -1,11 +1,17 @@
-//! Loss and gradients of a whole backbone for one batch: the forward pass keeps activations only
-//! from the first layer that needs a backward pass, and the backward pass computes weight
-//! gradients only for trainable parts.
+//! Loss and gradients of a backbone, optionally with parallel blocks (experts beside a range of
+//! backbone layers, mixed by a per-token gate or fixed weights), for one batch.
+//!
+//! The forward pass keeps activations only where a backward pass will run: a stage needs one
+//! when it trains or when anything before it trains. Everything before the first trainable
+//! parameter runs forward only, through the fused inference kernels.
 
-use candle_core::{Result, Tensor};
-use mode_model::Backbone;
+use std::ops::Range;
 
-use crate::{layer, ops};
+use candle_core::{Result, Tensor, D};
+use mode_model::{Backbone, DecoderLayer};
+
+use crate::layer::{self, LayerActivations};
+use crate::ops;
 
 /// Which parts of a backbone train.
 #[derive(Debug, Clone, PartialEq)]
@@ -31,7 +37,7 @@ impl Trainable {
         }
     }
 
-    /// Nothing trains (loss only, or gradients for parts outside the backbone).
+    /// Nothing in the backbone trains.
     pub fn none(num_layers: usize) -> Self {
         Self {
             layers: vec![false; num_layers],
@@ -40,13 +46,50 @@ impl Trainable {
             lm_head: false,
         }
     }
+}
 
-    /// Index of the first layer whose backward pass is needed, if any.
-    fn first_backward_layer(&self) -> Option<usize> {
-        if self.embeddings {
-            return Some(0);
+/// How a parallel block mixes its branches (backbone first, then experts).
+pub enum Mix<'a> {
+    /// Constant weights, one per branch.
+    Fixed(Vec<f64>),
+    /// Per-token softmax gate: `softmax(x W^T + b)`, `W: [branches, hidden]`, `b: [branches]`.
+    Gate {
+        weight: &'a Tensor,
+        bias: &'a Tensor,
+    },
+}
+
+/// Expert layer stacks running beside backbone layers `layers`, all reading the block input.
+pub struct Block<'a> {
+    pub layers: Range<usize>,
+    pub experts: Vec<&'a [DecoderLayer]>,
+    pub mix: Mix<'a>,
+    pub train_experts: Vec<bool>,
+    pub train_gate: bool,
+}
+
+impl Block<'_> {
+    fn trains(&self, backbone: &Trainable) -> bool {
+        self.train_gate
+            || self.train_experts.iter().any(|&t| t)
+            || backbone.layers[self.layers.clone()].iter().any(|&t| t)
+    }
+}
+
+/// Everything that trains in one batch.
+pub struct Plan<'a> {
+    pub backbone: Trainable,
+    /// Non-overlapping, in layer order.
+    pub blocks: Vec<Block<'a>>,
+}
+
+impl Plan<'_> {
+    /// A plain backbone (full fine-tuning, or frozen).
+    pub fn backbone(trainable: Trainable) -> Self {
+        Self {
+            backbone: trainable,
+            blocks: Vec::new(),
         }
-        self.layers.iter().position(|&t| t)
     }
 }
 
@@ -55,52 +98,121 @@ pub struct BatchGrads {
     pub loss_sum: f64,
     pub count: usize,
     pub correct: usize,
-    /// Gradients of the mean loss, under Hugging Face tensor names.
+    /// Gradients of the mean loss: backbone parameters under Hugging Face names, block
+    /// parameters as `blocks.{b}.experts.{e}.layers.{l}.{name}` and `blocks.{b}.gate.{weight,bias}`.
     pub grads: Vec<(String, Tensor)>,
 }
 
+enum Stage {
+    Layer(usize),
+    Block(usize),
+}
+
+/// What a stage's forward pass kept for its backward pass.
+enum Saved {
+    None,
+    Layer(LayerActivations),
+    Block(BlockSaved),
+}
+
+struct BlockSaved {
+    x: Tensor,
+    /// Per branch (backbone first): activations of each layer, when the branch runs backward.
+    acts: Vec<Option<Vec<LayerActivations>>>,
+    /// Per branch: output `[n, h]`.
+    outputs: Vec<Tensor>,
+    /// Mixing weights `[n, branches]`.
+    weights: Tensor,
+}
+
+fn stages(plan: &Plan, num_layers: usize) -> Vec<Stage> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    let mut blocks = plan.blocks.iter().enumerate().peekable();
+    while i < num_layers {
+        match blocks.peek() {
+            Some((b, block)) if block.layers.start == i => {
+                out.push(Stage::Block(*b));
+                i = block.layers.end.max(i + 1);
+                blocks.next();
+            }
+            _ => {
+                out.push(Stage::Layer(i));
+                i += 1;
+            }
+        }
+    }
+    out
+}
+
 /// Mean cross-entropy of `ids: [b, t]` against `targets` (`b * t` ids, [`ops::IGNORE`] to skip),
-/// and its gradients with respect to the trainable parts of `model`.
+/// and its gradients with respect to everything `plan` trains.
 pub fn loss_and_grads(
     model: &Backbone,
+    plan: &Plan,
     ids: &Tensor,
     targets: &[u32],
-    trainable: &Trainable,
 ) -> Result<BatchGrads> {
     let (b, t) = ids.dims2()?;
     let h = model.config.hidden_size;
+    let dtype = model.embed_tokens.dtype();
     let (cos, sin) = model
         .rope
-        .tables_as(0, t, model.embed_tokens.dtype(), ids.device())
+        .tables_as(0, t, dtype, ids.device())
         .map_err(candle_core::Error::wrap)?;
-    let first = trainable.first_backward_layer();
+    let tr = &plan.backbone;
+    let stages = stages(plan, model.layers.len());
+    // upstream[k]: something before stage k trains, so gradients must flow into it.
+    let mut upstream = Vec::with_capacity(stages.len());
+    let mut any = tr.embeddings;
+    for s in &stages {
+        upstream.push(any);
+        any |= match s {
+            Stage::Layer(i) => tr.layers[*i],
+            Stage::Block(bi) => plan.blocks[*bi].trains(tr),
+        };
+    }
+    let needs_backward = |k: usize| {
+        upstream[k]
+            || match stages[k] {
+                Stage::Layer(i) => tr.layers[i],
+                Stage::Block(bi) => plan.blocks[bi].trains(tr),
+            }
+    };
+
     let flat_ids = ids.flatten_all()?;
     let mut x = model
         .embed_tokens
         .index_select(&flat_ids, 0)?
         .reshape((b, t, h))?;
-    let mut saved = Vec::new();
-    for (i, l) in model.layers.iter().enumerate() {
-        if first.is_some_and(|f| i >= f) {
-            let (y, acts) = layer::forward(l, &x, &cos, &sin)?;
-            saved.push(acts);
-            x = y;
-        } else {
-            // Before the first trainable parameter: forward only, nothing kept.
-            x = l
-                .forward(&x, &cos, &sin, None)
-                .map_err(candle_core::Error::wrap)?;
-        }
+    let mut saved = Vec::with_capacity(stages.len());
+    for (k, stage) in stages.iter().enumerate() {
+        let backward = needs_backward(k);
+        let (y, s) = match stage {
+            Stage::Layer(i) => {
+                let l = &model.layers[*i];
+                if backward {
+                    let (y, acts) = layer::forward(l, &x, &cos, &sin)?;
+                    (y, Saved::Layer(acts))
+                } else {
+                    (forward_only(l, &x, &cos, &sin)?, Saved::None)
+                }
+            }
+            Stage::Block(bi) => {
+                let block = &plan.blocks[*bi];
+                let (y, s) = block_forward(model, tr, block, &x, &cos, &sin, upstream[k])?;
+                (y, Saved::Block(s))
+            }
+        };
+        x = y;
+        saved.push(s);
     }
+
     let x2d = x.reshape((b * t, h))?;
     let (hn, rstd) = ops::rms_norm(&x2d, &model.norm.weight, model.norm.eps as f64)?;
     let count = targets.iter().filter(|&&x| x != ops::IGNORE).count();
     let tied = model.lm_head_tied;
-    let head_trains = if tied {
-        trainable.embeddings
-    } else {
-        trainable.lm_head
-    };
+    let head_trains = if tied { tr.embeddings } else { tr.lm_head };
     let ce = ops::lm_head_cross_entropy(
         &hn,
         &model.lm_head.weight,
@@ -116,23 +228,46 @@ pub fn loss_and_grads(
             grads.push(("lm_head.weight".to_string(), g));
         }
     }
-    if let Some(first) = first {
+    let any_backward = (0..stages.len()).any(needs_backward) || tr.embeddings;
+    if tr.final_norm || any_backward {
         let (dx, dw_norm) = ops::rms_norm_backward(&ce.d_hidden, &x2d, &model.norm.weight, &rstd)?;
-        if trainable.final_norm {
+        if tr.final_norm {
             grads.push(("model.norm.weight".to_string(), dw_norm));
         }
-        let mut dx = dx.reshape((b, t, h))?;
-        for (i, acts) in (first..model.layers.len()).zip(saved.iter()).rev() {
-            let (d, layer_grads) =
-                layer::backward(&model.layers[i], acts, &dx, &cos, &sin, trainable.layers[i])?;
-            dx = d;
-            grads.extend(
-                layer_grads
-                    .into_iter()
-                    .map(|(n, g)| (format!("model.layers.{i}.{n}"), g)),
-            );
+        let mut dx = Some(dx.reshape((b, t, h))?);
+        for (k, (stage, s)) in stages.iter().zip(saved.iter()).enumerate().rev() {
+            let Some(dy) = dx.take() else { break };
+            if !needs_backward(k) {
+                break;
+            }
+            dx = match (stage, s) {
+                (Stage::Layer(i), Saved::Layer(acts)) => {
+                    let (d, g) =
+                        layer::backward(&model.layers[*i], acts, &dy, &cos, &sin, tr.layers[*i])?;
+                    grads.extend(
+                        g.into_iter()
+                            .map(|(n, g)| (format!("model.layers.{i}.{n}"), g)),
+                    );
+                    upstream[k].then_some(d)
+                }
+                (Stage::Block(bi), Saved::Block(s)) => {
+                    let block = &plan.blocks[*bi];
+                    let ctx = BlockContext {
+                        model,
+                        trainable: tr,
+                        index: *bi,
+                        block,
+                        cos: &cos,
+                        sin: &sin,
+                        upstream: upstream[k],
+                    };
+                    block_backward(&ctx, s, &dy, &mut grads)?
+                }
+                _ => unreachable!("stage and saved activations disagree"),
+            };
         }
-        if trainable.embeddings {
+        if tr.embeddings {
+            let dx = dx.expect("embeddings train, so the input gradient was kept");
             let mut de = ops::embedding_backward(
                 &flat_ids,
                 &dx.reshape((b * t, h))?,
@@ -143,9 +278,6 @@ pub fn loss_and_grads(
             }
             grads.push(("model.embed_tokens.weight".to_string(), de));
         }
-    } else if trainable.final_norm {
-        let (_, dw_norm) = ops::rms_norm_backward(&ce.d_hidden, &x2d, &model.norm.weight, &rstd)?;
-        grads.push(("model.norm.weight".to_string(), dw_norm));
     }
     Ok(BatchGrads {
         loss_sum: ce.loss_sum,
@@ -153,4 +285,184 @@ pub fn loss_and_grads(
         correct: ce.correct,
         grads,
     })
+}
+
+fn forward_only(l: &DecoderLayer, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    l.forward(x, cos, sin, None)
+        .map_err(candle_core::Error::wrap)
+}
+
+fn block_forward(
+    model: &Backbone,
+    tr: &Trainable,
+    block: &Block,
+    x: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    upstream: bool,
+) -> Result<(Tensor, BlockSaved)> {
+    let (b, t, h) = x.dims3()?;
+    let backbone_layers: Vec<&DecoderLayer> = model.layers[block.layers.clone()].iter().collect();
+    let backbone_trains = tr.layers[block.layers.clone()].iter().any(|&t| t);
+    let mut branches: Vec<(Vec<&DecoderLayer>, bool)> =
+        vec![(backbone_layers, upstream || backbone_trains)];
+    for (e, layers) in block.experts.iter().enumerate() {
+        branches.push((layers.iter().collect(), upstream || block.train_experts[e]));
+    }
+    let mut acts = Vec::new();
+    let mut outputs = Vec::new();
+    for (layers, backward) in branches {
+        let mut y = x.clone();
+        if backward {
+            let mut saved = Vec::new();
+            for l in layers {
+                let (next, a) = layer::forward(l, &y, cos, sin)?;
+                saved.push(a);
+                y = next;
+            }
+            acts.push(Some(saved));
+        } else {
+            for l in layers {
+                y = forward_only(l, &y, cos, sin)?;
+            }
+            acts.push(None);
+        }
+        outputs.push(y.reshape((b * t, h))?);
+    }
+    let x2d = x.reshape((b * t, h))?;
+    let weights = mix_weights(&block.mix, &x2d, outputs.len())?;
+    let mut y = outputs[0].broadcast_mul(&weights.narrow(1, 0, 1)?)?;
+    for (j, out) in outputs.iter().enumerate().skip(1) {
+        y = (y + out.broadcast_mul(&weights.narrow(1, j, 1)?)?)?;
+    }
+    Ok((
+        y.reshape((b, t, h))?,
+        BlockSaved {
+            x: x2d,
+            acts,
+            outputs,
+            weights,
+        },
+    ))
+}
+
+/// `[n, branches]` mixing weights.
+fn mix_weights(mix: &Mix, x: &Tensor, branches: usize) -> Result<Tensor> {
+    match mix {
+        Mix::Fixed(w) => {
+            if w.len() != branches {
+                candle_core::bail!("fixed mix has {} weights for {branches} branches", w.len());
+            }
+            let row = Tensor::new(w.as_slice(), x.device())?.to_dtype(x.dtype())?;
+            row.unsqueeze(0)?
+                .broadcast_as((x.dim(0)?, branches))?
+                .contiguous()
+        }
+        Mix::Gate { weight, bias } => {
+            let logits = ops::linear(x, weight, Some(bias))?;
+            candle_nn::ops::softmax_last_dim(&logits)
+        }
+    }
+}
+
+/// What a block's backward pass reads besides its saved activations.
+struct BlockContext<'a> {
+    model: &'a Backbone,
+    trainable: &'a Trainable,
+    index: usize,
+    block: &'a Block<'a>,
+    cos: &'a Tensor,
+    sin: &'a Tensor,
+    /// Something before the block trains: its input gradient is needed.
+    upstream: bool,
+}
+
+fn block_backward(
+    ctx: &BlockContext,
+    s: &BlockSaved,
+    dy: &Tensor,
+    grads: &mut Vec<(String, Tensor)>,
+) -> Result<Option<Tensor>> {
+    let BlockContext {
+        model,
+        trainable,
+        index: bi,
+        block,
+        cos,
+        sin,
+        upstream,
+    } = *ctx;
+    let (b, t, h) = dy.dims3()?;
+    let dy2d = dy.reshape((b * t, h))?;
+    let mut dx: Option<Tensor> = None;
+    let mut add = |d: Tensor| -> Result<()> {
+        dx = Some(match dx.take() {
+            Some(acc) => (acc + d)?,
+            None => d,
+        });
+        Ok(())
+    };
+    for (j, acts) in s.acts.iter().enumerate() {
+        let Some(acts) = acts else { continue };
+        let mut d = dy2d
+            .broadcast_mul(&s.weights.narrow(1, j, 1)?)?
+            .reshape((b, t, h))?;
+        let (layers, names): (Vec<&DecoderLayer>, Vec<(String, bool)>) = if j == 0 {
+            block
+                .layers
+                .clone()
+                .map(|i| {
+                    (
+                        &model.layers[i],
+                        (format!("model.layers.{i}"), trainable.layers[i]),
+                    )
+                })
+                .unzip()
+        } else {
+            block.experts[j - 1]
+                .iter()
+                .enumerate()
+                .map(|(l, layer)| {
+                    (
+                        layer,
+                        (
+                            format!("blocks.{bi}.experts.{}.layers.{l}", j - 1),
+                            block.train_experts[j - 1],
+                        ),
+                    )
+                })
+                .unzip()
+        };
+        for (l, a) in acts.iter().enumerate().rev() {
+            let (prefix, trains) = &names[l];
+            let (next, g) = layer::backward(layers[l], a, &d, cos, sin, *trains)?;
+            grads.extend(g.into_iter().map(|(n, g)| (format!("{prefix}.{n}"), g)));
+            d = next;
+        }
+        if upstream {
+            add(d)?;
+        }
+    }
+    if let Mix::Gate { weight, .. } = &block.mix {
+        if block.train_gate || upstream {
+            // d weight_j = <dy, y_j> per token; then through the softmax.
+            let da: Vec<Tensor> = s
+                .outputs
+                .iter()
+                .map(|y| (&dy2d * y)?.sum_keepdim(D::Minus1))
+                .collect::<Result<_>>()?;
+            let da = Tensor::cat(&da, 1)?;
+            let row = (&da * &s.weights)?.sum_keepdim(D::Minus1)?;
+            let dlogits = (&s.weights * da.broadcast_sub(&row)?)?;
+            if block.train_gate {
+                let (dw, db) = ops::linear_backward_weight(&dlogits, &s.x)?;
+                grads.push((format!("blocks.{bi}.gate.weight"), dw));
+                grads.push((format!("blocks.{bi}.gate.bias"), db));
+            }
+            if upstream {
+                add(ops::linear_backward_input(&dlogits, weight)?.reshape((b, t, h))?)?;
+            }
+        }
+    }
+    Ok(dx)
 }

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
-use mode_engine::model::{loss_and_grads, Trainable};
+use mode_engine::model::{loss_and_grads, Plan, Trainable};
 use mode_engine::ops::IGNORE;
 use mode_model::{random_weights, Architecture, Backbone, Config, Weights};
 
@@ -45,7 +45,13 @@ fn load(config: &Config, tensors: HashMap<String, Tensor>) -> Backbone {
 
 fn mean_loss(model: &Backbone) -> f64 {
     let (ids, targets) = batch();
-    let r = loss_and_grads(model, &ids, &targets, &Trainable::none(model.layers.len())).unwrap();
+    let r = loss_and_grads(
+        model,
+        &Plan::backbone(Trainable::none(model.layers.len())),
+        &ids,
+        &targets,
+    )
+    .unwrap();
     r.loss_sum / r.count as f64
 }
 
@@ -56,7 +62,7 @@ fn full_model_gradients_match_finite_differences() {
         let base = tensors(&random_weights(&config, 31));
         let model = load(&config, base.clone());
         let (ids, targets) = batch();
-        let r = loss_and_grads(&model, &ids, &targets, &Trainable::all(2)).unwrap();
+        let r = loss_and_grads(&model, &Plan::backbone(Trainable::all(2)), &ids, &targets).unwrap();
         let grads: HashMap<String, Tensor> = r.grads.into_iter().collect();
         // Every parameter of the model got a gradient of its own shape.
         assert_eq!(
@@ -107,14 +113,15 @@ fn frozen_layers_get_no_gradient_and_trainable_ones_match_full() {
     let config = Config::tiny(Architecture::Llama);
     let model = load(&config, tensors(&random_weights(&config, 32)));
     let (ids, targets) = batch();
-    let full: HashMap<String, Tensor> = loss_and_grads(&model, &ids, &targets, &Trainable::all(2))
-        .unwrap()
-        .grads
-        .into_iter()
-        .collect();
+    let full: HashMap<String, Tensor> =
+        loss_and_grads(&model, &Plan::backbone(Trainable::all(2)), &ids, &targets)
+            .unwrap()
+            .grads
+            .into_iter()
+            .collect();
     let mut only_last = Trainable::none(2);
     only_last.layers[1] = true;
-    let partial = loss_and_grads(&model, &ids, &targets, &only_last).unwrap();
+    let partial = loss_and_grads(&model, &Plan::backbone(only_last), &ids, &targets).unwrap();
     assert!(!partial.grads.is_empty());
     for (name, g) in &partial.grads {
         assert!(
@@ -132,7 +139,7 @@ fn frozen_layers_get_no_gradient_and_trainable_ones_match_full() {
         assert!(diff < 1e-12, "{name}: {diff}");
     }
     assert_eq!(partial.grads.len(), 9);
-    let none = loss_and_grads(&model, &ids, &targets, &Trainable::none(2)).unwrap();
+    let none = loss_and_grads(&model, &Plan::backbone(Trainable::none(2)), &ids, &targets).unwrap();
     assert!(none.grads.is_empty());
     assert_eq!(none.count, 9);
 }

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use mode_engine::model::{loss_and_grads, Trainable};
+use mode_engine::model::{loss_and_grads, Plan, Trainable};
 use mode_engine::ops::IGNORE;
 use mode_model::{Architecture, Backbone, Config, Weights};
 
@@ -34,7 +34,13 @@ fn check(arch: Architecture, file: &str) {
         .into_iter()
         .map(|t| if t < 0 { IGNORE } else { t as u32 })
         .collect();
-    let r = loss_and_grads(&model, &ids, &targets, &Trainable::all(model.layers.len())).unwrap();
+    let r = loss_and_grads(
+        &model,
+        &Plan::backbone(Trainable::all(model.layers.len())),
+        &ids,
+        &targets,
+    )
+    .unwrap();
     let loss = r.loss_sum / r.count as f64;
     let expected_loss = fixture["loss"].to_vec1::<f64>().unwrap()[0];
     assert!(

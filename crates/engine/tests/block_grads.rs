@@ -1,0 +1,215 @@
+//! Parallel blocks (experts beside backbone layers, mixed by a learned gate or fixed weights):
+//! gradients of expert and gate parameters, and of upstream backbone layers through the block,
+//! against finite differences in f64.
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor};
+use mode_engine::model::{loss_and_grads, Block, Mix, Plan, Trainable};
+use mode_engine::ops::IGNORE;
+use mode_model::{random_weights, Architecture, Backbone, Config, DecoderLayer, Weights};
+
+type Params = HashMap<String, Tensor>;
+
+fn f64_map(w: &Weights) -> Params {
+    match w {
+        Weights::Map { tensors, .. } => tensors
+            .iter()
+            .map(|(k, v)| (k.clone(), v.to_dtype(DType::F64).unwrap()))
+            .collect(),
+        _ => unreachable!(),
+    }
+}
+
+fn uniform(shape: &[usize], seed: u64) -> Tensor {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let n: usize = shape.iter().product();
+    Tensor::from_vec(
+        (0..n)
+            .map(|_| rng.random_range(-0.5..0.5))
+            .collect::<Vec<f64>>(),
+        shape,
+        &Device::Cpu,
+    )
+    .unwrap()
+}
+
+/// All parameters in one map: backbone under HF names, expert layers as
+/// `blocks.0.experts.0.layers.{l}.*`, gate as `blocks.0.gate.*`.
+fn setup(arch: Architecture) -> (Config, Params) {
+    let config = Config::tiny(arch);
+    let mut params = f64_map(&random_weights(&config, 41));
+    let expert = f64_map(&random_weights(&config, 42));
+    for (k, v) in expert {
+        if let Some(rest) = k.strip_prefix("model.layers.") {
+            params.insert(format!("blocks.0.experts.0.layers.{rest}"), v);
+        }
+    }
+    params.insert(
+        "blocks.0.gate.weight".into(),
+        uniform(&[2, config.hidden_size], 43),
+    );
+    params.insert("blocks.0.gate.bias".into(), uniform(&[2], 44));
+    (config, params)
+}
+
+struct Built {
+    model: Backbone,
+    expert: Vec<DecoderLayer>,
+    gate_w: Tensor,
+    gate_b: Tensor,
+}
+
+fn build(config: &Config, params: &Params) -> Built {
+    let backbone: Params = params
+        .iter()
+        .filter(|(k, _)| !k.starts_with("blocks."))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let weights = Weights::Map {
+        tensors: backbone,
+        label: "backbone".into(),
+    };
+    let model = Backbone::load(config.clone(), &weights, DType::F64, &Device::Cpu).unwrap();
+    let expert_map: Params = params
+        .iter()
+        .filter_map(|(k, v)| {
+            k.strip_prefix("blocks.0.experts.0.layers.")
+                .map(|r| (format!("model.layers.{r}"), v.clone()))
+        })
+        .collect();
+    let ew = Weights::Map {
+        tensors: expert_map,
+        label: "expert".into(),
+    };
+    let expert = (0..2)
+        .map(|l| {
+            DecoderLayer::load(
+                config,
+                &ew,
+                &format!("model.layers.{l}"),
+                DType::F64,
+                &Device::Cpu,
+            )
+            .unwrap()
+        })
+        .collect();
+    Built {
+        model,
+        expert,
+        gate_w: params["blocks.0.gate.weight"].clone(),
+        gate_b: params["blocks.0.gate.bias"].clone(),
+    }
+}
+
+fn batch() -> (Tensor, Vec<u32>) {
+    let ids = [[5u32, 17, 200, 3, 99], [255, 0, 42, 64, 1]];
+    let mut targets = Vec::new();
+    for row in &ids {
+        targets.extend_from_slice(&row[1..]);
+        targets.push(IGNORE);
+    }
+    (Tensor::new(&ids, &Device::Cpu).unwrap(), targets)
+}
+
+/// The block covers backbone layer 1 with one 2-layer expert.
+fn plan<'a>(b: &'a Built, gate: bool, train_layer0: bool) -> Plan<'a> {
+    let mut backbone = Trainable::none(2);
+    backbone.layers[0] = train_layer0;
+    let mix = if gate {
+        Mix::Gate {
+            weight: &b.gate_w,
+            bias: &b.gate_b,
+        }
+    } else {
+        Mix::Fixed(vec![0.3, 0.7])
+    };
+    Plan {
+        backbone,
+        blocks: vec![Block {
+            layers: 1..2,
+            experts: vec![&b.expert],
+            mix,
+            train_experts: vec![true],
+            train_gate: gate,
+        }],
+    }
+}
+
+fn check(arch: Architecture, gate: bool, train_layer0: bool) {
+    let (config, params) = setup(arch);
+    let built = build(&config, &params);
+    let (ids, targets) = batch();
+    let r = loss_and_grads(
+        &built.model,
+        &plan(&built, gate, train_layer0),
+        &ids,
+        &targets,
+    )
+    .unwrap();
+    let grads: HashMap<String, Tensor> = r.grads.into_iter().collect();
+    let expected: Vec<&String> = params
+        .keys()
+        .filter(|k| {
+            k.starts_with("blocks.0.experts.")
+                || (gate && k.starts_with("blocks.0.gate."))
+                || (train_layer0 && k.starts_with("model.layers.0."))
+        })
+        .collect();
+    assert_eq!(
+        grads.len(),
+        expected.len(),
+        "{arch:?}: {:?}",
+        grads.keys().collect::<Vec<_>>()
+    );
+    for name in expected {
+        let value: Vec<f64> = params[name].flatten_all().unwrap().to_vec1().unwrap();
+        let grad: Vec<f64> = grads[name].flatten_all().unwrap().to_vec1().unwrap();
+        for k in 0..2 {
+            let i = (k * 7919 + 5) % value.len();
+            let at = |delta: f64| {
+                let mut v = value.clone();
+                v[i] += delta;
+                let mut p = params.clone();
+                p.insert(
+                    name.clone(),
+                    Tensor::from_vec(v, params[name].dims(), &Device::Cpu).unwrap(),
+                );
+                let b = build(&config, &p);
+                let r = loss_and_grads(&b.model, &plan(&b, gate, false), &ids, &targets).unwrap();
+                r.loss_sum / r.count as f64
+            };
+            let eps = 1e-5;
+            let numeric = (at(eps) - at(-eps)) / (2.0 * eps);
+            let err = (numeric - grad[i]).abs() / (1e-4 + numeric.abs());
+            assert!(
+                err < 1e-4,
+                "{arch:?} gate={gate} {name}[{i}]: analytic {} numeric {numeric}",
+                grad[i]
+            );
+        }
+    }
+}
+
+#[test]
+fn expert_and_gate_gradients() {
+    for arch in [
+        Architecture::Llama,
+        Architecture::Qwen2,
+        Architecture::Qwen3,
+    ] {
+        check(arch, true, false);
+    }
+}
+
+#[test]
+fn fixed_mix_gradients() {
+    check(Architecture::Llama, false, false);
+}
+
+#[test]
+fn gradients_flow_through_the_block_to_upstream_layers() {
+    check(Architecture::Llama, true, true);
+    check(Architecture::Qwen3, false, true);
+}
