@@ -93,6 +93,28 @@ impl Plan<'_> {
     }
 }
 
+/// Token ids `[batch, seq]` and the target of each position ([`ops::IGNORE`] to skip).
+pub struct Batch {
+    pub ids: Tensor,
+    pub targets: Vec<u32>,
+}
+
+impl Batch {
+    /// Next-token targets for rows of ids: each position predicts the next; the last of each
+    /// row predicts nothing.
+    pub fn next_token(ids: Tensor) -> Result<Self> {
+        let rows: Vec<Vec<u32>> = ids.to_vec2()?;
+        let mut targets = Vec::with_capacity(rows.len() * rows.first().map_or(0, |r| r.len()));
+        for row in &rows {
+            targets.extend_from_slice(&row[1.min(row.len())..]);
+            if !row.is_empty() {
+                targets.push(ops::IGNORE);
+            }
+        }
+        Ok(Self { ids, targets })
+    }
+}
+
 /// Loss statistics and gradients of one batch.
 pub struct BatchGrads {
     pub loss_sum: f64,

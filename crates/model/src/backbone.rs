@@ -177,6 +177,25 @@ impl Backbone {
         self.logits(&hidden.i((.., t - 1, ..))?.contiguous()?)
     }
 
+    /// Every tensor of the backbone under its Hugging Face name; a tied LM head is listed once,
+    /// as the embeddings.
+    pub fn named_tensors(&self) -> Vec<(String, &Tensor)> {
+        let mut out = vec![("model.embed_tokens.weight".to_string(), &self.embed_tokens)];
+        for (i, layer) in self.layers.iter().enumerate() {
+            out.extend(
+                layer
+                    .named_tensors()
+                    .into_iter()
+                    .map(|(n, t)| (format!("model.layers.{i}.{n}"), t)),
+            );
+        }
+        out.push(("model.norm.weight".to_string(), &self.norm.weight));
+        if !self.lm_head_tied {
+            out.push(("lm_head.weight".to_string(), &self.lm_head.weight));
+        }
+        out
+    }
+
     /// A fresh, empty cache for this model.
     pub fn new_cache(&self) -> KvCache {
         KvCache::new(self.layers.len())

@@ -331,6 +331,81 @@ impl DecoderLayer {
         })
     }
 
+    /// Every tensor of the layer under its name relative to the layer
+    /// (`self_attn.q_proj.weight`, ...).
+    pub fn named_tensors(&self) -> Vec<(String, &Tensor)> {
+        let a = &self.self_attn;
+        let mut out = vec![
+            (
+                "input_layernorm.weight".to_string(),
+                &self.input_layernorm.weight,
+            ),
+            (
+                "post_attention_layernorm.weight".to_string(),
+                &self.post_attention_layernorm.weight,
+            ),
+        ];
+        let linears = [
+            ("self_attn.q_proj", &a.q_proj),
+            ("self_attn.k_proj", &a.k_proj),
+            ("self_attn.v_proj", &a.v_proj),
+            ("self_attn.o_proj", &a.o_proj),
+            ("mlp.gate_proj", &self.mlp.gate_proj),
+            ("mlp.up_proj", &self.mlp.up_proj),
+            ("mlp.down_proj", &self.mlp.down_proj),
+        ];
+        for (name, l) in linears {
+            out.push((format!("{name}.weight"), &l.weight));
+            if let Some(b) = &l.bias {
+                out.push((format!("{name}.bias"), b));
+            }
+        }
+        if let (Some(q), Some(k)) = (&a.q_norm, &a.k_norm) {
+            out.push(("self_attn.q_norm.weight".to_string(), &q.weight));
+            out.push(("self_attn.k_norm.weight".to_string(), &k.weight));
+        }
+        out
+    }
+
+    /// A copy whose tensors own fresh storage, so that training it in place leaves `self` as
+    /// it was (an expert initialised from a backbone layer).
+    pub fn deep_copy(&self) -> Result<Self> {
+        let copy = |t: &Tensor| t.copy();
+        let lin = |l: &Linear| -> Result<Linear> {
+            Ok(Linear::new(
+                copy(&l.weight)?,
+                l.bias.as_ref().map(copy).transpose()?,
+            ))
+        };
+        let norm = |n: &RmsNorm| -> Result<RmsNorm> {
+            Ok(RmsNorm {
+                weight: copy(&n.weight)?,
+                eps: n.eps,
+            })
+        };
+        let a = &self.self_attn;
+        Ok(Self {
+            input_layernorm: norm(&self.input_layernorm)?,
+            self_attn: Attention {
+                q_proj: lin(&a.q_proj)?,
+                k_proj: lin(&a.k_proj)?,
+                v_proj: lin(&a.v_proj)?,
+                o_proj: lin(&a.o_proj)?,
+                q_norm: a.q_norm.as_ref().map(norm).transpose()?,
+                k_norm: a.k_norm.as_ref().map(norm).transpose()?,
+                num_heads: a.num_heads,
+                num_kv_heads: a.num_kv_heads,
+                head_dim: a.head_dim,
+            },
+            post_attention_layernorm: norm(&self.post_attention_layernorm)?,
+            mlp: Mlp {
+                gate_proj: lin(&self.mlp.gate_proj)?,
+                up_proj: lin(&self.mlp.up_proj)?,
+                down_proj: lin(&self.mlp.down_proj)?,
+            },
+        })
+    }
+
     /// `x + attn(norm(x))`, then `+ mlp(norm(.))`.
     pub fn forward(
         &self,

@@ -3,10 +3,13 @@
 //! gradient accumulation. Parameters are candle tensors updated in place; only parameters that
 //! receive gradients ever get optimizer state, so a frozen backbone costs nothing here.
 
+pub mod bench;
 pub mod grads;
 pub mod optim;
 pub mod schedule;
+pub mod step;
 
 pub use grads::{global_norm, GradAccumulator};
 pub use optim::{AdamW, AdamWConfig};
 pub use schedule::LrSchedule;
+pub use step::{train_step, StepStats};

@@ -18,6 +18,33 @@ pub struct Args {
 enum What {
     /// Prefill, greedy decode and evaluation tokens/s of a backbone
     Infer(InferArgs),
+    /// Training tokens/s, CPU-s, peak RSS and MFU: full fine-tuning, LoRA, frozen + branch
+    Train(TrainArgs),
+}
+
+#[derive(clap::Args, Debug)]
+#[command(
+    after_help = "Each mode runs in its own process so that peak RSS is per mode. The \
+    default backbone's real weights are used when cached, random weights of its shape otherwise.\n\
+    Compare with the PyTorch peer: make bench-train."
+)]
+struct TrainArgs {
+    /// full, lora, branch, or all (each in a child process)
+    #[arg(long, default_value = "all")]
+    mode: String,
+    /// A .gguf file or HF folder; default: SmolLM2-135M (cached weights, or random of its shape)
+    #[arg(long)]
+    backbone: Option<String>,
+    #[arg(long, default_value_t = 256)]
+    seq_len: usize,
+    #[arg(long, default_value_t = 2)]
+    batch: usize,
+    /// Timed steps (medians are reported)
+    #[arg(long, default_value_t = 5)]
+    steps: usize,
+    /// Untimed steps first
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
 }
 
 #[derive(clap::Args, Debug)]
@@ -56,6 +83,7 @@ people's hats off—then, I account it high time to get to sea as soon as I can.
 pub fn run(args: Args) -> Result<()> {
     match args.what {
         What::Infer(a) => infer(a),
+        What::Train(a) => train(a),
     }
 }
 
@@ -156,4 +184,81 @@ fn prefill_and_decode(model: &Backbone, prompt: &[u32], new_tokens: usize) -> Re
             .to_scalar::<u32>()?;
     }
     Ok((prefill, new_tokens as f64 / start.elapsed().as_secs_f64()))
+}
+
+fn train(args: TrainArgs) -> Result<()> {
+    use mode_train::bench::{BenchConfig, BenchMode};
+    if args.mode == "all" {
+        // One child process per mode, so each reports its own peak RSS.
+        for mode in ["branch", "full", "lora"] {
+            let mut cmd = std::process::Command::new(std::env::current_exe()?);
+            cmd.args(["bench", "train", "--mode", mode])
+                .args([
+                    "--seq-len",
+                    &args.seq_len.to_string(),
+                    "--batch",
+                    &args.batch.to_string(),
+                ])
+                .args([
+                    "--steps",
+                    &args.steps.to_string(),
+                    "--warmup",
+                    &args.warmup.to_string(),
+                ]);
+            if let Some(b) = &args.backbone {
+                cmd.args(["--backbone", b]);
+            }
+            let status = cmd.status()?;
+            if !status.success() {
+                eprintln!("mode: bench train --mode {mode} failed ({status})");
+            }
+        }
+        return Ok(());
+    }
+    let mode = match args.mode.as_str() {
+        "full" => BenchMode::Full,
+        "lora" => BenchMode::Lora,
+        "branch" => BenchMode::Branch,
+        other => bail!("--mode must be full, lora, branch or all, got `{other}`"),
+    };
+    if args.seq_len < 2 || args.batch == 0 || args.steps == 0 {
+        bail!("--seq-len must be >= 2, --batch and --steps positive");
+    }
+    let device = candle_core::Device::Cpu;
+    let (model, weights) = match &args.backbone {
+        Some(spec) => {
+            let path = mode_io::fetch::resolve_backbone(spec)?;
+            (
+                Backbone::open(&path, candle_core::DType::F32, &device)?.0,
+                path.display().to_string(),
+            )
+        }
+        None => {
+            let path = mode_io::fetch::default_backbone_path();
+            if path.exists() {
+                (
+                    Backbone::open(&path, candle_core::DType::F32, &device)?.0,
+                    path.display().to_string(),
+                )
+            } else {
+                let config = mode_model::Config::smollm2_135m();
+                let weights = mode_model::random_weights(&config, 0);
+                let model = Backbone::load(config, &weights, candle_core::DType::F32, &device)?;
+                (model, "random SmolLM2-135M-shaped weights".to_string())
+            }
+        }
+    };
+    let config = BenchConfig {
+        mode,
+        seq_len: args.seq_len,
+        batch: args.batch,
+        steps: args.steps,
+        warmup: args.warmup,
+        seed: 0,
+    };
+    let result = mode_train::bench::run(&model, &config)?;
+    let mut json = serde_json::to_value(&result)?;
+    json["weights"] = serde_json::Value::String(weights);
+    println!("{json}");
+    Ok(())
 }

@@ -1,0 +1,89 @@
+//! A training step on a tiny backbone with a trainable branch: frozen parameters never change
+//! and hold no optimizer state; trainable ones change and the loss goes down.
+
+use candle_core::{DType, Device, Tensor};
+use mode_engine::model::{Batch, Block, Mix, Plan, Trainable};
+use mode_model::{random_weights, Architecture, Backbone, Config};
+use mode_train::{train_step, AdamW, AdamWConfig};
+
+#[test]
+fn frozen_parameters_never_move_and_hold_no_state() {
+    let mut config = Config::tiny(Architecture::Llama);
+    config.num_hidden_layers = 3;
+    let model = Backbone::load(
+        config.clone(),
+        &random_weights(&config, 51),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let expert: Vec<_> = model.layers[1..2]
+        .iter()
+        .map(|l| l.deep_copy().unwrap())
+        .collect();
+    let frozen_before: Vec<(String, Tensor)> = model
+        .named_tensors()
+        .into_iter()
+        .map(|(n, t)| (n, t.copy().unwrap()))
+        .collect();
+    let params: Vec<(String, &Tensor)> = expert[0]
+        .named_tensors()
+        .into_iter()
+        .map(|(n, t)| (format!("blocks.0.experts.0.layers.0.{n}"), t))
+        .collect();
+    let expert_before: Vec<Tensor> = params.iter().map(|(_, t)| t.copy().unwrap()).collect();
+    let plan = Plan {
+        backbone: Trainable::none(3),
+        blocks: vec![Block {
+            layers: 1..2,
+            experts: vec![&expert],
+            mix: Mix::Fixed(vec![0.5, 0.5]),
+            train_experts: vec![true],
+            train_gate: false,
+        }],
+    };
+    let ids = Tensor::new(
+        &[[1u32, 2, 3, 4, 5, 6, 7, 8], [8, 7, 6, 5, 4, 3, 2, 1]],
+        &Device::Cpu,
+    )
+    .unwrap();
+    let batch = Batch::next_token(ids).unwrap();
+    assert_eq!(batch.targets.len(), 16);
+    let mut opt = AdamW::new(AdamWConfig::default());
+    let mut losses = Vec::new();
+    for _ in 0..5 {
+        losses.push(
+            train_step(&model, &plan, &params, &mut opt, &batch, 1e-2, 1.0)
+                .unwrap()
+                .loss,
+        );
+    }
+    assert!(losses[4] < losses[0], "loss did not go down: {losses:?}");
+    let max_diff = |a: &Tensor, b: &Tensor| -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    };
+    for ((name, before), (_, now)) in frozen_before.iter().zip(model.named_tensors()) {
+        assert_eq!(max_diff(before, now), 0.0, "frozen {name} changed");
+    }
+    for ((name, now), before) in params.iter().zip(&expert_before) {
+        assert!(
+            max_diff(before, now) > 0.0,
+            "trainable {name} did not change"
+        );
+    }
+    let mut state: Vec<&String> = opt.state.keys().collect();
+    state.sort();
+    let mut names: Vec<&String> = params.iter().map(|(n, _)| n).collect();
+    names.sort();
+    assert_eq!(
+        state, names,
+        "optimizer state must exist for trainable parameters only"
+    );
+}
