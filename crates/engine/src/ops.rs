@@ -190,6 +190,9 @@ pub struct CrossEntropy {
 /// The LM head fused with cross-entropy, chunked over rows so that the `[n x vocab]` logit
 /// matrix never exists whole. `hidden: [n, h]`, `w: [vocab, h]`, `targets.len() == n`.
 /// Gradients are of `grad_scale * loss_sum` (pass `1 / tokens` for a mean loss).
+///
+/// Per chunk: one GEMM for the logits, one parallel pass that turns them in place into the
+/// gradient `(softmax - onehot) * grad_scale` while collecting loss and accuracy, one GEMM back.
 pub fn lm_head_cross_entropy(
     hidden: &Tensor,
     w: &Tensor,
@@ -199,9 +202,11 @@ pub fn lm_head_cross_entropy(
     rows_per_chunk: usize,
 ) -> Result<CrossEntropy> {
     let (n, h) = hidden.dims2()?;
+    if targets.len() != n {
+        candle_core::bail!("{} targets for {n} rows", targets.len());
+    }
     let dtype = hidden.dtype();
     let w = widen(w, dtype)?;
-    let vocab = w.dim(0)?;
     let mut loss_sum = 0f64;
     let (mut count, mut correct) = (0, 0);
     let mut d_hidden = Vec::new();
@@ -210,31 +215,18 @@ pub fn lm_head_cross_entropy(
     for start in (0..n).step_by(chunk) {
         let rows = chunk.min(n - start);
         let hc = hidden.narrow(0, start, rows)?;
-        let logits = hc.matmul(&w.t()?)?.to_dtype(DType::F64)?;
-        let probs = candle_nn::ops::softmax_last_dim(&logits)?;
-        let mut p: Vec<f64> = probs.flatten_all()?.to_vec1()?;
-        let lv: Vec<f64> = logits.flatten_all()?.to_vec1()?;
-        for (r, &target) in targets[start..start + rows].iter().enumerate() {
-            let row = &mut p[r * vocab..(r + 1) * vocab];
-            if target == IGNORE {
-                row.iter_mut().for_each(|x| *x = 0.0);
-                continue;
-            }
-            let t = target as usize;
-            let lrow = &lv[r * vocab..(r + 1) * vocab];
-            let max = lrow.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-            let lse = max + lrow.iter().map(|x| (x - max).exp()).sum::<f64>().ln();
-            loss_sum += lse - lrow[t];
-            count += 1;
-            let argmax = lrow
-                .iter()
-                .enumerate()
-                .fold(0, |b, (i, &x)| if x > lrow[b] { i } else { b });
-            correct += (argmax == t) as usize;
-            row[t] -= 1.0;
-            row.iter_mut().for_each(|x| *x *= grad_scale);
-        }
-        let dlogits = Tensor::from_vec(p, (rows, vocab), hidden.device())?.to_dtype(dtype)?;
+        let logits = hc.matmul(&w.t()?)?;
+        let op = SoftmaxXentGrad {
+            targets: &targets[start..start + rows],
+            grad_scale,
+            stats: std::cell::RefCell::new((0.0, 0, 0)),
+        };
+        logits.inplace_op1(&op)?;
+        let (l, c, k) = op.stats.into_inner();
+        loss_sum += l;
+        count += c;
+        correct += k;
+        let dlogits = logits;
         d_hidden.push(dlogits.matmul(&w)?);
         if want_weight_grad {
             let dw = dlogits.t()?.matmul(&hc)?;
@@ -256,4 +248,107 @@ pub fn lm_head_cross_entropy(
         d_hidden,
         d_weight,
     })
+}
+
+/// Turns a `[rows, vocab]` block of logits, in place, into `(softmax - onehot(target)) * scale`
+/// (zero rows for ignored targets), accumulating (loss sum, counted, correct).
+struct SoftmaxXentGrad<'a> {
+    targets: &'a [u32],
+    grad_scale: f64,
+    stats: std::cell::RefCell<(f64, usize, usize)>,
+}
+
+impl candle_core::InplaceOp1 for SoftmaxXentGrad<'_> {
+    fn name(&self) -> &'static str {
+        "softmax-xent-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &mut candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> Result<()> {
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("softmax-xent-grad: logits must be contiguous");
+        };
+        let rows = self.targets.len();
+        let stats = match storage {
+            candle_core::CpuStorage::F32(v) => {
+                xent_rows(&mut v[start..end], rows, self.targets, self.grad_scale)
+            }
+            candle_core::CpuStorage::F64(v) => {
+                xent_rows(&mut v[start..end], rows, self.targets, self.grad_scale)
+            }
+            _ => candle_core::bail!("softmax-xent-grad: logits must be f32 or f64"),
+        };
+        *self.stats.borrow_mut() = stats;
+        Ok(())
+    }
+}
+
+/// Float types the fused kernels run on.
+trait Float: Copy + Send + Sync + PartialOrd {
+    fn to_f64(self) -> f64;
+    fn from_f64(v: f64) -> Self;
+}
+
+impl Float for f32 {
+    fn to_f64(self) -> f64 {
+        self as f64
+    }
+    fn from_f64(v: f64) -> Self {
+        v as f32
+    }
+}
+
+impl Float for f64 {
+    fn to_f64(self) -> f64 {
+        self
+    }
+    fn from_f64(v: f64) -> Self {
+        v
+    }
+}
+
+fn xent_rows<F: Float>(
+    data: &mut [F],
+    rows: usize,
+    targets: &[u32],
+    scale: f64,
+) -> (f64, usize, usize) {
+    use rayon::prelude::*;
+    let vocab = data.len() / rows.max(1);
+    data.par_chunks_mut(vocab)
+        .zip(targets.par_iter())
+        .map(|(row, &target)| {
+            if target == IGNORE {
+                row.iter_mut().for_each(|x| *x = F::from_f64(0.0));
+                return (0.0, 0, 0);
+            }
+            let t = target as usize;
+            let (mut max, mut arg) = (row[0].to_f64(), 0);
+            for (i, x) in row.iter().enumerate() {
+                let x = x.to_f64();
+                if x > max {
+                    max = x;
+                    arg = i;
+                }
+            }
+            let target_logit = row[t].to_f64();
+            // One exp per entry: keep exp(x - max) in place, then normalise.
+            let mut sum = 0f64;
+            for x in row.iter_mut() {
+                let e = (x.to_f64() - max).exp();
+                sum += e;
+                *x = F::from_f64(e);
+            }
+            let norm = scale / sum;
+            for x in row.iter_mut() {
+                *x = F::from_f64(x.to_f64() * norm);
+            }
+            row[t] = F::from_f64(row[t].to_f64() - scale);
+            let loss = max + sum.ln() - target_logit;
+            (loss, 1, (arg == t) as usize)
+        })
+        .reduce(|| (0.0, 0, 0), |a, b| (a.0 + b.0, a.1 + b.1, a.2 + b.2))
 }
