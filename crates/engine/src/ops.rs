@@ -1,7 +1,9 @@
 //! Decoder ops, forward and backward. Shapes use `n` for rows (batch x sequence flattened),
 //! `h` for features. All ops work in f32 and f64 (the finite-difference checks run in f64).
 
-use candle_core::{DType, Result, Tensor, D};
+use candle_core::{DType, Result, Tensor};
+
+use crate::kernels::{self, Float};
 
 /// `y = x W^T (+ b)` for `x: [n, in]`, `w: [out, in]`. A compact (f16/bf16) frozen weight is
 /// widened to the activation dtype.
@@ -35,11 +37,7 @@ fn widen(t: &Tensor, dtype: DType) -> Result<Tensor> {
 /// RMSNorm `y = x / rms(x) * w` over the last dimension of `x: [n, h]`. Returns `y` and the
 /// per-row reciprocal RMS `[n, 1]` that the backward pass needs.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<(Tensor, Tensor)> {
-    let rstd = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
-    let y = x
-        .broadcast_mul(&rstd)?
-        .broadcast_mul(&widen(w, x.dtype())?)?;
-    Ok((y, rstd))
+    kernels::rms_norm(x, &widen(w, x.dtype())?, eps)
 }
 
 /// Backward of [`rms_norm`]: `(dx, dw)`.
@@ -52,47 +50,18 @@ pub fn rms_norm_backward(
     w: &Tensor,
     rstd: &Tensor,
 ) -> Result<(Tensor, Tensor)> {
-    let xh = x.broadcast_mul(rstd)?;
-    let dw = (dy * &xh)?.sum(0)?;
-    let g = dy.broadcast_mul(&widen(w, dy.dtype())?)?;
-    let proj = (&g * &xh)?.mean_keepdim(D::Minus1)?;
-    let dx = (g - xh.broadcast_mul(&proj)?)?.broadcast_mul(rstd)?;
-    Ok((dx, dw))
+    kernels::rms_norm_backward(dy, x, w, rstd)
 }
 
 /// Rotary embedding in the Hugging Face (rotate-half) layout: `x: [b, heads, t, d]`,
 /// `cos`/`sin: [t, d/2]`. Pair i is (x[i], x[i + d/2]).
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let (c, s) = full_tables(cos, sin, x.dtype())?;
-    x.broadcast_mul(&c)? + rotate_half(x)?.broadcast_mul(&s)?
+    kernels::rope(x, cos, sin)
 }
 
 /// Backward of [`rope`]: the transpose of the rotation, i.e. a rotation by the opposite angle.
 pub fn rope_backward(dy: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let (c, s) = full_tables(cos, sin, dy.dtype())?;
-    dy.broadcast_mul(&c)? + rotate_half_transposed(&dy.broadcast_mul(&s)?)?
-}
-
-fn full_tables(cos: &Tensor, sin: &Tensor, dtype: DType) -> Result<(Tensor, Tensor)> {
-    let c = Tensor::cat(&[cos, cos], D::Minus1)?.to_dtype(dtype)?;
-    let s = Tensor::cat(&[sin, sin], D::Minus1)?.to_dtype(dtype)?;
-    Ok((c, s))
-}
-
-/// `[x1, x2] -> [-x2, x1]`
-fn rotate_half(x: &Tensor) -> Result<Tensor> {
-    let half = x.dim(D::Minus1)? / 2;
-    let x1 = x.narrow(D::Minus1, 0, half)?;
-    let x2 = x.narrow(D::Minus1, half, half)?;
-    Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)
-}
-
-/// `[z1, z2] -> [z2, -z1]`, the transpose of [`rotate_half`].
-fn rotate_half_transposed(z: &Tensor) -> Result<Tensor> {
-    let half = z.dim(D::Minus1)? / 2;
-    let z1 = z.narrow(D::Minus1, 0, half)?;
-    let z2 = z.narrow(D::Minus1, half, half)?;
-    Tensor::cat(&[&z2, &z1.neg()?], D::Minus1)
+    kernels::rope_backward(dy, cos, sin)
 }
 
 /// Causal grouped-query attention core. `q: [b, nh, t, d]`, `k`, `v: [b, nkv, t, d]` (RoPE
@@ -105,9 +74,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)>
     let rep = nh / nkv;
     let scale = 1.0 / (d as f64).sqrt();
     let qf = q.reshape((b, nkv, rep * t, d))?;
-    let scores = (qf.matmul(&k.t()?)? * scale)?;
-    let mask = causal_mask(rep, t, q.dtype(), q.device())?;
-    let probs = candle_nn::ops::softmax_last_dim(&scores.broadcast_add(&mask)?)?;
+    let probs = kernels::causal_softmax(&qf.matmul(&k.t()?)?, scale, t)?;
     let out = probs.matmul(v)?.reshape((b, nh, t, d))?;
     Ok((out, probs))
 }
@@ -130,38 +97,20 @@ pub fn attention_backward(
     let dof = d_out.reshape((b, nkv, rep * t, d))?;
     let qf = q.reshape((b, nkv, rep * t, d))?;
     let dv = probs.t()?.matmul(&dof)?;
-    let dp = dof.matmul(&v.t()?)?;
-    let row = (&dp * probs)?.sum_keepdim(D::Minus1)?;
-    let ds = (probs * dp.broadcast_sub(&row)?)?;
-    let dq = (ds.matmul(k)? * scale)?.reshape((b, nh, t, d))?;
-    let dk = (ds.t()?.matmul(&qf)? * scale)?;
+    let ds = kernels::softmax_backward(probs, &dof.matmul(&v.t()?)?, scale)?;
+    let dq = ds.matmul(k)?.reshape((b, nh, t, d))?;
+    let dk = ds.t()?.matmul(&qf)?;
     Ok((dq, dk, dv))
-}
-
-/// `[rep * t, t]` additive causal mask for folded query rows.
-fn causal_mask(rep: usize, t: usize, dtype: DType, device: &candle_core::Device) -> Result<Tensor> {
-    let row: Vec<f32> = (0..t)
-        .flat_map(|i| (0..t).map(move |j| if j <= i { 0.0 } else { f32::NEG_INFINITY }))
-        .collect();
-    let mask = Tensor::from_vec(row, (1, t, t), device)?;
-    mask.repeat((rep, 1, 1))?
-        .reshape((rep * t, t))?
-        .to_dtype(dtype)
 }
 
 /// SwiGLU activation `silu(g) * u`.
 pub fn swiglu(g: &Tensor, u: &Tensor) -> Result<Tensor> {
-    candle_nn::ops::silu(g)? * u
+    kernels::swiglu(g, u)
 }
 
 /// Backward of [`swiglu`]: `(dg, du)` with `silu'(g) = s (1 + g (1 - s))`, `s = sigmoid(g)`.
 pub fn swiglu_backward(dh: &Tensor, g: &Tensor, u: &Tensor) -> Result<(Tensor, Tensor)> {
-    let s = candle_nn::ops::sigmoid(g)?;
-    let silu = (g * &s)?;
-    let du = (dh * silu)?;
-    let dsilu = (&s * ((g * (1.0 - &s)?)? + 1.0)?)?;
-    let dg = ((dh * u)? * dsilu)?;
-    Ok((dg, du))
+    kernels::swiglu_backward(dh, g, u)
 }
 
 /// Gradient of an embedding lookup: rows of `dx: [n, h]` added into a `[vocab, h]` matrix.
@@ -286,30 +235,6 @@ impl candle_core::InplaceOp1 for SoftmaxXentGrad<'_> {
     }
 }
 
-/// Float types the fused kernels run on.
-trait Float: Copy + Send + Sync + PartialOrd {
-    fn to_f64(self) -> f64;
-    fn from_f64(v: f64) -> Self;
-}
-
-impl Float for f32 {
-    fn to_f64(self) -> f64 {
-        self as f64
-    }
-    fn from_f64(v: f64) -> Self {
-        v as f32
-    }
-}
-
-impl Float for f64 {
-    fn to_f64(self) -> f64 {
-        self
-    }
-    fn from_f64(v: f64) -> Self {
-        v
-    }
-}
-
 fn xent_rows<F: Float>(
     data: &mut [F],
     rows: usize,
@@ -322,31 +247,31 @@ fn xent_rows<F: Float>(
         .zip(targets.par_iter())
         .map(|(row, &target)| {
             if target == IGNORE {
-                row.iter_mut().for_each(|x| *x = F::from_f64(0.0));
+                row.iter_mut().for_each(|x| *x = F::of(0.0));
                 return (0.0, 0, 0);
             }
             let t = target as usize;
-            let (mut max, mut arg) = (row[0].to_f64(), 0);
+            let (mut max, mut arg) = (row[0].f(), 0);
             for (i, x) in row.iter().enumerate() {
-                let x = x.to_f64();
+                let x = x.f();
                 if x > max {
                     max = x;
                     arg = i;
                 }
             }
-            let target_logit = row[t].to_f64();
+            let target_logit = row[t].f();
             // One exp per entry: keep exp(x - max) in place, then normalise.
             let mut sum = 0f64;
             for x in row.iter_mut() {
-                let e = (x.to_f64() - max).exp();
+                let e = (x.f() - max).exp();
                 sum += e;
-                *x = F::from_f64(e);
+                *x = F::of(e);
             }
             let norm = scale / sum;
             for x in row.iter_mut() {
-                *x = F::from_f64(x.to_f64() * norm);
+                *x = F::of(x.f() * norm);
             }
-            row[t] = F::from_f64(row[t].to_f64() - scale);
+            row[t] = F::of(row[t].f() - scale);
             let loss = max + sum.ln() - target_logit;
             (loss, 1, (arg == t) as usize)
         })
