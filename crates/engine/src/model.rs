@@ -10,7 +10,7 @@ use std::ops::Range;
 use candle_core::{Result, Tensor, D};
 use mode_model::{Backbone, DecoderLayer};
 
-use crate::layer::{self, LayerActivations};
+use crate::layer::{self, LayerActivations, LayerTraining};
 use crate::ops;
 
 /// Which parts of a backbone train.
@@ -24,6 +24,8 @@ pub struct Trainable {
     pub final_norm: bool,
     /// The LM head, when it is not tied to the embeddings.
     pub lm_head: bool,
+    /// LoRA adapters, wherever attached.
+    pub lora: bool,
 }
 
 impl Trainable {
@@ -34,6 +36,7 @@ impl Trainable {
             embeddings: true,
             final_norm: true,
             lm_head: true,
+            lora: true,
         }
     }
 
@@ -44,6 +47,23 @@ impl Trainable {
             embeddings: false,
             final_norm: false,
             lm_head: false,
+            lora: false,
+        }
+    }
+
+    /// Only the LoRA adapters train.
+    pub fn lora(num_layers: usize) -> Self {
+        Self {
+            lora: true,
+            ..Self::none(num_layers)
+        }
+    }
+
+    /// What trains in backbone layer `i` of `model`.
+    pub fn layer(&self, model: &Backbone, i: usize) -> LayerTraining {
+        LayerTraining {
+            weights: self.layers[i],
+            lora: self.lora && !model.layers[i].lora_tensors().is_empty(),
         }
     }
 }
@@ -69,10 +89,10 @@ pub struct Block<'a> {
 }
 
 impl Block<'_> {
-    fn trains(&self, backbone: &Trainable) -> bool {
+    fn trains(&self, model: &Backbone, backbone: &Trainable) -> bool {
         self.train_gate
             || self.train_experts.iter().any(|&t| t)
-            || backbone.layers[self.layers.clone()].iter().any(|&t| t)
+            || self.layers.clone().any(|i| backbone.layer(model, i).any())
     }
 }
 
@@ -190,15 +210,15 @@ pub fn loss_and_grads(
     for s in &stages {
         upstream.push(any);
         any |= match s {
-            Stage::Layer(i) => tr.layers[*i],
-            Stage::Block(bi) => plan.blocks[*bi].trains(tr),
+            Stage::Layer(i) => tr.layer(model, *i).any(),
+            Stage::Block(bi) => plan.blocks[*bi].trains(model, tr),
         };
     }
     let needs_backward = |k: usize| {
         upstream[k]
             || match stages[k] {
-                Stage::Layer(i) => tr.layers[i],
-                Stage::Block(bi) => plan.blocks[bi].trains(tr),
+                Stage::Layer(i) => tr.layer(model, i).any(),
+                Stage::Block(bi) => plan.blocks[bi].trains(model, tr),
             }
     };
 
@@ -264,8 +284,14 @@ pub fn loss_and_grads(
             }
             dx = match (stage, s) {
                 (Stage::Layer(i), Saved::Layer(acts)) => {
-                    let (d, g) =
-                        layer::backward(&model.layers[*i], acts, &dy, &cos, &sin, tr.layers[*i])?;
+                    let (d, g) = layer::backward(
+                        &model.layers[*i],
+                        acts,
+                        &dy,
+                        &cos,
+                        &sin,
+                        tr.layer(model, *i),
+                    )?;
                     grads.extend(
                         g.into_iter()
                             .map(|(n, g)| (format!("model.layers.{i}.{n}"), g)),
@@ -325,7 +351,7 @@ fn block_forward(
 ) -> Result<(Tensor, BlockSaved)> {
     let (b, t, h) = x.dims3()?;
     let backbone_layers: Vec<&DecoderLayer> = model.layers[block.layers.clone()].iter().collect();
-    let backbone_trains = tr.layers[block.layers.clone()].iter().any(|&t| t);
+    let backbone_trains = block.layers.clone().any(|i| tr.layer(model, i).any());
     let mut branches: Vec<(Vec<&DecoderLayer>, bool)> =
         vec![(backbone_layers, upstream || backbone_trains)];
     for (e, layers) in block.experts.iter().enumerate() {
@@ -429,14 +455,14 @@ fn block_backward(
         let mut d = dy2d
             .broadcast_mul(&s.weights.narrow(1, j, 1)?)?
             .reshape((b, t, h))?;
-        let (layers, names): (Vec<&DecoderLayer>, Vec<(String, bool)>) = if j == 0 {
+        let (layers, names): (Vec<&DecoderLayer>, Vec<(String, LayerTraining)>) = if j == 0 {
             block
                 .layers
                 .clone()
                 .map(|i| {
                     (
                         &model.layers[i],
-                        (format!("model.layers.{i}"), trainable.layers[i]),
+                        (format!("model.layers.{i}"), trainable.layer(model, i)),
                     )
                 })
                 .unzip()
@@ -449,7 +475,10 @@ fn block_backward(
                         layer,
                         (
                             format!("blocks.{bi}.experts.{}.layers.{l}", j - 1),
-                            block.train_experts[j - 1],
+                            LayerTraining {
+                                weights: block.train_experts[j - 1],
+                                lora: false,
+                            },
                         ),
                     )
                 })

@@ -136,11 +136,13 @@ impl Backbone {
         &self.device
     }
 
-    /// Token embeddings for `ids` (`[batch, seq]`), as f32 `[batch, seq, hidden]`.
+    /// Token embeddings for `ids` (`[batch, seq]`), as `[batch, seq, hidden]` in f32 (f64 for
+    /// an f64 model).
     pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let x = self.embed_tokens.index_select(&ids.flatten_all()?, 0)?;
-        Ok(x.to_dtype(DType::F32)?
+        let dtype = crate::layers::small_dtype(x.dtype());
+        Ok(x.to_dtype(dtype)?
             .reshape((b, t, self.config.hidden_size))?)
     }
 
@@ -194,6 +196,49 @@ impl Backbone {
             out.push(("lm_head.weight".to_string(), &self.lm_head.weight));
         }
         out
+    }
+
+    /// Attaches fresh LoRA adapters of `rank` to the projections named in `targets` (e.g.
+    /// `q_proj`, `down_proj`) of every layer. Deterministic in `seed`.
+    pub fn attach_lora(
+        &mut self,
+        rank: usize,
+        alpha: f64,
+        targets: &[&str],
+        seed: u64,
+    ) -> Result<()> {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let dtype = crate::layers::small_dtype(self.embed_tokens.dtype());
+        for layer in &mut self.layers {
+            for (name, linear) in layer.linears_mut() {
+                let short = name.rsplit('.').next().unwrap_or(name);
+                if targets.contains(&short) {
+                    linear.lora = Some(crate::layers::Lora::new(
+                        linear.in_features(),
+                        linear.out_features(),
+                        rank,
+                        alpha,
+                        &mut rng,
+                        dtype,
+                        &self.device,
+                    )?);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// LoRA adapter tensors of every layer, as `model.layers.{i}.{proj}.lora_{A,B}`.
+    pub fn lora_tensors(&self) -> Vec<(String, &Tensor)> {
+        self.layers
+            .iter()
+            .enumerate()
+            .flat_map(|(i, l)| {
+                l.lora_tensors()
+                    .into_iter()
+                    .map(move |(n, t)| (format!("model.layers.{i}.{n}"), t))
+            })
+            .collect()
     }
 
     /// A fresh, empty cache for this model.

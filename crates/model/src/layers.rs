@@ -13,11 +13,53 @@ use crate::{Config, Result, Weights};
 pub struct Linear {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
+    /// A low-rank adapter added to the output, when LoRA is attached.
+    pub lora: Option<Lora>,
+}
+
+/// LoRA: `y += scale * (x A^T) B^T` with `A: [rank, in]`, `B: [out, rank]`, `scale = alpha / rank`.
+#[derive(Debug, Clone)]
+pub struct Lora {
+    pub a: Tensor,
+    pub b: Tensor,
+    pub scale: f64,
+}
+
+impl Lora {
+    /// A fresh adapter as LoRA initialises it: `A` uniform in +-1/sqrt(in) (Kaiming-uniform),
+    /// `B` zero, so the layer starts out unchanged.
+    pub fn new(
+        in_features: usize,
+        out_features: usize,
+        rank: usize,
+        alpha: f64,
+        rng: &mut impl rand::Rng,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let bound = 1.0 / (in_features as f64).sqrt();
+        let a: Vec<f64> = (0..rank * in_features)
+            .map(|_| rng.random_range(-bound..bound))
+            .collect();
+        Ok(Self {
+            a: Tensor::from_vec(a, (rank, in_features), device)?.to_dtype(dtype)?,
+            b: Tensor::zeros((out_features, rank), dtype, device)?,
+            scale: alpha / rank as f64,
+        })
+    }
 }
 
 impl Linear {
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self { weight, bias }
+        Self {
+            weight,
+            bias,
+            lora: None,
+        }
+    }
+
+    pub fn in_features(&self) -> usize {
+        self.weight.dims()[1]
     }
 
     pub fn out_features(&self) -> usize {
@@ -38,6 +80,14 @@ impl Module for Linear {
         let y = x.reshape((rows, in_features))?.matmul(&w.t()?)?;
         let y = match &self.bias {
             Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?)?,
+            None => y,
+        };
+        let y = match &self.lora {
+            Some(l) => {
+                let (a, b) = (l.a.to_dtype(x.dtype())?, l.b.to_dtype(x.dtype())?);
+                let xa = x.reshape((rows, in_features))?.matmul(&a.t()?)?;
+                (y + (xa.matmul(&b.t()?)? * l.scale)?)?
+            }
             None => y,
         };
         let mut out_dims = dims.to_vec();
@@ -331,6 +381,46 @@ impl DecoderLayer {
         })
     }
 
+    /// The seven projections with their names relative to the layer.
+    pub fn linears(&self) -> [(&'static str, &Linear); 7] {
+        let a = &self.self_attn;
+        [
+            ("self_attn.q_proj", &a.q_proj),
+            ("self_attn.k_proj", &a.k_proj),
+            ("self_attn.v_proj", &a.v_proj),
+            ("self_attn.o_proj", &a.o_proj),
+            ("mlp.gate_proj", &self.mlp.gate_proj),
+            ("mlp.up_proj", &self.mlp.up_proj),
+            ("mlp.down_proj", &self.mlp.down_proj),
+        ]
+    }
+
+    /// Mutable access to the seven projections, for attaching adapters.
+    pub fn linears_mut(&mut self) -> [(&'static str, &mut Linear); 7] {
+        let a = &mut self.self_attn;
+        [
+            ("self_attn.q_proj", &mut a.q_proj),
+            ("self_attn.k_proj", &mut a.k_proj),
+            ("self_attn.v_proj", &mut a.v_proj),
+            ("self_attn.o_proj", &mut a.o_proj),
+            ("mlp.gate_proj", &mut self.mlp.gate_proj),
+            ("mlp.up_proj", &mut self.mlp.up_proj),
+            ("mlp.down_proj", &mut self.mlp.down_proj),
+        ]
+    }
+
+    /// LoRA adapter tensors (`self_attn.q_proj.lora_A`, `...lora_B`) of the layer.
+    pub fn lora_tensors(&self) -> Vec<(String, &Tensor)> {
+        let mut out = Vec::new();
+        for (name, l) in self.linears() {
+            if let Some(a) = &l.lora {
+                out.push((format!("{name}.lora_A"), &a.a));
+                out.push((format!("{name}.lora_B"), &a.b));
+            }
+        }
+        out
+    }
+
     /// Every tensor of the layer under its name relative to the layer
     /// (`self_attn.q_proj.weight`, ...).
     pub fn named_tensors(&self) -> Vec<(String, &Tensor)> {
@@ -345,16 +435,7 @@ impl DecoderLayer {
                 &self.post_attention_layernorm.weight,
             ),
         ];
-        let linears = [
-            ("self_attn.q_proj", &a.q_proj),
-            ("self_attn.k_proj", &a.k_proj),
-            ("self_attn.v_proj", &a.v_proj),
-            ("self_attn.o_proj", &a.o_proj),
-            ("mlp.gate_proj", &self.mlp.gate_proj),
-            ("mlp.up_proj", &self.mlp.up_proj),
-            ("mlp.down_proj", &self.mlp.down_proj),
-        ];
-        for (name, l) in linears {
+        for (name, l) in self.linears() {
             out.push((format!("{name}.weight"), &l.weight));
             if let Some(b) = &l.bias {
                 out.push((format!("{name}.bias"), b));

@@ -12,6 +12,17 @@ use serde::Serialize;
 
 use crate::{train_step, AdamW, AdamWConfig};
 
+/// The projections LoRA adapts: all seven linear kinds.
+pub const LORA_TARGETS: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
+
 /// What trains.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -55,8 +66,15 @@ pub struct BenchResult {
     pub steps: usize,
 }
 
-/// Runs the benchmark on `model` (loaded in f32).
-pub fn run(model: &Backbone, cfg: &BenchConfig) -> Result<BenchResult> {
+/// Runs the benchmark on `model` (loaded in f32). LoRA mode attaches rank-16, alpha-32 adapters
+/// to all seven projections of every layer.
+pub fn run(model: &mut Backbone, cfg: &BenchConfig) -> Result<BenchResult> {
+    if cfg.mode == BenchMode::Lora {
+        model
+            .attach_lora(16, 32.0, &LORA_TARGETS, cfg.seed)
+            .map_err(candle_core::Error::wrap)?;
+    }
+    let model = &*model;
     let layers = model.layers.len();
     let device = model.device().clone();
     let branch_layers = 10..12;
@@ -102,7 +120,10 @@ pub fn run(model: &Backbone, cfg: &BenchConfig) -> Result<BenchResult> {
             };
             (plan, params)
         }
-        BenchMode::Lora => candle_core::bail!("LoRA is not implemented yet"),
+        BenchMode::Lora => (
+            Plan::backbone(Trainable::lora(layers)),
+            model.lora_tensors(),
+        ),
     };
     let trainable_params = params.iter().map(|(_, t)| t.elem_count()).sum();
     let mut optimizer = AdamW::new(AdamWConfig::default());

@@ -225,7 +225,7 @@ fn train(args: TrainArgs) -> Result<()> {
         bail!("--seq-len must be >= 2, --batch and --steps positive");
     }
     let device = candle_core::Device::Cpu;
-    let (model, weights) = match &args.backbone {
+    let (mut model, weights) = match &args.backbone {
         Some(spec) => {
             let path = mode_io::fetch::resolve_backbone(spec)?;
             (
@@ -256,7 +256,7 @@ fn train(args: TrainArgs) -> Result<()> {
         warmup: args.warmup,
         seed: 0,
     };
-    let result = mode_train::bench::run(&model, &config)?;
+    let result = mode_train::bench::run(&mut model, &config)?;
     let mut json = serde_json::to_value(&result)?;
     json["weights"] = serde_json::Value::String(weights);
     println!("{json}");
