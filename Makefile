@@ -3,7 +3,7 @@ CARGO ?= cargo
 MODE := $(or $(CARGO_TARGET_DIR),target)/release/mode
 SAMPLES = $(shell scripts/fetch_sample_data.sh)
 
-.PHONY: demo test lint build bench-infer
+.PHONY: demo test lint build bench-infer bench-train
 
 build:
 	$(CARGO) build --release
@@ -26,3 +26,7 @@ lint:
 # Ours next to Hugging Face generate on this machine (needs the reference venv; not run by CI).
 bench-infer:
 	bench/infer.sh
+
+# Training speed, ours next to PyTorch per mode; ends with the ratio JSON line (not run by CI).
+bench-train:
+	bench/train.sh

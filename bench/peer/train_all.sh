@@ -7,6 +7,7 @@
 #   bench/peer/train_all.sh [THREADS]          # default 2
 #   STEPS=6 WARMUP=1 bench/peer/train_all.sh 2 # total steps per mode, of which WARMUP untimed (defaults 6 and 1)
 #   SELF_CHECK=1 bench/peer/train_all.sh       # first check the hand-written decoder loop against HF (~20 s)
+#   MODES="branch" bench/peer/train_all.sh     # a subset of the modes
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 THREADS="${1:-2}"
@@ -34,7 +35,7 @@ if [ "${SELF_CHECK:-0}" = "1" ]; then
     "$PY" bench/peer/torch_train.py --self-check --gguf "$GGUF" --threads "$THREADS" >&2
 fi
 log "load average: $(cut -d' ' -f1-3 /proc/loadavg); threads $THREADS, $STEPS steps per mode ($WARMUP warm-up)"
-for mode in branch full lora; do
+for mode in ${MODES:-branch full lora}; do
     log "mode $mode"
     line="$("$PY" bench/peer/torch_train.py --mode "$mode" --threads "$THREADS" --steps "$STEPS" \
         --warmup "$WARMUP" --gguf "$GGUF" | tail -n 1)"
