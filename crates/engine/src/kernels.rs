@@ -448,3 +448,27 @@ pub fn softmax_backward(probs: &Tensor, d_probs: &Tensor, scale: f64) -> Result<
         .contiguous()?
         .apply_op2_no_bwd(&d_probs.contiguous()?, &SoftmaxBwd { scale })
 }
+
+// ---------------------------------------------------------------------------------------------
+// Reductions
+
+/// Sum of squares of all elements, accumulated in f64, in parallel.
+pub fn sum_of_squares(t: &Tensor) -> Result<f64> {
+    struct SumSq;
+    impl CustomOp1 for SumSq {
+        fn name(&self) -> &'static str {
+            "sum-of-squares"
+        }
+        fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+            by_dtype!(s, self.name(), |T| {
+                let x = slice::<T>(s, l, self.name())?;
+                let sum: f64 = x
+                    .par_chunks(1 << 14)
+                    .map(|c| c.iter().map(|v| v.f() * v.f()).sum::<f64>())
+                    .sum();
+                Ok((CpuStorage::F64(vec![sum]), Shape::from(())))
+            })
+        }
+    }
+    t.contiguous()?.apply_op1_no_bwd(&SumSq)?.to_scalar::<f64>()
+}

@@ -154,10 +154,12 @@ pub fn backward(
     let mut lin_back =
         |slot: usize, name: &str, l: &Linear, dy: &Tensor, x: &Tensor| -> Result<Tensor> {
             if training.weights {
-                let (dw, db) = ops::linear_backward_weight(dy, x)?;
-                grads.push((format!("{name}.weight"), dw));
+                grads.push((
+                    format!("{name}.weight"),
+                    ops::linear_backward_weight(dy, x)?,
+                ));
                 if l.bias.is_some() {
-                    grads.push((format!("{name}.bias"), db));
+                    grads.push((format!("{name}.bias"), ops::linear_backward_bias(dy)?));
                 }
             }
             let dx = ops::linear_backward_input(dy, &l.weight)?;
@@ -166,9 +168,9 @@ pub fn backward(
                     // y += s * xa B^T, xa = x A^T
                     let d_xa = (ops::linear_backward_input(dy, &lora.b)? * lora.scale)?;
                     if training.lora {
-                        let (db, _) = ops::linear_backward_weight(dy, xa)?;
+                        let db = ops::linear_backward_weight(dy, xa)?;
                         grads.push((format!("{name}.lora_B"), (db * lora.scale)?));
-                        let (da, _) = ops::linear_backward_weight(&d_xa, x)?;
+                        let da = ops::linear_backward_weight(&d_xa, x)?;
                         grads.push((format!("{name}.lora_A"), da));
                     }
                     dx + ops::linear_backward_input(&d_xa, &lora.a)?

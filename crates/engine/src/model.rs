@@ -506,7 +506,8 @@ fn block_backward(
             let row = (&da * &s.weights)?.sum_keepdim(D::Minus1)?;
             let dlogits = (&s.weights * da.broadcast_sub(&row)?)?;
             if block.train_gate {
-                let (dw, db) = ops::linear_backward_weight(&dlogits, &s.x)?;
+                let dw = ops::linear_backward_weight(&dlogits, &s.x)?;
+                let db = ops::linear_backward_bias(&dlogits)?;
                 grads.push((format!("blocks.{bi}.gate.weight"), dw));
                 grads.push((format!("blocks.{bi}.gate.bias"), db));
             }

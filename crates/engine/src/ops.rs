@@ -21,9 +21,14 @@ pub fn linear_backward_input(dy: &Tensor, w: &Tensor) -> Result<Tensor> {
     dy.matmul(&widen(w, dy.dtype())?)
 }
 
-/// Gradients of [`linear`] with respect to weight and bias: `dW = dy^T x`, `db = sum_n dy`.
-pub fn linear_backward_weight(dy: &Tensor, x: &Tensor) -> Result<(Tensor, Tensor)> {
-    Ok((dy.t()?.matmul(x)?, dy.sum(0)?))
+/// Gradient of [`linear`] with respect to its weight: `dW = dy^T x`.
+pub fn linear_backward_weight(dy: &Tensor, x: &Tensor) -> Result<Tensor> {
+    dy.t()?.matmul(x)
+}
+
+/// Gradient of [`linear`] with respect to its bias: `db = sum_n dy`.
+pub fn linear_backward_bias(dy: &Tensor) -> Result<Tensor> {
+    dy.sum(0)
 }
 
 fn widen(t: &Tensor, dtype: DType) -> Result<Tensor> {

@@ -62,7 +62,8 @@ fn linear_gradients() {
     let (x, w, b) = (randn(&[5, 4], 1), randn(&[3, 4], 2), randn(&[3], 3));
     let r = randn(&[5, 3], 4);
     let dx = ops::linear_backward_input(&r, &w).unwrap();
-    let (dw, db) = ops::linear_backward_weight(&r, &x).unwrap();
+    let dw = ops::linear_backward_weight(&r, &x).unwrap();
+    let db = ops::linear_backward_bias(&r).unwrap();
     check("linear dx", &x, &dx, |x| {
         dot(&ops::linear(x, &w, Some(&b)).unwrap(), &r)
     });
