@@ -34,6 +34,8 @@ enum Command {
     Generate(commands::generate::Args),
     /// Next-token accuracy, loss and perplexity on held-out files
     Eval(commands::eval::Args),
+    /// Prepare corpora: tokenise, split by document, pack
+    Data(commands::data::Args),
     /// Speed benchmarks
     Bench(commands::bench::Args),
 }
@@ -47,6 +49,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Generate(args) => commands::generate::run(args),
         Command::Eval(args) => commands::eval::run(args),
+        Command::Data(args) => commands::data::run(args),
         Command::Bench(args) => commands::bench::run(args),
     };
     match result {

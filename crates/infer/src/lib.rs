@@ -1,11 +1,10 @@
 //! Inference: sampling, streaming generation with a KV cache, and chat templates.
 
-pub mod chat;
 pub mod generate;
 pub mod sampling;
 
-pub use chat::{ChatMessage, ChatTemplate};
 pub use generate::{generate, GenerationStats, TextStream};
+pub use mode_io::chat::{ChatMessage, ChatTemplate};
 pub use sampling::{Sampler, SamplingParams};
 
 /// Errors from generation and templating.
@@ -17,8 +16,6 @@ pub enum Error {
     Io(#[from] mode_io::Error),
     #[error("tensor computation failed: {0}")]
     Candle(#[from] candle_core::Error),
-    #[error("chat template: {0}")]
-    Template(String),
     #[error("{0}")]
     Invalid(String),
 }

@@ -31,6 +31,8 @@ pub enum Error {
     Config { path: PathBuf, msg: String },
     #[error("{}: tokenizer: {msg}", path.display())]
     Tokenizer { path: PathBuf, msg: String },
+    #[error("chat template: {0}")]
+    Template(String),
     #[error("fetching the default backbone failed: {0}")]
     Fetch(String),
 }

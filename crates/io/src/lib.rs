@@ -3,12 +3,14 @@
 //!
 //! Everything here names the file (and the tensor or line) in its errors, so a user can act on them.
 
+pub mod chat;
 pub mod error;
 pub mod fetch;
 pub mod gguf;
 pub mod hf;
 pub mod tokenizer;
 
+pub use chat::{ChatMessage, ChatTemplate};
 pub use error::{Error, Result};
 pub use gguf::GgufFile;
 pub use hf::HfFolder;

@@ -238,6 +238,15 @@ impl Tokenizer {
         &self.eos_ids
     }
 
+    /// The token that ends a document in packed training data: the family's end-of-text token
+    /// where the vocabulary has one, else the first end-of-sequence id.
+    pub fn document_end_id(&self) -> Option<u32> {
+        ["<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>"]
+            .iter()
+            .find_map(|t| self.inner.token_to_id(t))
+            .or_else(|| self.eos_ids.first().copied())
+    }
+
     /// The Jinja chat template shipped with the model, if any.
     pub fn chat_template(&self) -> Option<&str> {
         self.chat_template.as_deref()
@@ -246,6 +255,14 @@ impl Tokenizer {
     /// Text of a single token (special tokens included), for template rendering.
     pub fn id_to_token(&self, id: u32) -> Option<String> {
         self.inner.id_to_token(id)
+    }
+
+    /// SHA-256 of the tokenizer's full definition (vocabulary, merges, pre-tokenizer, special
+    /// tokens): data prepared with one tokenizer is only valid with the same fingerprint.
+    pub fn fingerprint(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let json = self.inner.to_string(false).unwrap_or_default();
+        format!("{:x}", Sha256::digest(json.as_bytes()))
     }
 
     /// The wrapped `tokenizers` tokenizer.

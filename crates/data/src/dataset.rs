@@ -1,0 +1,122 @@
+//! Reading a prepared folder: memory-mapped token and mask files per split.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use crate::prepare::{Manifest, FORMAT_VERSION};
+use crate::{io_err, Error, Result, Split};
+
+/// One split: token ids, loss mask, document offsets.
+pub struct SplitData {
+    tokens: Vec<u32>,
+    mask: memmap2::Mmap,
+    docs: Vec<u64>,
+}
+
+impl SplitData {
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+
+    /// 1 where the loss counts, per token.
+    pub fn mask(&self) -> &[u8] {
+        &self.mask
+    }
+
+    /// Start offsets of the documents, then the end.
+    pub fn doc_offsets(&self) -> &[u64] {
+        &self.docs
+    }
+
+    pub fn len(&self) -> usize {
+        self.tokens.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tokens.is_empty()
+    }
+}
+
+/// A prepared folder, opened.
+pub struct PreparedData {
+    pub dir: PathBuf,
+    pub manifest: Manifest,
+    splits: HashMap<Split, SplitData>,
+}
+
+impl PreparedData {
+    /// Opens `dir`, checking the manifest and that every file has the size it should.
+    pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
+        let dir = dir.as_ref().to_path_buf();
+        let manifest_path = dir.join("manifest.json");
+        let text = std::fs::read_to_string(&manifest_path).map_err(io_err(&manifest_path))?;
+        let manifest: Manifest = serde_json::from_str(&text).map_err(|e| Error::Data {
+            path: manifest_path.clone(),
+            msg: format!(
+                "invalid manifest at line {} column {}: {e}",
+                e.line(),
+                e.column()
+            ),
+        })?;
+        if manifest.format_version != FORMAT_VERSION {
+            return Err(Error::Data {
+                path: manifest_path,
+                msg: format!(
+                    "format version {} is not the supported {FORMAT_VERSION}; prepare the data again",
+                    manifest.format_version
+                ),
+            });
+        }
+        let mut splits = HashMap::new();
+        for split in Split::ALL {
+            let info = manifest.splits.get(&split).cloned().unwrap_or_default();
+            let file = |ext: &str| dir.join(format!("{}.{ext}", split.name()));
+            let bad = |path: PathBuf, msg: String| Error::Data { path, msg };
+            let token_bytes = std::fs::read(file("tokens")).map_err(io_err(file("tokens")))?;
+            if token_bytes.len() != 4 * info.tokens {
+                return Err(bad(
+                    file("tokens"),
+                    format!(
+                        "{} bytes, the manifest says {} tokens",
+                        token_bytes.len(),
+                        info.tokens
+                    ),
+                ));
+            }
+            let tokens = token_bytes
+                .chunks_exact(4)
+                .map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes")))
+                .collect();
+            let mask_file = std::fs::File::open(file("mask")).map_err(io_err(file("mask")))?;
+            // SAFETY: read-only map of a file this tool wrote and renamed into place.
+            let mask = unsafe { memmap2::Mmap::map(&mask_file) }.map_err(io_err(file("mask")))?;
+            if mask.len() != info.tokens {
+                return Err(bad(
+                    file("mask"),
+                    format!("{} bytes for {} tokens", mask.len(), info.tokens),
+                ));
+            }
+            let doc_bytes = std::fs::read(file("docs")).map_err(io_err(file("docs")))?;
+            if doc_bytes.len() != 8 * (info.documents + 1) {
+                return Err(bad(
+                    file("docs"),
+                    format!("{} bytes for {} documents", doc_bytes.len(), info.documents),
+                ));
+            }
+            let docs = doc_bytes
+                .chunks_exact(8)
+                .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+                .collect();
+            splits.insert(split, SplitData { tokens, mask, docs });
+        }
+        Ok(Self {
+            dir,
+            manifest,
+            splits,
+        })
+    }
+
+    pub fn split(&self, split: Split) -> &SplitData {
+        &self.splits[&split]
+    }
+}
