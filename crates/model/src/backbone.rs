@@ -241,6 +241,40 @@ impl Backbone {
             .collect()
     }
 
+    /// Identifies the backbone's weights: SHA-256 over the configuration and, per tensor in
+    /// name order, its name, shape and 1024 evenly spaced values (as f32). Independent of the
+    /// file format the same weights come in; different for different weights.
+    pub fn fingerprint(&self) -> Result<String> {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        h.update(serde_json::to_vec(&self.config).expect("config serialises"));
+        let mut tensors = self.named_tensors();
+        tensors.sort_by(|a, b| a.0.cmp(&b.0));
+        for (name, t) in tensors {
+            h.update(name.as_bytes());
+            for d in t.dims() {
+                h.update((*d as u64).to_le_bytes());
+            }
+            let flat = t.flatten_all()?;
+            let n = flat.elem_count();
+            let stride = (n / 1024).max(1);
+            let idx: Vec<u32> = (0..n)
+                .step_by(stride)
+                .take(1024)
+                .map(|i| i as u32)
+                .collect();
+            let idx = Tensor::new(idx.as_slice(), t.device())?;
+            let sample: Vec<f32> = flat
+                .index_select(&idx, 0)?
+                .to_dtype(DType::F32)?
+                .to_vec1()?;
+            for v in sample {
+                h.update(v.to_le_bytes());
+            }
+        }
+        Ok(format!("{:x}", h.finalize()))
+    }
+
     /// A fresh, empty cache for this model.
     pub fn new_cache(&self) -> KvCache {
         KvCache::new(self.layers.len())

@@ -1,0 +1,171 @@
+//! Experts and gates.
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor};
+use mode_model::{random_weights, Backbone, DecoderLayer, Weights};
+
+use crate::{BlockLayout, Result};
+
+/// How a new expert's layers start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExpertInit {
+    /// Random, scaled as the backbone was initialised (std 0.02, norm scales 1).
+    Random,
+    /// Copies of the backbone's layers of the same block (the first `expert_layers_per_block`).
+    Copy,
+}
+
+impl std::str::FromStr for ExpertInit {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "random" => Ok(Self::Random),
+            "copy" => Ok(Self::Copy),
+            other => Err(format!("`{other}` is not one of random, copy")),
+        }
+    }
+}
+
+/// A domain expert: `expert_layers_per_block` decoder layers for every block.
+pub struct Expert {
+    pub name: String,
+    /// `blocks[i]` runs beside backbone block `i`.
+    pub blocks: Vec<Vec<DecoderLayer>>,
+}
+
+impl Expert {
+    /// A new expert for `layout` over `backbone`, deterministic in `seed`.
+    pub fn new(
+        name: &str,
+        backbone: &Backbone,
+        layout: &BlockLayout,
+        init: ExpertInit,
+        seed: u64,
+    ) -> Result<Self> {
+        let dtype = backbone.embed_tokens.dtype();
+        let device = backbone.device();
+        let mut blocks = Vec::new();
+        for b in 0..layout.num_blocks() {
+            let mut layers = Vec::new();
+            for l in 0..layout.expert_layers_per_block {
+                let layer = match init {
+                    ExpertInit::Copy => {
+                        let src = layout.block(b).start + l.min(layout.block(b).len() - 1);
+                        backbone.layers[src].deep_copy()?
+                    }
+                    ExpertInit::Random => {
+                        let mut config = backbone.config.clone();
+                        config.num_hidden_layers = 1;
+                        let w = random_weights(
+                            &config,
+                            seed.wrapping_mul(1000).wrapping_add((b * 100 + l) as u64),
+                        );
+                        DecoderLayer::load(&config, &w, "model.layers.0", dtype, device)?
+                    }
+                };
+                layers.push(layer);
+            }
+            blocks.push(layers);
+        }
+        Ok(Self {
+            name: name.to_string(),
+            blocks,
+        })
+    }
+
+    /// The expert's tensors as `blocks.{b}.layers.{l}.{param}`.
+    pub fn named_tensors(&self) -> Vec<(String, &Tensor)> {
+        let mut out = Vec::new();
+        for (b, layers) in self.blocks.iter().enumerate() {
+            for (l, layer) in layers.iter().enumerate() {
+                out.extend(
+                    layer
+                        .named_tensors()
+                        .into_iter()
+                        .map(|(n, t)| (format!("blocks.{b}.layers.{l}.{n}"), t)),
+                );
+            }
+        }
+        out
+    }
+
+    /// Rebuilds an expert from tensors named as [`Self::named_tensors`] does.
+    pub fn from_tensors(
+        name: &str,
+        backbone: &Backbone,
+        layout: &BlockLayout,
+        tensors: &HashMap<String, Tensor>,
+        label: &std::path::Path,
+    ) -> Result<Self> {
+        let dtype = backbone.embed_tokens.dtype();
+        let mut blocks = Vec::new();
+        for b in 0..layout.num_blocks() {
+            let mut layers = Vec::new();
+            for l in 0..layout.expert_layers_per_block {
+                let prefix = format!("blocks.{b}.layers.{l}.");
+                // Rename to the decoder layer's own names so the backbone's loader checks shapes.
+                let map: HashMap<String, Tensor> = tensors
+                    .iter()
+                    .filter_map(|(k, v)| {
+                        k.strip_prefix(&prefix)
+                            .map(|r| (format!("model.layers.0.{r}"), v.clone()))
+                    })
+                    .collect();
+                let w = Weights::Map {
+                    tensors: map,
+                    label: label.to_path_buf(),
+                };
+                let mut config = backbone.config.clone();
+                config.num_hidden_layers = 1;
+                layers.push(DecoderLayer::load(
+                    &config,
+                    &w,
+                    "model.layers.0",
+                    dtype,
+                    backbone.device(),
+                )?);
+            }
+            blocks.push(layers);
+        }
+        Ok(Self {
+            name: name.to_string(),
+            blocks,
+        })
+    }
+
+    pub fn num_parameters(&self) -> usize {
+        self.named_tensors()
+            .iter()
+            .map(|(_, t)| t.elem_count())
+            .sum()
+    }
+}
+
+/// A block's gate: `softmax(W x + b)` over `[backbone, expert_1, ..., expert_N]`.
+pub struct Gate {
+    pub weight: Tensor,
+    pub bias: Tensor,
+}
+
+/// Initial probability of the backbone branch in a fresh gate.
+pub const GATE_INIT_BACKBONE_PROB: f64 = 0.9;
+
+impl Gate {
+    /// A fresh gate over `experts` experts: zero weights (every token alike) and a bias that
+    /// gives the backbone [`GATE_INIT_BACKBONE_PROB`] and the experts the rest, equally. Training
+    /// starts close to the backbone's behaviour while experts still get gradient.
+    pub fn new(hidden: usize, experts: usize, dtype: DType, device: &Device) -> Result<Self> {
+        let p_expert = (1.0 - GATE_INIT_BACKBONE_PROB) / experts.max(1) as f64;
+        let mut bias = vec![(GATE_INIT_BACKBONE_PROB / p_expert).ln()];
+        bias.extend(std::iter::repeat_n(0.0, experts));
+        Ok(Self {
+            weight: Tensor::zeros((experts + 1, hidden), dtype, device)?,
+            bias: Tensor::from_vec(bias, experts + 1, device)?.to_dtype(dtype)?,
+        })
+    }
+
+    pub fn num_branches(&self) -> usize {
+        self.bias.dims()[0]
+    }
+}

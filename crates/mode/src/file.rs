@@ -1,0 +1,217 @@
+//! Expert files (`*.expert.safetensors`): the expert's tensors and its stage-1 gates, with a
+//! JSON header in the safetensors metadata saying what backbone and layout they belong to.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::{BlockLayout, Error, Expert, Gate, Result};
+
+/// Version of the expert-file format.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// The shape an expert's layers must have to run beside a backbone.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExpertDims {
+    pub architecture: String,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub head_dim: usize,
+}
+
+impl ExpertDims {
+    pub fn of(config: &mode_model::Config) -> Self {
+        Self {
+            architecture: format!("{:?}", config.architecture).to_lowercase(),
+            hidden_size: config.hidden_size,
+            intermediate_size: config.intermediate_size,
+            num_attention_heads: config.num_attention_heads,
+            num_key_value_heads: config.num_key_value_heads,
+            head_dim: config.head_dim,
+        }
+    }
+}
+
+/// What training produced the expert.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TrainingSummary {
+    pub steps: usize,
+    pub tokens: usize,
+    pub final_train_loss: Option<f64>,
+    pub final_val_loss: Option<f64>,
+    pub final_val_accuracy: Option<f64>,
+    pub data_fingerprint: Option<String>,
+    pub seed: u64,
+    pub init: String,
+}
+
+/// The JSON header of an expert file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExpertMeta {
+    pub format_version: u32,
+    pub domain: String,
+    pub backbone_fingerprint: String,
+    pub backbone_source: String,
+    pub layout: BlockLayout,
+    pub dims: ExpertDims,
+    pub training: TrainingSummary,
+    pub tool_version: String,
+}
+
+/// Safetensors metadata key holding the JSON header.
+const META_KEY: &str = "mode.expert";
+
+/// An expert file's content: header, expert tensors, stage-1 gate tensors.
+pub struct ExpertFile {
+    pub meta: ExpertMeta,
+    pub tensors: HashMap<String, Tensor>,
+}
+
+impl ExpertFile {
+    /// Packs an expert and its stage-1 gates (two branches per block).
+    pub fn from_expert(meta: ExpertMeta, expert: &Expert, gates: &[Gate]) -> Self {
+        let mut tensors: HashMap<String, Tensor> = expert
+            .named_tensors()
+            .into_iter()
+            .map(|(n, t)| (n, t.clone()))
+            .collect();
+        for (b, g) in gates.iter().enumerate() {
+            tensors.insert(format!("blocks.{b}.gate.weight"), g.weight.clone());
+            tensors.insert(format!("blocks.{b}.gate.bias"), g.bias.clone());
+        }
+        Self { meta, tensors }
+    }
+
+    /// Writes the file atomically: a temporary file in the same folder, fsync, rename.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let err = |msg: String| Error::File {
+            path: path.to_path_buf(),
+            msg,
+        };
+        let json = serde_json::to_string(&self.meta).expect("metadata serialises");
+        let metadata = HashMap::from([(META_KEY.to_string(), json)]);
+        let parent = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        std::fs::create_dir_all(parent).map_err(|e| err(e.to_string()))?;
+        let tmp = tempfile::NamedTempFile::new_in(parent).map_err(|e| err(e.to_string()))?;
+        let tensors: Vec<(&String, Tensor)> = self
+            .tensors
+            .iter()
+            .map(|(k, v)| Ok((k, v.to_dtype(DType::F32)?.contiguous()?)))
+            .collect::<Result<_>>()?;
+        let views: Vec<(&String, &Tensor)> = tensors.iter().map(|(k, v)| (*k, v)).collect();
+        safetensors::tensor::serialize_to_file(views, Some(metadata), tmp.path())
+            .map_err(|e| err(e.to_string()))?;
+        tmp.as_file().sync_all().map_err(|e| err(e.to_string()))?;
+        tmp.persist(path).map_err(|e| err(e.to_string()))?;
+        Ok(())
+    }
+
+    /// Reads a file, checking that it is an expert file this version understands.
+    pub fn load(path: &Path, device: &Device) -> Result<Self> {
+        let err = |msg: String| Error::File {
+            path: path.to_path_buf(),
+            msg,
+        };
+        let bytes = std::fs::read(path).map_err(|e| err(e.to_string()))?;
+        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
+            .map_err(|e| err(format!("not a safetensors file: {e}")))?;
+        let json = header
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get(META_KEY))
+            .ok_or_else(|| err(format!("no `{META_KEY}` metadata: not an expert file")))?;
+        let meta: ExpertMeta =
+            serde_json::from_str(json).map_err(|e| err(format!("bad expert header: {e}")))?;
+        if meta.format_version != FORMAT_VERSION {
+            return Err(err(format!(
+                "expert format {} is not the supported {FORMAT_VERSION}",
+                meta.format_version
+            )));
+        }
+        let tensors = candle_core::safetensors::load_buffer(&bytes, device)
+            .map_err(|e| err(e.to_string()))?;
+        Ok(Self { meta, tensors })
+    }
+
+    /// Checks that the expert was trained on this backbone with this layout.
+    pub fn check_compatible(
+        &self,
+        path: &Path,
+        backbone_fingerprint: &str,
+        dims: &ExpertDims,
+        layout: Option<&BlockLayout>,
+    ) -> Result<()> {
+        let err = |msg: String| Error::File {
+            path: path.to_path_buf(),
+            msg,
+        };
+        if self.meta.dims != *dims {
+            return Err(err(format!(
+                "expert layers are shaped {:?}, the backbone needs {:?}",
+                self.meta.dims, dims
+            )));
+        }
+        if self.meta.backbone_fingerprint != backbone_fingerprint {
+            return Err(err(format!(
+                "trained on a different backbone ({}, fingerprint {}…), not this one (fingerprint {}…)",
+                self.meta.backbone_source,
+                &self.meta.backbone_fingerprint[..12.min(self.meta.backbone_fingerprint.len())],
+                &backbone_fingerprint[..12.min(backbone_fingerprint.len())]
+            )));
+        }
+        if let Some(layout) = layout {
+            if self.meta.layout != *layout {
+                return Err(err(format!(
+                    "block layout {:?} differs from the model's {:?}",
+                    self.meta.layout, layout
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The expert's layers, loaded for `backbone`.
+    pub fn expert(&self, backbone: &mode_model::Backbone, path: &Path) -> Result<Expert> {
+        let layers: HashMap<String, Tensor> = self
+            .tensors
+            .iter()
+            .filter(|(k, _)| !k.contains(".gate."))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        Expert::from_tensors(
+            &self.meta.domain,
+            backbone,
+            &self.meta.layout,
+            &layers,
+            path,
+        )
+    }
+
+    /// The stage-1 gates (backbone + this expert), one per block.
+    pub fn gates(&self, path: &Path) -> Result<Vec<Gate>> {
+        (0..self.meta.layout.num_blocks())
+            .map(|b| {
+                let get = |n: &str| {
+                    self.tensors
+                        .get(&format!("blocks.{b}.gate.{n}"))
+                        .cloned()
+                        .ok_or_else(|| Error::File {
+                            path: PathBuf::from(path),
+                            msg: format!("tensor `blocks.{b}.gate.{n}` is missing"),
+                        })
+                };
+                Ok(Gate {
+                    weight: get("weight")?,
+                    bias: get("bias")?,
+                })
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,36 @@
+//! Modular Domain Experts.
+//!
+//! A frozen backbone is cut into blocks ([`BlockLayout`]). An [`Expert`] holds a few decoder
+//! layers per block that run beside the backbone's layers of that block, reading the same block
+//! input. A per-block, per-token [`Gate`] mixes backbone and experts:
+//! `[a_bb, a_1..a_N] = softmax(W x + b)`, `y = a_bb * backbone_block(x) + sum_j a_j * expert_j(x)`.
+//! [`ModeModel`] runs that forward (with KV caches, for evaluation and generation) and builds the
+//! training plan the engine differentiates.
+
+pub mod expert;
+pub mod file;
+pub mod layout;
+pub mod model;
+
+pub use expert::{Expert, ExpertInit, Gate};
+pub use file::{ExpertFile, ExpertMeta};
+pub use layout::BlockLayout;
+pub use model::ModeModel;
+
+/// Errors of the MoDE layer.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    Layout(String),
+    #[error("{}: {msg}", path.display())]
+    File {
+        path: std::path::PathBuf,
+        msg: String,
+    },
+    #[error(transparent)]
+    Model(#[from] mode_model::Error),
+    #[error("tensor computation failed: {0}")]
+    Candle(#[from] candle_core::Error),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
