@@ -36,6 +36,10 @@ enum Command {
     Eval(commands::eval::Args),
     /// Prepare corpora: tokenise, split by document, pack
     Data(commands::data::Args),
+    /// Stage 1: train a domain expert beside the frozen backbone
+    Train(commands::train::Args),
+    /// Show what an expert file holds
+    Inspect(commands::inspect::Args),
     /// Speed benchmarks
     Bench(commands::bench::Args),
 }
@@ -50,6 +54,8 @@ fn main() -> ExitCode {
         Command::Generate(args) => commands::generate::run(args),
         Command::Eval(args) => commands::eval::run(args),
         Command::Data(args) => commands::data::run(args),
+        Command::Train(args) => commands::train::run(args),
+        Command::Inspect(args) => commands::inspect::run(args),
         Command::Bench(args) => commands::bench::run(args),
     };
     match result {

@@ -1,45 +1,11 @@
-//! `prepare` on real files in a temporary folder, with a real byte-level BPE tokenizer built
-//! here (no merges: one token per byte, plus an end-of-text token).
+//! `prepare` on real files in a temporary folder, with a real byte-level BPE tokenizer (no
+//! merges: one token per byte, plus an end-of-text token).
 
 use std::path::Path;
 
 use mode_data::read::chat_segments;
 use mode_data::{prepare, Format, PrepareOptions, PreparedData, Split};
 use mode_io::{ChatMessage, ChatTemplate, Tokenizer};
-
-fn byte_tokenizer(dir: &Path) -> Tokenizer {
-    use tokenizers::models::bpe::BPE;
-    use tokenizers::pre_tokenizers::byte_level::ByteLevel;
-    let mut vocab: Vec<(String, u32)> = ByteLevel::alphabet()
-        .into_iter()
-        .map(|c| c.to_string())
-        .collect::<std::collections::BTreeSet<_>>()
-        .into_iter()
-        .enumerate()
-        .map(|(i, c)| (c, i as u32))
-        .collect();
-    vocab.push(("<|endoftext|>".into(), vocab.len() as u32));
-    let bpe = BPE::builder()
-        .vocab_and_merges(
-            vocab
-                .into_iter()
-                .collect::<tokenizers::models::bpe::Vocab>(),
-            vec![],
-        )
-        .build()
-        .unwrap();
-    let mut t = tokenizers::Tokenizer::new(bpe);
-    t.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
-    t.with_decoder(Some(tokenizers::decoders::byte_level::ByteLevel::default()));
-    t.add_special_tokens(&[tokenizers::AddedToken::from("<|endoftext|>", true)]);
-    t.save(dir.join("tokenizer.json"), false).unwrap();
-    std::fs::write(
-        dir.join("tokenizer_config.json"),
-        r#"{"eos_token": "<|endoftext|>"}"#,
-    )
-    .unwrap();
-    Tokenizer::from_hf_dir(dir).unwrap()
-}
 
 fn options(inputs: Vec<&Path>, out: &Path) -> PrepareOptions {
     PrepareOptions {
@@ -57,7 +23,7 @@ fn options(inputs: Vec<&Path>, out: &Path) -> PrepareOptions {
 #[test]
 fn folders_of_source_files_split_by_document_and_round_trip() {
     let tmp = tempfile::tempdir().unwrap();
-    let tok = byte_tokenizer(tmp.path());
+    let tok = Tokenizer::byte_level();
     let src = tmp.path().join("src");
     std::fs::create_dir_all(src.join("pkg")).unwrap();
     let mut texts = Vec::new();
@@ -121,7 +87,7 @@ fn folders_of_source_files_split_by_document_and_round_trip() {
 #[test]
 fn jsonl_records_masks_and_skips() {
     let tmp = tempfile::tempdir().unwrap();
-    let tok = byte_tokenizer(tmp.path());
+    let tok = Tokenizer::byte_level();
     let file = tmp.path().join("mixed.jsonl");
     let lines = [
         r#"{"text": "plain text"}"#,
@@ -198,7 +164,7 @@ fn chat_segments_put_loss_on_assistant_turns() {
 #[test]
 fn bad_requests_are_clear_errors() {
     let tmp = tempfile::tempdir().unwrap();
-    let tok = byte_tokenizer(tmp.path());
+    let tok = Tokenizer::byte_level();
     let empty = tmp.path().join("empty.txt");
     std::fs::write(&empty, "  \n").unwrap();
     let out = tmp.path().join("out");

@@ -54,6 +54,9 @@ pub struct FileReport {
     pub perplexity: f64,
     pub tokens: usize,
     pub predictions: usize,
+    /// Mean gate weight per block and branch (backbone first), for models with experts.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gate_weights: Option<Vec<Vec<f64>>>,
 }
 
 /// Running sums over predictions; merge them to combine windows or files.
@@ -80,6 +83,7 @@ impl Totals {
             perplexity: loss.exp(),
             tokens,
             predictions: self.predictions,
+            gate_weights: None,
         }
     }
 }
@@ -195,7 +199,27 @@ fn score_row(row: &[f32], target: usize) -> (bool, f64) {
     (best_i == target, log_z - row[target] as f64)
 }
 
-/// Tokenises a file per the protocol and evaluates it.
+/// The token ids a path stands for: a file is read and tokenised whole per the protocol; a
+/// folder written by `mode data prepare` gives its test split (documents separated by EOS),
+/// provided it was prepared with this tokenizer.
+pub fn eval_ids(path: &Path, tokenizer: &Tokenizer) -> Result<Vec<u32>> {
+    if path.is_dir() {
+        let data = mode_data::PreparedData::open(path).map_err(|e| Error::Data {
+            path: path.to_path_buf(),
+            msg: e.to_string(),
+        })?;
+        if data.manifest.tokenizer_fingerprint != tokenizer.fingerprint() {
+            return Err(Error::Data {
+                path: path.to_path_buf(),
+                msg: "prepared with another tokenizer than this model's".into(),
+            });
+        }
+        return Ok(data.split(mode_data::Split::Test).tokens().to_vec());
+    }
+    Ok(tokenizer.encode(&read_eval_text(path)?)?)
+}
+
+/// Evaluates a file or prepared folder (see [`eval_ids`]).
 pub fn evaluate_file(
     model: &dyn CausalLm,
     tokenizer: &Tokenizer,
@@ -204,8 +228,7 @@ pub fn evaluate_file(
     batch_size: usize,
     progress: impl FnMut(usize, usize),
 ) -> Result<FileReport> {
-    let text = read_eval_text(path)?;
-    let ids = tokenizer.encode(&text)?;
+    let ids = eval_ids(path, tokenizer)?;
     let n_windows = windows(&ids, seq_len).len();
     if n_windows == 0 {
         return Err(Error::Data {

@@ -182,6 +182,31 @@ impl Tokenizer {
         Ok(Self::finish(inner, path, bos_id, eos_ids, chat_template))
     }
 
+    /// A real byte-level BPE tokenizer with no merges: one token per byte (256) plus
+    /// `<|endoftext|>` (id 256). For tests and tiny models; needs no files.
+    pub fn byte_level() -> Self {
+        let mut alphabet: Vec<String> = ByteLevel::alphabet()
+            .into_iter()
+            .map(|c| c.to_string())
+            .collect();
+        alphabet.sort();
+        let mut vocab: tokenizers::models::bpe::Vocab = alphabet
+            .into_iter()
+            .enumerate()
+            .map(|(i, c)| (c, i as u32))
+            .collect();
+        vocab.insert("<|endoftext|>".to_string(), 256);
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab, vec![])
+            .build()
+            .expect("a byte-level vocabulary is a valid BPE");
+        let mut inner = tokenizers::Tokenizer::new(bpe);
+        inner.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
+        inner.with_decoder(Some(ByteLevelDecoder::default()));
+        inner.add_special_tokens(&[AddedToken::from("<|endoftext|>", true)]);
+        Self::finish(inner, PathBuf::from("<byte-level>"), None, vec![256], None)
+    }
+
     fn finish(
         inner: tokenizers::Tokenizer,
         source: PathBuf,

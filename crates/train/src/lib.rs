@@ -5,9 +5,12 @@
 
 pub mod bench;
 pub mod grads;
+pub mod methods;
 pub mod optim;
 pub mod schedule;
+pub mod stage1;
 pub mod step;
+pub mod trainer;
 
 pub use grads::{global_norm, GradAccumulator};
 pub use optim::{AdamW, AdamWConfig};

@@ -5,7 +5,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use super::BackboneArgs;
+use super::ModelArgs;
 
 /// Next-token accuracy, loss and perplexity on held-out files.
 #[derive(clap::Args, Debug)]
@@ -17,8 +17,9 @@ use super::BackboneArgs;
 )]
 pub struct Args {
     #[command(flatten)]
-    backbone: BackboneArgs,
-    /// A file to evaluate (.txt or any text file; .jsonl uses its `text` fields); repeatable
+    model: ModelArgs,
+    /// A file to evaluate (.txt or any text file; .jsonl uses its `text` fields), or a folder
+    /// from `mode data prepare` (its test split); repeatable
     #[arg(long, required = true)]
     data: Vec<PathBuf>,
     /// Window length in tokens
@@ -37,11 +38,11 @@ pub fn run(args: Args) -> Result<()> {
         bail!("--seq-len must be at least 2, got {}", args.seq_len);
     }
     for path in &args.data {
-        if !path.is_file() {
-            bail!("{}: no such file", path.display());
+        if !path.exists() {
+            bail!("{}: no such file or folder", path.display());
         }
     }
-    let (model, tokenizer, _) = args.backbone.load()?;
+    let (model, tokenizer) = args.model.load()?;
     let mut reports = BTreeMap::new();
     for path in &args.data {
         let name = report_name(path, &args.data);
@@ -54,8 +55,8 @@ pub fn run(args: Args) -> Result<()> {
         );
         bar.set_message(name.clone());
         let start = Instant::now();
-        let report = mode_eval::evaluate_file(
-            &model,
+        let mut report = mode_eval::evaluate_file(
+            model.lm(),
             &tokenizer,
             path,
             args.seq_len,
@@ -67,6 +68,7 @@ pub fn run(args: Args) -> Result<()> {
         )
         .with_context(|| format!("evaluating {}", path.display()))?;
         bar.finish_and_clear();
+        report.gate_weights = model.take_gate_stats();
         eprintln!(
             "mode: {name}: {} tokens in {:.1}s ({:.0} tokens/s)",
             report.tokens,
@@ -92,6 +94,22 @@ pub fn run(args: Args) -> Result<()> {
                 r.tokens,
                 r.predictions
             );
+            if let Some(gates) = &r.gate_weights {
+                let blocks: Vec<String> = gates
+                    .iter()
+                    .map(|b| {
+                        b.iter()
+                            .map(|w| format!("{w:.3}"))
+                            .collect::<Vec<_>>()
+                            .join("/")
+                    })
+                    .collect();
+                println!(
+                    "{:<32} gate weights per block (backbone/experts): {}",
+                    "",
+                    blocks.join("  ")
+                );
+            }
         }
     }
     Ok(())

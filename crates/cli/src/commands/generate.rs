@@ -3,7 +3,7 @@ use std::io::Write;
 use anyhow::{bail, Result};
 use mode_infer::{ChatMessage, ChatTemplate, Sampler, SamplingParams};
 
-use super::BackboneArgs;
+use super::ModelArgs;
 
 /// Generate text from a prompt, streaming it to stdout.
 #[derive(clap::Args, Debug)]
@@ -13,7 +13,7 @@ use super::BackboneArgs;
 )]
 pub struct Args {
     #[command(flatten)]
-    backbone: BackboneArgs,
+    model: ModelArgs,
     /// The prompt text
     #[arg(long)]
     prompt: String,
@@ -44,7 +44,7 @@ pub fn run(args: Args) -> Result<()> {
     if !(args.top_p > 0.0 && args.top_p <= 1.0) {
         bail!("--top-p must be in (0, 1], got {}", args.top_p);
     }
-    let (model, tokenizer, _) = args.backbone.load()?;
+    let (model, tokenizer) = args.model.load()?;
     let text = if args.chat {
         let token = |id: Option<u32>| {
             id.and_then(|i| tokenizer.id_to_token(i))
@@ -72,7 +72,7 @@ pub fn run(args: Args) -> Result<()> {
     });
     let mut stdout = std::io::stdout().lock();
     let (_, stats) = mode_infer::generate(
-        &model,
+        model.lm(),
         &tokenizer,
         &prompt,
         args.max_new_tokens,

@@ -2,6 +2,8 @@ pub mod bench;
 pub mod data;
 pub mod eval;
 pub mod generate;
+pub mod inspect;
+pub mod train;
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -47,5 +49,71 @@ impl BackboneArgs {
             start.elapsed().as_secs_f64()
         );
         Ok((model, tokenizer, path))
+    }
+}
+
+/// A backbone, optionally with experts: what `eval` and `generate` run.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ModelArgs {
+    #[command(flatten)]
+    pub backbone: BackboneArgs,
+    /// An expert file to run beside the backbone, with its stage-1 gates
+    #[arg(long)]
+    pub expert: Vec<PathBuf>,
+}
+
+/// A loaded model: the plain backbone, or a MoDE model.
+pub enum LoadedModel {
+    Backbone(Box<Backbone>),
+    Mode(Box<mode_core::ModeModel>),
+}
+
+impl LoadedModel {
+    pub fn lm(&self) -> &dyn mode_model::CausalLm {
+        match self {
+            LoadedModel::Backbone(b) => b.as_ref(),
+            LoadedModel::Mode(m) => m.as_ref(),
+        }
+    }
+
+    /// Mean gate weights since the last call (MoDE models only).
+    pub fn take_gate_stats(&self) -> Option<Vec<Vec<f64>>> {
+        match self {
+            LoadedModel::Backbone(_) => None,
+            LoadedModel::Mode(m) => Some(m.take_gate_stats().0),
+        }
+    }
+}
+
+impl ModelArgs {
+    pub fn load(&self) -> Result<(LoadedModel, Tokenizer)> {
+        let (backbone, tokenizer, path) = self.backbone.load()?;
+        match self.expert.as_slice() {
+            [] => Ok((LoadedModel::Backbone(Box::new(backbone)), tokenizer)),
+            [file] => {
+                let expert_file = mode_core::ExpertFile::load(file, &Device::Cpu)?;
+                let fingerprint = backbone.fingerprint()?;
+                let dims = mode_core::file::ExpertDims::of(&backbone.config);
+                expert_file
+                    .check_compatible(file, &fingerprint, &dims, None)
+                    .with_context(|| format!("loading expert into backbone {}", path.display()))?;
+                let expert = expert_file.expert(&backbone, file)?;
+                let gates = expert_file.gates(file)?;
+                let layout = expert_file.meta.layout.clone();
+                eprintln!(
+                    "mode: expert `{}` ({} blocks x {} layers, {:.2}M parameters)",
+                    expert.name,
+                    layout.num_blocks(),
+                    layout.expert_layers_per_block,
+                    expert.num_parameters() as f64 / 1e6
+                );
+                let model = mode_core::ModeModel::new(backbone, layout, vec![expert], gates)?;
+                Ok((LoadedModel::Mode(Box::new(model)), tokenizer))
+            }
+            _ => anyhow::bail!(
+                "several --expert files need gates trained together: compose them first \
+                 (mode compose), then use --model"
+            ),
+        }
     }
 }

@@ -1,0 +1,98 @@
+//! Stage 1 of MoDE: one domain, one expert; the expert and its gates train, the backbone stays
+//! frozen. Produces an expert file.
+
+use std::path::{Path, PathBuf};
+
+use mode_core::file::{ExpertDims, TrainingSummary, FORMAT_VERSION};
+use mode_core::{BlockLayout, Expert, ExpertFile, ExpertInit, ExpertMeta, Gate, ModeModel};
+use mode_data::PreparedData;
+use mode_model::Backbone;
+
+use crate::methods::ModeTraining;
+use crate::trainer::{train, Error, Event, TrainConfig, TrainReport};
+
+/// What to train.
+#[derive(Debug, Clone)]
+pub struct Stage1Options {
+    pub domain: String,
+    pub blocks: usize,
+    pub expert_layers_per_block: usize,
+    pub init: ExpertInit,
+    pub train: TrainConfig,
+}
+
+/// Files a run writes next to its output.
+pub fn side_paths(out: &Path) -> (PathBuf, PathBuf) {
+    let name = out.file_name().and_then(|n| n.to_str()).unwrap_or("expert");
+    let stem = name.strip_suffix(".safetensors").unwrap_or(name);
+    let dir = out.parent().unwrap_or(Path::new("."));
+    (
+        dir.join(format!("{stem}.ckpt")),
+        dir.join(format!("{stem}.metrics.jsonl")),
+    )
+}
+
+/// Trains an expert on `data` and writes it to `out`. A checkpoint folder and a metrics file
+/// live next to `out` (`NAME.ckpt`, `NAME.metrics.jsonl`); an existing checkpoint is resumed.
+pub fn train_expert(
+    backbone: Backbone,
+    backbone_source: &str,
+    tokenizer_fingerprint: &str,
+    data: &PreparedData,
+    opts: &Stage1Options,
+    out: &Path,
+    on_event: impl FnMut(Event) -> bool,
+) -> Result<(ExpertMeta, TrainReport), Error> {
+    if data.manifest.tokenizer_fingerprint != tokenizer_fingerprint {
+        return Err(Error::Data(format!(
+            "{} was prepared with another tokenizer than this backbone's; prepare it again with --backbone {backbone_source}",
+            data.dir.display()
+        )));
+    }
+    let fingerprint = backbone.fingerprint()?;
+    let dims = ExpertDims::of(&backbone.config);
+    let layout = BlockLayout::even(
+        backbone.layers.len(),
+        opts.blocks,
+        opts.expert_layers_per_block,
+    )?;
+    let expert = Expert::new(&opts.domain, &backbone, &layout, opts.init, opts.train.seed)?;
+    let dtype = backbone.embed_tokens.dtype();
+    let gates = (0..layout.num_blocks())
+        .map(|_| Gate::new(backbone.config.hidden_size, 1, dtype, backbone.device()))
+        .collect::<mode_core::Result<Vec<_>>>()?;
+    let model = ModeModel::new(backbone, layout.clone(), vec![expert], gates)?;
+    let (ckpt, metrics) = side_paths(out);
+    let method = ModeTraining {
+        model: &model,
+        experts: true,
+        gates: true,
+    };
+    let report = train(&method, data, &opts.train, &ckpt, &metrics, on_event)?;
+    let meta = ExpertMeta {
+        format_version: FORMAT_VERSION,
+        domain: opts.domain.clone(),
+        backbone_fingerprint: fingerprint,
+        backbone_source: backbone_source.to_string(),
+        layout,
+        dims,
+        training: TrainingSummary {
+            steps: report.steps,
+            tokens: report.tokens,
+            final_train_loss: report.final_train_loss,
+            final_val_loss: report.final_val_loss,
+            final_val_accuracy: report.final_val_accuracy,
+            data_fingerprint: Some(data.manifest.data_fingerprint.clone()),
+            seed: opts.train.seed,
+            init: format!("{:?}", opts.init).to_lowercase(),
+        },
+        tool_version: env!("CARGO_PKG_VERSION").to_string(),
+    };
+    if report.steps < opts.train.steps {
+        // Stopped early: the checkpoint stays for --resume; no expert file yet.
+        return Ok((meta, report));
+    }
+    ExpertFile::from_expert(meta.clone(), &model.experts[0], &model.gates).save(out)?;
+    let _ = std::fs::remove_dir_all(&ckpt);
+    Ok((meta, report))
+}

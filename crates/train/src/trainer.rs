@@ -1,0 +1,479 @@
+//! The training loop every method shares: sampled batches from prepared data, AdamW with warm-up
+//! and cosine decay, periodic validation, `metrics.jsonl`, atomic checkpoints and exact resume.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{CpuStorage, DType, Device, InplaceOp1, Layout, Tensor};
+use mode_data::{PreparedData, Split};
+use mode_engine::model::{loss_and_grads, Batch, Plan};
+use mode_engine::ops::IGNORE;
+use mode_model::Backbone;
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+use crate::optim::Moments;
+use crate::{train_step, AdamW, AdamWConfig, LrSchedule};
+
+/// What a training method trains: the engine plan and the named tensors it updates.
+pub trait Method {
+    fn backbone(&self) -> &Backbone;
+    fn plan(&self) -> Plan<'_>;
+    /// Trainable tensors, under the names the engine gives their gradients.
+    fn params(&self) -> Vec<(String, &Tensor)>;
+}
+
+/// Hyper-parameters of a run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    pub steps: usize,
+    /// Tokens per optimizer step (rows of `seq_len`).
+    pub batch_tokens: usize,
+    pub seq_len: usize,
+    pub lr: f64,
+    pub lr_warmup_steps: usize,
+    pub min_lr_ratio: f64,
+    pub weight_decay: f64,
+    pub max_grad_norm: f64,
+    pub seed: u64,
+    /// Validate every this many steps (0: only at the end).
+    pub val_every: usize,
+    /// Validation windows (of `seq_len`) taken from the start of the validation split.
+    pub val_windows: usize,
+    /// Checkpoint every this many steps (0: never).
+    pub checkpoint_every: usize,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            steps: 200,
+            batch_tokens: 1024,
+            seq_len: 256,
+            lr: 1e-3,
+            lr_warmup_steps: 20,
+            min_lr_ratio: 0.1,
+            weight_decay: 0.01,
+            max_grad_norm: 1.0,
+            seed: 0,
+            val_every: 50,
+            val_windows: 16,
+            checkpoint_every: 50,
+        }
+    }
+}
+
+/// One line of `metrics.jsonl`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MetricsLine {
+    pub step: usize,
+    pub kind: String,
+    pub loss: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub accuracy: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lr: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grad_norm: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tokens_per_sec: Option<f64>,
+}
+
+/// What the loop tells its caller as it goes.
+pub enum Event<'a> {
+    Step {
+        step: usize,
+        total: usize,
+        loss: f64,
+        tokens_per_sec: f64,
+    },
+    Validation(&'a MetricsLine),
+    Checkpoint(&'a Path),
+}
+
+/// Outcome of a run.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TrainReport {
+    pub steps: usize,
+    pub tokens: usize,
+    pub final_train_loss: Option<f64>,
+    pub final_val_loss: Option<f64>,
+    pub final_val_accuracy: Option<f64>,
+    pub seconds: f64,
+}
+
+/// Errors of the training loop.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{}: {msg}", path.display())]
+    File { path: PathBuf, msg: String },
+    #[error("{0}")]
+    Data(String),
+    #[error("training stopped at step {step}: the loss is {loss} (not finite); the last good checkpoint is kept")]
+    NonFinite { step: usize, loss: f64 },
+    #[error("tensor computation failed: {0}")]
+    Candle(#[from] candle_core::Error),
+    #[error(transparent)]
+    Mode(#[from] mode_core::Error),
+    #[error(transparent)]
+    Model(#[from] mode_model::Error),
+}
+
+/// The batch of step `step`: rows of `seq_len + 1` tokens at random offsets of the training
+/// split, from an RNG seeded by (seed, step) so a resumed run sees the same batches.
+pub fn sample_batch(
+    data: &PreparedData,
+    cfg: &TrainConfig,
+    step: usize,
+    device: &Device,
+) -> Result<Batch, Error> {
+    let split = data.split(Split::Train);
+    let n = split.len();
+    if n < cfg.seq_len + 1 {
+        return Err(Error::Data(format!(
+            "{}: the training split has {n} tokens, fewer than one window of {} + 1",
+            data.dir.display(),
+            cfg.seq_len
+        )));
+    }
+    let rows = (cfg.batch_tokens / cfg.seq_len).max(1);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(
+        cfg.seed ^ (step as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+    );
+    let mut ids = Vec::with_capacity(rows * cfg.seq_len);
+    let mut targets = Vec::with_capacity(rows * cfg.seq_len);
+    for _ in 0..rows {
+        let start = rng.random_range(0..=n - cfg.seq_len - 1);
+        ids.extend_from_slice(&split.tokens()[start..start + cfg.seq_len]);
+        for i in start + 1..start + cfg.seq_len + 1 {
+            targets.push(if split.mask()[i] == 1 {
+                split.tokens()[i]
+            } else {
+                IGNORE
+            });
+        }
+    }
+    Ok(Batch {
+        ids: Tensor::from_vec(ids, (rows, cfg.seq_len), device)?,
+        targets,
+    })
+}
+
+/// Mean loss and next-token accuracy on the first `val_windows` windows of the validation
+/// split (or of the training split's tail when there is no validation split).
+pub fn validate(
+    method: &dyn Method,
+    data: &PreparedData,
+    cfg: &TrainConfig,
+) -> Result<(f64, f64), Error> {
+    let split = data.split(Split::Val);
+    let split = if split.len() > cfg.seq_len {
+        split
+    } else {
+        data.split(Split::Test)
+    };
+    let tokens = split.tokens();
+    let mut plan = method.plan();
+    freeze(&mut plan);
+    let (mut loss, mut correct, mut count) = (0.0, 0, 0);
+    for w in 0..cfg.val_windows {
+        let start = w * cfg.seq_len;
+        if start + cfg.seq_len + 1 > tokens.len() {
+            break;
+        }
+        let ids = Tensor::from_slice(
+            &tokens[start..start + cfg.seq_len],
+            (1, cfg.seq_len),
+            method.backbone().device(),
+        )?;
+        let targets: Vec<u32> = (start + 1..start + cfg.seq_len + 1)
+            .map(|i| {
+                if split.mask()[i] == 1 {
+                    tokens[i]
+                } else {
+                    IGNORE
+                }
+            })
+            .collect();
+        let r = loss_and_grads(method.backbone(), &plan, &ids, &targets)?;
+        loss += r.loss_sum;
+        correct += r.correct;
+        count += r.count;
+    }
+    if count == 0 {
+        return Ok((f64::NAN, f64::NAN));
+    }
+    Ok((loss / count as f64, correct as f64 / count as f64))
+}
+
+fn freeze(plan: &mut Plan) {
+    plan.backbone = mode_engine::model::Trainable::none(plan.backbone.layers.len());
+    for b in &mut plan.blocks {
+        b.train_gate = false;
+        b.train_experts.iter_mut().for_each(|t| *t = false);
+    }
+}
+
+/// Runs (or resumes, when `checkpoint_dir` holds a checkpoint) training of `method`.
+/// `on_event` sees progress; returning `false` stops the run after the current event (the
+/// last checkpoint stays, and a later call resumes from it).
+pub fn train(
+    method: &dyn Method,
+    data: &PreparedData,
+    cfg: &TrainConfig,
+    checkpoint_dir: &Path,
+    metrics_path: &Path,
+    mut on_event: impl FnMut(Event) -> bool,
+) -> Result<TrainReport, Error> {
+    let schedule = LrSchedule {
+        peak_lr: cfg.lr,
+        lr_warmup_steps: cfg.lr_warmup_steps,
+        total_steps: cfg.steps,
+        min_lr_ratio: cfg.min_lr_ratio,
+    };
+    let mut optimizer = AdamW::new(AdamWConfig {
+        weight_decay: cfg.weight_decay,
+        ..Default::default()
+    });
+    let params = method.params();
+    let mut first_step = 0;
+    if checkpoint_dir.join(CHECKPOINT_STATE).exists() {
+        first_step = load_checkpoint(checkpoint_dir, &params, &mut optimizer)?;
+    }
+    // A fresh run starts the metrics file over; a resumed one appends to it.
+    let mut metrics = std::fs::OpenOptions::new()
+        .create(true)
+        .append(first_step > 0)
+        .write(true)
+        .truncate(first_step == 0)
+        .open(metrics_path)
+        .map_err(|e| Error::File {
+            path: metrics_path.to_path_buf(),
+            msg: e.to_string(),
+        })?;
+    let mut log = |line: &MetricsLine| -> Result<(), Error> {
+        let json = serde_json::to_string(line).expect("metrics serialise");
+        writeln!(metrics, "{json}").map_err(|e| Error::File {
+            path: metrics_path.to_path_buf(),
+            msg: e.to_string(),
+        })
+    };
+    let plan = method.plan();
+    let device = method.backbone().device().clone();
+    let start = Instant::now();
+    let mut report = TrainReport::default();
+    for step in first_step..cfg.steps {
+        let batch = sample_batch(data, cfg, step, &device)?;
+        let lr = schedule.lr(step);
+        let t = Instant::now();
+        let stats = train_step(
+            method.backbone(),
+            &plan,
+            &params,
+            &mut optimizer,
+            &batch,
+            lr,
+            cfg.max_grad_norm,
+        )?;
+        if !stats.loss.is_finite() {
+            return Err(Error::NonFinite {
+                step,
+                loss: stats.loss,
+            });
+        }
+        let tokens_per_sec = batch.targets.len() as f64 / t.elapsed().as_secs_f64();
+        report.tokens += batch.targets.len();
+        report.final_train_loss = Some(stats.loss);
+        log(&MetricsLine {
+            step: step + 1,
+            kind: "train".into(),
+            loss: stats.loss,
+            accuracy: Some(stats.correct as f64 / stats.tokens.max(1) as f64),
+            lr: Some(lr),
+            grad_norm: Some(stats.grad_norm),
+            tokens_per_sec: Some(tokens_per_sec),
+        })?;
+        let mut go_on = on_event(Event::Step {
+            step: step + 1,
+            total: cfg.steps,
+            loss: stats.loss,
+            tokens_per_sec,
+        });
+        let last = step + 1 == cfg.steps;
+        if last || (cfg.val_every > 0 && (step + 1) % cfg.val_every == 0) {
+            let (loss, accuracy) = validate(method, data, cfg)?;
+            let line = MetricsLine {
+                step: step + 1,
+                kind: "val".into(),
+                loss,
+                accuracy: Some(accuracy),
+                lr: None,
+                grad_norm: None,
+                tokens_per_sec: None,
+            };
+            log(&line)?;
+            go_on &= on_event(Event::Validation(&line));
+            report.final_val_loss = Some(loss);
+            report.final_val_accuracy = Some(accuracy);
+        }
+        if !last && cfg.checkpoint_every > 0 && (step + 1) % cfg.checkpoint_every == 0 {
+            save_checkpoint(checkpoint_dir, step + 1, &params, &optimizer)?;
+            go_on &= on_event(Event::Checkpoint(checkpoint_dir));
+        }
+        report.steps = step + 1;
+        if !go_on {
+            break;
+        }
+    }
+    report.seconds = start.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+const CHECKPOINT_TENSORS: &str = "state.safetensors";
+const CHECKPOINT_STATE: &str = "state.json";
+
+#[derive(Serialize, Deserialize)]
+struct CheckpointState {
+    step: usize,
+    optimizer_step: u64,
+}
+
+/// Writes parameters, optimizer moments and the step into `dir`, atomically: everything goes to
+/// a fresh folder beside it, which then replaces `dir`.
+pub fn save_checkpoint(
+    dir: &Path,
+    step: usize,
+    params: &[(String, &Tensor)],
+    opt: &AdamW,
+) -> Result<(), Error> {
+    let err = |msg: String| Error::File {
+        path: dir.to_path_buf(),
+        msg,
+    };
+    let parent = dir
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).map_err(|e| err(e.to_string()))?;
+    let tmp = tempfile::Builder::new()
+        .prefix(".ckpt-")
+        .tempdir_in(parent)
+        .map_err(|e| err(e.to_string()))?;
+    let mut tensors: HashMap<String, Tensor> = HashMap::new();
+    for (name, t) in params {
+        tensors.insert(
+            format!("param.{name}"),
+            t.to_dtype(DType::F32)?.contiguous()?,
+        );
+        if let Some(m) = opt.state.get(name) {
+            let shape = t.dims();
+            tensors.insert(
+                format!("adam_m.{name}"),
+                Tensor::from_slice(&m.m, shape, &Device::Cpu)?,
+            );
+            tensors.insert(
+                format!("adam_v.{name}"),
+                Tensor::from_slice(&m.v, shape, &Device::Cpu)?,
+            );
+        }
+    }
+    candle_core::safetensors::save(&tensors, tmp.path().join(CHECKPOINT_TENSORS))?;
+    let state = CheckpointState {
+        step,
+        optimizer_step: opt.step,
+    };
+    let json = serde_json::to_vec(&state).expect("state serialises");
+    let state_path = tmp.path().join(CHECKPOINT_STATE);
+    std::fs::write(&state_path, json).map_err(|e| err(e.to_string()))?;
+    for f in [CHECKPOINT_TENSORS, CHECKPOINT_STATE] {
+        std::fs::File::open(tmp.path().join(f))
+            .and_then(|f| f.sync_all())
+            .map_err(|e| err(e.to_string()))?;
+    }
+    // Swap: the old checkpoint stays in place until the new one is complete.
+    let old = parent.join(format!(
+        ".{}.old",
+        dir.file_name().and_then(|n| n.to_str()).unwrap_or("ckpt")
+    ));
+    if dir.exists() {
+        let _ = std::fs::remove_dir_all(&old);
+        std::fs::rename(dir, &old).map_err(|e| err(e.to_string()))?;
+    }
+    std::fs::rename(tmp.keep(), dir).map_err(|e| err(e.to_string()))?;
+    let _ = std::fs::remove_dir_all(&old);
+    Ok(())
+}
+
+/// Loads a checkpoint into `params` (in place) and `opt`; returns the step to continue from.
+pub fn load_checkpoint(
+    dir: &Path,
+    params: &[(String, &Tensor)],
+    opt: &mut AdamW,
+) -> Result<usize, Error> {
+    let err = |msg: String| Error::File {
+        path: dir.to_path_buf(),
+        msg,
+    };
+    let state: CheckpointState = serde_json::from_slice(
+        &std::fs::read(dir.join(CHECKPOINT_STATE)).map_err(|e| err(e.to_string()))?,
+    )
+    .map_err(|e| err(format!("bad state.json: {e}")))?;
+    let tensors = candle_core::safetensors::load(dir.join(CHECKPOINT_TENSORS), &Device::Cpu)
+        .map_err(|e| err(e.to_string()))?;
+    for (name, t) in params {
+        let saved = tensors.get(&format!("param.{name}")).ok_or_else(|| {
+            err(format!(
+                "parameter `{name}` is missing: the checkpoint is from another run"
+            ))
+        })?;
+        if saved.dims() != t.dims() {
+            return Err(err(format!(
+                "parameter `{name}` has shape {:?}, expected {:?}",
+                saved.dims(),
+                t.dims()
+            )));
+        }
+        let values: Vec<f32> = saved.flatten_all()?.to_vec1()?;
+        t.inplace_op1(&CopyFrom(values))?;
+        if let (Some(m), Some(v)) = (
+            tensors.get(&format!("adam_m.{name}")),
+            tensors.get(&format!("adam_v.{name}")),
+        ) {
+            opt.state.insert(
+                name.clone(),
+                Moments {
+                    m: m.flatten_all()?.to_vec1()?,
+                    v: v.flatten_all()?.to_vec1()?,
+                },
+            );
+        }
+    }
+    opt.step = state.optimizer_step;
+    Ok(state.step)
+}
+
+/// Overwrites a tensor's values in place.
+struct CopyFrom(Vec<f32>);
+
+impl InplaceOp1 for CopyFrom {
+    fn name(&self) -> &'static str {
+        "copy-from"
+    }
+
+    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> candle_core::Result<()> {
+        let Some((a, b)) = layout.contiguous_offsets() else {
+            candle_core::bail!("copy-from: destination is not contiguous");
+        };
+        match storage {
+            CpuStorage::F32(v) => v[a..b].copy_from_slice(&self.0),
+            CpuStorage::F64(v) => v[a..b]
+                .iter_mut()
+                .zip(&self.0)
+                .for_each(|(d, s)| *d = *s as f64),
+            _ => candle_core::bail!("copy-from: parameters must be f32 or f64"),
+        }
+        Ok(())
+    }
+}
