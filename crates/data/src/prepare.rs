@@ -228,6 +228,13 @@ pub fn prepare(
         std::fs::remove_dir_all(out).map_err(io_err(out))?;
     }
     let tmp_path = tmp.keep();
+    // Temporary folders are private; the prepared folder is as readable as any the user makes.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&tmp_path, std::fs::Permissions::from_mode(0o755))
+            .map_err(io_err(&tmp_path))?;
+    }
     std::fs::rename(&tmp_path, out).map_err(io_err(out))?;
     Ok(manifest)
 }

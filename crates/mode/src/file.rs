@@ -110,6 +110,13 @@ impl ExpertFile {
             .map_err(|e| err(e.to_string()))?;
         tmp.as_file().sync_all().map_err(|e| err(e.to_string()))?;
         tmp.persist(path).map_err(|e| err(e.to_string()))?;
+        // Temporary files are private; an artifact is as readable as any file the user writes.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644))
+                .map_err(|e| err(e.to_string()))?;
+        }
         Ok(())
     }
 

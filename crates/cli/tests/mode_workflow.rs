@@ -1,0 +1,154 @@
+//! The stage-1 workflow through the `mode` binary on the real default backbone: prepare data,
+//! train an expert for a few steps (stopping and resuming), inspect it, evaluate and generate
+//! with it, and refuse it where it does not belong.
+
+use std::path::Path;
+use std::process::Command;
+
+fn mode(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_mode"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn ok(out: &std::process::Output) -> String {
+    assert!(
+        out.status.success(),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout.clone()).unwrap()
+}
+
+#[test]
+fn prepare_train_inspect_eval_generate() {
+    if !mode_io::fetch::default_backbone_path().exists()
+        && std::env::var("MODE_REQUIRE_BACKBONE").is_err()
+    {
+        eprintln!("skipped: default backbone not cached");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    for i in 0..30 {
+        let text = format!("def area_{i}(w, h):\n    \"\"\"Area of a {i} rectangle.\"\"\"\n    return w * h + {i}\n\n").repeat(6);
+        std::fs::write(src.join(format!("m{i}.py")), text).unwrap();
+    }
+    let data = tmp.path().join("code");
+    let p = |x: &Path| x.to_str().unwrap().to_string();
+    let out = ok(&mode(&[
+        "data",
+        "prepare",
+        "--input",
+        &p(&src),
+        "--glob",
+        "*.py",
+        "--out",
+        &p(&data),
+        "--val-fraction",
+        "0.2",
+        "--test-fraction",
+        "0.2",
+    ]));
+    assert!(out.contains("train") && out.contains("documents"), "{out}");
+
+    let expert = tmp.path().join("code.expert.safetensors");
+    let train = |steps: &str| {
+        mode(&[
+            "train",
+            "--data",
+            &p(&data),
+            "--out",
+            &p(&expert),
+            "--steps",
+            steps,
+            "--seq-len",
+            "64",
+            "--batch-tokens",
+            "128",
+            "--blocks",
+            "3",
+            "--expert-layers-per-block",
+            "1",
+            "--val-every",
+            "2",
+            "--checkpoint-every",
+            "2",
+            "--warmup",
+            "1",
+        ])
+    };
+    let out = ok(&train("4"));
+    assert!(out.contains("wrote") && expert.exists(), "{out}");
+    let metrics = std::fs::read_to_string(tmp.path().join("code.expert.metrics.jsonl")).unwrap();
+    assert_eq!(
+        metrics.lines().filter(|l| l.contains("\"train\"")).count(),
+        4
+    );
+    assert!(
+        !tmp.path().join("code.expert.ckpt").exists(),
+        "checkpoint left behind after success"
+    );
+
+    let out = ok(&mode(&["inspect", &p(&expert)]));
+    assert!(
+        out.contains("domain            code") && out.contains("blocks [0, 10, 20, 30]"),
+        "{out}"
+    );
+
+    let text = tmp.path().join("held_out.py");
+    std::fs::write(
+        &text,
+        "def area_99(w, h):\n    return w * h + 99\n".repeat(10),
+    )
+    .unwrap();
+    let out = ok(&mode(&[
+        "eval",
+        "--data",
+        &p(&text),
+        "--data",
+        &p(&data),
+        "--expert",
+        &p(&expert),
+        "--json",
+    ]));
+    let json: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let gates = json["held_out.py"]["gate_weights"]
+        .as_array()
+        .expect("gate weights reported");
+    assert_eq!(gates.len(), 3);
+    let acc = json["held_out.py"]["next_token_accuracy"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&acc));
+    assert!(json["code"]["predictions"].as_u64().unwrap() > 0);
+
+    let out = ok(&mode(&[
+        "generate",
+        "--expert",
+        &p(&expert),
+        "--prompt",
+        "def area(",
+        "--max-new-tokens",
+        "5",
+        "--temperature",
+        "0",
+    ]));
+    assert!(!out.trim().is_empty());
+
+    // A file that is not an expert, and two experts without a composed model: clear errors.
+    let bad = mode(&["eval", "--data", &p(&text), "--expert", &p(&text)]);
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains("held_out.py"), "{err}");
+    let two = mode(&[
+        "eval",
+        "--data",
+        &p(&text),
+        "--expert",
+        &p(&expert),
+        "--expert",
+        &p(&expert),
+    ]);
+    assert!(!two.status.success() && String::from_utf8_lossy(&two.stderr).contains("compose"));
+}
