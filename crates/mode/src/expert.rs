@@ -148,16 +148,28 @@ pub struct Gate {
     pub bias: Tensor,
 }
 
-/// Initial probability of the backbone branch in a fresh gate.
+/// Default initial probability of the backbone branch in a fresh gate.
 pub const GATE_INIT_BACKBONE_PROB: f64 = 0.9;
 
 impl Gate {
     /// A fresh gate over `experts` experts: zero weights (every token alike) and a bias that
-    /// gives the backbone [`GATE_INIT_BACKBONE_PROB`] and the experts the rest, equally. Training
-    /// starts close to the backbone's behaviour while experts still get gradient.
-    pub fn new(hidden: usize, experts: usize, dtype: DType, device: &Device) -> Result<Self> {
-        let p_expert = (1.0 - GATE_INIT_BACKBONE_PROB) / experts.max(1) as f64;
-        let mut bias = vec![(GATE_INIT_BACKBONE_PROB / p_expert).ln()];
+    /// gives the backbone `backbone_prob` and the experts the rest, equally. With a high
+    /// `backbone_prob` training starts close to the backbone's behaviour while the experts still
+    /// get gradient.
+    pub fn new(
+        hidden: usize,
+        experts: usize,
+        backbone_prob: f64,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        if !(backbone_prob > 0.0 && backbone_prob < 1.0) {
+            return Err(crate::Error::Layout(format!(
+                "the gate's initial backbone probability must be in (0, 1), got {backbone_prob}"
+            )));
+        }
+        let p_expert = (1.0 - backbone_prob) / experts.max(1) as f64;
+        let mut bias = vec![(backbone_prob / p_expert).ln()];
         bias.extend(std::iter::repeat_n(0.0, experts));
         Ok(Self {
             weight: Tensor::zeros((experts + 1, hidden), dtype, device)?,

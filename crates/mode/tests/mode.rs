@@ -47,6 +47,7 @@ fn mode_model(seed: u64, experts: usize, init: ExpertInit) -> ModeModel {
             Gate::new(
                 bb.config.hidden_size,
                 experts.len(),
+                mode_core::expert::GATE_INIT_BACKBONE_PROB,
                 DType::F32,
                 &Device::Cpu,
             )

@@ -18,6 +18,8 @@ pub struct Stage1Options {
     pub blocks: usize,
     pub expert_layers_per_block: usize,
     pub init: ExpertInit,
+    /// Initial probability of the backbone branch in the fresh gates.
+    pub gate_init_backbone_prob: f64,
     pub train: TrainConfig,
 }
 
@@ -59,7 +61,15 @@ pub fn train_expert(
     let expert = Expert::new(&opts.domain, &backbone, &layout, opts.init, opts.train.seed)?;
     let dtype = backbone.embed_tokens.dtype();
     let gates = (0..layout.num_blocks())
-        .map(|_| Gate::new(backbone.config.hidden_size, 1, dtype, backbone.device()))
+        .map(|_| {
+            Gate::new(
+                backbone.config.hidden_size,
+                1,
+                opts.gate_init_backbone_prob,
+                dtype,
+                backbone.device(),
+            )
+        })
         .collect::<mode_core::Result<Vec<_>>>()?;
     let model = ModeModel::new(backbone, layout.clone(), vec![expert], gates)?;
     let (ckpt, metrics) = side_paths(out);

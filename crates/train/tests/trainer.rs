@@ -47,7 +47,7 @@ fn model() -> ModeModel {
     let layout = BlockLayout::even(4, 2, 1).unwrap();
     let expert = Expert::new("code", &bb, &layout, ExpertInit::Random, 2).unwrap();
     let gates = (0..2)
-        .map(|_| Gate::new(64, 1, DType::F32, &Device::Cpu).unwrap())
+        .map(|_| Gate::new(64, 1, 0.9, DType::F32, &Device::Cpu).unwrap())
         .collect();
     ModeModel::new(bb, layout, vec![expert], gates).unwrap()
 }

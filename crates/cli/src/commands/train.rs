@@ -39,6 +39,9 @@ pub struct Args {
     /// How expert layers start: random, or copies of the block's backbone layers
     #[arg(long, default_value = "random")]
     init: ExpertInit,
+    /// Initial probability of the backbone branch in the fresh gates
+    #[arg(long, default_value_t = mode_core::expert::GATE_INIT_BACKBONE_PROB)]
+    gate_init_backbone_prob: f64,
     /// Optimizer steps
     #[arg(long, default_value_t = 200)]
     steps: usize,
@@ -90,6 +93,7 @@ pub fn run(args: Args) -> Result<()> {
         blocks: args.blocks,
         expert_layers_per_block: args.expert_layers_per_block,
         init: args.init,
+        gate_init_backbone_prob: args.gate_init_backbone_prob,
         train: TrainConfig {
             steps: args.steps,
             batch_tokens: args.batch_tokens,
