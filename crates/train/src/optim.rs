@@ -9,6 +9,7 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 
 use candle_core::{CpuStorage, DType, InplaceOp1, Layout, Result, Tensor};
+use mode_engine::kernels::Float;
 use rayon::prelude::*;
 
 /// AdamW hyper-parameters (the learning rate comes per step from the schedule).
@@ -166,27 +167,6 @@ impl InplaceOp1 for Step<'_> {
     }
 }
 
-trait Float: Copy + Send + Sync {
-    fn to_f64(self) -> f64;
-    fn from_f64(v: f64) -> Self;
-}
-impl Float for f32 {
-    fn to_f64(self) -> f64 {
-        self as f64
-    }
-    fn from_f64(v: f64) -> Self {
-        v as f32
-    }
-}
-impl Float for f64 {
-    fn to_f64(self) -> f64 {
-        self
-    }
-    fn from_f64(v: f64) -> Self {
-        v
-    }
-}
-
 fn update<F: Float>(p: &mut [F], g: &[f32], m: &mut [f32], v: &mut [f32], h: &Hyper) {
     p.par_chunks_mut(CHUNK)
         .zip(g.par_chunks(CHUNK))
@@ -201,9 +181,9 @@ fn update<F: Float>(p: &mut [F], g: &[f32], m: &mut [f32], v: &mut [f32], h: &Hy
                 v[i] = vi as f32;
                 let m_hat = mi / h.bias1;
                 let v_hat = vi / h.bias2;
-                let x = p[i].to_f64();
+                let x = p[i].f();
                 let x = x - h.lr * h.decay * x - h.lr * m_hat / (v_hat.sqrt() + h.eps);
-                p[i] = F::from_f64(x);
+                p[i] = F::of(x);
             }
         });
 }
