@@ -63,7 +63,7 @@ impl Trainable {
     pub fn layer(&self, model: &Backbone, i: usize) -> LayerTraining {
         LayerTraining {
             weights: self.layers[i],
-            lora: self.lora && !model.layers[i].lora_tensors().is_empty(),
+            lora: self.lora && model.layers[i].has_lora(),
         }
     }
 }

@@ -409,6 +409,11 @@ impl DecoderLayer {
         ]
     }
 
+    /// Whether any projection carries a LoRA adapter.
+    pub fn has_lora(&self) -> bool {
+        self.linears().iter().any(|(_, l)| l.lora.is_some())
+    }
+
     /// LoRA adapter tensors (`self_attn.q_proj.lora_A`, `...lora_B`) of the layer.
     pub fn lora_tensors(&self) -> Vec<(String, &Tensor)> {
         let mut out = Vec::new();
