@@ -140,12 +140,13 @@ pub fn prepare(
     let mut skipped = Vec::new();
     let mut sources = Vec::new();
     for (i, file) in files.iter().enumerate() {
-        let (d, s) = read_file(file, opts.format, chat)?;
         let bytes = std::fs::read(file).map_err(io_err(file))?;
+        let (sha256, size) = (format!("{:x}", Sha256::digest(&bytes)), bytes.len() as u64);
+        let (d, s) = read_file(file, bytes, opts.format, chat)?;
         sources.push(SourceInfo {
             path: file.display().to_string(),
-            sha256: format!("{:x}", Sha256::digest(&bytes)),
-            bytes: bytes.len() as u64,
+            sha256,
+            bytes: size,
             documents: d.len(),
             skipped: s.len(),
         });

@@ -92,10 +92,11 @@ pub fn discover(input: &Path, glob: Option<&str>) -> Result<Vec<PathBuf>> {
     Ok(files)
 }
 
-/// Reads one file into documents. Records that cannot be used are returned as skipped, with
-/// file and line; unreadable files are errors.
+/// Turns one file's bytes (read by the caller, who also hashes them) into documents. Records
+/// that cannot be used are returned as skipped, with file and line.
 pub fn read_file(
     path: &Path,
+    bytes: Vec<u8>,
     format: Format,
     chat: Option<&ChatTemplate>,
 ) -> Result<(Vec<Document>, Vec<Skipped>)> {
@@ -107,7 +108,6 @@ pub fn read_file(
         },
         f => f,
     };
-    let bytes = std::fs::read(path).map_err(io_err(path))?;
     let location = path.display().to_string();
     match format {
         Format::Parquet => Err(Error::Data {

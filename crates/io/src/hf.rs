@@ -23,15 +23,7 @@ impl HfFolder {
     pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
         let dir = dir.as_ref().to_path_buf();
         let config_path = dir.join("config.json");
-        let text = std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
-        let config: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Config {
-            path: config_path.clone(),
-            msg: format!(
-                "invalid JSON at line {} column {}: {e}",
-                e.line(),
-                e.column()
-            ),
-        })?;
+        let config = crate::read_json(&config_path)?;
 
         let mut files = Vec::new();
         let mut routing = HashMap::new();
@@ -122,15 +114,7 @@ impl HfFolder {
 fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let index_path = dir.join("model.safetensors.index.json");
     if index_path.exists() {
-        let text = std::fs::read_to_string(&index_path).map_err(|e| Error::io(&index_path, e))?;
-        let index: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Config {
-            path: index_path.clone(),
-            msg: format!(
-                "invalid JSON at line {} column {}: {e}",
-                e.line(),
-                e.column()
-            ),
-        })?;
+        let index = crate::read_json(&index_path)?;
         let map = index
             .get("weight_map")
             .and_then(|m| m.as_object())

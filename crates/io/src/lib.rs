@@ -24,3 +24,16 @@ pub fn mode_home() -> std::path::PathBuf {
     let home = std::env::var_os("HOME").unwrap_or_else(|| ".".into());
     std::path::PathBuf::from(home).join(".cache").join("mode")
 }
+
+/// Reads and parses a JSON file; parse errors name the file, line and column.
+pub(crate) fn read_json(path: &std::path::Path) -> Result<serde_json::Value> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    serde_json::from_str(&text).map_err(|e| Error::Config {
+        path: path.to_path_buf(),
+        msg: format!(
+            "invalid JSON at line {} column {}: {e}",
+            e.line(),
+            e.column()
+        ),
+    })
+}

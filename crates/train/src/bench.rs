@@ -174,7 +174,8 @@ pub fn run(model: &mut Backbone, cfg: &BenchConfig) -> Result<BenchResult> {
     })
 }
 
-fn median(xs: &[f64]) -> f64 {
+/// Median of `xs` (NaN when empty).
+pub fn median(xs: &[f64]) -> f64 {
     let mut v = xs.to_vec();
     v.sort_by(|a, b| a.total_cmp(b));
     v.get(v.len() / 2).copied().unwrap_or(f64::NAN)

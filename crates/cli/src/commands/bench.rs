@@ -3,6 +3,7 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 use candle_core::{IndexOp, Tensor};
 use mode_model::{Backbone, CausalLm};
+use mode_train::bench::median;
 
 use super::BackboneArgs;
 
@@ -87,11 +88,6 @@ pub fn run(args: Args) -> Result<()> {
     }
 }
 
-fn median(mut xs: Vec<f64>) -> f64 {
-    xs.sort_by(|a, b| a.total_cmp(b));
-    xs[xs.len() / 2]
-}
-
 fn infer(args: InferArgs) -> Result<()> {
     if args.runs == 0 || args.prompt_tokens == 0 || args.new_tokens == 0 || args.eval_tokens < 2 {
         bail!("--runs, --prompt-tokens and --new-tokens must be positive and --eval-tokens >= 2");
@@ -120,7 +116,7 @@ fn infer(args: InferArgs) -> Result<()> {
             if run == 0 { " (warm-up)" } else { "" }
         );
     }
-    let (p, d, e) = (median(prefill), median(decode), median(eval));
+    let (p, d, e) = (median(&prefill), median(&decode), median(&eval));
     if args.json {
         println!(
             "{}",
