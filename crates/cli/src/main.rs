@@ -38,6 +38,8 @@ enum Command {
     Data(commands::data::Args),
     /// Stage 1: train a domain expert beside the frozen backbone
     Train(commands::train::Args),
+    /// Stage 2: compose several experts and tune their gates on mixed data
+    Compose(commands::compose::Args),
     /// Show what an expert file holds
     Inspect(commands::inspect::Args),
     /// Speed benchmarks
@@ -55,6 +57,7 @@ fn main() -> ExitCode {
         Command::Eval(args) => commands::eval::run(args),
         Command::Data(args) => commands::data::run(args),
         Command::Train(args) => commands::train::run(args),
+        Command::Compose(args) => commands::compose::run(args),
         Command::Inspect(args) => commands::inspect::run(args),
         Command::Bench(args) => commands::bench::run(args),
     };

@@ -8,10 +8,12 @@
 //! little-endian start offsets of the documents, plus the end).
 
 pub mod dataset;
+pub mod mix;
 pub mod prepare;
 pub mod read;
 
 pub use dataset::{PreparedData, SplitData};
+pub use mix::{parse_mix_spec, DataMix, MixSource};
 pub use prepare::{prepare, Manifest, PrepareOptions};
 pub use read::{Document, Format, Segment, Skipped};
 

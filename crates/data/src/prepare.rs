@@ -1,7 +1,6 @@
 //! `mode data prepare`: read, tokenise, split by document, write shards and a manifest.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use mode_io::{ChatTemplate, Tokenizer};
@@ -170,15 +169,7 @@ pub fn prepare(
         .map(|d| tokenize(d, tokenizer, eos))
         .collect::<Result<_>>()?;
 
-    let parent = out
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).map_err(io_err(parent))?;
-    let tmp = tempfile::Builder::new()
-        .prefix(".mode-prepare-")
-        .tempdir_in(parent)
-        .map_err(io_err(parent))?;
+    let tmp = mode_io::atomic::temp_dir_beside(out).map_err(io_err(out))?;
     let mut splits = BTreeMap::new();
     let mut fingerprint = Sha256::new();
     for split in Split::ALL {
@@ -225,23 +216,11 @@ pub fn prepare(
     };
     let json = serde_json::to_vec_pretty(&manifest).expect("manifest serialises");
     write_file(&tmp.path().join("manifest.json"), &json)?;
-    if out.exists() {
-        std::fs::remove_dir_all(out).map_err(io_err(out))?;
-    }
-    let tmp_path = tmp.keep();
-    // Temporary folders are private; the prepared folder is as readable as any the user makes.
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&tmp_path, std::fs::Permissions::from_mode(0o755))
-            .map_err(io_err(&tmp_path))?;
-    }
-    std::fs::rename(&tmp_path, out).map_err(io_err(out))?;
+    mode_io::atomic::commit_dir(tmp, out).map_err(io_err(out))?;
     Ok(manifest)
 }
 
+/// A file inside the temporary folder; [`mode_io::atomic::commit_dir`] syncs it.
 fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
-    let mut f = std::fs::File::create(path).map_err(io_err(path))?;
-    f.write_all(bytes).map_err(io_err(path))?;
-    f.sync_all().map_err(io_err(path))
+    std::fs::write(path, bytes).map_err(io_err(path))
 }

@@ -3,6 +3,7 @@
 //!
 //! Everything here names the file (and the tensor or line) in its errors, so a user can act on them.
 
+pub mod atomic;
 pub mod chat;
 pub mod error;
 pub mod fetch;

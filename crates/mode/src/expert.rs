@@ -177,6 +177,36 @@ impl Gate {
         })
     }
 
+    /// A gate over N experts built from their N stage-1 gates (each over `[backbone, expert_j]`):
+    /// the backbone row is the mean of the stage-1 backbone rows, expert `j`'s row is its own
+    /// stage-1 row. Each expert's logit relative to the backbone thus starts near what it
+    /// learned in stage 1.
+    pub fn from_stage1(stage1: &[&Gate]) -> Result<Self> {
+        if stage1.is_empty() || stage1.iter().any(|g| g.num_branches() != 2) {
+            return Err(crate::Error::Layout(
+                "stage-1 gates must each have two branches (backbone, expert)".into(),
+            ));
+        }
+        let n = stage1.len() as f64;
+        let mean_row = |f: fn(&Gate) -> &Tensor| -> Result<Tensor> {
+            let rows = stage1
+                .iter()
+                .map(|g| f(g).narrow(0, 0, 1))
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            Ok((Tensor::cat(&rows, 0)?.sum_keepdim(0)? / n)?)
+        };
+        let mut weights = vec![mean_row(|g| &g.weight)?];
+        let mut biases = vec![mean_row(|g| &g.bias)?];
+        for g in stage1 {
+            weights.push(g.weight.narrow(0, 1, 1)?);
+            biases.push(g.bias.narrow(0, 1, 1)?);
+        }
+        Ok(Self {
+            weight: Tensor::cat(&weights, 0)?.contiguous()?,
+            bias: Tensor::cat(&biases, 0)?.contiguous()?,
+        })
+    }
+
     pub fn num_branches(&self) -> usize {
         self.bias.dims()[0]
     }

@@ -86,6 +86,26 @@ impl ExpertFile {
         Self { meta, tensors }
     }
 
+    /// The same file with `expert`'s layers in place of its own (header and stage-1 gates kept).
+    pub fn with_layers(&self, expert: &Expert) -> Self {
+        let mut tensors: HashMap<String, Tensor> = self
+            .tensors
+            .iter()
+            .filter(|(k, _)| k.contains(".gate."))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        tensors.extend(
+            expert
+                .named_tensors()
+                .into_iter()
+                .map(|(n, t)| (n, t.clone())),
+        );
+        Self {
+            meta: self.meta.clone(),
+            tensors,
+        }
+    }
+
     /// Writes the file atomically: a temporary file in the same folder, fsync, rename.
     pub fn save(&self, path: &Path) -> Result<()> {
         let err = |msg: String| Error::File {
@@ -94,11 +114,7 @@ impl ExpertFile {
         };
         let json = serde_json::to_string(&self.meta).expect("metadata serialises");
         let metadata = HashMap::from([(META_KEY.to_string(), json)]);
-        let parent = path
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        std::fs::create_dir_all(parent).map_err(|e| err(e.to_string()))?;
+        let parent = mode_io::atomic::parent_of(path).map_err(|e| err(e.to_string()))?;
         let tmp = tempfile::NamedTempFile::new_in(parent).map_err(|e| err(e.to_string()))?;
         let tensors: Vec<(&String, Tensor)> = self
             .tensors
@@ -108,16 +124,7 @@ impl ExpertFile {
         let views: Vec<(&String, &Tensor)> = tensors.iter().map(|(k, v)| (*k, v)).collect();
         safetensors::tensor::serialize_to_file(views, Some(metadata), tmp.path())
             .map_err(|e| err(e.to_string()))?;
-        tmp.as_file().sync_all().map_err(|e| err(e.to_string()))?;
-        tmp.persist(path).map_err(|e| err(e.to_string()))?;
-        // Temporary files are private; an artifact is as readable as any file the user writes.
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644))
-                .map_err(|e| err(e.to_string()))?;
-        }
-        Ok(())
+        mode_io::atomic::persist(tmp, path).map_err(|e| err(e.to_string()))
     }
 
     /// Reads a file, checking that it is an expert file this version understands.
@@ -127,7 +134,16 @@ impl ExpertFile {
             msg,
         };
         let bytes = std::fs::read(path).map_err(|e| err(e.to_string()))?;
-        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
+        Self::from_bytes(&bytes, path, device)
+    }
+
+    /// Parses an expert file's bytes; `path` names it in errors.
+    pub fn from_bytes(bytes: &[u8], path: &Path, device: &Device) -> Result<Self> {
+        let err = |msg: String| Error::File {
+            path: path.to_path_buf(),
+            msg,
+        };
+        let (_, header) = safetensors::SafeTensors::read_metadata(bytes)
             .map_err(|e| err(format!("not a safetensors file: {e}")))?;
         let json = header
             .metadata()
@@ -142,8 +158,8 @@ impl ExpertFile {
                 meta.format_version
             )));
         }
-        let tensors = candle_core::safetensors::load_buffer(&bytes, device)
-            .map_err(|e| err(e.to_string()))?;
+        let tensors =
+            candle_core::safetensors::load_buffer(bytes, device).map_err(|e| err(e.to_string()))?;
         Ok(Self { meta, tensors })
     }
 

@@ -7,11 +7,13 @@
 //! [`ModeModel`] runs that forward (with KV caches, for evaluation and generation) and builds the
 //! training plan the engine differentiates.
 
+pub mod composed;
 pub mod expert;
 pub mod file;
 pub mod layout;
 pub mod model;
 
+pub use composed::{load_composed, save_composed, ComposedManifest, LoadedExpertFile};
 pub use expert::{Expert, ExpertInit, Gate};
 pub use file::{ExpertFile, ExpertMeta};
 pub use layout::BlockLayout;

@@ -4,6 +4,7 @@
 //! receive gradients ever get optimizer state, so a frozen backbone costs nothing here.
 
 pub mod bench;
+pub mod compose;
 pub mod grads;
 pub mod methods;
 pub mod optim;

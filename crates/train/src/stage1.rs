@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use mode_core::file::{ExpertDims, TrainingSummary, FORMAT_VERSION};
 use mode_core::{BlockLayout, Expert, ExpertFile, ExpertInit, ExpertMeta, Gate, ModeModel};
-use mode_data::PreparedData;
+use mode_data::DataMix;
 use mode_model::Backbone;
 
 use crate::methods::ModeTraining;
@@ -40,17 +40,12 @@ pub fn train_expert(
     backbone: Backbone,
     backbone_source: &str,
     tokenizer_fingerprint: &str,
-    data: &PreparedData,
+    data: &DataMix,
     opts: &Stage1Options,
     out: &Path,
     on_event: impl FnMut(Event) -> bool,
 ) -> Result<(ExpertMeta, TrainReport), Error> {
-    if data.manifest.tokenizer_fingerprint != tokenizer_fingerprint {
-        return Err(Error::Data(format!(
-            "{} was prepared with another tokenizer than this backbone's; prepare it again with --backbone {backbone_source}",
-            data.dir.display()
-        )));
-    }
+    check_tokenizer(data, tokenizer_fingerprint, backbone_source)?;
     let fingerprint = backbone.fingerprint()?;
     let dims = ExpertDims::of(&backbone.config);
     let layout = BlockLayout::even(
@@ -92,7 +87,7 @@ pub fn train_expert(
             final_train_loss: report.final_train_loss,
             final_val_loss: report.final_val_loss,
             final_val_accuracy: report.final_val_accuracy,
-            data_fingerprint: Some(data.manifest.data_fingerprint.clone()),
+            data_fingerprint: Some(data.fingerprint()),
             seed: opts.train.seed,
             init: format!("{:?}", opts.init).to_lowercase(),
         },
@@ -105,4 +100,23 @@ pub fn train_expert(
     ExpertFile::from_expert(meta.clone(), &model.experts[0], &model.gates).save(out)?;
     let _ = std::fs::remove_dir_all(&ckpt);
     Ok((meta, report))
+}
+
+/// Checks that every source of `data` was tokenised by the backbone's tokenizer.
+pub fn check_tokenizer(
+    data: &DataMix,
+    tokenizer_fingerprint: &str,
+    backbone_source: &str,
+) -> Result<(), Error> {
+    match data
+        .sources
+        .iter()
+        .find(|s| s.data.manifest.tokenizer_fingerprint != tokenizer_fingerprint)
+    {
+        Some(s) => Err(Error::Data(format!(
+            "{} was prepared with another tokenizer than this backbone's; prepare it again with --backbone {backbone_source}",
+            s.data.dir.display()
+        ))),
+        None => Ok(()),
+    }
 }

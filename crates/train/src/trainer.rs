@@ -1,13 +1,13 @@
 //! The training loop every method shares: sampled batches from prepared data, AdamW with warm-up
 //! and cosine decay, periodic validation, `metrics.jsonl`, atomic checkpoints and exact resume.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::{CpuStorage, DType, Device, InplaceOp1, Layout, Tensor};
-use mode_data::{PreparedData, Split};
+use mode_data::{DataMix, Split};
 use mode_engine::model::{loss_and_grads, Batch, Plan};
 use mode_engine::ops::IGNORE;
 use mode_model::Backbone;
@@ -79,6 +79,9 @@ pub struct MetricsLine {
     pub grad_norm: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tokens_per_sec: Option<f64>,
+    /// Validation per source of a mixture.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sources: Option<BTreeMap<String, Score>>,
 }
 
 /// What the loop tells its caller as it goes.
@@ -122,22 +125,14 @@ pub enum Error {
 }
 
 /// The batch of step `step`: rows of `seq_len + 1` tokens at random offsets of the training
-/// split, from an RNG seeded by (seed, step) so a resumed run sees the same batches.
+/// split, each row from a source of the mixture drawn by weight, from an RNG seeded by
+/// (seed, step) so a resumed run sees the same batches.
 pub fn sample_batch(
-    data: &PreparedData,
+    data: &DataMix,
     cfg: &TrainConfig,
     step: usize,
     device: &Device,
 ) -> Result<Batch, Error> {
-    let split = data.split(Split::Train);
-    let n = split.len();
-    if n < cfg.seq_len + 1 {
-        return Err(Error::Data(format!(
-            "{}: the training split has {n} tokens, fewer than one window of {} + 1",
-            data.dir.display(),
-            cfg.seq_len
-        )));
-    }
     let rows = (cfg.batch_tokens / cfg.seq_len).max(1);
     let mut rng = rand::rngs::StdRng::seed_from_u64(
         cfg.seed ^ (step as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
@@ -145,6 +140,20 @@ pub fn sample_batch(
     let mut ids = Vec::with_capacity(rows * cfg.seq_len);
     let mut targets = Vec::with_capacity(rows * cfg.seq_len);
     for _ in 0..rows {
+        let source = if data.sources.len() == 1 {
+            &data.sources[0]
+        } else {
+            data.pick(rng.random::<f64>())
+        };
+        let split = source.data.split(Split::Train);
+        let n = split.len();
+        if n < cfg.seq_len + 1 {
+            return Err(Error::Data(format!(
+                "{}: the training split has {n} tokens, fewer than one window of {} + 1",
+                source.data.dir.display(),
+                cfg.seq_len
+            )));
+        }
         let start = rng.random_range(0..=n - cfg.seq_len - 1);
         ids.extend_from_slice(&split.tokens()[start..start + cfg.seq_len]);
         for i in start + 1..start + cfg.seq_len + 1 {
@@ -161,51 +170,89 @@ pub fn sample_batch(
     })
 }
 
-/// Mean loss and next-token accuracy on the first `val_windows` windows of the validation
-/// split (or of the training split's tail when there is no validation split).
+/// Loss and next-token accuracy on held-out data.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Score {
+    pub loss: f64,
+    pub accuracy: f64,
+    pub tokens: usize,
+}
+
+/// Validation of a mixture: pooled over all sources, and per source.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Validation {
+    pub total: Score,
+    pub sources: Vec<(String, Score)>,
+}
+
+/// Scores `method` on the first `val_windows` windows of each source's validation split (or
+/// test split when the validation split is shorter than a window).
 pub fn validate(
     method: &dyn Method,
-    data: &PreparedData,
+    data: &DataMix,
     cfg: &TrainConfig,
-) -> Result<(f64, f64), Error> {
-    let split = data.split(Split::Val);
-    let split = if split.len() > cfg.seq_len {
-        split
-    } else {
-        data.split(Split::Test)
-    };
-    let tokens = split.tokens();
+) -> Result<Validation, Error> {
     let mut plan = method.plan();
     freeze(&mut plan);
-    let (mut loss, mut correct, mut count) = (0.0, 0, 0);
-    for w in 0..cfg.val_windows {
-        let start = w * cfg.seq_len;
-        if start + cfg.seq_len + 1 > tokens.len() {
-            break;
+    let (mut loss_all, mut correct_all, mut count_all) = (0.0, 0, 0);
+    let mut sources = Vec::with_capacity(data.sources.len());
+    for source in &data.sources {
+        let split = source.data.split(Split::Val);
+        let split = if split.len() > cfg.seq_len {
+            split
+        } else {
+            source.data.split(Split::Test)
+        };
+        let tokens = split.tokens();
+        let (mut loss, mut correct, mut count) = (0.0, 0, 0);
+        for w in 0..cfg.val_windows {
+            let start = w * cfg.seq_len;
+            if start + cfg.seq_len + 1 > tokens.len() {
+                break;
+            }
+            let ids = Tensor::from_slice(
+                &tokens[start..start + cfg.seq_len],
+                (1, cfg.seq_len),
+                method.backbone().device(),
+            )?;
+            let targets: Vec<u32> = (start + 1..start + cfg.seq_len + 1)
+                .map(|i| {
+                    if split.mask()[i] == 1 {
+                        tokens[i]
+                    } else {
+                        IGNORE
+                    }
+                })
+                .collect();
+            let r = loss_and_grads(method.backbone(), &plan, &ids, &targets)?;
+            loss += r.loss_sum;
+            correct += r.correct;
+            count += r.count;
         }
-        let ids = Tensor::from_slice(
-            &tokens[start..start + cfg.seq_len],
-            (1, cfg.seq_len),
-            method.backbone().device(),
-        )?;
-        let targets: Vec<u32> = (start + 1..start + cfg.seq_len + 1)
-            .map(|i| {
-                if split.mask()[i] == 1 {
-                    tokens[i]
-                } else {
-                    IGNORE
-                }
-            })
-            .collect();
-        let r = loss_and_grads(method.backbone(), &plan, &ids, &targets)?;
-        loss += r.loss_sum;
-        correct += r.correct;
-        count += r.count;
+        sources.push((source.name.clone(), score(loss, correct, count)));
+        loss_all += loss;
+        correct_all += correct;
+        count_all += count;
     }
+    Ok(Validation {
+        total: score(loss_all, correct_all, count_all),
+        sources,
+    })
+}
+
+fn score(loss_sum: f64, correct: usize, count: usize) -> Score {
     if count == 0 {
-        return Ok((f64::NAN, f64::NAN));
+        return Score {
+            loss: f64::NAN,
+            accuracy: f64::NAN,
+            tokens: 0,
+        };
     }
-    Ok((loss / count as f64, correct as f64 / count as f64))
+    Score {
+        loss: loss_sum / count as f64,
+        accuracy: correct as f64 / count as f64,
+        tokens: count,
+    }
 }
 
 fn freeze(plan: &mut Plan) {
@@ -221,7 +268,7 @@ fn freeze(plan: &mut Plan) {
 /// last checkpoint stays, and a later call resumes from it).
 pub fn train(
     method: &dyn Method,
-    data: &PreparedData,
+    data: &DataMix,
     cfg: &TrainConfig,
     checkpoint_dir: &Path,
     metrics_path: &Path,
@@ -242,6 +289,10 @@ pub fn train(
     if checkpoint_dir.join(CHECKPOINT_STATE).exists() {
         first_step = load_checkpoint(checkpoint_dir, &params, &mut optimizer)?;
     }
+    mode_io::atomic::parent_of(metrics_path).map_err(|e| Error::File {
+        path: metrics_path.to_path_buf(),
+        msg: e.to_string(),
+    })?;
     // A fresh run starts the metrics file over; a resumed one appends to it.
     let mut metrics = std::fs::OpenOptions::new()
         .create(true)
@@ -294,6 +345,7 @@ pub fn train(
             lr: Some(lr),
             grad_norm: Some(stats.grad_norm),
             tokens_per_sec: Some(tokens_per_sec),
+            sources: None,
         })?;
         let mut go_on = on_event(Event::Step {
             step: step + 1,
@@ -303,7 +355,8 @@ pub fn train(
         });
         let last = step + 1 == cfg.steps;
         if last || (cfg.val_every > 0 && (step + 1) % cfg.val_every == 0) {
-            let (loss, accuracy) = validate(method, data, cfg)?;
+            let v = validate(method, data, cfg)?;
+            let (loss, accuracy) = (v.total.loss, v.total.accuracy);
             let line = MetricsLine {
                 step: step + 1,
                 kind: "val".into(),
@@ -312,6 +365,7 @@ pub fn train(
                 lr: None,
                 grad_norm: None,
                 tokens_per_sec: None,
+                sources: (v.sources.len() > 1).then(|| v.sources.into_iter().collect()),
             };
             log(&line)?;
             go_on &= on_event(Event::Validation(&line));
@@ -352,15 +406,7 @@ pub fn save_checkpoint(
         path: dir.to_path_buf(),
         msg,
     };
-    let parent = dir
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).map_err(|e| err(e.to_string()))?;
-    let tmp = tempfile::Builder::new()
-        .prefix(".ckpt-")
-        .tempdir_in(parent)
-        .map_err(|e| err(e.to_string()))?;
+    let tmp = mode_io::atomic::temp_dir_beside(dir).map_err(|e| err(e.to_string()))?;
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
     for (name, t) in params {
         tensors.insert(
@@ -387,23 +433,8 @@ pub fn save_checkpoint(
     let json = serde_json::to_vec(&state).expect("state serialises");
     let state_path = tmp.path().join(CHECKPOINT_STATE);
     std::fs::write(&state_path, json).map_err(|e| err(e.to_string()))?;
-    for f in [CHECKPOINT_TENSORS, CHECKPOINT_STATE] {
-        std::fs::File::open(tmp.path().join(f))
-            .and_then(|f| f.sync_all())
-            .map_err(|e| err(e.to_string()))?;
-    }
-    // Swap: the old checkpoint stays in place until the new one is complete.
-    let old = parent.join(format!(
-        ".{}.old",
-        dir.file_name().and_then(|n| n.to_str()).unwrap_or("ckpt")
-    ));
-    if dir.exists() {
-        let _ = std::fs::remove_dir_all(&old);
-        std::fs::rename(dir, &old).map_err(|e| err(e.to_string()))?;
-    }
-    std::fs::rename(tmp.keep(), dir).map_err(|e| err(e.to_string()))?;
-    let _ = std::fs::remove_dir_all(&old);
-    Ok(())
+    // The old checkpoint stays in place until the new one is complete.
+    mode_io::atomic::commit_dir(tmp, dir).map_err(|e| err(e.to_string()))
 }
 
 /// Loads a checkpoint into `params` (in place) and `opt`; returns the step to continue from.

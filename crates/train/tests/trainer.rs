@@ -5,20 +5,26 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use mode_core::{BlockLayout, Expert, ExpertInit, Gate, ModeModel};
-use mode_data::{prepare, Format, PrepareOptions, PreparedData};
+use mode_data::{prepare, DataMix, Format, PrepareOptions, PreparedData};
 use mode_io::Tokenizer;
 use mode_model::{random_weights, Architecture, Backbone, Config};
 use mode_train::methods::ModeTraining;
-use mode_train::trainer::{train, Event, Method, TrainConfig};
+use mode_train::trainer::{sample_batch, train, Event, Method, TrainConfig};
 
-fn data(dir: &Path) -> PreparedData {
-    let src = dir.join("src");
+fn data(dir: &Path) -> DataMix {
+    DataMix::single(prepared(dir, "code", |i| {
+        format!("def add_{i}(a, b):\n    return a + b + {i}\n\n").repeat(4)
+    }))
+}
+
+/// A prepared folder `dir/name` of 40 documents made by `text`.
+fn prepared(dir: &Path, name: &str, text: impl Fn(usize) -> String) -> PreparedData {
+    let src = dir.join(format!("{name}-src"));
     std::fs::create_dir_all(&src).unwrap();
     for i in 0..40 {
-        let text = format!("def add_{i}(a, b):\n    return a + b + {i}\n\n").repeat(4);
-        std::fs::write(src.join(format!("f{i}.py")), text).unwrap();
+        std::fs::write(src.join(format!("f{i}.py")), text(i)).unwrap();
     }
-    let out = dir.join("prepared");
+    let out = dir.join(name);
     let opts = PrepareOptions {
         inputs: vec![src],
         out: out.clone(),
@@ -150,4 +156,81 @@ fn training_lowers_the_loss_and_resume_is_exact() {
     );
     let lines = std::fs::read_to_string(&metrics_b).unwrap();
     assert_eq!(lines.lines().filter(|l| l.contains("\"train\"")).count(), 8);
+}
+
+#[test]
+fn a_mixture_draws_rows_by_weight_and_validates_each_source() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Byte-level tokens: `code` rows hold only letters, `math` rows only digits.
+    let code = prepared(tmp.path(), "code", |i| "abcdefgh ".repeat(20 + i));
+    let math = prepared(tmp.path(), "math", |i| "0123456789 ".repeat(20 + i));
+    let mix = DataMix::new(vec![(code, 1.0), (math, 3.0)]).unwrap();
+    assert_eq!(mix.describe(), "code (25%), math (75%)");
+    let cfg = TrainConfig {
+        batch_tokens: 32 * 8,
+        ..config()
+    };
+    let a_id = Tokenizer::byte_level().encode("a").unwrap()[0];
+    let (mut code_rows, mut math_rows) = (0, 0);
+    for step in 0..50 {
+        let batch = sample_batch(&mix, &cfg, step, &Device::Cpu).unwrap();
+        for row in batch.ids.to_vec2::<u32>().unwrap() {
+            // Byte-level ids follow the sorted alphabet: digits come before letters.
+            let letters = row.iter().filter(|&&t| t >= a_id).count();
+            if letters > row.len() / 2 {
+                code_rows += 1;
+            } else {
+                math_rows += 1;
+            }
+        }
+    }
+    let share = math_rows as f64 / (code_rows + math_rows) as f64;
+    assert!((share - 0.75).abs() < 0.06, "math share {share}");
+    // The same step draws the same batch.
+    assert_eq!(
+        sample_batch(&mix, &cfg, 7, &Device::Cpu)
+            .unwrap()
+            .ids
+            .to_vec2::<u32>()
+            .unwrap(),
+        sample_batch(&mix, &cfg, 7, &Device::Cpu)
+            .unwrap()
+            .ids
+            .to_vec2::<u32>()
+            .unwrap()
+    );
+
+    let m = model();
+    let method = ModeTraining {
+        model: &m,
+        experts: true,
+        gates: true,
+    };
+    let cfg = TrainConfig {
+        steps: 2,
+        val_every: 2,
+        checkpoint_every: 0,
+        ..config()
+    };
+    let metrics = tmp.path().join("mix.jsonl");
+    train(
+        &method,
+        &mix,
+        &cfg,
+        &tmp.path().join("mix.ckpt"),
+        &metrics,
+        |_| true,
+    )
+    .unwrap();
+    let text = std::fs::read_to_string(&metrics).unwrap();
+    let val: serde_json::Value = text
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .find(|l| l["kind"] == "val")
+        .unwrap();
+    for name in ["code", "math"] {
+        let acc = val["sources"][name]["accuracy"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&acc), "{name}: {val}");
+        assert!(val["sources"][name]["tokens"].as_u64().unwrap() > 0);
+    }
 }

@@ -1,9 +1,11 @@
 pub mod bench;
+pub mod compose;
 pub mod data;
 pub mod eval;
 pub mod generate;
 pub mod inspect;
 pub mod train;
+pub mod training;
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -17,8 +19,9 @@ use mode_model::Backbone;
 #[derive(clap::Args, Debug, Clone)]
 pub struct BackboneArgs {
     /// `smollm2-135m` (fetched on first use), or a path to a .gguf file or Hugging Face folder
-    #[arg(long, default_value = mode_io::fetch::DEFAULT_BACKBONE)]
-    pub backbone: String,
+    /// [default: smollm2-135m, or the one a --model was composed over]
+    #[arg(long)]
+    pub backbone: Option<String>,
     /// In-memory dtype of the frozen weights: f32, f16 or bf16 (activations stay f32)
     #[arg(long, default_value = "f32", value_parser = parse_dtype)]
     pub weight_dtype: DType,
@@ -36,7 +39,13 @@ fn parse_dtype(s: &str) -> std::result::Result<DType, String> {
 impl BackboneArgs {
     /// Resolves (and if needed fetches) the backbone, then loads it with its tokenizer.
     pub fn load(&self) -> Result<(Backbone, Tokenizer, PathBuf)> {
-        let path = mode_io::fetch::resolve_backbone(&self.backbone)?;
+        self.load_or(mode_io::fetch::DEFAULT_BACKBONE)
+    }
+
+    /// Like [`Self::load`], with `default` when no --backbone was given.
+    pub fn load_or(&self, default: &str) -> Result<(Backbone, Tokenizer, PathBuf)> {
+        let spec = self.backbone.as_deref().unwrap_or(default);
+        let path = mode_io::fetch::resolve_backbone(spec)?;
         let start = Instant::now();
         let (model, tokenizer) = Backbone::open(&path, self.weight_dtype, &Device::Cpu)
             .with_context(|| format!("loading backbone {}", path.display()))?;
@@ -57,6 +66,9 @@ impl BackboneArgs {
 pub struct ModelArgs {
     #[command(flatten)]
     pub backbone: BackboneArgs,
+    /// A composed model folder (from `mode compose`): its experts and gates
+    #[arg(long, conflicts_with = "expert")]
+    pub model: Option<PathBuf>,
     /// An expert file to run beside the backbone, with its stage-1 gates
     #[arg(long)]
     pub expert: Vec<PathBuf>,
@@ -87,6 +99,25 @@ impl LoadedModel {
 
 impl ModelArgs {
     pub fn load(&self) -> Result<(LoadedModel, Tokenizer)> {
+        if let Some(dir) = &self.model {
+            let manifest = mode_core::composed::read_manifest(dir)?;
+            let (backbone, tokenizer, path) = self.backbone.load_or(&manifest.backbone_source)?;
+            let (model, manifest) = mode_core::load_composed(dir, backbone)
+                .with_context(|| format!("loading {} over {}", dir.display(), path.display()))?;
+            eprintln!(
+                "mode: composed model {} ({} blocks x {} layers; experts: {})",
+                dir.display(),
+                manifest.layout.num_blocks(),
+                manifest.layout.expert_layers_per_block,
+                manifest
+                    .experts
+                    .iter()
+                    .map(|e| e.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            return Ok((LoadedModel::Mode(Box::new(model)), tokenizer));
+        }
         let (backbone, tokenizer, path) = self.backbone.load()?;
         match self.expert.as_slice() {
             [] => Ok((LoadedModel::Backbone(Box::new(backbone)), tokenizer)),

@@ -1,12 +1,11 @@
 use std::path::PathBuf;
 
-use anyhow::{bail, Context, Result};
-use indicatif::{ProgressBar, ProgressStyle};
+use anyhow::Result;
 use mode_core::ExpertInit;
-use mode_data::PreparedData;
+use mode_data::DataMix;
 use mode_train::stage1::{side_paths, Stage1Options};
-use mode_train::trainer::{Event, TrainConfig};
 
+use super::training::{TrainFlags, TrainProgress};
 use super::BackboneArgs;
 
 /// Stage 1: train one domain expert (and its gates) beside a frozen backbone.
@@ -21,9 +20,11 @@ use super::BackboneArgs;
 pub struct Args {
     #[command(flatten)]
     backbone: BackboneArgs,
-    /// A folder written by `mode data prepare`
-    #[arg(long)]
-    data: PathBuf,
+    /// A folder written by `mode data prepare`; repeat as DIR=WEIGHT for a mixture
+    /// (`--data data/code=0.5 --data data/math=0.5`: each training row is drawn from a folder
+    /// with that probability)
+    #[arg(long, required = true)]
+    data: Vec<String>,
     /// The expert file to write (*.expert.safetensors)
     #[arg(long)]
     out: PathBuf,
@@ -43,75 +44,33 @@ pub struct Args {
     /// Initial probability of the backbone branch in the fresh gates
     #[arg(long, default_value_t = mode_core::expert::GATE_INIT_BACKBONE_PROB)]
     gate_init_backbone_prob: f64,
-    /// Optimizer steps
-    #[arg(long, default_value_t = 200)]
-    steps: usize,
-    /// Tokens per step
-    #[arg(long, default_value_t = 1024)]
-    batch_tokens: usize,
-    /// Sequence length of training rows
-    #[arg(long, default_value_t = 256)]
-    seq_len: usize,
-    /// Peak learning rate
-    #[arg(long, default_value_t = 1e-3)]
-    lr: f64,
-    /// Linear warm-up steps before cosine decay
-    #[arg(long, default_value_t = 20)]
-    warmup: usize,
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    /// Validate every N steps
-    #[arg(long, default_value_t = 50)]
-    val_every: usize,
-    /// Checkpoint every N steps
-    #[arg(long, default_value_t = 50)]
-    checkpoint_every: usize,
-    /// Start over even if a checkpoint exists
-    #[arg(long)]
-    restart: bool,
+    #[command(flatten)]
+    train: TrainFlags,
 }
 
 pub fn run(args: Args) -> Result<()> {
-    if args.seq_len < 2 || args.batch_tokens < args.seq_len || args.steps == 0 {
-        bail!("need --seq-len >= 2, --batch-tokens >= --seq-len and --steps >= 1");
-    }
-    let data = PreparedData::open(&args.data)?;
+    let train = args.train.config()?;
+    let data = DataMix::open(&args.data)?;
     let (backbone, tokenizer, path) = args.backbone.load()?;
     let (ckpt, _) = side_paths(&args.out);
-    if args.restart && ckpt.exists() {
-        std::fs::remove_dir_all(&ckpt).with_context(|| format!("removing {}", ckpt.display()))?;
-    } else if ckpt.exists() {
-        eprintln!("mode: resuming from {}", ckpt.display());
-    }
+    args.train.prepare_checkpoint(&ckpt)?;
     let domain = args.domain.clone().unwrap_or_else(|| {
-        args.data
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "expert".into())
+        data.sources
+            .iter()
+            .map(|s| s.name.as_str())
+            .collect::<Vec<_>>()
+            .join("+")
     });
+    eprintln!("mode: training expert `{domain}` on {}", data.describe());
     let opts = Stage1Options {
         domain,
         blocks: args.blocks,
         expert_layers_per_block: args.expert_layers_per_block,
         init: args.init,
         gate_init_backbone_prob: args.gate_init_backbone_prob,
-        train: TrainConfig {
-            steps: args.steps,
-            batch_tokens: args.batch_tokens,
-            seq_len: args.seq_len,
-            lr: args.lr,
-            lr_warmup_steps: args.warmup,
-            seed: args.seed,
-            val_every: args.val_every,
-            checkpoint_every: args.checkpoint_every,
-            ..Default::default()
-        },
+        train,
     };
-    let bar = ProgressBar::new(args.steps as u64).with_style(
-        ProgressStyle::with_template("step {pos}/{len} [{bar:30}] {msg} ({elapsed}, ETA {eta})")
-            .expect("valid template")
-            .progress_chars("=> "),
-    );
+    let progress = TrainProgress::new(opts.train.steps);
     let (meta, report) = mode_train::stage1::train_expert(
         backbone,
         &path.display().to_string(),
@@ -119,29 +78,9 @@ pub fn run(args: Args) -> Result<()> {
         &data,
         &opts,
         &args.out,
-        |e| {
-            match e {
-                Event::Step {
-                    step,
-                    loss,
-                    tokens_per_sec,
-                    ..
-                } => {
-                    bar.set_position(step as u64);
-                    bar.set_message(format!("loss {loss:.4}, {tokens_per_sec:.0} tokens/s"));
-                }
-                Event::Validation(v) => bar.println(format!(
-                    "step {}: validation loss {:.4}, next-token accuracy {:.2}%",
-                    v.step,
-                    v.loss,
-                    100.0 * v.accuracy.unwrap_or(f64::NAN)
-                )),
-                Event::Checkpoint(p) => bar.println(format!("checkpoint {}", p.display())),
-            }
-            true
-        },
+        |e| progress.on_event(e),
     )?;
-    bar.finish_and_clear();
+    progress.finish();
     println!(
         "wrote {} ({} expert, {} blocks x {} layers): {} steps, {} tokens in {:.0}s, final validation loss {:.4}, accuracy {:.2}%",
         args.out.display(),

@@ -1,0 +1,107 @@
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use candle_core::Device;
+use mode_core::LoadedExpertFile;
+use mode_data::DataMix;
+use mode_train::compose::{ComposeOptions, GateInit};
+use mode_train::stage1::side_paths;
+
+use super::training::{TrainFlags, TrainProgress};
+use super::BackboneArgs;
+
+/// Stage 2: put several experts in one model and tune gates (and experts) on mixed data.
+#[derive(clap::Args, Debug)]
+#[command(
+    after_help = "Writes the folder OUT (model.json, gates.safetensors, experts/*.expert.safetensors) \
+    and OUT.metrics.jsonl beside it; while running, OUT.ckpt/ holds checkpoints (a rerun resumes).\n\
+    `mode eval --model OUT` and `mode generate --model OUT` load the result.\n\n\
+    Example:\n  mode compose --expert experts/code.expert.safetensors --expert experts/math.expert.safetensors \\\n    \
+    --data data/code=0.5 --data data/math=0.5 --steps 100 --out models/code-math"
+)]
+pub struct Args {
+    #[command(flatten)]
+    backbone: BackboneArgs,
+    /// A stage-1 expert file; repeat for each expert (at least one)
+    #[arg(long, required = true)]
+    expert: Vec<PathBuf>,
+    /// Prepared data folder, or DIR=WEIGHT repeated for a mixture
+    #[arg(long, required = true)]
+    data: Vec<String>,
+    /// The composed-model folder to write
+    #[arg(long)]
+    out: PathBuf,
+    /// Tune the gates only; the experts stay as stage 1 left them
+    #[arg(long)]
+    freeze_experts: bool,
+    /// How the N+1-way gates start: `fresh` (backbone at --gate-init-backbone-prob, experts
+    /// sharing the rest) or `stage1` (from each expert's stage-1 gates)
+    #[arg(long, default_value = "fresh")]
+    gate_init: GateInit,
+    /// Initial probability of the backbone branch in fresh gates
+    #[arg(long, default_value_t = mode_core::expert::GATE_INIT_BACKBONE_PROB)]
+    gate_init_backbone_prob: f64,
+    #[command(flatten)]
+    train: TrainFlags,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let train = args.train.config()?;
+    let data = DataMix::open(&args.data)?;
+    let (backbone, tokenizer, path) = args.backbone.load()?;
+    let experts = args
+        .expert
+        .iter()
+        .map(|p| {
+            LoadedExpertFile::load(p, &Device::Cpu)
+                .with_context(|| format!("loading expert {}", p.display()))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let (ckpt, _) = side_paths(&args.out);
+    args.train.prepare_checkpoint(&ckpt)?;
+    eprintln!(
+        "mode: composing {} on {} ({}, gates {:?})",
+        experts
+            .iter()
+            .map(|e| e.file.meta.domain.as_str())
+            .collect::<Vec<_>>()
+            .join(" + "),
+        data.describe(),
+        if args.freeze_experts {
+            "experts frozen"
+        } else {
+            "experts tuned"
+        },
+        args.gate_init
+    );
+    let opts = ComposeOptions {
+        freeze_experts: args.freeze_experts,
+        gate_init: args.gate_init,
+        gate_init_backbone_prob: args.gate_init_backbone_prob,
+        train,
+    };
+    let progress = TrainProgress::new(opts.train.steps);
+    let (manifest, report) = mode_train::compose::compose(
+        backbone,
+        &path.display().to_string(),
+        &tokenizer.fingerprint(),
+        experts,
+        &data,
+        &opts,
+        &args.out,
+        |e| progress.on_event(e),
+    )?;
+    progress.finish();
+    if manifest.is_some() {
+        println!(
+            "wrote {}: {} steps, {} tokens in {:.0}s, final validation loss {:.4}, accuracy {:.2}%",
+            args.out.display(),
+            report.steps,
+            report.tokens,
+            report.seconds,
+            report.final_val_loss.unwrap_or(f64::NAN),
+            100.0 * report.final_val_accuracy.unwrap_or(f64::NAN)
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,133 @@
+//! What every training command shares: schedule flags, data mixtures and the progress display.
+
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use mode_train::trainer::{Event, TrainConfig};
+
+/// Flags of the training loop, the same for `train`, `compose` and the baselines.
+#[derive(clap::Args, Debug, Clone)]
+pub struct TrainFlags {
+    /// Optimizer steps
+    #[arg(long, default_value_t = 200)]
+    pub steps: usize,
+    /// Tokens per step
+    #[arg(long, default_value_t = 1024)]
+    pub batch_tokens: usize,
+    /// Sequence length of training rows
+    #[arg(long, default_value_t = 256)]
+    pub seq_len: usize,
+    /// Peak learning rate
+    #[arg(long, default_value_t = 1e-3)]
+    pub lr: f64,
+    /// Linear warm-up steps before cosine decay
+    #[arg(long, default_value_t = 20)]
+    pub warmup: usize,
+    /// Seed of initialisation and batch sampling
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Validate every N steps (and at the end)
+    #[arg(long, default_value_t = 50)]
+    pub val_every: usize,
+    /// Validation windows per data source
+    #[arg(long, default_value_t = 16)]
+    pub val_windows: usize,
+    /// Checkpoint every N steps (0: never)
+    #[arg(long, default_value_t = 50)]
+    pub checkpoint_every: usize,
+    /// Start over even if a checkpoint exists
+    #[arg(long)]
+    pub restart: bool,
+}
+
+impl TrainFlags {
+    /// Checks the flags and turns them into the loop's configuration.
+    pub fn config(&self) -> Result<TrainConfig> {
+        if self.seq_len < 2 || self.batch_tokens < self.seq_len || self.steps == 0 {
+            bail!("need --seq-len >= 2, --batch-tokens >= --seq-len and --steps >= 1");
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            bail!("--lr must be a positive number, got {}", self.lr);
+        }
+        Ok(TrainConfig {
+            steps: self.steps,
+            batch_tokens: self.batch_tokens,
+            seq_len: self.seq_len,
+            lr: self.lr,
+            lr_warmup_steps: self.warmup,
+            seed: self.seed,
+            val_every: self.val_every,
+            val_windows: self.val_windows,
+            checkpoint_every: self.checkpoint_every,
+            ..Default::default()
+        })
+    }
+
+    /// Removes the checkpoint with --restart, or says that the run resumes from it.
+    pub fn prepare_checkpoint(&self, ckpt: &Path) -> Result<()> {
+        if self.restart && ckpt.exists() {
+            std::fs::remove_dir_all(ckpt)
+                .with_context(|| format!("removing {}", ckpt.display()))?;
+        } else if ckpt.join("state.json").exists() {
+            eprintln!(
+                "mode: resuming from {} (pass --restart to start over)",
+                ckpt.display()
+            );
+        }
+        Ok(())
+    }
+}
+
+/// A progress bar driven by the training loop's events: step, loss, tokens/s, ETA, and a line
+/// per validation and checkpoint.
+pub struct TrainProgress {
+    bar: ProgressBar,
+}
+
+impl TrainProgress {
+    pub fn new(steps: usize) -> Self {
+        let bar = ProgressBar::new(steps as u64).with_style(
+            ProgressStyle::with_template(
+                "step {pos}/{len} [{bar:30}] {msg} ({elapsed}, ETA {eta})",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
+        );
+        Self { bar }
+    }
+
+    /// Shows one event; always lets the run go on.
+    pub fn on_event(&self, e: Event) -> bool {
+        match e {
+            Event::Step {
+                step,
+                loss,
+                tokens_per_sec,
+                ..
+            } => {
+                self.bar.set_position(step as u64);
+                self.bar
+                    .set_message(format!("loss {loss:.4}, {tokens_per_sec:.0} tokens/s"));
+            }
+            Event::Validation(v) => {
+                let mut line = format!(
+                    "step {}: validation loss {:.4}, next-token accuracy {:.2}%",
+                    v.step,
+                    v.loss,
+                    100.0 * v.accuracy.unwrap_or(f64::NAN)
+                );
+                for (name, s) in v.sources.iter().flatten() {
+                    line.push_str(&format!("; {name} {:.2}%", 100.0 * s.accuracy));
+                }
+                self.bar.println(line);
+            }
+            Event::Checkpoint(p) => self.bar.println(format!("checkpoint {}", p.display())),
+        }
+        true
+    }
+
+    pub fn finish(&self) {
+        self.bar.finish_and_clear();
+    }
+}

@@ -1,0 +1,146 @@
+//! Stage 2 of MoDE: N stage-1 experts in one model with N+1-way gates, tuned briefly on mixed
+//! data (gates only, or gates and experts). Produces a composed-model folder.
+
+use std::path::Path;
+
+use mode_core::composed::{ComposedManifest, COMPOSED_FORMAT_VERSION};
+use mode_core::file::{ExpertDims, TrainingSummary};
+use mode_core::{Gate, LoadedExpertFile, ModeModel};
+use mode_data::DataMix;
+use mode_model::Backbone;
+
+use crate::methods::ModeTraining;
+use crate::stage1::{check_tokenizer, side_paths};
+use crate::trainer::{train, Error, Event, TrainConfig, TrainReport};
+
+/// How the composed gates start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GateInit {
+    /// Zero weights; the backbone gets `gate_init_backbone_prob`, the experts share the rest.
+    Fresh,
+    /// From each expert's stage-1 gates (see [`Gate::from_stage1`]).
+    Stage1,
+}
+
+impl std::str::FromStr for GateInit {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "fresh" => Ok(Self::Fresh),
+            "stage1" => Ok(Self::Stage1),
+            other => Err(format!("`{other}` is not one of fresh, stage1")),
+        }
+    }
+}
+
+/// What stage 2 trains.
+#[derive(Debug, Clone)]
+pub struct ComposeOptions {
+    /// Train the gates only; the experts stay as stage 1 left them.
+    pub freeze_experts: bool,
+    pub gate_init: GateInit,
+    pub gate_init_backbone_prob: f64,
+    pub train: TrainConfig,
+}
+
+/// Composes `experts` over `backbone`, tunes on `data`, and writes the folder `out`. A
+/// checkpoint folder and a metrics file live next to it (`NAME.ckpt`, `NAME.metrics.jsonl`);
+/// an existing checkpoint is resumed.
+#[allow(clippy::too_many_arguments)]
+pub fn compose(
+    backbone: Backbone,
+    backbone_source: &str,
+    tokenizer_fingerprint: &str,
+    experts: Vec<LoadedExpertFile>,
+    data: &DataMix,
+    opts: &ComposeOptions,
+    out: &Path,
+    on_event: impl FnMut(Event) -> bool,
+) -> Result<(Option<ComposedManifest>, TrainReport), Error> {
+    check_tokenizer(data, tokenizer_fingerprint, backbone_source)?;
+    let Some(first) = experts.first() else {
+        return Err(Error::Data("compose needs at least one --expert".into()));
+    };
+    let layout = first.file.meta.layout.clone();
+    let fingerprint = backbone.fingerprint()?;
+    let dims = ExpertDims::of(&backbone.config);
+    let mut layers = Vec::with_capacity(experts.len());
+    for (j, e) in experts.iter().enumerate() {
+        e.file
+            .check_compatible(&e.path, &fingerprint, &dims, Some(&layout))?;
+        let name = &e.file.meta.domain;
+        if let Some(other) = experts[..j].iter().find(|o| &o.file.meta.domain == name) {
+            return Err(Error::Data(format!(
+                "{} and {} are both experts for `{name}`; a composed model needs distinct domains",
+                other.path.display(),
+                e.path.display()
+            )));
+        }
+        layers.push(e.file.expert(&backbone, &e.path)?);
+    }
+    let dtype = backbone.embed_tokens.dtype();
+    let gates = (0..layout.num_blocks())
+        .map(|b| match opts.gate_init {
+            GateInit::Fresh => Gate::new(
+                backbone.config.hidden_size,
+                experts.len(),
+                opts.gate_init_backbone_prob,
+                dtype,
+                backbone.device(),
+            ),
+            GateInit::Stage1 => {
+                let stage1 = experts
+                    .iter()
+                    .map(|e| e.file.gates(&e.path))
+                    .collect::<mode_core::Result<Vec<_>>>()?;
+                let block: Vec<&Gate> = stage1.iter().map(|g| &g[b]).collect();
+                let g = Gate::from_stage1(&block)?;
+                Ok(Gate {
+                    weight: g.weight.to_dtype(dtype)?,
+                    bias: g.bias.to_dtype(dtype)?,
+                })
+            }
+        })
+        .collect::<mode_core::Result<Vec<_>>>()?;
+    let model = ModeModel::new(backbone, layout.clone(), layers, gates)?;
+    let (ckpt, metrics) = side_paths(out);
+    let method = ModeTraining {
+        model: &model,
+        experts: !opts.freeze_experts,
+        gates: true,
+    };
+    let report = train(&method, data, &opts.train, &ckpt, &metrics, on_event)?;
+    if report.steps < opts.train.steps {
+        // Stopped early: the checkpoint stays for a rerun to resume; no folder yet.
+        return Ok((None, report));
+    }
+    let manifest = ComposedManifest {
+        format_version: COMPOSED_FORMAT_VERSION,
+        backbone_source: backbone_source.to_string(),
+        backbone_fingerprint: fingerprint,
+        layout,
+        dims,
+        experts: Vec::new(),
+        gates_file: String::new(),
+        gate_init: format!("{:?}", opts.gate_init).to_lowercase(),
+        training: TrainingSummary {
+            steps: report.steps,
+            tokens: report.tokens,
+            final_train_loss: report.final_train_loss,
+            final_val_loss: report.final_val_loss,
+            final_val_accuracy: report.final_val_accuracy,
+            data_fingerprint: Some(data.fingerprint()),
+            seed: opts.train.seed,
+            init: if opts.freeze_experts {
+                "frozen-experts".into()
+            } else {
+                "tuned-experts".into()
+            },
+        },
+        tool_version: env!("CARGO_PKG_VERSION").to_string(),
+    };
+    let manifest =
+        mode_core::save_composed(out, &manifest, &model, &experts, !opts.freeze_experts)?;
+    let _ = std::fs::remove_dir_all(&ckpt);
+    Ok((Some(manifest), report))
+}
