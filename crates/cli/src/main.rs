@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod commands;
+mod config;
 
 #[derive(Parser)]
 #[command(
@@ -21,6 +22,10 @@ mod commands;
         mode eval --data held_out.txt --data more.jsonl --json\n  mode bench infer"
 )]
 struct Cli {
+    /// Read flags from a TOML file (`steps = 400`, `data = ["a=0.5", "b=0.5"]`); flags on the
+    /// command line win
+    #[arg(long, global = true, value_name = "FILE.toml")]
+    config: Option<std::path::PathBuf>,
     /// Worker threads for tensor math (default: all cores). Sets RAYON_NUM_THREADS.
     #[arg(long, global = true, env = "MODE_THREADS")]
     threads: Option<usize>,
@@ -47,7 +52,17 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let mut args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if let Some(path) = config::config_path(&args) {
+        match config::flags_from_config(&path, &args) {
+            Ok(flags) => args.extend(flags),
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    let cli = Cli::parse_from(args);
     if let Some(threads) = cli.threads {
         // Must happen before candle or rayon start their thread pools.
         std::env::set_var("RAYON_NUM_THREADS", threads.max(1).to_string());

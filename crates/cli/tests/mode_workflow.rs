@@ -151,4 +151,108 @@ fn prepare_train_inspect_eval_generate() {
         &p(&expert),
     ]);
     assert!(!two.status.success() && String::from_utf8_lossy(&two.stderr).contains("compose"));
+
+    // A second expert, its flags from a config file, then stage 2 over both experts.
+    let prose_src = tmp.path().join("prose-src");
+    std::fs::create_dir_all(&prose_src).unwrap();
+    for i in 0..30 {
+        let text =
+            format!("Chapter {i}. The ship sailed north, and the crew sang of home.\n\n").repeat(6);
+        std::fs::write(prose_src.join(format!("c{i}.txt")), text).unwrap();
+    }
+    let prose = tmp.path().join("prose");
+    ok(&mode(&[
+        "data",
+        "prepare",
+        "--input",
+        &p(&prose_src),
+        "--out",
+        &p(&prose),
+        "--val-fraction",
+        "0.2",
+        "--test-fraction",
+        "0.2",
+    ]));
+    let config = tmp.path().join("run.toml");
+    std::fs::write(
+        &config,
+        "seq_len = 64\nbatch_tokens = 128\nwarmup = 1\nval_every = 0\nsteps = 50\n",
+    )
+    .unwrap();
+    let prose_expert = tmp.path().join("prose.expert.safetensors");
+    let out = ok(&mode(&[
+        "train",
+        "--config",
+        &p(&config),
+        "--data",
+        &p(&prose),
+        "--out",
+        &p(&prose_expert),
+        "--blocks",
+        "3",
+        "--expert-layers-per-block",
+        "1",
+        "--steps",
+        "2",
+    ]));
+    assert!(
+        out.contains("2 steps"),
+        "the command line wins over the config: {out}"
+    );
+
+    let model = tmp.path().join("models").join("code-prose");
+    let out = ok(&mode(&[
+        "compose",
+        "--config",
+        &p(&config),
+        "--expert",
+        &p(&expert),
+        "--expert",
+        &p(&prose_expert),
+        "--data",
+        &format!("{}=1", p(&data)),
+        "--data",
+        &format!("{}=1", p(&prose)),
+        "--steps",
+        "2",
+        "--out",
+        &p(&model),
+    ]));
+    assert!(
+        out.contains("wrote") && model.join("model.json").exists(),
+        "{out}"
+    );
+    let out = ok(&mode(&["inspect", &p(&model)]));
+    assert!(
+        out.contains("composed model") && out.contains("prose"),
+        "{out}"
+    );
+    let out = ok(&mode(&[
+        "eval",
+        "--model",
+        &p(&model),
+        "--data",
+        &p(&text),
+        "--json",
+    ]));
+    let json: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let gates = json["held_out.py"]["gate_weights"].as_array().unwrap();
+    assert_eq!(gates.len(), 3);
+    assert_eq!(
+        gates[0].as_array().unwrap().len(),
+        3,
+        "backbone + 2 experts"
+    );
+    let out = ok(&mode(&[
+        "generate",
+        "--model",
+        &p(&model),
+        "--prompt",
+        "def area(",
+        "--max-new-tokens",
+        "3",
+        "--temperature",
+        "0",
+    ]));
+    assert!(!out.trim().is_empty());
 }

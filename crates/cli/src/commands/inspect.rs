@@ -3,10 +3,10 @@ use std::path::PathBuf;
 use anyhow::Result;
 use mode_core::ExpertFile;
 
-/// Print what an expert file holds: header and tensors.
+/// Print what an expert file or a composed-model folder holds.
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// An expert file (*.expert.safetensors)
+    /// An expert file (*.expert.safetensors) or a folder written by `mode compose`
     file: PathBuf,
     /// Print the header as JSON only
     #[arg(long)]
@@ -14,6 +14,9 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<()> {
+    if args.file.is_dir() {
+        return composed(&args);
+    }
     let file = ExpertFile::load(&args.file, &candle_core::Device::Cpu)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&file.meta)?);
@@ -62,6 +65,47 @@ pub fn run(args: Args) -> Result<()> {
     println!(
         "  format            v{}, written by mode {}",
         m.format_version, m.tool_version
+    );
+    Ok(())
+}
+
+fn composed(args: &Args) -> Result<()> {
+    let m = mode_core::composed::read_manifest(&args.file)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&m)?);
+        return Ok(());
+    }
+    println!("{} (composed model)", args.file.display());
+    println!(
+        "  backbone          {} (fingerprint {})",
+        m.backbone_source, m.backbone_fingerprint
+    );
+    println!(
+        "  layout            blocks {:?}, {} expert layers per block",
+        m.layout.boundaries, m.layout.expert_layers_per_block
+    );
+    for e in &m.experts {
+        println!(
+            "  expert            {} ({}, {}; from {})",
+            e.name,
+            e.file,
+            if e.tuned {
+                "tuned in stage 2"
+            } else {
+                "frozen"
+            },
+            e.source
+        );
+    }
+    let t = &m.training;
+    println!(
+        "  stage 2           {} steps, {} tokens, gates {}, seed {}, validation loss {:.4} (accuracy {:.2}%)",
+        t.steps,
+        t.tokens,
+        m.gate_init,
+        t.seed,
+        t.final_val_loss.unwrap_or(f64::NAN),
+        100.0 * t.final_val_accuracy.unwrap_or(f64::NAN)
     );
     Ok(())
 }
