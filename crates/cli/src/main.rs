@@ -45,7 +45,9 @@ enum Command {
     Train(commands::train::Args),
     /// Stage 2: compose several experts and tune their gates on mixed data
     Compose(commands::compose::Args),
-    /// Show what an expert file holds
+    /// Baselines through the same trainer: full fine-tuning and LoRA
+    Baseline(commands::baseline::Args),
+    /// Show what an expert file or model folder holds
     Inspect(commands::inspect::Args),
     /// Speed benchmarks
     Bench(commands::bench::Args),
@@ -73,6 +75,7 @@ fn main() -> ExitCode {
         Command::Data(args) => commands::data::run(args),
         Command::Train(args) => commands::train::run(args),
         Command::Compose(args) => commands::compose::run(args),
+        Command::Baseline(args) => commands::baseline::run(args),
         Command::Inspect(args) => commands::inspect::run(args),
         Command::Bench(args) => commands::bench::run(args),
     };

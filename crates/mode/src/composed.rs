@@ -44,6 +44,9 @@ pub struct ComposedExpert {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ComposedManifest {
     pub format_version: u32,
+    /// Always `mode`: tells composed models from baselines in `model.json`.
+    #[serde(default = "mode_kind")]
+    pub kind: String,
     pub backbone_source: String,
     pub backbone_fingerprint: String,
     pub layout: BlockLayout,
@@ -128,25 +131,50 @@ pub fn save_composed(
     Ok(manifest)
 }
 
-/// Reads `dir/model.json`.
-pub fn read_manifest(dir: &Path) -> Result<ComposedManifest> {
-    let path = dir.join(MANIFEST_FILE);
-    let text = std::fs::read_to_string(&path).map_err(|e| Error::File {
-        path: path.clone(),
+/// Reads a JSON manifest; errors name the file, and say what to do when it is missing.
+pub(crate) fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::File {
+        path: path.to_path_buf(),
         msg: if e.kind() == std::io::ErrorKind::NotFound {
-            "not found: is this a folder written by `mode compose`?".into()
+            "not found: is this a folder written by `mode compose` or `mode baseline`?".into()
         } else {
             e.to_string()
         },
     })?;
-    let manifest: ComposedManifest = serde_json::from_str(&text).map_err(|e| Error::File {
-        path: path.clone(),
+    serde_json::from_str(&text).map_err(|e| Error::File {
+        path: path.to_path_buf(),
         msg: format!(
             "invalid manifest at line {} column {}: {e}",
             e.line(),
             e.column()
         ),
-    })?;
+    })
+}
+
+/// What a model folder holds: `mode` (a composed MoDE model), `full` or `lora` (baselines).
+pub fn model_kind(dir: &Path) -> Result<String> {
+    #[derive(Deserialize)]
+    struct Kind {
+        #[serde(default = "mode_kind")]
+        kind: String,
+    }
+    Ok(read_json::<Kind>(&dir.join(MANIFEST_FILE))?.kind)
+}
+
+fn mode_kind() -> String {
+    "mode".into()
+}
+
+/// Reads `dir/model.json` of a composed model.
+pub fn read_manifest(dir: &Path) -> Result<ComposedManifest> {
+    let path = dir.join(MANIFEST_FILE);
+    let manifest: ComposedManifest = read_json(&path)?;
+    if manifest.kind != "mode" {
+        return Err(Error::File {
+            path,
+            msg: format!("a `{}` model, not a composed MoDE model", manifest.kind),
+        });
+    }
     if manifest.format_version != COMPOSED_FORMAT_VERSION {
         return Err(Error::File {
             path,

@@ -7,6 +7,7 @@
 //! [`ModeModel`] runs that forward (with KV caches, for evaluation and generation) and builds the
 //! training plan the engine differentiates.
 
+pub mod baseline;
 pub mod composed;
 pub mod expert;
 pub mod file;

@@ -116,6 +116,7 @@ pub fn compose(
     }
     let manifest = ComposedManifest {
         format_version: COMPOSED_FORMAT_VERSION,
+        kind: "mode".into(),
         backbone_source: backbone_source.to_string(),
         backbone_fingerprint: fingerprint,
         layout,

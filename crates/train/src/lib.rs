@@ -3,6 +3,7 @@
 //! gradient accumulation. Parameters are candle tensors updated in place; only parameters that
 //! receive gradients ever get optimizer state, so a frozen backbone costs nothing here.
 
+pub mod baseline;
 pub mod bench;
 pub mod compose;
 pub mod grads;

@@ -1,3 +1,4 @@
+pub mod baseline;
 pub mod bench;
 pub mod compose;
 pub mod data;
@@ -98,8 +99,25 @@ impl LoadedModel {
 }
 
 impl ModelArgs {
+    fn load_baseline(&self, dir: &std::path::Path) -> Result<(LoadedModel, Tokenizer)> {
+        let manifest = mode_core::baseline::read_manifest(dir)?;
+        let (backbone, tokenizer, path) = self.backbone.load_or(&manifest.backbone_source)?;
+        let (backbone, manifest) = mode_core::baseline::load_baseline(dir, backbone)
+            .with_context(|| format!("loading {} over {}", dir.display(), path.display()))?;
+        eprintln!(
+            "mode: {} baseline {} ({:.2}M trained parameters)",
+            manifest.kind,
+            dir.display(),
+            manifest.trainable_parameters as f64 / 1e6
+        );
+        Ok((LoadedModel::Backbone(Box::new(backbone)), tokenizer))
+    }
+
     pub fn load(&self) -> Result<(LoadedModel, Tokenizer)> {
         if let Some(dir) = &self.model {
+            if mode_core::composed::model_kind(dir)? != "mode" {
+                return self.load_baseline(dir);
+            }
             let manifest = mode_core::composed::read_manifest(dir)?;
             let (backbone, tokenizer, path) = self.backbone.load_or(&manifest.backbone_source)?;
             let (model, manifest) = mode_core::load_composed(dir, backbone)

@@ -5,7 +5,7 @@ use mode_core::ExpertInit;
 use mode_data::DataMix;
 use mode_train::stage1::{side_paths, Stage1Options};
 
-use super::training::{TrainFlags, TrainProgress};
+use super::training::{TrainFlags, TrainProgress, ADAPTER_LR};
 use super::BackboneArgs;
 
 /// Stage 1: train one domain expert (and its gates) beside a frozen backbone.
@@ -49,7 +49,7 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let train = args.train.config()?;
+    let train = args.train.config(ADAPTER_LR)?;
     let data = DataMix::open(&args.data)?;
     let (backbone, tokenizer, path) = args.backbone.load()?;
     let (ckpt, _) = side_paths(&args.out);

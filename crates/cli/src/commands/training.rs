@@ -18,9 +18,9 @@ pub struct TrainFlags {
     /// Sequence length of training rows
     #[arg(long, default_value_t = 256)]
     pub seq_len: usize,
-    /// Peak learning rate
-    #[arg(long, default_value_t = 1e-3)]
-    pub lr: f64,
+    /// Peak learning rate [default: 1e-4 for full fine-tuning, 1e-3 otherwise]
+    #[arg(long)]
+    pub lr: Option<f64>,
     /// Linear warm-up steps before cosine decay
     #[arg(long, default_value_t = 20)]
     pub warmup: usize,
@@ -42,19 +42,21 @@ pub struct TrainFlags {
 }
 
 impl TrainFlags {
-    /// Checks the flags and turns them into the loop's configuration.
-    pub fn config(&self) -> Result<TrainConfig> {
+    /// Checks the flags and turns them into the loop's configuration; `default_lr` where
+    /// --lr is not given.
+    pub fn config(&self, default_lr: f64) -> Result<TrainConfig> {
         if self.seq_len < 2 || self.batch_tokens < self.seq_len || self.steps == 0 {
             bail!("need --seq-len >= 2, --batch-tokens >= --seq-len and --steps >= 1");
         }
-        if !(self.lr.is_finite() && self.lr > 0.0) {
-            bail!("--lr must be a positive number, got {}", self.lr);
+        let lr = self.lr.unwrap_or(default_lr);
+        if !(lr.is_finite() && lr > 0.0) {
+            bail!("--lr must be a positive number, got {lr}");
         }
         Ok(TrainConfig {
             steps: self.steps,
             batch_tokens: self.batch_tokens,
             seq_len: self.seq_len,
-            lr: self.lr,
+            lr,
             lr_warmup_steps: self.warmup,
             seed: self.seed,
             val_every: self.val_every,
@@ -78,6 +80,11 @@ impl TrainFlags {
         Ok(())
     }
 }
+
+/// Default peak learning rate of experts, gates and LoRA adapters.
+pub const ADAPTER_LR: f64 = 1e-3;
+/// Default peak learning rate of full fine-tuning, where every backbone weight moves.
+pub const FULL_FT_LR: f64 = 1e-4;
 
 /// A progress bar driven by the training loop's events: step, loss, tokens/s, ETA, and a line
 /// per validation and checkpoint.

@@ -1,0 +1,90 @@
+//! The baselines MoDE is compared with, through the same loop: full fine-tuning and LoRA.
+
+use std::path::Path;
+
+use mode_core::baseline::{save_baseline, BaselineManifest, LoraSpec, BASELINE_FORMAT_VERSION};
+use mode_core::file::TrainingSummary;
+use mode_data::DataMix;
+use mode_engine::model::Trainable;
+use mode_model::Backbone;
+
+use crate::methods::BackboneTraining;
+use crate::stage1::{check_tokenizer, side_paths};
+use crate::trainer::{train, Error, Event, Method, TrainConfig, TrainReport};
+
+/// Which baseline.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum BaselineKind {
+    /// Every backbone parameter trains.
+    Full,
+    /// Low-rank adapters on the chosen projections; the backbone stays frozen.
+    Lora(LoraSpec),
+}
+
+/// Fine-tunes `backbone` as `kind` on `data` and writes the folder `out` (a checkpoint folder
+/// and a metrics file live next to it; an existing checkpoint is resumed). Returns the
+/// manifest once the run is complete.
+#[allow(clippy::too_many_arguments)]
+pub fn train_baseline(
+    mut backbone: Backbone,
+    backbone_source: &str,
+    tokenizer_fingerprint: &str,
+    data: &DataMix,
+    kind: BaselineKind,
+    cfg: &TrainConfig,
+    out: &Path,
+    on_event: impl FnMut(Event) -> bool,
+) -> Result<(Option<BaselineManifest>, TrainReport), Error> {
+    check_tokenizer(data, tokenizer_fingerprint, backbone_source)?;
+    // Before training: full fine-tuning changes the weights in place.
+    let fingerprint = backbone.fingerprint()?;
+    let layers = backbone.layers.len();
+    let trainable = match kind {
+        BaselineKind::Full => Trainable::all(layers),
+        BaselineKind::Lora(spec) => {
+            if spec.rank == 0 {
+                return Err(Error::Data("LoRA needs --rank >= 1".into()));
+            }
+            backbone.attach_lora(spec.rank, spec.alpha, spec.targets.projections(), cfg.seed)?;
+            Trainable::lora(layers)
+        }
+    };
+    let (ckpt, metrics) = side_paths(out);
+    let method = BackboneTraining {
+        backbone: &backbone,
+        trainable,
+    };
+    let trainable_parameters = method.params().iter().map(|(_, t)| t.elem_count()).sum();
+    let report = train(&method, data, cfg, &ckpt, &metrics, on_event)?;
+    if report.steps < cfg.steps {
+        return Ok((None, report));
+    }
+    let manifest = BaselineManifest {
+        format_version: BASELINE_FORMAT_VERSION,
+        kind: match kind {
+            BaselineKind::Full => "full".into(),
+            BaselineKind::Lora(_) => "lora".into(),
+        },
+        lora: match kind {
+            BaselineKind::Full => None,
+            BaselineKind::Lora(spec) => Some(spec),
+        },
+        backbone_source: backbone_source.to_string(),
+        backbone_fingerprint: fingerprint,
+        trainable_parameters,
+        training: TrainingSummary {
+            steps: report.steps,
+            tokens: report.tokens,
+            final_train_loss: report.final_train_loss,
+            final_val_loss: report.final_val_loss,
+            final_val_accuracy: report.final_val_accuracy,
+            data_fingerprint: Some(data.fingerprint()),
+            seed: cfg.seed,
+            init: "backbone".into(),
+        },
+        tool_version: env!("CARGO_PKG_VERSION").to_string(),
+    };
+    save_baseline(out, &manifest, &backbone)?;
+    let _ = std::fs::remove_dir_all(&ckpt);
+    Ok((Some(manifest), report))
+}
