@@ -132,16 +132,27 @@ pub fn windows(ids: &[u32], seq_len: usize) -> Vec<&[u32]> {
         .collect()
 }
 
-/// Evaluates token ids: full windows in batches of `batch_size`, then the shorter tail window.
-/// `progress` is called with the number of windows finished so far.
+/// At most `max_windows` of `windows`, spread evenly over them (all when there are fewer), so
+/// a capped evaluation still sees the whole set rather than its beginning.
+pub fn spread<'a>(windows: Vec<&'a [u32]>, max_windows: Option<usize>) -> Vec<&'a [u32]> {
+    match max_windows {
+        Some(k) if k < windows.len() => (0..k).map(|i| windows[i * windows.len() / k]).collect(),
+        _ => windows,
+    }
+}
+
+/// Evaluates token ids: full windows in batches of `batch_size`, then the shorter tail window;
+/// with `max_windows`, only that many windows spread over the ids ([`spread`]). `progress` is
+/// called with the number of windows finished so far.
 pub fn evaluate_ids(
     model: &dyn CausalLm,
     ids: &[u32],
     seq_len: usize,
     batch_size: usize,
+    max_windows: Option<usize>,
     mut progress: impl FnMut(usize),
 ) -> Result<Totals> {
-    let all = windows(ids, seq_len);
+    let all = spread(windows(ids, seq_len), max_windows);
     let mut totals = Totals::default();
     let mut done = 0;
     let (full, tail): (Vec<&[u32]>, Vec<&[u32]>) = all.iter().partition(|w| w.len() == seq_len);
@@ -219,17 +230,19 @@ pub fn eval_ids(path: &Path, tokenizer: &Tokenizer) -> Result<Vec<u32>> {
     Ok(tokenizer.encode(&read_eval_text(path)?)?)
 }
 
-/// Evaluates a file or prepared folder (see [`eval_ids`]).
+/// Evaluates a file or prepared folder (see [`eval_ids`]), on at most `max_windows` windows
+/// spread over it.
 pub fn evaluate_file(
     model: &dyn CausalLm,
     tokenizer: &Tokenizer,
     path: &Path,
     seq_len: usize,
     batch_size: usize,
+    max_windows: Option<usize>,
     progress: impl FnMut(usize, usize),
 ) -> Result<FileReport> {
     let ids = eval_ids(path, tokenizer)?;
-    let n_windows = windows(&ids, seq_len).len();
+    let n_windows = spread(windows(&ids, seq_len), max_windows).len();
     if n_windows == 0 {
         return Err(Error::Data {
             path: path.to_path_buf(),
@@ -240,10 +253,15 @@ pub fn evaluate_file(
         });
     }
     let mut progress = progress;
-    let totals = evaluate_ids(model, &ids, seq_len, batch_size, |done| {
+    let totals = evaluate_ids(model, &ids, seq_len, batch_size, max_windows, |done| {
         progress(done, n_windows)
     })?;
-    Ok(totals.report(ids.len()))
+    let tokens = if n_windows < windows(&ids, seq_len).len() {
+        totals.predictions + n_windows
+    } else {
+        ids.len()
+    };
+    Ok(totals.report(tokens))
 }
 
 #[cfg(test)]
@@ -258,6 +276,15 @@ mod tests {
         let ids: Vec<u32> = (0..9).collect();
         // A last window of a single token predicts nothing and is dropped.
         assert_eq!(windows(&ids, 4).len(), 2);
+    }
+
+    #[test]
+    fn spread_windows_cover_the_whole_set() {
+        let ids: Vec<u32> = (0..40).collect();
+        let w = spread(windows(&ids, 4), Some(3));
+        assert_eq!(w, vec![&ids[0..4], &ids[12..16], &ids[24..28]]);
+        assert_eq!(spread(windows(&ids, 4), Some(50)).len(), 10);
+        assert_eq!(spread(windows(&ids, 4), None).len(), 10);
     }
 
     #[test]

@@ -104,7 +104,14 @@ fn infer(args: InferArgs) -> Result<()> {
     for run in 0..=args.runs {
         let (p, d) = prefill_and_decode(&model, &ids[..args.prompt_tokens], args.new_tokens)?;
         let start = Instant::now();
-        mode_eval::evaluate_ids(&model, &ids[..args.eval_tokens], args.seq_len, 4, |_| {})?;
+        mode_eval::evaluate_ids(
+            &model,
+            &ids[..args.eval_tokens],
+            args.seq_len,
+            4,
+            None,
+            |_| {},
+        )?;
         let e = args.eval_tokens as f64 / start.elapsed().as_secs_f64();
         if run > 0 {
             prefill.push(p);

@@ -28,6 +28,9 @@ pub struct Args {
     /// Windows per forward pass
     #[arg(long, default_value_t = 4)]
     batch_size: usize,
+    /// Evaluate at most this many windows per file, spread evenly over it (default: all)
+    #[arg(long)]
+    max_windows: Option<usize>,
     /// Print one JSON object keyed by file name instead of a table
     #[arg(long)]
     json: bool,
@@ -61,6 +64,7 @@ pub fn run(args: Args) -> Result<()> {
             path,
             args.seq_len,
             args.batch_size,
+            args.max_windows,
             |done, total| {
                 bar.set_length(total as u64);
                 bar.set_position(done as u64);
