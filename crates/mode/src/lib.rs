@@ -12,12 +12,14 @@ pub mod composed;
 pub mod expert;
 pub mod file;
 pub mod layout;
+pub mod loaded;
 pub mod model;
 
 pub use composed::{load_composed, save_composed, ComposedManifest, LoadedExpertFile};
 pub use expert::{Expert, ExpertInit, Gate};
 pub use file::{ExpertFile, ExpertMeta};
 pub use layout::BlockLayout;
+pub use loaded::LoadedModel;
 pub use model::ModeModel;
 
 /// Errors of the MoDE layer.

@@ -75,94 +75,34 @@ pub struct ModelArgs {
     pub expert: Vec<PathBuf>,
 }
 
-/// A loaded model: the plain backbone, or a MoDE model.
-pub enum LoadedModel {
-    Backbone(Box<Backbone>),
-    Mode(Box<mode_core::ModeModel>),
-}
-
-impl LoadedModel {
-    pub fn lm(&self) -> &dyn mode_model::CausalLm {
-        match self {
-            LoadedModel::Backbone(b) => b.as_ref(),
-            LoadedModel::Mode(m) => m.as_ref(),
-        }
-    }
-
-    /// Mean gate weights since the last call (MoDE models only).
-    pub fn take_gate_stats(&self) -> Option<Vec<Vec<f64>>> {
-        match self {
-            LoadedModel::Backbone(_) => None,
-            LoadedModel::Mode(m) => Some(m.take_gate_stats().0),
-        }
-    }
-}
+pub use mode_core::LoadedModel;
 
 impl ModelArgs {
-    fn load_baseline(&self, dir: &std::path::Path) -> Result<(LoadedModel, Tokenizer)> {
-        let manifest = mode_core::baseline::read_manifest(dir)?;
-        let (backbone, tokenizer, path) = self.backbone.load_or(&manifest.backbone_source)?;
-        let (backbone, manifest) = mode_core::baseline::load_baseline(dir, backbone)
-            .with_context(|| format!("loading {} over {}", dir.display(), path.display()))?;
-        eprintln!(
-            "mode: {} baseline {} ({:.2}M trained parameters)",
-            manifest.kind,
-            dir.display(),
-            manifest.trainable_parameters as f64 / 1e6
-        );
-        Ok((LoadedModel::Backbone(Box::new(backbone)), tokenizer))
-    }
-
+    /// Loads what the flags name: a model folder, the backbone with one expert, or the backbone.
     pub fn load(&self) -> Result<(LoadedModel, Tokenizer)> {
-        if let Some(dir) = &self.model {
-            if mode_core::composed::model_kind(dir)? != "mode" {
-                return self.load_baseline(dir);
-            }
-            let manifest = mode_core::composed::read_manifest(dir)?;
-            let (backbone, tokenizer, path) = self.backbone.load_or(&manifest.backbone_source)?;
-            let (model, manifest) = mode_core::load_composed(dir, backbone)
+        let (model, tokenizer, what) = if let Some(dir) = &self.model {
+            let source = mode_core::loaded::folder_backbone_source(dir)?;
+            let (backbone, tokenizer, path) = self.backbone.load_or(&source)?;
+            let (model, what) = mode_core::loaded::load_folder(dir, backbone)
                 .with_context(|| format!("loading {} over {}", dir.display(), path.display()))?;
-            eprintln!(
-                "mode: composed model {} ({} blocks x {} layers; experts: {})",
-                dir.display(),
-                manifest.layout.num_blocks(),
-                manifest.layout.expert_layers_per_block,
-                manifest
-                    .experts
-                    .iter()
-                    .map(|e| e.name.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            );
-            return Ok((LoadedModel::Mode(Box::new(model)), tokenizer));
-        }
-        let (backbone, tokenizer, path) = self.backbone.load()?;
-        match self.expert.as_slice() {
-            [] => Ok((LoadedModel::Backbone(Box::new(backbone)), tokenizer)),
-            [file] => {
-                let expert_file = mode_core::ExpertFile::load(file, &Device::Cpu)?;
-                let fingerprint = backbone.fingerprint()?;
-                let dims = mode_core::file::ExpertDims::of(&backbone.config);
-                expert_file
-                    .check_compatible(file, &fingerprint, &dims, None)
-                    .with_context(|| format!("loading expert into backbone {}", path.display()))?;
-                let expert = expert_file.expert(&backbone, file)?;
-                let gates = expert_file.gates(file)?;
-                let layout = expert_file.meta.layout.clone();
-                eprintln!(
-                    "mode: expert `{}` ({} blocks x {} layers, {:.2}M parameters)",
-                    expert.name,
-                    layout.num_blocks(),
-                    layout.expert_layers_per_block,
-                    expert.num_parameters() as f64 / 1e6
-                );
-                let model = mode_core::ModeModel::new(backbone, layout, vec![expert], gates)?;
-                Ok((LoadedModel::Mode(Box::new(model)), tokenizer))
+            (model, tokenizer, Some(what))
+        } else {
+            let (backbone, tokenizer, path) = self.backbone.load()?;
+            match self.expert.as_slice() {
+                [] => (LoadedModel::Backbone(Box::new(backbone)), tokenizer, None),
+                [file] => {
+                    let (model, what) = mode_core::loaded::load_with_expert(file, backbone)
+                        .with_context(|| {
+                            format!("loading expert into backbone {}", path.display())
+                        })?;
+                    (model, tokenizer, Some(what))
+                }
+                _ => return Err(mode_core::loaded::several_experts_error().into()),
             }
-            _ => anyhow::bail!(
-                "several --expert files need gates trained together: compose them first \
-                 (mode compose), then use --model"
-            ),
+        };
+        if let Some(what) = what {
+            eprintln!("mode: {what}");
         }
+        Ok((model, tokenizer))
     }
 }

@@ -90,6 +90,11 @@ pub const FULL_FT_LR: f64 = 1e-4;
 /// per validation and checkpoint.
 pub struct TrainProgress {
     bar: ProgressBar,
+    /// Without a terminal (logs, CI) the bar is hidden: print a line every this many steps.
+    log_every: Option<usize>,
+    start: std::time::Instant,
+    /// The first step this process ran (a resumed run starts late).
+    first_step: std::cell::Cell<Option<usize>>,
 }
 
 impl TrainProgress {
@@ -101,7 +106,14 @@ impl TrainProgress {
             .expect("valid template")
             .progress_chars("=> "),
         );
-        Self { bar }
+        use std::io::IsTerminal;
+        let log_every = (!std::io::stderr().is_terminal()).then_some((steps / 20).max(1));
+        Self {
+            bar,
+            log_every,
+            start: std::time::Instant::now(),
+            first_step: std::cell::Cell::new(None),
+        }
     }
 
     /// Shows one event; always lets the run go on.
@@ -109,10 +121,25 @@ impl TrainProgress {
         match e {
             Event::Step {
                 step,
+                total,
                 loss,
                 tokens_per_sec,
-                ..
             } => {
+                if self.first_step.get().is_none() {
+                    self.first_step.set(Some(step));
+                }
+                if self
+                    .log_every
+                    .is_some_and(|n| step % n == 0 || step == total)
+                {
+                    let elapsed = self.start.elapsed().as_secs_f64();
+                    let first = self.first_step.get().unwrap_or(step);
+                    let done = (step + 1 - first) as f64;
+                    let eta = elapsed / done * (total - step) as f64;
+                    eprintln!(
+                        "step {step}/{total}: loss {loss:.4}, {tokens_per_sec:.0} tokens/s ({elapsed:.0}s, ETA {eta:.0}s)"
+                    );
+                }
                 self.bar.set_position(step as u64);
                 self.bar
                     .set_message(format!("loss {loss:.4}, {tokens_per_sec:.0} tokens/s"));

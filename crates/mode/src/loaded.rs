@@ -1,0 +1,100 @@
+//! Any model `mode` can run: the plain backbone, a backbone with one expert, a composed MoDE
+//! model, or a baseline folder (full fine-tuning or LoRA).
+
+use std::path::Path;
+
+use mode_model::{Backbone, CausalLm};
+
+use crate::composed::{model_kind, read_manifest, MANIFEST_FILE};
+use crate::file::ExpertDims;
+use crate::{baseline, load_composed, Error, ExpertFile, ModeModel, Result};
+
+/// A model ready to evaluate or generate with.
+pub enum LoadedModel {
+    Backbone(Box<Backbone>),
+    Mode(Box<ModeModel>),
+}
+
+impl LoadedModel {
+    pub fn lm(&self) -> &dyn CausalLm {
+        match self {
+            LoadedModel::Backbone(b) => b.as_ref(),
+            LoadedModel::Mode(m) => m.as_ref(),
+        }
+    }
+
+    /// Mean gate weights per block and branch since the last call (MoDE models only).
+    pub fn take_gate_stats(&self) -> Option<Vec<Vec<f64>>> {
+        match self {
+            LoadedModel::Backbone(_) => None,
+            LoadedModel::Mode(m) => Some(m.take_gate_stats().0),
+        }
+    }
+}
+
+/// The backbone a model folder was made from, as recorded in its manifest.
+pub fn folder_backbone_source(dir: &Path) -> Result<String> {
+    #[derive(serde::Deserialize)]
+    struct Source {
+        backbone_source: String,
+    }
+    Ok(crate::composed::read_json::<Source>(&dir.join(MANIFEST_FILE))?.backbone_source)
+}
+
+/// Loads a model folder (`mode compose` or `mode baseline` output) onto `backbone`. Returns
+/// the model and a one-line description.
+pub fn load_folder(dir: &Path, backbone: Backbone) -> Result<(LoadedModel, String)> {
+    if model_kind(dir)? != "mode" {
+        let (backbone, m) = baseline::load_baseline(dir, backbone)?;
+        let what = format!(
+            "{} baseline {} ({:.2}M trained parameters)",
+            m.kind,
+            dir.display(),
+            m.trainable_parameters as f64 / 1e6
+        );
+        return Ok((LoadedModel::Backbone(Box::new(backbone)), what));
+    }
+    read_manifest(dir)?;
+    let (model, m) = load_composed(dir, backbone)?;
+    let what = format!(
+        "composed model {} ({} blocks x {} layers; experts: {})",
+        dir.display(),
+        m.layout.num_blocks(),
+        m.layout.expert_layers_per_block,
+        m.experts
+            .iter()
+            .map(|e| e.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    Ok((LoadedModel::Mode(Box::new(model)), what))
+}
+
+/// The backbone with one expert file and its stage-1 gates.
+pub fn load_with_expert(file: &Path, backbone: Backbone) -> Result<(LoadedModel, String)> {
+    let expert_file = ExpertFile::load(file, backbone.device())?;
+    let fingerprint = backbone.fingerprint()?;
+    let dims = ExpertDims::of(&backbone.config);
+    expert_file.check_compatible(file, &fingerprint, &dims, None)?;
+    let expert = expert_file.expert(&backbone, file)?;
+    let gates = expert_file.gates(file)?;
+    let layout = expert_file.meta.layout.clone();
+    let what = format!(
+        "expert `{}` ({} blocks x {} layers, {:.2}M parameters)",
+        expert.name,
+        layout.num_blocks(),
+        layout.expert_layers_per_block,
+        expert.num_parameters() as f64 / 1e6
+    );
+    let model = ModeModel::new(backbone, layout, vec![expert], gates)?;
+    Ok((LoadedModel::Mode(Box::new(model)), what))
+}
+
+/// Refuses several loose expert files: their gates were never trained together.
+pub fn several_experts_error() -> Error {
+    Error::Layout(
+        "several --expert files need gates trained together: compose them first \
+         (mode compose), then use --model"
+            .into(),
+    )
+}
