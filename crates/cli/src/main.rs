@@ -47,6 +47,8 @@ enum Command {
     Compose(commands::compose::Args),
     /// Baselines through the same trainer: full fine-tuning and LoRA
     Baseline(commands::baseline::Args),
+    /// The paper's experiment end to end: every method, one table, one HTML report
+    Demo(commands::demo::Args),
     /// Show what an expert file or model folder holds
     Inspect(commands::inspect::Args),
     /// Speed benchmarks
@@ -76,6 +78,7 @@ fn main() -> ExitCode {
         Command::Train(args) => commands::train::run(args),
         Command::Compose(args) => commands::compose::run(args),
         Command::Baseline(args) => commands::baseline::run(args),
+        Command::Demo(args) => commands::demo::run(args),
         Command::Inspect(args) => commands::inspect::run(args),
         Command::Bench(args) => commands::bench::run(args),
     };

@@ -112,12 +112,13 @@ pub fn prepare(
         path: out.clone(),
         msg,
     };
-    if !(0.0..1.0).contains(&(opts.val_fraction + opts.test_fraction))
+    // A sum of 1 is allowed: a set kept for evaluation only has no training split.
+    if !(0.0..=1.0).contains(&(opts.val_fraction + opts.test_fraction))
         || opts.val_fraction < 0.0
         || opts.test_fraction < 0.0
     {
         return Err(bad(format!(
-            "--val-fraction {} and --test-fraction {} must be >= 0 and sum to less than 1",
+            "--val-fraction {} and --test-fraction {} must be >= 0 and sum to at most 1",
             opts.val_fraction, opts.test_fraction
         )));
     }

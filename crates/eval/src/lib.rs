@@ -134,7 +134,7 @@ pub fn windows(ids: &[u32], seq_len: usize) -> Vec<&[u32]> {
 
 /// At most `max_windows` of `windows`, spread evenly over them (all when there are fewer), so
 /// a capped evaluation still sees the whole set rather than its beginning.
-pub fn spread<'a>(windows: Vec<&'a [u32]>, max_windows: Option<usize>) -> Vec<&'a [u32]> {
+pub fn spread(windows: Vec<&[u32]>, max_windows: Option<usize>) -> Vec<&[u32]> {
     match max_windows {
         Some(k) if k < windows.len() => (0..k).map(|i| windows[i * windows.len() / k]).collect(),
         _ => windows,

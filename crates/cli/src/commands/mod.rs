@@ -2,6 +2,7 @@ pub mod baseline;
 pub mod bench;
 pub mod compose;
 pub mod data;
+pub mod demo;
 pub mod eval;
 pub mod generate;
 pub mod inspect;

@@ -1,0 +1,287 @@
+//! The demo's outputs: the table in the terminal, `results.json` and `report.html`.
+
+use std::fmt::Write;
+use std::path::Path;
+
+use crate::svg::{bar_chart, line_chart, scatter, Series};
+use crate::{Error, Result, Results, METHODS};
+
+/// Writes `results.json` and `report.html` into `dir`.
+pub fn write(dir: &Path, results: &Results) -> Result<()> {
+    let put = |name: &str, bytes: &[u8]| {
+        let path = dir.join(name);
+        mode_io::atomic::write_file(&path, bytes).map_err(|e| Error::Io { path, source: e })
+    };
+    put(
+        "results.json",
+        &serde_json::to_vec_pretty(results).expect("results serialise"),
+    )?;
+    put("report.html", html(results).as_bytes())
+}
+
+/// Method names in table order: the fixed ones, then any extra (a LoRA sweep).
+fn ordered(results: &Results) -> Vec<&str> {
+    let mut names: Vec<&str> = METHODS
+        .iter()
+        .copied()
+        .filter(|m| results.methods.contains_key(*m))
+        .collect();
+    names.extend(
+        results
+            .methods
+            .keys()
+            .map(String::as_str)
+            .filter(|k| !METHODS.contains(k)),
+    );
+    names
+}
+
+fn millions(n: usize) -> String {
+    if n == 0 {
+        "-".into()
+    } else {
+        format!("{:.2}M", n as f64 / 1e6)
+    }
+}
+
+/// The paper's Table 1 for this run, as text.
+pub fn table(results: &Results) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<22} {:>7} {:>7} {:>8} {:>7} {:>10} {:>10} {:>9} {:>8}",
+        "method", "Math", "Code", "English", "Avg", "added", "trainable", "tokens", "train s"
+    );
+    for name in ordered(results) {
+        let r = &results.methods[name];
+        let _ = writeln!(
+            out,
+            "{:<22} {:>7.2} {:>7.2} {:>8.2} {:>7.2} {:>10} {:>10} {:>9} {:>8.0}",
+            name,
+            r.math,
+            r.code,
+            r.english,
+            r.average,
+            millions(r.added_parameters),
+            millions(r.trainable_parameters),
+            r.tokens,
+            r.train_seconds
+        );
+    }
+    out
+}
+
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+/// A self-contained HTML report: table, training curves, accuracy per domain, retention
+/// against target accuracy, gate weights per block and domain.
+pub fn html(results: &Results) -> String {
+    let names = ordered(results);
+    let mut h = String::new();
+    h.push_str(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>MoDE demo report</title>\
+         <style>body{font-family:sans-serif;max-width:1000px;margin:2em auto;color:#222}\
+         table{border-collapse:collapse;margin:1em 0}td,th{padding:4px 10px;border-bottom:1px solid #ddd;text-align:right}\
+         td:first-child,th:first-child{text-align:left}.gate td{text-align:center;color:#000}</style></head><body>",
+    );
+    let b = &results.budget;
+    let _ = write!(
+        h,
+        "<h1>MoDE demo ({:?})</h1><p>Backbone <code>{}</code>. Each method trains {} steps of {} tokens \
+         (composed MoDE: two experts of {} steps each, then {} steps of stage 2); \
+         {} blocks x {} expert layers; LoRA rank {} on attention. Held-out next-token accuracy over \
+         {} windows of {} tokens per set. Total time {:.0} s.</p>",
+        results.preset,
+        escape(&results.backbone),
+        b.steps,
+        b.batch_tokens,
+        b.expert_steps(),
+        b.compose_steps,
+        b.blocks,
+        b.expert_layers_per_block,
+        b.lora_rank,
+        b.eval_windows,
+        b.eval_seq_len,
+        results.total_seconds
+    );
+    h.push_str("<h2>Accuracy (%)</h2><table><tr><th>method</th><th>Math</th><th>Code</th><th>English</th><th>Avg</th><th>added</th><th>trainable</th><th>tokens</th><th>train s</th></tr>");
+    for name in &names {
+        let r = &results.methods[*name];
+        let _ = write!(
+            h,
+            "<tr><td>{name}</td><td>{:.2}</td><td>{:.2}</td><td>{:.2}</td><td><b>{:.2}</b></td><td>{}</td><td>{}</td><td>{}</td><td>{:.0}</td></tr>",
+            r.math,
+            r.code,
+            r.english,
+            r.average,
+            millions(r.added_parameters),
+            millions(r.trainable_parameters),
+            r.tokens,
+            r.train_seconds
+        );
+    }
+    h.push_str("</table>");
+
+    h.push_str("<h2>Accuracy per domain</h2>");
+    let series: Vec<(&str, Vec<f64>)> = names
+        .iter()
+        .map(|n| {
+            let r = &results.methods[*n];
+            (*n, vec![r.math, r.code, r.english, r.average])
+        })
+        .collect();
+    h.push_str(&bar_chart(
+        "Held-out next-token accuracy",
+        "accuracy (%)",
+        &["Math", "Code", "English", "Average"],
+        &series,
+    ));
+
+    h.push_str("<h2>Retention against target accuracy</h2>");
+    let points: Vec<(&str, f64, f64)> = names
+        .iter()
+        .map(|n| {
+            let r = &results.methods[*n];
+            (*n, (r.math + r.code) / 2.0, r.english)
+        })
+        .collect();
+    h.push_str(&scatter(
+        "English (retention) vs mean of Math and Code",
+        "target accuracy (%)",
+        "English accuracy (%)",
+        &points,
+    ));
+
+    h.push_str("<h2>Training curves</h2>");
+    let mut curves: Vec<Series> = Vec::new();
+    for name in &names {
+        for (stage, points) in &results.methods[*name].curves {
+            if points.is_empty() || curves.iter().any(|s| &s.name == stage) {
+                continue;
+            }
+            curves.push(Series {
+                name: stage.clone(),
+                points: smooth(points),
+            });
+        }
+    }
+    h.push_str(&line_chart(
+        "Training loss (moving average of 5 steps)",
+        "step",
+        "loss",
+        &curves,
+    ));
+
+    h.push_str("<h2>Gate weights per block and held-out set</h2>");
+    for name in &names {
+        let r = &results.methods[*name];
+        if r.gate_weights.is_empty() {
+            continue;
+        }
+        let _ = write!(
+            h,
+            "<h3>{name}</h3><table class=\"gate\"><tr><th>set</th><th>block</th>"
+        );
+        for branch in &r.branches {
+            let _ = write!(h, "<th>{}</th>", escape(branch));
+        }
+        h.push_str("</tr>");
+        for (set, blocks) in &r.gate_weights {
+            for (i, weights) in blocks.iter().enumerate() {
+                let _ = write!(h, "<tr><td>{set}</td><td>{i}</td>");
+                for w in weights {
+                    // Deeper blue for a larger share of the mix.
+                    let light = 100.0 - 55.0 * w.clamp(0.0, 1.0);
+                    let _ = write!(
+                        h,
+                        "<td style=\"background:hsl(210,70%,{light:.0}%)\">{w:.3}</td>"
+                    );
+                }
+                h.push_str("</tr>");
+            }
+        }
+        h.push_str("</table>");
+    }
+    h.push_str("</body></html>\n");
+    h
+}
+
+/// Moving average over 5 steps, to make short noisy curves readable.
+fn smooth(points: &[(usize, f64)]) -> Vec<(f64, f64)> {
+    points
+        .iter()
+        .enumerate()
+        .map(|(i, &(x, _))| {
+            let lo = i.saturating_sub(4);
+            let window = &points[lo..=i];
+            let mean = window.iter().map(|p| p.1).sum::<f64>() / window.len() as f64;
+            (x as f64, mean)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Budget, MethodResult, Preset};
+    use std::collections::BTreeMap;
+
+    fn results() -> Results {
+        let mut methods = BTreeMap::new();
+        for (i, name) in ["backbone", "mode_composed", "lora_r4"].iter().enumerate() {
+            let mut r = MethodResult {
+                math: 10.0 + i as f64,
+                code: 20.0,
+                english: 30.0,
+                average: 20.0,
+                curves: BTreeMap::from([(name.to_string(), vec![(1, 3.0), (2, 2.5)])]),
+                ..Default::default()
+            };
+            if *name == "mode_composed" {
+                r.branches = vec!["backbone".into(), "math".into(), "code".into()];
+                r.gate_weights = BTreeMap::from([("math".to_string(), vec![vec![0.5, 0.3, 0.2]])]);
+            }
+            methods.insert(name.to_string(), r);
+        }
+        Results {
+            preset: Preset::Quick,
+            budget: Budget::preset(Preset::Quick),
+            backbone: "b".into(),
+            methods,
+            total_seconds: 1.0,
+        }
+    }
+
+    #[test]
+    fn the_table_lists_methods_in_order_with_extras_last() {
+        let t = table(&results());
+        let lines: Vec<&str> = t.lines().collect();
+        assert!(lines[1].starts_with("backbone") && lines[1].contains("10.00"));
+        assert!(lines[2].starts_with("mode_composed"));
+        assert!(lines[3].starts_with("lora_r4"));
+    }
+
+    #[test]
+    fn the_report_is_self_contained_and_has_every_section() {
+        let h = html(&results());
+        assert!(
+            !h.contains("src=") && !h.contains("href="),
+            "no external resources"
+        );
+        for part in [
+            "Accuracy (%)",
+            "Retention",
+            "Training curves",
+            "Gate weights",
+            "<svg",
+        ] {
+            assert!(h.contains(part), "missing {part}");
+        }
+        assert_eq!(h.matches("<svg").count(), 3);
+        assert!(h.contains("0.300"));
+    }
+}
