@@ -24,6 +24,7 @@ fn data(dir: &Path) -> PreparedData {
         out: out.clone(),
         glob: Some("*.py".into()),
         format: Format::Auto,
+        column: None,
         val_fraction: 0.1,
         test_fraction: 0.1,
         seed: 0,
