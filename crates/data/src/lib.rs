@@ -1,6 +1,7 @@
 //! Data for training and evaluation: reading corpora (text files, folders of source files,
-//! JSONL with `text`, `prompt`/`completion` or chat `messages`), tokenising, splitting by
-//! document, loss masks, and packed token shards that load with a memory map.
+//! JSONL with `text`, `prompt`/`completion` or chat `messages`, Parquet with a text column or
+//! `prompt`/`completion` columns), tokenising, splitting by document, loss masks, and packed
+//! token shards that load with a memory map.
 //!
 //! A prepared folder holds `manifest.json` and, per split (`train`, `val`, `test`),
 //! `{split}.tokens` (u32 little-endian token ids, documents back to back, each followed by EOS),

@@ -22,6 +22,8 @@ pub struct PrepareOptions {
     /// Only files matching this glob when an input is a folder.
     pub glob: Option<String>,
     pub format: Format,
+    /// The field (JSONL) or column (Parquet) that holds each record's text, instead of `text`.
+    pub column: Option<String>,
     pub val_fraction: f64,
     pub test_fraction: f64,
     pub seed: u64,
@@ -142,7 +144,7 @@ pub fn prepare(
     for (i, file) in files.iter().enumerate() {
         let bytes = std::fs::read(file).map_err(io_err(file))?;
         let (sha256, size) = (format!("{:x}", Sha256::digest(&bytes)), bytes.len() as u64);
-        let (d, s) = read_file(file, bytes, opts.format, chat)?;
+        let (d, s) = read_file(file, bytes, opts.format, opts.column.as_deref(), chat)?;
         sources.push(SourceInfo {
             path: file.display().to_string(),
             sha256,

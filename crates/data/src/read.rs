@@ -3,6 +3,11 @@
 use std::path::{Path, PathBuf};
 
 use mode_io::{ChatMessage, ChatTemplate};
+use parquet::basic::{ConvertedType, LogicalType, Type as PhysicalType};
+use parquet::column::reader::ColumnReader;
+use parquet::data_type::ByteArray;
+use parquet::file::reader::{FileReader, RowGroupReader, SerializedFileReader};
+use parquet::schema::types::ColumnDescriptor;
 
 use crate::{io_err, Error, Result};
 
@@ -16,7 +21,7 @@ pub struct Segment {
 /// One document: the unit that splits never cut.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Document {
-    /// `file` or `file:line`, stable across runs: it decides the document's split.
+    /// `file`, `file:line` or `file:row N`, stable across runs: it decides the document's split.
     pub id: String,
     pub segments: Vec<Segment>,
 }
@@ -35,8 +40,11 @@ pub enum Format {
     Auto,
     /// Each file is one document.
     Text,
-    /// One JSON object per line: `text`, or `prompt` + `completion`, or chat `messages`.
+    /// One JSON object per line: `text` (or the `--column` field), or `prompt` + `completion`,
+    /// or chat `messages`.
     Jsonl,
+    /// One document per row: a string column (`text`, the `--column` one, or the only string
+    /// column), or `prompt` + `completion` columns.
     Parquet,
 }
 
@@ -93,11 +101,13 @@ pub fn discover(input: &Path, glob: Option<&str>) -> Result<Vec<PathBuf>> {
 }
 
 /// Turns one file's bytes (read by the caller, who also hashes them) into documents. Records
-/// that cannot be used are returned as skipped, with file and line.
+/// that cannot be used are returned as skipped, with file and line (or row). `column` names the
+/// field (JSONL) or column (Parquet) that holds the text, instead of `text`.
 pub fn read_file(
     path: &Path,
     bytes: Vec<u8>,
     format: Format,
+    column: Option<&str>,
     chat: Option<&ChatTemplate>,
 ) -> Result<(Vec<Document>, Vec<Skipped>)> {
     let format = match format {
@@ -110,11 +120,20 @@ pub fn read_file(
     };
     let location = path.display().to_string();
     match format {
-        Format::Parquet => Err(Error::Data {
-            path: path.to_path_buf(),
-            msg: "Parquet input is not supported yet; convert it to JSONL with a `text` field"
-                .into(),
-        }),
+        // The parquet crate still panics on some damaged files (apache/arrow-rs#9705, and
+        // flipped bytes in tests): a bad input must be an error naming the file, not a crash.
+        Format::Parquet => std::panic::catch_unwind(|| read_parquet(path, bytes, column))
+            .unwrap_or_else(|panic| {
+                let what = panic
+                    .downcast_ref::<String>()
+                    .map(String::as_str)
+                    .or_else(|| panic.downcast_ref::<&str>().copied())
+                    .unwrap_or("unknown failure");
+                Err(Error::Data {
+                    path: path.to_path_buf(),
+                    msg: format!("damaged Parquet file (the reader failed: {what})"),
+                })
+            }),
         Format::Text | Format::Auto => match String::from_utf8(bytes) {
             Ok(text) if text.trim().is_empty() => Ok((
                 vec![],
@@ -150,7 +169,7 @@ pub fn read_file(
                     continue;
                 }
                 let location = format!("{}:{}", path.display(), i + 1);
-                match jsonl_record(line, chat) {
+                match jsonl_record(line, column, chat) {
                     Ok(segments) => docs.push(Document {
                         id: location,
                         segments,
@@ -163,35 +182,76 @@ pub fn read_file(
     }
 }
 
-/// One JSONL record to segments: `text`; `prompt` + `completion` (loss on the completion);
-/// `messages` (loss on assistant turns).
+/// Which fields of a record make its text.
+#[derive(Debug, Clone, Copy)]
+enum Shape<'a> {
+    /// One field is the whole text, with loss.
+    Text(&'a str),
+    /// `prompt` then `completion`: the loss counts on the completion only.
+    PromptCompletion,
+}
+
+/// A record's fields to segments, shared by the readers of records with named fields (JSONL,
+/// Parquet) so that they agree on what a record means. `field(name)` is the field's text, or why
+/// there is none.
+fn record_segments<'v>(
+    shape: Shape,
+    field: impl Fn(&str) -> std::result::Result<&'v str, String>,
+) -> std::result::Result<Vec<Segment>, String> {
+    match shape {
+        Shape::Text(name) => {
+            let text = field(name)?;
+            if text.is_empty() {
+                return Err(format!("empty `{name}`"));
+            }
+            Ok(vec![Segment {
+                text: text.to_string(),
+                loss: true,
+            }])
+        }
+        Shape::PromptCompletion => {
+            let (prompt, completion) = (field("prompt")?, field("completion")?);
+            // Without a completion only the EOS would carry loss: nothing to learn from.
+            if completion.is_empty() {
+                return Err("empty `completion`".into());
+            }
+            Ok(vec![
+                Segment {
+                    text: prompt.to_string(),
+                    loss: false,
+                },
+                Segment {
+                    text: completion.to_string(),
+                    loss: true,
+                },
+            ])
+        }
+    }
+}
+
+/// One JSONL record to segments: `text` (or the `column` field); `prompt` + `completion` (loss on
+/// the completion); `messages` (loss on assistant turns).
 fn jsonl_record(
     line: &str,
+    column: Option<&str>,
     chat: Option<&ChatTemplate>,
 ) -> std::result::Result<Vec<Segment>, String> {
     let value: serde_json::Value =
         serde_json::from_str(line).map_err(|e| format!("invalid JSON: {e}"))?;
-    let field = |k: &str| value.get(k).and_then(|v| v.as_str());
-    if let Some(text) = field("text") {
-        if text.is_empty() {
-            return Err("empty `text`".into());
-        }
-        return Ok(vec![Segment {
-            text: text.to_string(),
-            loss: true,
-        }]);
+    let field = |k: &str| match value.get(k) {
+        Some(serde_json::Value::String(s)) => Ok(s.as_str()),
+        None | Some(serde_json::Value::Null) => Err(format!("no `{k}` field")),
+        Some(_) => Err(format!("`{k}` is not a string")),
+    };
+    let has = |k: &str| value.get(k).is_some_and(|v| !v.is_null());
+    if let Some(column) = column {
+        return record_segments(Shape::Text(column), field);
     }
-    if let (Some(prompt), Some(completion)) = (field("prompt"), field("completion")) {
-        return Ok(vec![
-            Segment {
-                text: prompt.to_string(),
-                loss: false,
-            },
-            Segment {
-                text: completion.to_string(),
-                loss: true,
-            },
-        ]);
+    if has("text") {
+        return record_segments(Shape::Text("text"), field);
+    }
+    if has("prompt") || has("completion") {
+        return record_segments(Shape::PromptCompletion, field);
     }
     if let Some(messages) = value.get("messages").and_then(|m| m.as_array()) {
         let chat =
@@ -213,6 +273,177 @@ fn jsonl_record(
         return chat_segments(chat, &messages);
     }
     Err("no `text`, `prompt`+`completion` or `messages` field".into())
+}
+
+/// A Parquet file to documents, one per row, with ids `file:row N` (1-based, across row
+/// groups). Reads only the text columns, with the column API: no Arrow, and a cell that is not
+/// UTF-8 skips its row instead of stopping the file.
+fn read_parquet(
+    path: &Path,
+    bytes: Vec<u8>,
+    column: Option<&str>,
+) -> Result<(Vec<Document>, Vec<Skipped>)> {
+    let bad = |msg: String| Error::Data {
+        path: path.to_path_buf(),
+        msg,
+    };
+    let reader = SerializedFileReader::new(bytes::Bytes::from(bytes))
+        .map_err(|e| bad(format!("not a readable Parquet file: {e}")))?;
+    let schema = reader.metadata().file_metadata().schema_descr_ptr();
+    // Columns that can hold text: top-level, not repeated, byte arrays.
+    let leaf = |name: &str| {
+        schema.columns().iter().position(|c| {
+            c.path().parts() == [name]
+                && c.max_rep_level() == 0
+                && c.physical_type() == PhysicalType::BYTE_ARRAY
+        })
+    };
+    let is_string = |c: &ColumnDescriptor| {
+        c.converted_type() == ConvertedType::UTF8
+            || matches!(c.logical_type_ref(), Some(LogicalType::String))
+    };
+    let all: Vec<&str> = schema
+        .root_schema()
+        .get_fields()
+        .iter()
+        .map(|f| f.name())
+        .collect();
+    let strings: Vec<&str> = all
+        .iter()
+        .copied()
+        .filter(|&n| leaf(n).is_some_and(|i| is_string(&schema.columns()[i])))
+        .collect();
+    let list = |names: &[&str]| {
+        if names.is_empty() {
+            "none".to_string()
+        } else {
+            names
+                .iter()
+                .map(|n| format!("`{n}`"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        }
+    };
+    let shape = match column {
+        Some(c) if !all.contains(&c) => {
+            return Err(bad(format!(
+                "no column `{c}` (--column); the columns are: {}",
+                list(&all)
+            )))
+        }
+        Some(c) if leaf(c).is_none() => {
+            return Err(bad(format!(
+                "column `{c}` (--column) is not a string column; the string columns are: {}",
+                list(&strings)
+            )))
+        }
+        Some(c) => Shape::Text(c),
+        None if leaf("text").is_some() => Shape::Text("text"),
+        None if leaf("prompt").is_some() && leaf("completion").is_some() => Shape::PromptCompletion,
+        None => match strings.as_slice() {
+            [only] => Shape::Text(only),
+            _ => {
+                return Err(bad(format!(
+                    "no `text` or `prompt`+`completion` columns and {} string columns ({}); \
+                     pass --column to name the text column",
+                    strings.len(),
+                    list(&strings)
+                )))
+            }
+        },
+    };
+    let names: Vec<&str> = match shape {
+        Shape::Text(c) => vec![c],
+        Shape::PromptCompletion => vec!["prompt", "completion"],
+    };
+
+    let mut docs = Vec::new();
+    let mut skipped = Vec::new();
+    let mut row = 0usize;
+    for g in 0..reader.num_row_groups() {
+        let group = reader
+            .get_row_group(g)
+            .map_err(|e| bad(format!("row group {g}: {e}")))?;
+        let rows = usize::try_from(group.metadata().num_rows())
+            .map_err(|_| bad(format!("row group {g}: negative row count")))?;
+        let columns = names
+            .iter()
+            .map(|&n| {
+                let i = leaf(n).expect("chosen columns are text columns");
+                read_byte_column(&*group, i, schema.column(i).max_def_level(), rows)
+                    .map_err(|e| bad(format!("row group {g}, column `{n}`: {e}")))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        // Every column has exactly `rows` cells: walk them side by side, a row at a time.
+        let mut columns: Vec<_> = columns.into_iter().map(Vec::into_iter).collect();
+        for _ in 0..rows {
+            row += 1;
+            let location = format!("{}:row {row}", path.display());
+            let cells: Vec<Option<ByteArray>> =
+                columns.iter_mut().map(|c| c.next().flatten()).collect();
+            let field = |name: &str| {
+                let c = names
+                    .iter()
+                    .position(|&n| n == name)
+                    .ok_or_else(|| format!("no `{name}` column"))?;
+                match &cells[c] {
+                    None => Err(format!("`{name}` is null")),
+                    Some(b) => {
+                        std::str::from_utf8(b.data()).map_err(|_| format!("`{name}` is not UTF-8"))
+                    }
+                }
+            };
+            match record_segments(shape, field) {
+                Ok(segments) => docs.push(Document {
+                    id: location,
+                    segments,
+                }),
+                Err(reason) => skipped.push(Skipped { location, reason }),
+            }
+        }
+    }
+    Ok((docs, skipped))
+}
+
+/// All `rows` cells of one byte-array column of a row group, `None` where null.
+fn read_byte_column(
+    group: &dyn RowGroupReader,
+    leaf: usize,
+    max_def: i16,
+    rows: usize,
+) -> std::result::Result<Vec<Option<ByteArray>>, String> {
+    if leaf >= group.num_columns() {
+        return Err("missing from the row group".into());
+    }
+    let ColumnReader::ByteArrayColumnReader(mut reader) =
+        group.get_column_reader(leaf).map_err(|e| e.to_string())?
+    else {
+        return Err("not a byte-array column".into());
+    };
+    let (mut defs, mut values) = (Vec::new(), Vec::new());
+    let (records, _, _) = reader
+        .read_records(rows, Some(&mut defs), None, &mut values)
+        .map_err(|e| e.to_string())?;
+    if records != rows {
+        return Err(format!("{records} values for {rows} rows"));
+    }
+    if max_def == 0 {
+        return Ok(values.into_iter().map(Some).collect());
+    }
+    // Values come without the nulls; the definition levels say which rows have one.
+    let mut values = values.into_iter();
+    defs.iter()
+        .map(|&d| {
+            if d == max_def {
+                values
+                    .next()
+                    .map(Some)
+                    .ok_or("fewer values than levels".to_string())
+            } else {
+                Ok(None)
+            }
+        })
+        .collect()
 }
 
 /// Splits a rendered conversation into segments: each assistant turn's content (and its end

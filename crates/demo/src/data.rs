@@ -85,6 +85,7 @@ pub fn prepare_domains(root: &Path, dir: &Path, tokenizer: &Tokenizer) -> Result
             }
         }
         let opts = PrepareOptions {
+            column: None,
             inputs,
             out: out.clone(),
             glob: glob.map(String::from),

@@ -39,6 +39,7 @@ fn data(dir: &Path) -> DataMix {
     }
     let out = dir.join("math");
     let opts = PrepareOptions {
+        column: None,
         inputs: vec![src],
         out: out.clone(),
         glob: None,

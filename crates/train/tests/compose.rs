@@ -33,6 +33,7 @@ fn prepared(dir: &Path, name: &str, text: impl Fn(usize) -> String) -> PreparedD
     }
     let out = dir.join(name);
     let opts = PrepareOptions {
+        column: None,
         inputs: vec![src],
         out: out.clone(),
         glob: None,

@@ -30,6 +30,7 @@ fn prepared(dir: &Path, name: &str, text: impl Fn(usize) -> String) -> PreparedD
         out: out.clone(),
         glob: Some("*.py".into()),
         format: Format::Auto,
+        column: None,
         val_fraction: 0.1,
         test_fraction: 0.1,
         seed: 0,

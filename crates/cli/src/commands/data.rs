@@ -22,9 +22,13 @@ enum What {
 #[command(
     after_help = "Inputs: text files (one document each), folders (every file, or those \
     matching --glob), JSONL with `text`, `prompt`+`completion` (loss on the completion only) or \
-    chat `messages` (loss on assistant turns, rendered with the backbone's chat template).\n\
-    Records that cannot be used are skipped, counted and listed with file and line.\n\n\
-    Example:\n  mode data prepare --input django/ --glob '*.py' --out data/code"
+    chat `messages` (loss on assistant turns, rendered with the backbone's chat template), \
+    Parquet (one document per row) with a `text` column, `prompt`+`completion` columns, or a \
+    single string column.\n\
+    Records that cannot be used (empty, null, not UTF-8) are skipped, counted and listed with \
+    file and line or row.\n\n\
+    Examples:\n  mode data prepare --input django/ --glob '*.py' --out data/code\n  \
+    mode data prepare --input train-00000.parquet --column content --out data/web"
 )]
 struct PrepareArgs {
     /// A file or folder; repeatable
@@ -36,9 +40,13 @@ struct PrepareArgs {
     /// Only files whose name (or path) matches this glob, inside folders
     #[arg(long)]
     glob: Option<String>,
-    /// auto (by extension), text, jsonl or parquet
+    /// auto (by extension: .jsonl, .parquet, anything else text), text, jsonl or parquet
     #[arg(long, default_value = "auto")]
     format: Format,
+    /// The JSONL field or Parquet column that holds the text [default: `text`; Parquet: else
+    /// `prompt`+`completion`, else the only string column]
+    #[arg(long, value_name = "C")]
+    column: Option<String>,
     /// Fraction of documents held out for validation
     #[arg(long, default_value_t = 0.05)]
     val_fraction: f64,
@@ -85,6 +93,7 @@ fn prepare(args: PrepareArgs) -> Result<()> {
         out: args.out.clone(),
         glob: args.glob,
         format: args.format,
+        column: args.column,
         val_fraction: args.val_fraction,
         test_fraction: args.test_fraction,
         seed: args.seed,
