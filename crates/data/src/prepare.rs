@@ -131,9 +131,22 @@ pub fn prepare(
         bad("the tokenizer has no end-of-text token to separate documents".into())
     })?;
 
+    // Each file with the name its documents are split by: relative to the input's parent
+    // folder (`code/django/db/models.py`, `train.jsonl`), so the split of a document does not
+    // depend on where the data lives on disk.
     let mut files = Vec::new();
+    let mut split_names = Vec::new();
     for input in &opts.inputs {
-        files.extend(discover(input, opts.glob.as_deref())?);
+        let base = input.parent().unwrap_or(Path::new(""));
+        for file in discover(input, opts.glob.as_deref())? {
+            let name = file
+                .strip_prefix(base)
+                .unwrap_or(&file)
+                .display()
+                .to_string();
+            split_names.push(name);
+            files.push(file);
+        }
     }
     if files.is_empty() {
         return Err(bad("the inputs contain no files (check --glob)".into()));
@@ -144,7 +157,13 @@ pub fn prepare(
     for (i, file) in files.iter().enumerate() {
         let bytes = std::fs::read(file).map_err(io_err(file))?;
         let (sha256, size) = (format!("{:x}", Sha256::digest(&bytes)), bytes.len() as u64);
-        let (d, s) = read_file(file, bytes, opts.format, opts.column.as_deref(), chat)?;
+        let (mut d, s) = read_file(file, bytes, opts.format, opts.column.as_deref(), chat)?;
+        let shown = file.display().to_string();
+        for doc in &mut d {
+            if let Some(rest) = doc.id.strip_prefix(&shown) {
+                doc.id = format!("{}{rest}", split_names[i]);
+            }
+        }
         sources.push(SourceInfo {
             path: file.display().to_string(),
             sha256,

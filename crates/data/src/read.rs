@@ -21,7 +21,8 @@ pub struct Segment {
 /// One document: the unit that splits never cut.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Document {
-    /// `file`, `file:line` or `file:row N`, stable across runs: it decides the document's split.
+    /// `file`, `file:line` or `file:row N`, stable across runs: it decides the document's split
+    /// (`prepare` names the file relative to its input's parent folder).
     pub id: String,
     pub segments: Vec<Segment>,
 }

@@ -191,7 +191,7 @@ fn bad_requests_are_clear_errors() {
     assert!(prepare(&opts, &tok, None, |_, _| {})
         .unwrap_err()
         .to_string()
-        .contains("sum to less than 1"));
+        .contains("sum to at most 1"));
 
     std::fs::create_dir_all(&out).unwrap();
     let err = prepare(&options(vec![&good], &out), &tok, None, |_, _| {})
@@ -587,4 +587,34 @@ fn jsonl_column_names_the_text_field() {
             && reasons[1].1.contains("`body` is not a string"),
         "{reasons:?}"
     );
+}
+
+#[test]
+fn splits_do_not_depend_on_where_the_data_lives() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tok = Tokenizer::byte_level();
+    let mut outs = Vec::new();
+    for place in ["here", "somewhere/else/entirely"] {
+        let src = tmp.path().join(place).join("corpus");
+        std::fs::create_dir_all(&src).unwrap();
+        for i in 0..40 {
+            std::fs::write(src.join(format!("d{i}.txt")), format!("document {i}\n")).unwrap();
+        }
+        let jsonl = tmp.path().join(place).join("records.jsonl");
+        let lines: Vec<String> = (0..40)
+            .map(|i| format!("{{\"text\": \"record {i}\"}}"))
+            .collect();
+        std::fs::write(&jsonl, lines.join("\n")).unwrap();
+        let out = tmp.path().join(format!("out{}", outs.len()));
+        prepare(&options(vec![&src, &jsonl], &out), &tok, None, |_, _| {}).unwrap();
+        outs.push(PreparedData::open(out).unwrap());
+    }
+    for split in Split::ALL {
+        assert_eq!(
+            outs[0].split(split).tokens(),
+            outs[1].split(split).tokens(),
+            "{split:?}"
+        );
+    }
+    assert!(!outs[0].split(Split::Test).is_empty());
 }
