@@ -1,17 +1,17 @@
 # The two set-up commands of the README: `make demo` (main job) and `make test` (tests).
 CARGO ?= cargo
 MODE := $(or $(CARGO_TARGET_DIR),target)/release/mode
-SAMPLES = $(shell scripts/fetch_sample_data.sh)
 
 .PHONY: demo test lint build bench-infer bench-train
 
 build:
 	$(CARGO) build --release
 
-# Until the MoDE demo exists: fetch the default backbone and sample texts, then generate and evaluate.
+# The paper's experiment at our scale: fetches the backbone and the demo data (pip), trains and
+# evaluates every method, prints Table 1, writes runs/demo/{results.json,report.html}.
+# DEMO_FLAGS=--quick for a smoke run of a few minutes.
 demo: build
-	$(MODE) generate --chat --temperature 0 --prompt "What is the capital of France?"
-	$(MODE) eval --data $(SAMPLES)/english.txt --data $(SAMPLES)/code.py
+	$(MODE) demo $(DEMO_FLAGS)
 
 # Unit tests on tiny random models, plus integration tests on the real default backbone
 # (fetched through pip on first use) checked against transformers fixtures.

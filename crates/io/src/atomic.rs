@@ -17,10 +17,33 @@ pub fn parent_of(path: &Path) -> io::Result<PathBuf> {
 
 /// A fresh temporary folder beside `dir`, to fill and then [`commit_dir`].
 pub fn temp_dir_beside(dir: &Path) -> io::Result<tempfile::TempDir> {
-    let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("out");
-    tempfile::Builder::new()
-        .prefix(&format!(".{name}.tmp-"))
-        .tempdir_in(parent_of(dir)?)
+    let (parent, prefix) = temp_prefix(dir)?;
+    tempfile::Builder::new().prefix(&prefix).tempdir_in(parent)
+}
+
+/// A fresh temporary file beside `path`, to fill and then [`persist`].
+pub fn temp_file_beside(path: &Path) -> io::Result<tempfile::NamedTempFile> {
+    let (parent, prefix) = temp_prefix(path)?;
+    tempfile::Builder::new().prefix(&prefix).tempfile_in(parent)
+}
+
+/// The parent folder and the temporary-name prefix of `path`'s artifact. Temporaries of the
+/// same artifact left by a killed process are removed first: only one writer makes an artifact.
+fn temp_prefix(path: &Path) -> io::Result<(PathBuf, String)> {
+    let parent = parent_of(path)?;
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("out");
+    let prefix = format!(".{name}.tmp-");
+    for entry in std::fs::read_dir(&parent)?.flatten() {
+        if entry.file_name().to_string_lossy().starts_with(&prefix) {
+            let p = entry.path();
+            let _ = if p.is_dir() {
+                std::fs::remove_dir_all(&p)
+            } else {
+                std::fs::remove_file(&p)
+            };
+        }
+    }
+    Ok((parent, prefix))
 }
 
 /// Syncs every file under `tmp`, then puts it in place of `dir`. An existing `dir` is moved
@@ -28,8 +51,7 @@ pub fn temp_dir_beside(dir: &Path) -> io::Result<tempfile::TempDir> {
 pub fn commit_dir(tmp: tempfile::TempDir, dir: &Path) -> io::Result<()> {
     sync_tree(tmp.path())?;
     let parent = parent_of(dir)?;
-    let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("out");
-    let old = parent.join(format!(".{name}.old"));
+    let old = old_of(dir);
     // Temporary folders are private; an artifact is as readable as any folder the user makes.
     #[cfg(unix)]
     {
@@ -47,9 +69,35 @@ pub fn commit_dir(tmp: tempfile::TempDir, dir: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// Puts back a folder that [`commit_dir`] had moved aside when the process died before the
+/// new one was in place; call before reading `dir`.
+pub fn recover_dir(dir: &Path) -> io::Result<()> {
+    let old = old_of(dir);
+    if !dir.exists() && old.exists() {
+        std::fs::rename(&old, dir)?;
+    }
+    Ok(())
+}
+
+/// Removes a folder artifact with any temporaries and moved-aside copy of it.
+pub fn remove_dir(dir: &Path) -> io::Result<()> {
+    temp_prefix(dir)?;
+    for d in [dir.to_path_buf(), old_of(dir)] {
+        if d.exists() {
+            std::fs::remove_dir_all(&d)?;
+        }
+    }
+    Ok(())
+}
+
+fn old_of(dir: &Path) -> PathBuf {
+    let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("out");
+    dir.with_file_name(format!(".{name}.old"))
+}
+
 /// Writes `bytes` to `path` through a synced temporary file and a rename.
 pub fn write_file(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let tmp = tempfile::NamedTempFile::new_in(parent_of(path)?)?;
+    let tmp = temp_file_beside(path)?;
     std::fs::write(tmp.path(), bytes)?;
     tmp.as_file().sync_all()?;
     persist(tmp, path)

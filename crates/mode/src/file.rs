@@ -114,8 +114,7 @@ impl ExpertFile {
         };
         let json = serde_json::to_string(&self.meta).expect("metadata serialises");
         let metadata = HashMap::from([(META_KEY.to_string(), json)]);
-        let parent = mode_io::atomic::parent_of(path).map_err(|e| err(e.to_string()))?;
-        let tmp = tempfile::NamedTempFile::new_in(parent).map_err(|e| err(e.to_string()))?;
+        let tmp = mode_io::atomic::temp_file_beside(path).map_err(|e| err(e.to_string()))?;
         let tensors: Vec<(&String, Tensor)> = self
             .tensors
             .iter()

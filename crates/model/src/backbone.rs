@@ -198,6 +198,27 @@ impl Backbone {
         out
     }
 
+    /// Writes the backbone as a Hugging Face folder (`config.json`, `model.safetensors` in f32,
+    /// `tokenizer.json`) that [`Self::open`] loads back; atomically.
+    pub fn save_hf_folder(&self, dir: &Path, tokenizer: &Tokenizer) -> Result<()> {
+        let io = |e: std::io::Error| mode_io::Error::io(dir, e);
+        let tmp = mode_io::atomic::temp_dir_beside(dir).map_err(io)?;
+        let json = serde_json::to_vec_pretty(&self.config.to_hf_json()).expect("config serialises");
+        std::fs::write(tmp.path().join("config.json"), json).map_err(io)?;
+        let tensors: HashMap<String, Tensor> = self
+            .named_tensors()
+            .into_iter()
+            .map(|(n, t)| Ok((n, t.to_dtype(DType::F32)?)))
+            .collect::<Result<_>>()?;
+        candle_core::safetensors::save(&tensors, tmp.path().join("model.safetensors"))?;
+        tokenizer
+            .inner()
+            .save(tmp.path().join("tokenizer.json"), false)
+            .map_err(|e| mode_io::Error::io(dir, std::io::Error::other(e.to_string())))?;
+        mode_io::atomic::commit_dir(tmp, dir).map_err(io)?;
+        Ok(())
+    }
+
     /// Attaches fresh LoRA adapters of `rank` to the projections named in `targets` (e.g.
     /// `q_proj`, `down_proj`) of every layer. Deterministic in `seed`.
     pub fn attach_lora(

@@ -99,6 +99,39 @@ impl Config {
         Self::from_hf_json(folder.config(), &folder.config_path())
     }
 
+    /// The Hugging Face `config.json` of this configuration (what [`Self::from_hf_json`] reads).
+    pub fn to_hf_json(&self) -> serde_json::Value {
+        let arch = match self.architecture {
+            Architecture::Llama => "LlamaForCausalLM",
+            Architecture::Qwen2 => "Qwen2ForCausalLM",
+            Architecture::Qwen3 => "Qwen3ForCausalLM",
+        };
+        let mut json = serde_json::json!({
+            "architectures": [arch],
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+        });
+        if let Some(r) = &self.rope_scaling {
+            json["rope_scaling"] = serde_json::json!({
+                "rope_type": "llama3",
+                "factor": r.factor,
+                "low_freq_factor": r.low_freq_factor,
+                "high_freq_factor": r.high_freq_factor,
+                "original_max_position_embeddings": r.original_max_position_embeddings,
+            });
+        }
+        json
+    }
+
     /// Parses the fields of a Hugging Face `config.json`; `path` is used in errors.
     pub fn from_hf_json(json: &serde_json::Value, path: &Path) -> Result<Self> {
         let err = |msg: String| Error::Config {

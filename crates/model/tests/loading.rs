@@ -37,30 +37,8 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         .unwrap()
 }
 
-fn hf_config_json(c: &Config) -> serde_json::Value {
-    let arch = match c.architecture {
-        Architecture::Llama => "LlamaForCausalLM",
-        Architecture::Qwen2 => "Qwen2ForCausalLM",
-        Architecture::Qwen3 => "Qwen3ForCausalLM",
-    };
-    serde_json::json!({
-        "architectures": [arch],
-        "vocab_size": c.vocab_size,
-        "hidden_size": c.hidden_size,
-        "intermediate_size": c.intermediate_size,
-        "num_hidden_layers": c.num_hidden_layers,
-        "num_attention_heads": c.num_attention_heads,
-        "num_key_value_heads": c.num_key_value_heads,
-        "head_dim": c.head_dim,
-        "rms_norm_eps": c.rms_norm_eps,
-        "rope_theta": c.rope_theta,
-        "max_position_embeddings": c.max_position_embeddings,
-        "tie_word_embeddings": c.tie_word_embeddings,
-    })
-}
-
 fn write_hf_folder(dir: &Path, config: &Config, weights: &Weights, shards: usize) {
-    std::fs::write(dir.join("config.json"), hf_config_json(config).to_string()).unwrap();
+    std::fs::write(dir.join("config.json"), config.to_hf_json().to_string()).unwrap();
     let mut names: Vec<&String> = map_of(weights).keys().collect();
     names.sort();
     if shards == 1 {
@@ -337,7 +315,7 @@ fn broken_hf_folders_give_errors_naming_file_and_tensor() {
     assert!(text.contains("model.safetensors"), "{text}");
 
     // Unsupported architecture in config.json.
-    let mut json = hf_config_json(&config);
+    let mut json = config.to_hf_json();
     json["architectures"] = serde_json::json!(["GPT2LMHeadModel"]);
     let (e, text) = error_text(Config::from_hf_json(&json, Path::new("x/config.json")));
     assert!(
@@ -359,7 +337,7 @@ fn llama3_rope_scaling_matches_transformers() {
         .join("../../tests/fixtures/rope_llama3_inv_freq.json");
     let fixture: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    let mut json = hf_config_json(&Config::tiny(Architecture::Llama));
+    let mut json = Config::tiny(Architecture::Llama).to_hf_json();
     json["head_dim"] = fixture["head_dim"].clone();
     json["rope_theta"] = fixture["rope_theta"].clone();
     json["rope_scaling"] = fixture["rope_scaling"].clone();

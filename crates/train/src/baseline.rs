@@ -85,6 +85,6 @@ pub fn train_baseline(
         tool_version: env!("CARGO_PKG_VERSION").to_string(),
     };
     save_baseline(out, &manifest, &backbone)?;
-    let _ = std::fs::remove_dir_all(&ckpt);
+    let _ = mode_io::atomic::remove_dir(&ckpt);
     Ok((Some(manifest), report))
 }

@@ -142,6 +142,6 @@ pub fn compose(
     };
     let manifest =
         mode_core::save_composed(out, &manifest, &model, &experts, !opts.freeze_experts)?;
-    let _ = std::fs::remove_dir_all(&ckpt);
+    let _ = mode_io::atomic::remove_dir(&ckpt);
     Ok((Some(manifest), report))
 }

@@ -98,7 +98,7 @@ pub fn train_expert(
         return Ok((meta, report));
     }
     ExpertFile::from_expert(meta.clone(), &model.experts[0], &model.gates).save(out)?;
-    let _ = std::fs::remove_dir_all(&ckpt);
+    let _ = mode_io::atomic::remove_dir(&ckpt);
     Ok((meta, report))
 }
 

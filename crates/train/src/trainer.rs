@@ -286,6 +286,10 @@ pub fn train(
     });
     let params = method.params();
     let mut first_step = 0;
+    mode_io::atomic::recover_dir(checkpoint_dir).map_err(|e| Error::File {
+        path: checkpoint_dir.to_path_buf(),
+        msg: e.to_string(),
+    })?;
     if checkpoint_dir.join(CHECKPOINT_STATE).exists() {
         first_step = load_checkpoint(checkpoint_dir, &params, &mut optimizer)?;
     }
@@ -293,6 +297,10 @@ pub fn train(
         path: metrics_path.to_path_buf(),
         msg: e.to_string(),
     })?;
+    if first_step > 0 {
+        // Lines a killed run logged after its last checkpoint are about to be redone.
+        truncate_metrics(metrics_path, first_step)?;
+    }
     // A fresh run starts the metrics file over; a resumed one appends to it.
     let mut metrics = std::fs::OpenOptions::new()
         .create(true)
@@ -383,6 +391,22 @@ pub fn train(
     }
     report.seconds = start.elapsed().as_secs_f64();
     Ok(report)
+}
+
+/// Keeps the lines of a metrics file up to and including `step`.
+fn truncate_metrics(path: &Path, step: usize) -> Result<(), Error> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(());
+    };
+    let kept: String = text
+        .lines()
+        .filter(|l| serde_json::from_str::<MetricsLine>(l).is_ok_and(|m| m.step <= step))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    mode_io::atomic::write_file(path, kept.as_bytes()).map_err(|e| Error::File {
+        path: path.to_path_buf(),
+        msg: e.to_string(),
+    })
 }
 
 const CHECKPOINT_TENSORS: &str = "state.safetensors";
