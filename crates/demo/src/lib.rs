@@ -497,7 +497,7 @@ impl Ctx<'_> {
         let b = self.opts.budget.clone();
         let opts = ComposeOptions {
             freeze_experts: freeze,
-            gate_init: GateInit::Fresh,
+            gate_init: GateInit::Stage1,
             gate_init_backbone_prob: mode_core::expert::GATE_INIT_BACKBONE_PROB,
             train: b.train_config(b.compose_steps, b.adapter_lr),
         };

@@ -34,9 +34,10 @@ pub struct Args {
     /// Tune the gates only; the experts stay as stage 1 left them
     #[arg(long)]
     freeze_experts: bool,
-    /// How the N+1-way gates start: `fresh` (backbone at --gate-init-backbone-prob, experts
-    /// sharing the rest) or `stage1` (from each expert's stage-1 gates)
-    #[arg(long, default_value = "fresh")]
+    /// How the N+1-way gates start: `stage1` (from each expert's stage-1 gates: the backbone
+    /// row averaged, each expert's row kept) or `fresh` (backbone at
+    /// --gate-init-backbone-prob, experts sharing the rest)
+    #[arg(long, default_value = "stage1")]
     gate_init: GateInit,
     /// Initial probability of the backbone branch in fresh gates
     #[arg(long, default_value_t = mode_core::expert::GATE_INIT_BACKBONE_PROB)]
