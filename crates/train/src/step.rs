@@ -19,7 +19,8 @@ pub struct StepStats {
     pub grad_norm: f64,
 }
 
-/// Forward, backward and update of `params` (the named tensors the plan trains).
+/// Forward, backward and update of `params` (the named tensors the plan trains). A non-finite
+/// loss or gradient norm skips the update.
 pub fn train_step(
     model: &Backbone,
     plan: &Plan,
@@ -32,6 +33,16 @@ pub fn train_step(
     let r = loss_and_grads(model, plan, &batch.ids, &batch.targets)?;
     let grads: HashMap<String, Tensor> = r.grads.into_iter().collect();
     let grad_norm = global_norm(grads.values())?;
+    let loss = r.loss_sum / r.count.max(1) as f64;
+    if !(loss.is_finite() && grad_norm.is_finite()) {
+        // No update: the weights stay those of the last good step for the caller to keep.
+        return Ok(StepStats {
+            loss,
+            tokens: r.count,
+            correct: r.correct,
+            grad_norm,
+        });
+    }
     let scale = clip_scale(grad_norm, max_grad_norm);
     let by_name: HashMap<&str, &Tensor> = params.iter().map(|(n, t)| (n.as_str(), *t)).collect();
     let named: Vec<(&str, &Tensor)> = params.iter().map(|(n, t)| (n.as_str(), *t)).collect();
@@ -39,7 +50,7 @@ pub fn train_step(
         by_name.get(name).is_some_and(|t| decay_matrices(t))
     })?;
     Ok(StepStats {
-        loss: r.loss_sum / r.count.max(1) as f64,
+        loss,
         tokens: r.count,
         correct: r.correct,
         grad_norm,

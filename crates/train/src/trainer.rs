@@ -114,8 +114,8 @@ pub enum Error {
     File { path: PathBuf, msg: String },
     #[error("{0}")]
     Data(String),
-    #[error("training stopped at step {step}: the loss is {loss} (not finite); the last good checkpoint is kept")]
-    NonFinite { step: usize, loss: f64 },
+    #[error("training stopped at step {step}: {what} is not finite; the weights were not updated with it and the last good checkpoint is kept (lower --lr, or check the data)")]
+    NonFinite { step: usize, what: String },
     #[error("tensor computation failed: {0}")]
     Candle(#[from] candle_core::Error),
     #[error(transparent)]
@@ -336,10 +336,13 @@ pub fn train(
             lr,
             cfg.max_grad_norm,
         )?;
-        if !stats.loss.is_finite() {
+        if !(stats.loss.is_finite() && stats.grad_norm.is_finite()) {
             return Err(Error::NonFinite {
-                step,
-                loss: stats.loss,
+                step: step + 1,
+                what: format!(
+                    "the loss ({}) or the gradient norm ({})",
+                    stats.loss, stats.grad_norm
+                ),
             });
         }
         let tokens_per_sec = batch.targets.len() as f64 / t.elapsed().as_secs_f64();
@@ -381,6 +384,12 @@ pub fn train(
             report.final_val_accuracy = Some(accuracy);
         }
         if !last && cfg.checkpoint_every > 0 && (step + 1) % cfg.checkpoint_every == 0 {
+            if let Some((name, _)) = params.iter().find(|(_, t)| !all_finite(t)) {
+                return Err(Error::NonFinite {
+                    step: step + 1,
+                    what: format!("parameter `{name}`"),
+                });
+            }
             save_checkpoint(checkpoint_dir, step + 1, &params, &optimizer)?;
             go_on &= on_event(Event::Checkpoint(checkpoint_dir));
         }
@@ -391,6 +400,14 @@ pub fn train(
     }
     report.seconds = start.elapsed().as_secs_f64();
     Ok(report)
+}
+
+/// Whether every value of `t` is finite (a tensor that cannot be read counts as not finite).
+fn all_finite(t: &Tensor) -> bool {
+    t.to_dtype(DType::F32)
+        .and_then(|t| t.flatten_all())
+        .and_then(|t| t.to_vec1::<f32>())
+        .is_ok_and(|v| v.iter().all(|x| x.is_finite()))
 }
 
 /// Keeps the lines of a metrics file up to and including `step`.

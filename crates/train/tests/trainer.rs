@@ -235,3 +235,49 @@ fn a_mixture_draws_rows_by_weight_and_validates_each_source() {
         assert!(val["sources"][name]["tokens"].as_u64().unwrap() > 0);
     }
 }
+
+#[test]
+fn a_diverging_run_stops_cleanly_and_keeps_its_last_good_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = data(tmp.path());
+    let m = model();
+    let method = ModeTraining {
+        model: &m,
+        experts: true,
+        gates: true,
+    };
+    // A learning rate no model survives: the weights blow up within a few steps.
+    let cfg = TrainConfig {
+        steps: 40,
+        lr: 1e35,
+        lr_warmup_steps: 0,
+        max_grad_norm: 1e30,
+        val_every: 0,
+        checkpoint_every: 1,
+        ..config()
+    };
+    let ckpt = tmp.path().join("d.ckpt");
+    let e = train(
+        &method,
+        &data,
+        &cfg,
+        &ckpt,
+        &tmp.path().join("d.jsonl"),
+        |_| true,
+    )
+    .err()
+    .expect("the run diverges");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("not finite") && msg.contains("last good checkpoint"),
+        "{msg}"
+    );
+    // The checkpoint left behind holds finite weights and resumes.
+    let saved =
+        candle_core::safetensors::load(ckpt.join("state.safetensors"), &Device::Cpu).unwrap();
+    assert!(!saved.is_empty());
+    for (name, t) in &saved {
+        let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+        assert!(v.iter().all(|x| x.is_finite()), "{name} is not finite");
+    }
+}
