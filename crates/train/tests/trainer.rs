@@ -265,8 +265,7 @@ fn a_diverging_run_stops_cleanly_and_keeps_its_last_good_checkpoint() {
         &tmp.path().join("d.jsonl"),
         |_| true,
     )
-    .err()
-    .expect("the run diverges");
+    .expect_err("the run diverges");
     let msg = e.to_string();
     assert!(
         msg.contains("not finite") && msg.contains("last good checkpoint"),
