@@ -7,6 +7,7 @@ pub mod baseline;
 pub mod bench;
 pub mod compose;
 pub mod grads;
+pub mod memory;
 pub mod methods;
 pub mod optim;
 pub mod schedule;

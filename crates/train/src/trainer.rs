@@ -44,6 +44,8 @@ pub struct TrainConfig {
     pub val_windows: usize,
     /// Checkpoint every this many steps (0: never).
     pub checkpoint_every: usize,
+    /// Refuse to start when the estimated peak memory exceeds the memory available.
+    pub check_memory: bool,
 }
 
 impl Default for TrainConfig {
@@ -61,6 +63,7 @@ impl Default for TrainConfig {
             val_every: 50,
             val_windows: 16,
             checkpoint_every: 50,
+            check_memory: true,
         }
     }
 }
@@ -285,6 +288,17 @@ pub fn train(
         ..Default::default()
     });
     let params = method.params();
+    if cfg.check_memory {
+        let trainable = params.iter().map(|(_, t)| t.elem_count()).sum();
+        let estimate = crate::memory::estimate_training(
+            method.backbone(),
+            &method.plan(),
+            trainable,
+            cfg.batch_tokens,
+            cfg.seq_len,
+        );
+        crate::memory::check(&estimate, crate::memory::available_bytes()).map_err(Error::Data)?;
+    }
     let mut first_step = 0;
     mode_io::atomic::recover_dir(checkpoint_dir).map_err(|e| Error::File {
         path: checkpoint_dir.to_path_buf(),

@@ -39,6 +39,9 @@ pub struct TrainFlags {
     /// Start over even if a checkpoint exists
     #[arg(long)]
     pub restart: bool,
+    /// Start even when the estimated peak memory exceeds what the machine has available
+    #[arg(long)]
+    pub no_memory_check: bool,
 }
 
 impl TrainFlags {
@@ -62,6 +65,7 @@ impl TrainFlags {
             val_every: self.val_every,
             val_windows: self.val_windows,
             checkpoint_every: self.checkpoint_every,
+            check_memory: !self.no_memory_check,
             ..Default::default()
         })
     }
