@@ -49,6 +49,8 @@ enum Command {
     Baseline(commands::baseline::Args),
     /// The paper's experiment end to end: every method, one table, one HTML report
     Demo(commands::demo::Args),
+    /// Serve a model over an OpenAI-compatible HTTP API
+    Serve(commands::serve::Args),
     /// Show what an expert file or model folder holds
     Inspect(commands::inspect::Args),
     /// Speed benchmarks
@@ -79,6 +81,7 @@ fn main() -> ExitCode {
         Command::Compose(args) => commands::compose::run(args),
         Command::Baseline(args) => commands::baseline::run(args),
         Command::Demo(args) => commands::demo::run(args),
+        Command::Serve(args) => commands::serve::run(args),
         Command::Inspect(args) => commands::inspect::run(args),
         Command::Bench(args) => commands::bench::run(args),
     };

@@ -193,7 +193,7 @@ fn chat_template_and_greedy_tokens_match_transformers() {
         seed: 0,
     });
     let (ids, _) =
-        mode_infer::generate(model, tokenizer, &prompt, 30, &mut sampler, |_| {}).unwrap();
+        mode_infer::generate(model, tokenizer, &prompt, 30, &mut sampler, |_| true).unwrap();
     assert_eq!(ids, expected);
     assert!(tokenizer.decode(&ids).unwrap().contains("Paris"));
 }

@@ -15,6 +15,8 @@ pub struct GenerationStats {
     pub new_tokens: usize,
     pub prefill_secs: f64,
     pub decode_secs: f64,
+    /// Generation ended at an end-of-turn token (not at the token limit or on request).
+    pub ended_at_eos: bool,
 }
 
 impl GenerationStats {
@@ -29,14 +31,15 @@ impl GenerationStats {
 }
 
 /// Generates up to `max_new_tokens` after `prompt`, stopping at an end-of-turn token. Each
-/// piece of new text is passed to `on_text` as soon as it decodes to whole characters.
+/// piece of new text is passed to `on_text` as soon as it decodes to whole characters;
+/// `on_text` returning `false` stops generation (a client that went away).
 pub fn generate(
     model: &dyn CausalLm,
     tokenizer: &Tokenizer,
     prompt: &[u32],
     max_new_tokens: usize,
     sampler: &mut Sampler,
-    mut on_text: impl FnMut(&str),
+    mut on_text: impl FnMut(&str) -> bool,
 ) -> Result<(Vec<u32>, GenerationStats)> {
     if prompt.is_empty() {
         return Err(Error::Invalid("the prompt is empty".into()));
@@ -59,11 +62,14 @@ pub fn generate(
     for step in 0..max_new_tokens {
         let next = sampler.sample(&logits);
         if tokenizer.eos_ids().contains(&next) {
+            stats.ended_at_eos = true;
             break;
         }
         out.push(next);
         if let Some(text) = stream.push(tokenizer, next)? {
-            on_text(&text);
+            if !on_text(&text) {
+                break;
+            }
         }
         if step + 1 == max_new_tokens {
             break;

@@ -1,11 +1,11 @@
 //! Chat templates: the model's own Jinja template when it ships one, ChatML otherwise.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{Error, Result};
 
 /// One turn of a conversation.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ChatMessage {
     pub role: String,
     pub content: String,
@@ -43,6 +43,19 @@ impl ChatTemplate {
 
     /// Renders `messages`, ending with the assistant's turn opener when
     /// `add_generation_prompt`.
+    /// The template a tokenizer ships (ChatML when it has none), with its BOS and EOS tokens.
+    pub fn of(tokenizer: &crate::Tokenizer) -> Self {
+        let token = |id: Option<u32>| {
+            id.and_then(|i| tokenizer.id_to_token(i))
+                .unwrap_or_default()
+        };
+        Self::new(
+            tokenizer.chat_template(),
+            &token(tokenizer.bos_id()),
+            &token(tokenizer.eos_ids().first().copied()),
+        )
+    }
+
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
         let mut env = minijinja::Environment::new();
         minijinja_contrib::add_to_environment(&mut env);

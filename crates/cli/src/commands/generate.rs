@@ -46,15 +46,7 @@ pub fn run(args: Args) -> Result<()> {
     }
     let (model, tokenizer) = args.model.load()?;
     let text = if args.chat {
-        let token = |id: Option<u32>| {
-            id.and_then(|i| tokenizer.id_to_token(i))
-                .unwrap_or_default()
-        };
-        let template = ChatTemplate::new(
-            tokenizer.chat_template(),
-            &token(tokenizer.bos_id()),
-            &token(tokenizer.eos_ids().first().copied()),
-        );
+        let template = ChatTemplate::of(&tokenizer);
         let mut messages = Vec::new();
         if let Some(system) = &args.system {
             messages.push(ChatMessage::new("system", system.clone()));
@@ -78,8 +70,8 @@ pub fn run(args: Args) -> Result<()> {
         args.max_new_tokens,
         &mut sampler,
         |piece| {
-            let _ = stdout.write_all(piece.as_bytes());
-            let _ = stdout.flush();
+            // A closed stdout (`| head`) ends generation.
+            stdout.write_all(piece.as_bytes()).is_ok() && stdout.flush().is_ok()
         },
     )?;
     writeln!(stdout)?;

@@ -6,6 +6,7 @@ pub mod demo;
 pub mod eval;
 pub mod generate;
 pub mod inspect;
+pub mod serve;
 pub mod train;
 pub mod training;
 
