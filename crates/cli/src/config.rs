@@ -36,10 +36,15 @@ pub fn config_path(args: &[OsString]) -> Option<PathBuf> {
 pub fn flags_from_config(path: &Path, args: &[OsString]) -> Result<Vec<OsString>> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let table: toml::Table = text
-        .parse()
-        .map_err(|e: toml::de::Error| anyhow::anyhow!("{}: {}", path.display(), e.message()))
-        .with_context(|| format!("{}: invalid TOML", path.display()))?;
+    let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+        let at = e.span().map_or(String::new(), |span| {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+            format!(" at line {line} column {column}")
+        });
+        anyhow::anyhow!("{}: invalid TOML{at}: {}", path.display(), e.message())
+    })?;
     let given: Vec<String> = args
         .iter()
         .filter_map(|a| {
@@ -78,6 +83,28 @@ pub fn flags_from_config(path: &Path, args: &[OsString]) -> Result<Vec<OsString>
         }
     }
     Ok(out)
+}
+
+/// When clap refused a flag that came from the config file `path` (`from_config`, the flags it
+/// added), the error as a message naming the file and the key; `None` for other errors.
+pub fn blame(path: &Path, from_config: &[OsString], e: &clap::Error) -> Option<String> {
+    let arg = match e.get(clap::error::ContextKind::InvalidArg)? {
+        clap::error::ContextValue::String(s) => s.clone(),
+        _ => return None,
+    };
+    // `--steps <STEPS>` or `--stepz`: the flag is the first word.
+    let flag = arg.split([' ', '=']).next().unwrap_or_default();
+    if !flag.starts_with("--") || !from_config.iter().any(|f| f.to_str() == Some(flag)) {
+        return None;
+    }
+    let key = flag.trim_start_matches('-').replace('-', "_");
+    let rendered = e.render().to_string();
+    let what = rendered
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .trim_start_matches("error: ");
+    Some(format!("{}: key `{key}`: {what}", path.display()))
 }
 
 #[cfg(test)]

@@ -58,17 +58,40 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // Errors are messages for users: with RUST_BACKTRACE set, candle would append a backtrace
+    // to every error it makes. Panics still get theirs; RUST_LIB_BACKTRACE=1 brings the rest.
+    if std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
+        std::env::set_var("RUST_LIB_BACKTRACE", "0");
+    }
     let mut args: Vec<std::ffi::OsString> = std::env::args_os().collect();
-    if let Some(path) = config::config_path(&args) {
-        match config::flags_from_config(&path, &args) {
-            Ok(flags) => args.extend(flags),
+    let config = config::config_path(&args);
+    let mut from_config = Vec::new();
+    if let Some(path) = &config {
+        match config::flags_from_config(path, &args) {
+            Ok(flags) => {
+                from_config = flags.clone();
+                args.extend(flags);
+            }
             Err(e) => {
-                eprintln!("error: {e:#}");
+                eprintln!("error: {}", message(&e));
                 return ExitCode::FAILURE;
             }
         }
     }
-    let cli = Cli::parse_from(args);
+    let cli = match Cli::try_parse_from(args) {
+        Ok(cli) => cli,
+        Err(e) => match config
+            .as_deref()
+            .and_then(|p| config::blame(p, &from_config, &e))
+        {
+            // A flag the config file added was refused: say which file and key.
+            Some(msg) => {
+                eprintln!("error: {msg}");
+                return ExitCode::from(2);
+            }
+            None => e.exit(),
+        },
+    };
     if let Some(threads) = cli.threads {
         // Must happen before candle or rayon start their thread pools.
         std::env::set_var("RAYON_NUM_THREADS", threads.max(1).to_string());
@@ -88,8 +111,25 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", message(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes on one line, leaving out a cause that the message already quotes
+/// (an I/O error names its file and repeats its source).
+fn message(e: &anyhow::Error) -> String {
+    let mut msg = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if msg.contains(&text) {
+            continue;
+        }
+        if !msg.is_empty() {
+            msg.push_str(": ");
+        }
+        msg.push_str(&text);
+    }
+    msg
 }

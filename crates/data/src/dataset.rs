@@ -119,4 +119,23 @@ impl PreparedData {
     pub fn split(&self, split: Split) -> &SplitData {
         &self.splits[&split]
     }
+
+    /// Checks that every token id is below `vocab_size`: an id past the model's embeddings
+    /// means a damaged file (or one from another tokenizer), and would fail deep in the model.
+    pub fn check_vocab(&self, vocab_size: usize) -> Result<()> {
+        for split in Split::ALL {
+            let tokens = self.split(split).tokens();
+            if let Some(i) = tokens.iter().position(|&t| t as usize >= vocab_size) {
+                return Err(Error::Data {
+                    path: self.dir.join(format!("{}.tokens", split.name())),
+                    msg: format!(
+                        "token {i} has id {}, beyond the vocabulary of {vocab_size}: the file is \
+                         damaged; prepare the data again",
+                        tokens[i]
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
 }

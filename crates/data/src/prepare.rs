@@ -138,7 +138,17 @@ pub fn prepare(
     let mut split_names = Vec::new();
     for input in &opts.inputs {
         let base = input.parent().unwrap_or(Path::new(""));
-        for file in discover(input, opts.glob.as_deref())? {
+        let found = discover(input, opts.glob.as_deref())?;
+        if found.is_empty() {
+            return Err(Error::Data {
+                path: input.clone(),
+                msg: match &opts.glob {
+                    Some(g) => format!("no files match --glob `{g}` in this folder"),
+                    None => "no files in this folder".into(),
+                },
+            });
+        }
+        for file in found {
             let name = file
                 .strip_prefix(base)
                 .unwrap_or(&file)

@@ -120,16 +120,12 @@ pub fn read_file(
         f => f,
     };
     let location = path.display().to_string();
-    match format {
+    let (docs, mut skipped) = match format {
         // The parquet crate still panics on some damaged files (apache/arrow-rs#9705, and
-        // flipped bytes in tests): a bad input must be an error naming the file, not a crash.
-        Format::Parquet => std::panic::catch_unwind(|| read_parquet(path, bytes, column))
-            .unwrap_or_else(|panic| {
-                let what = panic
-                    .downcast_ref::<String>()
-                    .map(String::as_str)
-                    .or_else(|| panic.downcast_ref::<&str>().copied())
-                    .unwrap_or("unknown failure");
+        // flipped bytes in tests): a bad input must be an error naming the file, not a crash
+        // (nor a panic message on stderr).
+        Format::Parquet => mode_io::guard::catch_panic(|| read_parquet(path, bytes, column))
+            .unwrap_or_else(|what| {
                 Err(Error::Data {
                     path: path.to_path_buf(),
                     msg: format!("damaged Parquet file (the reader failed: {what})"),
@@ -180,7 +176,37 @@ pub fn read_file(
             }
             Ok((docs, skipped))
         }
+    }?;
+    // A huge line (minified code, a data dump) is one huge pre-token: slow to tokenise and
+    // gigabytes of encoding for nothing to learn from. Skip its record.
+    let mut kept = Vec::with_capacity(docs.len());
+    for doc in docs {
+        match doc.segments.iter().find_map(|s| long_line(&s.text)) {
+            Some((line, len)) => skipped.push(Skipped {
+                location: doc.id,
+                reason: format!(
+                    "line {line} of the text is {len} bytes long, over the limit of \
+                     {MAX_LINE_BYTES} bytes (minified or binary data?)"
+                ),
+            }),
+            None => kept.push(doc),
+        }
     }
+    Ok((kept, skipped))
+}
+
+/// The longest line a document may have, in bytes (1 MiB).
+pub const MAX_LINE_BYTES: usize = 1 << 20;
+
+/// The first line of `text` longer than [`MAX_LINE_BYTES`], as (1-based number, length).
+pub fn long_line(text: &str) -> Option<(usize, usize)> {
+    if text.len() <= MAX_LINE_BYTES {
+        return None;
+    }
+    text.split('\n')
+        .enumerate()
+        .find(|(_, l)| l.len() > MAX_LINE_BYTES)
+        .map(|(i, l)| (i + 1, l.len()))
 }
 
 /// Which fields of a record make its text.

@@ -225,9 +225,26 @@ pub fn eval_ids(path: &Path, tokenizer: &Tokenizer) -> Result<Vec<u32>> {
                 msg: "prepared with another tokenizer than this model's".into(),
             });
         }
+        data.check_vocab(tokenizer.id_bound())
+            .map_err(|e| Error::Data {
+                path: path.to_path_buf(),
+                msg: e.to_string(),
+            })?;
         return Ok(data.split(mode_data::Split::Test).tokens().to_vec());
     }
-    Ok(tokenizer.encode(&read_eval_text(path)?)?)
+    let text = read_eval_text(path)?;
+    // As `mode data prepare` does: one huge pre-token is slow and memory-hungry to tokenise.
+    if let Some((line, len)) = mode_data::read::long_line(&text) {
+        return Err(Error::Data {
+            path: path.to_path_buf(),
+            msg: format!(
+                "line {line} of the text is {len} bytes long, over the limit of {} bytes \
+                 (minified or binary data?)",
+                mode_data::read::MAX_LINE_BYTES
+            ),
+        });
+    }
+    Ok(tokenizer.encode(&text)?)
 }
 
 /// Evaluates a file or prepared folder (see [`eval_ids`]), on at most `max_windows` windows
@@ -246,10 +263,18 @@ pub fn evaluate_file(
     if n_windows == 0 {
         return Err(Error::Data {
             path: path.to_path_buf(),
-            msg: format!(
-                "{} tokens: nothing to evaluate (need at least 2)",
-                ids.len()
-            ),
+            msg: if path.is_dir() {
+                format!(
+                    "its test split has {} tokens: nothing to evaluate (prepare it with \
+                     --test-fraction above 0)",
+                    ids.len()
+                )
+            } else {
+                format!(
+                    "{} tokens: nothing to evaluate (need at least 2)",
+                    ids.len()
+                )
+            },
         });
     }
     let mut progress = progress;

@@ -36,10 +36,13 @@ pub fn resolve_backbone(spec: &str) -> Result<PathBuf> {
     }
     let path = PathBuf::from(spec);
     if !path.exists() {
-        return Err(Error::Fetch(format!(
-            "backbone `{spec}` is neither a known name ({DEFAULT_BACKBONE}) nor an existing \
-             .gguf file or Hugging Face folder"
-        )));
+        return Err(Error::Config {
+            path,
+            msg: format!(
+                "no such file or folder: a backbone is a known name ({DEFAULT_BACKBONE}), a .gguf \
+                 file or a Hugging Face folder"
+            ),
+        });
     }
     Ok(path)
 }

@@ -23,10 +23,15 @@ impl GgufFile {
         // SAFETY: the map is read-only; a file truncated underneath us is the same hazard every
         // mmap-based loader (llama.cpp, safetensors) accepts.
         let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;
-        let content = Content::read(&mut Cursor::new(&mmap[..])).map_err(|e| Error::Gguf {
-            path: path.clone(),
-            msg: e.to_string(),
-        })?;
+        // candle's reader panics on some damaged headers (an alignment of 0 divides by zero).
+        let content = crate::guard::catch_panic(|| Content::read(&mut Cursor::new(&mmap[..])))
+            .unwrap_or_else(|panic| {
+                Err(candle_core::Error::Msg(format!("damaged header ({panic})")))
+            })
+            .map_err(|e| Error::Gguf {
+                path: path.clone(),
+                msg: e.to_string(),
+            })?;
         Ok(Self {
             path,
             content,
@@ -157,11 +162,23 @@ impl GgufFile {
             name: name.to_string(),
             msg,
         };
-        if !self.has_tensor(name) {
+        let Some(info) = self.content.tensor_infos.get(name) else {
             return Err(Error::MissingTensor {
                 path: self.path.clone(),
                 name: name.to_string(),
             });
+        };
+        // candle counts elements with a product that wraps: a lying shape could pass its size
+        // check and give a tensor without the data behind it.
+        let dims = info.shape.dims();
+        if dims
+            .iter()
+            .try_fold(1usize, |n, &d| n.checked_mul(d))
+            .is_none()
+        {
+            return Err(bad(format!(
+                "shape {dims:?} has more elements than memory can hold"
+            )));
         }
         let qtensor = self
             .content

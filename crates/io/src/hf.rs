@@ -95,17 +95,26 @@ impl HfFolder {
         Ok(view.shape().to_vec())
     }
 
-    /// Reads a tensor and converts it to `dtype`.
+    /// Reads a tensor and converts it to `dtype`. Weights must be stored as floating point:
+    /// integers (a quantised or mislabelled file) are refused, not converted.
     pub fn tensor(&self, name: &str, dtype: DType, device: &Device) -> Result<Tensor> {
         let (path, st) = self.locate(name)?;
-        st.get(name)
-            .and_then(|view| view.load(device))
+        let bad = |msg: String| Error::BadTensor {
+            path: path.clone(),
+            name: name.to_string(),
+            msg,
+        };
+        let view = st.get(name).map_err(|e| bad(e.to_string()))?;
+        use safetensors::Dtype as D;
+        if !matches!(view.dtype(), D::F64 | D::F32 | D::F16 | D::BF16) {
+            return Err(bad(format!(
+                "stored as {:?}; weights must be F32, F16, BF16 or F64",
+                view.dtype()
+            )));
+        }
+        view.load(device)
             .and_then(|t| t.to_dtype(dtype))
-            .map_err(|e| Error::BadTensor {
-                path: path.clone(),
-                name: name.to_string(),
-                msg: e.to_string(),
-            })
+            .map_err(|e| bad(e.to_string()))
     }
 }
 

@@ -8,6 +8,7 @@ pub mod chat;
 pub mod error;
 pub mod fetch;
 pub mod gguf;
+pub mod guard;
 pub mod hf;
 pub mod tokenizer;
 

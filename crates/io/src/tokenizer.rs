@@ -250,6 +250,15 @@ impl Tokenizer {
         self.inner.get_vocab_size(true)
     }
 
+    /// One past the largest id the tokenizer can produce (added tokens included).
+    pub fn id_bound(&self) -> usize {
+        self.inner
+            .get_vocab(true)
+            .into_values()
+            .max()
+            .map_or(0, |m| m as usize + 1)
+    }
+
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)
     }
@@ -270,6 +279,11 @@ impl Tokenizer {
             .iter()
             .find_map(|t| self.inner.token_to_id(t))
             .or_else(|| self.eos_ids.first().copied())
+    }
+
+    /// The file the tokenizer was read from (`tokenizer.json` or a `.gguf`), for errors.
+    pub fn source(&self) -> &Path {
+        &self.source
     }
 
     /// The Jinja chat template shipped with the model, if any.

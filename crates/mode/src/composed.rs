@@ -240,15 +240,7 @@ pub fn load_composed(dir: &Path, backbone: Backbone) -> Result<(ModeModel, Compo
                     path: gates_path.clone(),
                     msg: format!("tensor `{name}` is missing"),
                 })?;
-                if t.dims() != shape {
-                    return Err(Error::File {
-                        path: gates_path.clone(),
-                        msg: format!(
-                            "tensor `{name}` has shape {:?}, expected {shape:?}",
-                            t.dims()
-                        ),
-                    });
-                }
+                crate::file::check_gate_tensor(&gates_path, &name, t, shape)?;
                 Ok(t.to_dtype(dtype)?)
             };
             Ok(Gate {

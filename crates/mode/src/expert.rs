@@ -118,13 +118,10 @@ impl Expert {
                 };
                 let mut config = backbone.config.clone();
                 config.num_hidden_layers = 1;
-                layers.push(DecoderLayer::load(
-                    &config,
-                    &w,
-                    "model.layers.0",
-                    dtype,
-                    backbone.device(),
-                )?);
+                let layer =
+                    DecoderLayer::load(&config, &w, "model.layers.0", dtype, backbone.device())
+                        .map_err(|e| file_names(e, &prefix))?;
+                layers.push(layer);
             }
             blocks.push(layers);
         }
@@ -140,6 +137,23 @@ impl Expert {
             .map(|(_, t)| t.elem_count())
             .sum()
     }
+}
+
+/// An error about a layer loaded under the decoder's own names, with the tensor named as the
+/// expert file names it (`blocks.{b}.layers.{l}.…`).
+fn file_names(mut e: mode_model::Error, prefix: &str) -> crate::Error {
+    let rename = |name: &mut String| {
+        if let Some(rest) = name.strip_prefix("model.layers.0.") {
+            *name = format!("{prefix}{rest}");
+        }
+    };
+    match &mut e {
+        mode_model::Error::Io(mode_io::Error::MissingTensor { name, .. })
+        | mode_model::Error::Shape { name, .. }
+        | mode_model::Error::NonFinite { name, .. } => rename(name),
+        _ => {}
+    }
+    e.into()
 }
 
 /// A block's gate: `softmax(W x + b)` over `[backbone, expert_1, ..., expert_N]`.

@@ -157,8 +157,24 @@ impl ExpertFile {
                 meta.format_version
             )));
         }
+        let layout = &meta.layout;
+        let layers = layout.boundaries.last().copied().unwrap_or(0);
+        BlockLayout::explicit(
+            layout.boundaries.clone(),
+            layers,
+            layout.expert_layers_per_block,
+        )
+        .map_err(|e| err(format!("bad expert header: {e}")))?;
         let tensors =
             candle_core::safetensors::load_buffer(bytes, device).map_err(|e| err(e.to_string()))?;
+        let mut names: Vec<&String> = tensors.keys().collect();
+        names.sort();
+        if let Some(name) = names.into_iter().find(|n| !tensors[*n].dtype().is_float()) {
+            return Err(err(format!(
+                "tensor `{name}` is stored as {:?}; expert weights must be floating point",
+                tensors[name].dtype()
+            )));
+        }
         Ok(Self { meta, tensors })
     }
 
@@ -201,6 +217,16 @@ impl ExpertFile {
 
     /// The expert's layers, loaded for `backbone`.
     pub fn expert(&self, backbone: &mode_model::Backbone, path: &Path) -> Result<Expert> {
+        let (covered, layers) = (self.meta.layout.num_layers(), backbone.layers.len());
+        if covered != layers {
+            return Err(Error::File {
+                path: path.to_path_buf(),
+                msg: format!(
+                    "its block layout {:?} covers {covered} layers, the backbone has {layers}",
+                    self.meta.layout.boundaries
+                ),
+            });
+        }
         let layers: HashMap<String, Tensor> = self
             .tensors
             .iter()
@@ -218,22 +244,47 @@ impl ExpertFile {
 
     /// The stage-1 gates (backbone + this expert), one per block.
     pub fn gates(&self, path: &Path) -> Result<Vec<Gate>> {
+        let hidden = self.meta.dims.hidden_size;
         (0..self.meta.layout.num_blocks())
             .map(|b| {
-                let get = |n: &str| {
-                    self.tensors
-                        .get(&format!("blocks.{b}.gate.{n}"))
-                        .cloned()
-                        .ok_or_else(|| Error::File {
-                            path: PathBuf::from(path),
-                            msg: format!("tensor `blocks.{b}.gate.{n}` is missing"),
-                        })
+                let get = |n: &str, shape: &[usize]| -> Result<Tensor> {
+                    let name = format!("blocks.{b}.gate.{n}");
+                    let t = self.tensors.get(&name).ok_or_else(|| Error::File {
+                        path: PathBuf::from(path),
+                        msg: format!("tensor `{name}` is missing"),
+                    })?;
+                    check_gate_tensor(path, &name, t, shape)?;
+                    Ok(t.clone())
                 };
                 Ok(Gate {
-                    weight: get("weight")?,
-                    bias: get("bias")?,
+                    weight: get("weight", &[2, hidden])?,
+                    bias: get("bias", &[2])?,
                 })
             })
             .collect()
     }
+}
+
+/// Checks a gate tensor read from `path`: its shape, and that its values are finite.
+pub(crate) fn check_gate_tensor(
+    path: &Path,
+    name: &str,
+    t: &Tensor,
+    shape: &[usize],
+) -> Result<()> {
+    let err = |msg: String| Error::File {
+        path: path.to_path_buf(),
+        msg,
+    };
+    if t.dims() != shape {
+        return Err(err(format!(
+            "tensor `{name}` has shape {:?}, expected {shape:?}",
+            t.dims()
+        )));
+    }
+    let sum = t.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?;
+    if !sum.is_finite() {
+        return Err(err(format!("tensor `{name}` holds NaN or infinite values")));
+    }
+    Ok(())
 }

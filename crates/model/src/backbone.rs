@@ -116,12 +116,14 @@ impl Backbone {
             let folder = HfFolder::open(path)?;
             let config = Config::from_hf(&folder)?;
             let tokenizer = Tokenizer::from_hf_dir(path)?;
+            check_vocab(&tokenizer, &config, &path.join("tokenizer.json"))?;
             let model = Self::load(config, &Weights::Hf(folder), dtype, device)?;
             Ok((model, tokenizer))
         } else {
             let gguf = GgufFile::open(path)?;
             let config = Config::from_gguf(&gguf)?;
             let tokenizer = Tokenizer::from_gguf(&gguf)?;
+            check_vocab(&tokenizer, &config, path)?;
             let model = Self::load(config, &Weights::Gguf(gguf), dtype, device)?;
             Ok((model, tokenizer))
         }
@@ -300,6 +302,23 @@ impl Backbone {
     pub fn new_cache(&self) -> KvCache {
         KvCache::new(self.layers.len())
     }
+}
+
+/// Refuses a tokenizer whose ids go past the model's embeddings: every text would fail (or
+/// worse) at the first such token.
+fn check_vocab(tokenizer: &Tokenizer, config: &Config, path: &Path) -> Result<()> {
+    let ids = tokenizer.id_bound();
+    if ids > config.vocab_size {
+        return Err(crate::Error::Config {
+            path: path.to_path_buf(),
+            msg: format!(
+                "the tokenizer has ids up to {}, beyond the model's vocabulary of {}",
+                ids - 1,
+                config.vocab_size
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// Random weights of the real architecture, under Hugging Face names: linear and embedding

@@ -270,7 +270,16 @@ impl Config {
             .unwrap_or(hidden_size / num_attention_heads.max(1));
         let vocab_size = match gguf.opt_u64(&key("vocab_size"))? {
             Some(v) => v as usize,
-            None => gguf.tensor_shape("token_embd.weight")?[0],
+            None => *gguf
+                .tensor_shape("token_embd.weight")?
+                .first()
+                .ok_or_else(|| Error::Config {
+                    path: path.to_path_buf(),
+                    msg: format!(
+                        "`{}` is not set and tensor `token_embd.weight` has no dimensions",
+                        key("vocab_size")
+                    ),
+                })?,
         };
         let config = Self {
             architecture,
@@ -327,6 +336,33 @@ impl Config {
         }
         if self.hidden_size == 0 || self.vocab_size == 0 || self.num_hidden_layers == 0 {
             return err("hidden size, vocabulary size and layer count must be positive".into());
+        }
+        // Zero, negative or NaN here would not fail: every logit would quietly be NaN.
+        if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
+            return err(format!(
+                "RoPE base (rope_theta) must be a positive number, got {}",
+                self.rope_theta
+            ));
+        }
+        if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps > 0.0) {
+            return err(format!(
+                "RMSNorm epsilon (rms_norm_eps) must be a positive number, got {}",
+                self.rms_norm_eps
+            ));
+        }
+        if let Some(r) = &self.rope_scaling {
+            let ok = |v: f64| v.is_finite() && v > 0.0;
+            if !(ok(r.factor)
+                && ok(r.low_freq_factor)
+                && ok(r.high_freq_factor)
+                && r.low_freq_factor != r.high_freq_factor
+                && r.original_max_position_embeddings > 0)
+            {
+                return err(format!(
+                    "RoPE scaling {r:?} needs positive factors, distinct low and high frequency \
+                     factors and a positive original length"
+                ));
+            }
         }
         Ok(())
     }

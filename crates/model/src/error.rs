@@ -18,6 +18,8 @@ pub enum Error {
         arch: String,
         supported: &'static str,
     },
+    #[error("{}: tensor `{name}` holds NaN or infinite values", path.display())]
+    NonFinite { path: PathBuf, name: String },
     #[error("{}: {msg}", path.display())]
     Config { path: PathBuf, msg: String },
     #[error("tensor computation failed: {0}")]

@@ -40,7 +40,7 @@ impl Weights {
         dtype: DType,
         device: &Device,
     ) -> Result<Tensor> {
-        let tensor = match self {
+        let (tensor, stored_name) = match self {
             Weights::Gguf(g) => {
                 let gguf_name = gguf_name(name);
                 let stored = g.tensor_shape(&gguf_name)?;
@@ -53,12 +53,12 @@ impl Weights {
                         t = unpermute_rope_rows(&t, config.num_key_value_heads)?;
                     }
                 }
-                t
+                (t, gguf_name)
             }
             Weights::Hf(h) => {
                 let stored = h.tensor_shape(name)?;
                 check_shape(h.dir(), name, shape, &stored)?;
-                h.tensor(name, dtype, device)?
+                (h.tensor(name, dtype, device)?, name.to_string())
             }
             Weights::Map { tensors, label } => {
                 let t = tensors
@@ -68,9 +68,18 @@ impl Weights {
                         name: name.to_string(),
                     })?;
                 check_shape(label, name, shape, t.dims())?;
-                t.to_dtype(dtype)?.to_device(device)?
+                (t.to_dtype(dtype)?.to_device(device)?, name.to_string())
             }
         };
+        // One pass over the values (a sum: NaN and infinities propagate), so that broken
+        // weights are refused here rather than turning every loss and logit into NaN later.
+        let sum = tensor.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?;
+        if !sum.is_finite() {
+            return Err(Error::NonFinite {
+                path: self.path().to_path_buf(),
+                name: stored_name,
+            });
+        }
         Ok(tensor)
     }
 

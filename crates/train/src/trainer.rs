@@ -287,6 +287,13 @@ pub fn train(
         weight_decay: cfg.weight_decay,
         ..Default::default()
     });
+    let vocab_size = method.backbone().config.vocab_size;
+    for source in &data.sources {
+        source
+            .data
+            .check_vocab(vocab_size)
+            .map_err(|e| Error::Data(e.to_string()))?;
+    }
     let params = method.params();
     if cfg.check_memory {
         let trainable = params.iter().map(|(_, t)| t.elem_count()).sum();
@@ -498,42 +505,78 @@ pub fn load_checkpoint(
     params: &[(String, &Tensor)],
     opt: &mut AdamW,
 ) -> Result<usize, Error> {
-    let err = |msg: String| Error::File {
-        path: dir.to_path_buf(),
+    let state_path = dir.join(CHECKPOINT_STATE);
+    let tensors_path = dir.join(CHECKPOINT_TENSORS);
+    let err = |path: &Path, msg: String| Error::File {
+        path: path.to_path_buf(),
         msg,
     };
     let state: CheckpointState = serde_json::from_slice(
-        &std::fs::read(dir.join(CHECKPOINT_STATE)).map_err(|e| err(e.to_string()))?,
+        &std::fs::read(&state_path).map_err(|e| err(&state_path, e.to_string()))?,
     )
-    .map_err(|e| err(format!("bad state.json: {e}")))?;
-    let tensors = candle_core::safetensors::load(dir.join(CHECKPOINT_TENSORS), &Device::Cpu)
-        .map_err(|e| err(e.to_string()))?;
-    for (name, t) in params {
-        let saved = tensors.get(&format!("param.{name}")).ok_or_else(|| {
-            err(format!(
-                "parameter `{name}` is missing: the checkpoint is from another run"
-            ))
-        })?;
-        if saved.dims() != t.dims() {
-            return Err(err(format!(
-                "parameter `{name}` has shape {:?}, expected {:?}",
-                saved.dims(),
-                t.dims()
-            )));
+    .map_err(|e| err(&state_path, format!("bad checkpoint state: {e}")))?;
+    let tensors = candle_core::safetensors::load(&tensors_path, &Device::Cpu)
+        .map_err(|e| err(&tensors_path, e.to_string()))?;
+    // A saved tensor of the parameter's shape, as f32 values; `None` when absent.
+    let values = |key: &str, shape: &[usize]| -> Result<Option<Vec<f32>>, Error> {
+        let Some(saved) = tensors.get(key) else {
+            return Ok(None);
+        };
+        if saved.dims() != shape {
+            return Err(err(
+                &tensors_path,
+                format!(
+                    "`{key}` has shape {:?}, expected {shape:?}: the checkpoint is from another run",
+                    saved.dims()
+                ),
+            ));
         }
-        let values: Vec<f32> = saved.flatten_all()?.to_vec1()?;
-        t.inplace_op1(&CopyFrom(values))?;
+        let values: Vec<f32> = saved
+            .flatten_all()
+            .and_then(|t| t.to_dtype(DType::F32))
+            .and_then(|t| t.to_vec1())
+            .map_err(|e| err(&tensors_path, format!("`{key}`: {e}")))?;
+        if !values.iter().all(|v| v.is_finite()) {
+            return Err(err(
+                &tensors_path,
+                format!("`{key}` holds NaN or infinite values"),
+            ));
+        }
+        Ok(Some(values))
+    };
+    // A checkpoint of another configuration (other --blocks, other method) may hold a superset
+    // of this run's parameters: resuming from it would quietly mix two runs.
+    let mut extra: Vec<&str> = tensors
+        .keys()
+        .filter_map(|k| k.strip_prefix("param."))
+        .filter(|k| !params.iter().any(|(name, _)| name == k))
+        .collect();
+    extra.sort_unstable();
+    if let Some(name) = extra.first() {
+        return Err(err(
+            &tensors_path,
+            format!(
+                "parameter `{name}` is not one of this run's: the checkpoint is from another run \
+                 (other flags?); pass --restart to start over"
+            ),
+        ));
+    }
+    for (name, t) in params {
+        let saved = values(&format!("param.{name}"), t.dims())?.ok_or_else(|| {
+            err(
+                &tensors_path,
+                format!(
+                    "parameter `{name}` is missing: the checkpoint is from another run; pass \
+                     --restart to start over"
+                ),
+            )
+        })?;
+        t.inplace_op1(&CopyFrom(saved))?;
         if let (Some(m), Some(v)) = (
-            tensors.get(&format!("adam_m.{name}")),
-            tensors.get(&format!("adam_v.{name}")),
+            values(&format!("adam_m.{name}"), t.dims())?,
+            values(&format!("adam_v.{name}"), t.dims())?,
         ) {
-            opt.state.insert(
-                name.clone(),
-                Moments {
-                    m: m.flatten_all()?.to_vec1()?,
-                    v: v.flatten_all()?.to_vec1()?,
-                },
-            );
+            opt.state.insert(name.clone(), Moments { m, v });
         }
     }
     opt.step = state.optimizer_step;

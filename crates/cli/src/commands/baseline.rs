@@ -7,7 +7,7 @@ use mode_data::DataMix;
 use mode_train::baseline::BaselineKind;
 use mode_train::stage1::side_paths;
 
-use super::training::{TrainFlags, TrainProgress, ADAPTER_LR, FULL_FT_LR};
+use super::training::{check_out_folder, TrainFlags, TrainProgress, ADAPTER_LR, FULL_FT_LR};
 use super::BackboneArgs;
 
 /// The baselines MoDE is measured against, trained by the same loop on the same data.
@@ -73,6 +73,7 @@ pub fn run(args: Args) -> Result<()> {
             ADAPTER_LR,
         ),
     };
+    check_out_folder(&common.out)?;
     if kind == BaselineKind::Full && common.backbone.weight_dtype != DType::F32 {
         bail!("full fine-tuning updates the backbone's weights: use --weight-dtype f32");
     }

@@ -7,7 +7,7 @@ use mode_data::DataMix;
 use mode_train::compose::{ComposeOptions, GateInit};
 use mode_train::stage1::side_paths;
 
-use super::training::{TrainFlags, TrainProgress, ADAPTER_LR};
+use super::training::{check_out_folder, TrainFlags, TrainProgress, ADAPTER_LR};
 use super::BackboneArgs;
 
 /// Stage 2: put several experts in one model and tune gates (and experts) on mixed data.
@@ -47,6 +47,7 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<()> {
+    check_out_folder(&args.out)?;
     let train = args.train.config(ADAPTER_LR)?;
     let data = DataMix::open(&args.data)?;
     let (backbone, tokenizer, path) = args.backbone.load()?;

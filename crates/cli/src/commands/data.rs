@@ -25,8 +25,8 @@ enum What {
     chat `messages` (loss on assistant turns, rendered with the backbone's chat template), \
     Parquet (one document per row) with a `text` column, `prompt`+`completion` columns, or a \
     single string column.\n\
-    Records that cannot be used (empty, null, not UTF-8) are skipped, counted and listed with \
-    file and line or row.\n\n\
+    Records that cannot be used (empty, null, not UTF-8, a line over 1 MiB) are skipped, \
+    counted and listed with file and line or row.\n\n\
     Examples:\n  mode data prepare --input django/ --glob '*.py' --out data/code\n  \
     mode data prepare --input train-00000.parquet --column content --out data/web"
 )]

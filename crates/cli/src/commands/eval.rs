@@ -40,6 +40,9 @@ pub fn run(args: Args) -> Result<()> {
     if args.seq_len < 2 {
         bail!("--seq-len must be at least 2, got {}", args.seq_len);
     }
+    if args.max_windows == Some(0) {
+        bail!("--max-windows must be at least 1");
+    }
     for path in &args.data {
         if !path.exists() {
             bail!("{}: no such file or folder", path.display());

@@ -1,6 +1,6 @@
 use std::io::Write;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use mode_infer::{ChatMessage, ChatTemplate, Sampler, SamplingParams};
 
 use super::ModelArgs;
@@ -27,10 +27,10 @@ pub struct Args {
     #[arg(long, default_value_t = 256)]
     max_new_tokens: usize,
     /// Sampling temperature; 0 means greedy
-    #[arg(long, default_value_t = 0.7)]
+    #[arg(long, default_value_t = 0.7, allow_negative_numbers = true)]
     temperature: f64,
     /// Nucleus sampling: keep the smallest set of tokens with this much probability
-    #[arg(long, default_value_t = 0.9)]
+    #[arg(long, default_value_t = 0.9, allow_negative_numbers = true)]
     top_p: f64,
     /// Random seed for sampling
     #[arg(long, default_value_t = 42)]
@@ -52,7 +52,10 @@ pub fn run(args: Args) -> Result<()> {
             messages.push(ChatMessage::new("system", system.clone()));
         }
         messages.push(ChatMessage::new("user", args.prompt.clone()));
-        template.render(&messages, true)?
+        // A broken template is the model's: name the file it came from.
+        template
+            .render(&messages, true)
+            .with_context(|| tokenizer.source().display().to_string())?
     } else {
         args.prompt.clone()
     };

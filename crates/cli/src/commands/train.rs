@@ -1,6 +1,6 @@
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use mode_core::ExpertInit;
 use mode_data::DataMix;
 use mode_train::stage1::{side_paths, Stage1Options};
@@ -49,6 +49,12 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<()> {
+    if args.out.is_dir() {
+        bail!(
+            "{}: is a folder; --out names the expert file to write (NAME.expert.safetensors)",
+            args.out.display()
+        );
+    }
     let train = args.train.config(ADAPTER_LR)?;
     let data = DataMix::open(&args.data)?;
     let (backbone, tokenizer, path) = args.backbone.load()?;

@@ -19,7 +19,7 @@ pub struct TrainFlags {
     #[arg(long, default_value_t = 256)]
     pub seq_len: usize,
     /// Peak learning rate [default: 1e-4 for full fine-tuning, 1e-3 otherwise]
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub lr: Option<f64>,
     /// Linear warm-up steps before cosine decay
     #[arg(long, default_value_t = 20)]
@@ -83,6 +83,18 @@ impl TrainFlags {
         }
         Ok(())
     }
+}
+
+/// Refuses an `--out` that is an existing file where a model folder is to be written (it would
+/// be replaced only after the whole run).
+pub fn check_out_folder(out: &Path) -> Result<()> {
+    if out.exists() && !out.is_dir() {
+        bail!(
+            "{}: is a file; --out names the model folder to write",
+            out.display()
+        );
+    }
+    Ok(())
 }
 
 /// Default peak learning rate of experts, gates and LoRA adapters.
