@@ -58,6 +58,12 @@ pub fn compose(
     on_event: impl FnMut(Event) -> bool,
 ) -> Result<(Option<ComposedManifest>, TrainReport), Error> {
     check_tokenizer(data, tokenizer_fingerprint, backbone_source)?;
+    let p = opts.gate_init_backbone_prob;
+    if !(p > 0.0 && p < 1.0) {
+        return Err(Error::Data(format!(
+            "--gate-init-backbone-prob must be in (0, 1), got {p}"
+        )));
+    }
     let Some(first) = experts.first() else {
         return Err(Error::Data("compose needs at least one --expert".into()));
     };
