@@ -17,7 +17,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Device};
 use mode_core::baseline::{LoraSpec, LoraTargets};
-use mode_core::{ExpertInit, LoadedExpertFile, LoadedModel};
+use mode_core::{ExpertFile, ExpertInit, LoadedExpertFile, LoadedModel};
 use mode_data::{DataMix, PreparedData};
 use mode_model::Backbone;
 use mode_train::baseline::{train_baseline, BaselineKind};
@@ -322,6 +322,28 @@ impl Ctx<'_> {
         Ok(Backbone::open(&self.backbone_path, DType::F32, &Device::Cpu)?.0)
     }
 
+    /// A fresh backbone to train, its source and its tokenizer's fingerprint.
+    fn training_inputs(&self) -> Result<(Backbone, String, String)> {
+        Ok((
+            self.backbone()?,
+            self.backbone_source.clone(),
+            self.tokenizer.fingerprint(),
+        ))
+    }
+
+    /// Stage-1 options of an expert for `domain` trained `steps` steps.
+    fn stage1_options(&self, domain: &str, steps: usize) -> Stage1Options {
+        let b = &self.opts.budget;
+        Stage1Options {
+            domain: domain.into(),
+            blocks: b.blocks,
+            expert_layers_per_block: b.expert_layers_per_block,
+            init: ExpertInit::Copy,
+            gate_init_backbone_prob: mode_core::expert::GATE_INIT_BACKBONE_PROB,
+            train: b.train_config(steps, b.adapter_lr),
+        }
+    }
+
     fn path(&self, parts: &[&str]) -> PathBuf {
         parts.iter().fold(self.opts.out.clone(), |p, s| p.join(s))
     }
@@ -392,11 +414,7 @@ impl Ctx<'_> {
         let out = self.path(&["models", name]);
         let cfg = self.opts.budget.train_config(self.opts.budget.steps, lr);
         let mix = self.mix()?;
-        let (backbone, source, fp) = (
-            self.backbone()?,
-            self.backbone_source.clone(),
-            self.tokenizer.fingerprint(),
-        );
+        let (backbone, source, fp) = self.training_inputs()?;
         let (manifest, report) =
             train_baseline(backbone, &source, &fp, &mix, kind, &cfg, &out, |e| {
                 self.reporter.train(e)
@@ -438,20 +456,9 @@ impl Ctx<'_> {
                 "math" => self.single(&self.domains.math.clone())?,
                 _ => self.single(&self.domains.code.clone())?,
             };
-            let opts = Stage1Options {
-                domain: domain.into(),
-                blocks: b.blocks,
-                expert_layers_per_block: b.expert_layers_per_block,
-                init: ExpertInit::Copy,
-                gate_init_backbone_prob: mode_core::expert::GATE_INIT_BACKBONE_PROB,
-                train: b.train_config(steps, b.adapter_lr),
-            };
+            let opts = self.stage1_options(domain, steps);
             let t = Instant::now();
-            let (backbone, source, fp) = (
-                self.backbone()?,
-                self.backbone_source.clone(),
-                self.tokenizer.fingerprint(),
-            );
+            let (backbone, source, fp) = self.training_inputs()?;
             let (_, report) = train_expert(backbone, &source, &fp, &data, &opts, &out, |e| {
                 self.reporter.train(e)
             })?;
@@ -462,8 +469,8 @@ impl Ctx<'_> {
             let side = self.path(&["experts", &format!("{domain}.seconds")]);
             let _ = std::fs::write(&side, seconds.to_string());
         }
-        let file = LoadedExpertFile::load(&out, &Device::Cpu)?;
-        let params: usize = file.file.tensors.values().map(|t| t.elem_count()).sum();
+        let file = ExpertFile::load(&out, &Device::Cpu)?;
+        let params = file_parameters(&file);
         let seconds =
             std::fs::read_to_string(self.path(&["experts", &format!("{domain}.seconds")]))
                 .ok()
@@ -475,7 +482,7 @@ impl Ctx<'_> {
             MethodResult {
                 trainable_parameters: params,
                 added_parameters: params,
-                tokens: file.file.meta.training.tokens,
+                tokens: file.meta.training.tokens,
                 train_seconds: seconds,
                 curves: BTreeMap::from([(format!("{domain} expert"), read_curve(&metrics))]),
                 ..Default::default()
@@ -506,11 +513,7 @@ impl Ctx<'_> {
             LoadedExpertFile::load(&code, &Device::Cpu)?,
         ];
         let mix = self.mix()?;
-        let (backbone, source, fp) = (
-            self.backbone()?,
-            self.backbone_source.clone(),
-            self.tokenizer.fingerprint(),
-        );
+        let (backbone, source, fp) = self.training_inputs()?;
         let (manifest, report) =
             compose(backbone, &source, &fp, experts, &mix, &opts, &out, |e| {
                 self.reporter.train(e)
@@ -546,20 +549,9 @@ impl Ctx<'_> {
         self.reporter.stage("training one fresh expert on the mix");
         let out = self.path(&["experts", "mix.expert.safetensors"]);
         let b = self.opts.budget.clone();
-        let opts = Stage1Options {
-            domain: "mix".into(),
-            blocks: b.blocks,
-            expert_layers_per_block: b.expert_layers_per_block,
-            init: ExpertInit::Copy,
-            gate_init_backbone_prob: mode_core::expert::GATE_INIT_BACKBONE_PROB,
-            train: b.train_config(b.steps, b.adapter_lr),
-        };
+        let opts = self.stage1_options("mix", b.steps);
         let mix = self.mix()?;
-        let (backbone, source, fp) = (
-            self.backbone()?,
-            self.backbone_source.clone(),
-            self.tokenizer.fingerprint(),
-        );
+        let (backbone, source, fp) = self.training_inputs()?;
         let (_, report) = train_expert(backbone, &source, &fp, &mix, &opts, &out, |e| {
             self.reporter.train(e)
         })?;
@@ -567,8 +559,7 @@ impl Ctx<'_> {
             return Err(Error::Step("mode_fresh_mix: training stopped".into()));
         }
         let (model, _) = mode_core::loaded::load_with_expert(&out, self.backbone()?)?;
-        let file = LoadedExpertFile::load(&out, &Device::Cpu)?;
-        let params: usize = file.file.tensors.values().map(|t| t.elem_count()).sum();
+        let params = file_parameters(&ExpertFile::load(&out, &Device::Cpu)?);
         Ok((
             model,
             MethodResult {
@@ -624,6 +615,11 @@ impl Ctx<'_> {
         result.eval_seconds = t.elapsed().as_secs_f64();
         Ok(())
     }
+}
+
+/// Parameters an expert file adds: its layers and stage-1 gates.
+fn file_parameters(file: &ExpertFile) -> usize {
+    file.tensors.values().map(|t| t.elem_count()).sum()
 }
 
 /// The training curve of a model folder's run (`NAME.metrics.jsonl` beside it).

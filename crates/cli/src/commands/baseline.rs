@@ -7,7 +7,9 @@ use mode_data::DataMix;
 use mode_train::baseline::BaselineKind;
 use mode_train::stage1::side_paths;
 
-use super::training::{check_out_folder, TrainFlags, TrainProgress, ADAPTER_LR, FULL_FT_LR};
+use super::training::{
+    check_out_folder, summary, TrainFlags, TrainProgress, ADAPTER_LR, FULL_FT_LR,
+};
 use super::BackboneArgs;
 
 /// The baselines MoDE is measured against, trained by the same loop on the same data.
@@ -97,15 +99,11 @@ pub fn run(args: Args) -> Result<()> {
     progress.finish();
     if let Some(m) = manifest {
         println!(
-            "wrote {} ({}, {:.2}M trainable parameters): {} steps, {} tokens in {:.0}s, final validation loss {:.4}, accuracy {:.2}%",
+            "wrote {} ({}, {:.2}M trainable parameters): {}",
             common.out.display(),
             m.kind,
             m.trainable_parameters as f64 / 1e6,
-            report.steps,
-            report.tokens,
-            report.seconds,
-            report.final_val_loss.unwrap_or(f64::NAN),
-            100.0 * report.final_val_accuracy.unwrap_or(f64::NAN)
+            summary(&report)
         );
     }
     Ok(())

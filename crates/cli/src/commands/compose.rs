@@ -7,7 +7,7 @@ use mode_data::DataMix;
 use mode_train::compose::{ComposeOptions, GateInit};
 use mode_train::stage1::side_paths;
 
-use super::training::{check_out_folder, TrainFlags, TrainProgress, ADAPTER_LR};
+use super::training::{check_out_folder, summary, TrainFlags, TrainProgress, ADAPTER_LR};
 use super::BackboneArgs;
 
 /// Stage 2: put several experts in one model and tune gates (and experts) on mixed data.
@@ -95,15 +95,7 @@ pub fn run(args: Args) -> Result<()> {
     )?;
     progress.finish();
     if manifest.is_some() {
-        println!(
-            "wrote {}: {} steps, {} tokens in {:.0}s, final validation loss {:.4}, accuracy {:.2}%",
-            args.out.display(),
-            report.steps,
-            report.tokens,
-            report.seconds,
-            report.final_val_loss.unwrap_or(f64::NAN),
-            100.0 * report.final_val_accuracy.unwrap_or(f64::NAN)
-        );
+        println!("wrote {}: {}", args.out.display(), summary(&report));
     }
     Ok(())
 }

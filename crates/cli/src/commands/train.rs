@@ -5,7 +5,7 @@ use mode_core::ExpertInit;
 use mode_data::DataMix;
 use mode_train::stage1::{side_paths, Stage1Options};
 
-use super::training::{TrainFlags, TrainProgress, ADAPTER_LR};
+use super::training::{summary, TrainFlags, TrainProgress, ADAPTER_LR};
 use super::BackboneArgs;
 
 /// Stage 1: train one domain expert (and its gates) beside a frozen backbone.
@@ -88,16 +88,12 @@ pub fn run(args: Args) -> Result<()> {
     )?;
     progress.finish();
     println!(
-        "wrote {} ({} expert, {} blocks x {} layers): {} steps, {} tokens in {:.0}s, final validation loss {:.4}, accuracy {:.2}%",
+        "wrote {} ({} expert, {} blocks x {} layers): {}",
         args.out.display(),
         meta.domain,
         meta.layout.num_blocks(),
         meta.layout.expert_layers_per_block,
-        report.steps,
-        report.tokens,
-        report.seconds,
-        report.final_val_loss.unwrap_or(f64::NAN),
-        100.0 * report.final_val_accuracy.unwrap_or(f64::NAN)
+        summary(&report)
     );
     Ok(())
 }

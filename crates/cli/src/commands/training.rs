@@ -4,7 +4,7 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
-use mode_train::trainer::{Event, TrainConfig};
+use mode_train::trainer::{Event, TrainConfig, TrainReport};
 
 /// Flags of the training loop, the same for `train`, `compose` and the baselines.
 #[derive(clap::Args, Debug, Clone)]
@@ -180,4 +180,16 @@ impl TrainProgress {
     pub fn finish(&self) {
         self.bar.finish_and_clear();
     }
+}
+
+/// What a finished run reports after `wrote OUT (...)`: steps, tokens, time, final validation.
+pub fn summary(report: &TrainReport) -> String {
+    format!(
+        "{} steps, {} tokens in {:.0}s, final validation loss {:.4}, accuracy {:.2}%",
+        report.steps,
+        report.tokens,
+        report.seconds,
+        report.final_val_loss.unwrap_or(f64::NAN),
+        100.0 * report.final_val_accuracy.unwrap_or(f64::NAN)
+    )
 }
