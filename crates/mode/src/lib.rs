@@ -14,13 +14,15 @@ pub mod file;
 pub mod layout;
 pub mod loaded;
 pub mod model;
+pub mod routing;
 
 pub use composed::{load_composed, save_composed, ComposedManifest, LoadedExpertFile};
 pub use expert::{Expert, ExpertInit, Gate};
 pub use file::{ExpertFile, ExpertMeta};
 pub use layout::BlockLayout;
 pub use loaded::LoadedModel;
-pub use model::ModeModel;
+pub use model::{ModeModel, Routed};
+pub use routing::Routing;
 
 /// Errors of the MoDE layer.
 #[derive(Debug, thiserror::Error)]

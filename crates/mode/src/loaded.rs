@@ -7,7 +7,7 @@ use mode_model::{Backbone, CausalLm};
 
 use crate::composed::{model_kind, read_manifest, MANIFEST_FILE};
 use crate::file::ExpertDims;
-use crate::{baseline, load_composed, Error, ExpertFile, ModeModel, Result};
+use crate::{baseline, load_composed, Error, ExpertFile, ModeModel, Result, Routing};
 
 /// A model ready to evaluate or generate with.
 pub enum LoadedModel {
@@ -20,6 +20,35 @@ impl LoadedModel {
         match self {
             LoadedModel::Backbone(b) => b.as_ref(),
             LoadedModel::Mode(m) => m.as_ref(),
+        }
+    }
+
+    /// The model under `routing`. A plain backbone accepts only a routing that names no expert
+    /// or restricts nothing.
+    pub fn routed(&self, routing: Routing) -> Result<Box<dyn CausalLm + '_>> {
+        match self {
+            LoadedModel::Mode(m) => Ok(Box::new(m.routed(routing)?)),
+            LoadedModel::Backbone(b) => {
+                routing.check(0)?;
+                Ok(Box::new(b.as_ref()))
+            }
+        }
+    }
+
+    /// Names of the experts the model runs, in gate order (none for a plain backbone).
+    pub fn expert_names(&self) -> Vec<String> {
+        match self {
+            LoadedModel::Backbone(_) => Vec::new(),
+            LoadedModel::Mode(m) => m.expert_names(),
+        }
+    }
+
+    /// The model as a [`ModeModel`], to which experts can be added and removed while it runs:
+    /// a plain backbone becomes one with no experts (see [`ModeModel::bare`]).
+    pub fn into_mode(self) -> Result<ModeModel> {
+        match self {
+            LoadedModel::Backbone(b) => ModeModel::bare(*b),
+            LoadedModel::Mode(m) => Ok(*m),
         }
     }
 

@@ -1,12 +1,14 @@
 //! The MoDE model: backbone blocks, experts beside them, gates mixing them.
 
+use std::path::Path;
 use std::sync::Mutex;
 
 use candle_core::{Device, IndexOp, Module, Tensor};
 use mode_engine::model::{Block, Mix, Plan, Trainable};
 use mode_model::{Backbone, CausalLm, KvCache};
 
-use crate::{BlockLayout, Error, Expert, Gate, Result};
+use crate::file::ExpertDims;
+use crate::{BlockLayout, Error, Expert, ExpertFile, Gate, Result, Routing};
 
 /// A backbone with experts and per-block gates.
 pub struct ModeModel {
@@ -21,13 +23,13 @@ pub struct ModeModel {
 }
 
 impl ModeModel {
-    /// Puts the parts together, checking that they fit.
-    pub fn new(
-        backbone: Backbone,
-        layout: BlockLayout,
-        experts: Vec<Expert>,
-        gates: Vec<Gate>,
-    ) -> Result<Self> {
+    /// Checks that the parts of a model fit together: what [`Self::new`] refuses.
+    pub fn check_parts(
+        backbone: &Backbone,
+        layout: &BlockLayout,
+        experts: &[Expert],
+        gates: &[Gate],
+    ) -> Result<()> {
         if layout.num_layers() != backbone.layers.len() {
             return Err(Error::Layout(format!(
                 "the layout covers {} layers, the backbone has {}",
@@ -44,7 +46,7 @@ impl ModeModel {
                 experts.len() + 1
             )));
         }
-        for e in &experts {
+        for e in experts {
             if e.blocks.len() != layout.num_blocks()
                 || e.blocks
                     .iter()
@@ -56,6 +58,17 @@ impl ModeModel {
                 )));
             }
         }
+        Ok(())
+    }
+
+    /// Puts the parts together, checking that they fit.
+    pub fn new(
+        backbone: Backbone,
+        layout: BlockLayout,
+        experts: Vec<Expert>,
+        gates: Vec<Gate>,
+    ) -> Result<Self> {
+        Self::check_parts(&backbone, &layout, &experts, &gates)?;
         let blocks = layout.num_blocks();
         let branches = experts.len() + 1;
         Ok(Self {
@@ -65,6 +78,57 @@ impl ModeModel {
             gates,
             gate_sums: Mutex::new((vec![vec![0.0; branches]; blocks], 0)),
         })
+    }
+
+    /// The backbone with no experts: one block over all layers, whose one-branch gate gives the
+    /// backbone weight exactly 1, so the output is the backbone's own. Experts can then be added
+    /// with [`Self::add_expert_file`]; the first one brings its layout.
+    pub fn bare(backbone: Backbone) -> Result<Self> {
+        let layers = backbone.layers.len();
+        let layout = BlockLayout::explicit(vec![0, layers], layers, 1)?;
+        let (hidden, dtype, device) = (
+            backbone.config.hidden_size,
+            backbone.embed_tokens.dtype(),
+            backbone.device().clone(),
+        );
+        let gate = Gate {
+            weight: Tensor::zeros((1, hidden), dtype, &device)?,
+            bias: Tensor::zeros(1, dtype, &device)?,
+        };
+        Self::new(backbone, layout, Vec::new(), vec![gate])
+    }
+
+    /// Adds the expert in a stage-1 expert file, checked against this backbone (its
+    /// `backbone_fingerprint`) and, when the model has experts, against their layout; named
+    /// `name` or after the file's domain. A model without experts takes the file's layout and
+    /// stage-1 gates as they are; otherwise see [`Self::add_expert`]. Nothing changes when it
+    /// fails. Returns the expert's name.
+    pub fn add_expert_file(
+        &mut self,
+        file: &ExpertFile,
+        path: &Path,
+        backbone_fingerprint: &str,
+        name: Option<&str>,
+    ) -> Result<String> {
+        let dims = ExpertDims::of(&self.backbone.config);
+        let layout = (!self.experts.is_empty()).then_some(&self.layout);
+        file.check_compatible(path, backbone_fingerprint, &dims, layout)?;
+        let mut expert = file.expert(&self.backbone, path)?;
+        if let Some(name) = name {
+            expert.name = name.to_string();
+        }
+        let name = expert.name.clone();
+        let gates = file.gates(path)?;
+        if self.experts.is_empty() {
+            let layout = file.meta.layout.clone();
+            let experts = vec![expert];
+            Self::check_parts(&self.backbone, &layout, &experts, &gates)?;
+            (self.layout, self.experts, self.gates) = (layout, experts, gates);
+            self.reset_gate_stats();
+        } else {
+            self.add_expert(expert, &gates)?;
+        }
+        Ok(name)
     }
 
     /// The engine's training plan: all experts and gates of every block, with which of them
@@ -135,6 +199,199 @@ impl ModeModel {
         (means, n)
     }
 
+    /// Indices of the experts called `names`, in order; an unknown name is an error that lists
+    /// the experts there are.
+    pub fn expert_indices(&self, names: &[String]) -> Result<Vec<usize>> {
+        names
+            .iter()
+            .map(|n| {
+                self.experts
+                    .iter()
+                    .position(|e| &e.name == n)
+                    .ok_or_else(|| {
+                        Error::Layout(format!(
+                            "no expert `{n}`; the model has: {}",
+                            self.expert_names().join(", ")
+                        ))
+                    })
+            })
+            .collect()
+    }
+
+    /// The experts' names, in gate order.
+    pub fn expert_names(&self) -> Vec<String> {
+        self.experts.iter().map(|e| e.name.clone()).collect()
+    }
+
+    /// Adds an expert trained in stage 1 alone, with its stage-1 gates (`[backbone, expert]`
+    /// per block). Each gate gains a row that gives the new expert, against the backbone, the
+    /// log-odds it learned in stage 1: `row = backbone_row + (stage1_expert_row -
+    /// stage1_backbone_row)`; the other rows stay as they are.
+    pub fn add_expert(&mut self, expert: Expert, stage1_gates: &[Gate]) -> Result<()> {
+        if self.experts.iter().any(|e| e.name == expert.name) {
+            return Err(Error::Layout(format!(
+                "the model already has an expert `{}`",
+                expert.name
+            )));
+        }
+        let blocks = self.layout.num_blocks();
+        if stage1_gates.len() != blocks || stage1_gates.iter().any(|g| g.num_branches() != 2) {
+            return Err(Error::Layout(format!(
+                "expert `{}` needs {blocks} stage-1 gates over [backbone, expert]",
+                expert.name
+            )));
+        }
+        if expert.blocks.len() != blocks
+            || expert
+                .blocks
+                .iter()
+                .any(|b| b.len() != self.layout.expert_layers_per_block)
+        {
+            return Err(Error::Layout(format!(
+                "expert `{}` does not have the model's block layout",
+                expert.name
+            )));
+        }
+        let mut gates = Vec::with_capacity(blocks);
+        for (gate, s1) in self.gates.iter().zip(stage1_gates) {
+            let row = |t: &Tensor, s1t: &Tensor| -> Result<Tensor> {
+                let dtype = t.dtype();
+                let log_odds = (s1t.narrow(0, 1, 1)? - s1t.narrow(0, 0, 1)?)?.to_dtype(dtype)?;
+                Ok(Tensor::cat(&[t, &(t.narrow(0, 0, 1)? + log_odds)?], 0)?.contiguous()?)
+            };
+            gates.push(Gate {
+                weight: row(&gate.weight, &s1.weight)?,
+                bias: row(&gate.bias.unsqueeze(1)?, &s1.bias.unsqueeze(1)?)?.squeeze(1)?,
+            });
+        }
+        self.gates = gates;
+        self.experts.push(expert);
+        self.reset_gate_stats();
+        Ok(())
+    }
+
+    /// Removes the expert called `name` and its gate rows; the others keep their weights, so
+    /// the remaining mix is the old one renormalised without it.
+    pub fn remove_expert(&mut self, name: &str) -> Result<Expert> {
+        let j = self.expert_indices(&[name.to_string()])?[0];
+        let mut gates = Vec::with_capacity(self.gates.len());
+        for gate in &self.gates {
+            let drop_row = |t: &Tensor| -> Result<Tensor> {
+                let n = t.dims()[0];
+                let before = t.narrow(0, 0, j + 1)?;
+                if j + 2 == n {
+                    return Ok(before);
+                }
+                Ok(Tensor::cat(&[&before, &t.narrow(0, j + 2, n - j - 2)?], 0)?.contiguous()?)
+            };
+            gates.push(Gate {
+                weight: drop_row(&gate.weight)?,
+                bias: drop_row(&gate.bias)?,
+            });
+        }
+        self.gates = gates;
+        let expert = self.experts.remove(j);
+        self.reset_gate_stats();
+        Ok(expert)
+    }
+
+    fn reset_gate_stats(&self) {
+        *self.gate_sums.lock().expect("gate stats lock") = (
+            vec![vec![0.0; self.experts.len() + 1]; self.layout.num_blocks()],
+            0,
+        );
+    }
+
+    /// This model under `routing`, as a [`CausalLm`] for evaluation or generation.
+    pub fn routed(&self, routing: Routing) -> Result<Routed<'_>> {
+        routing.check(self.experts.len())?;
+        Ok(Routed {
+            model: self,
+            routing,
+        })
+    }
+
+    /// The forward pass under `routing`: normalised hidden states `[batch, seq, hidden]`. With
+    /// `trace`, the gate weights each block used (`[batch, seq, 1 + experts]`, after routing) are
+    /// pushed onto it, one tensor per block.
+    pub fn forward_routed(
+        &self,
+        ids: &Tensor,
+        mut cache: Option<&mut KvCache>,
+        routing: &Routing,
+        mut trace: Option<&mut Vec<Tensor>>,
+    ) -> mode_model::Result<Tensor> {
+        let bb = &self.backbone;
+        let (b, t) = ids.dims2()?;
+        let start = cache.as_ref().map_or(0, |c| c.len());
+        let (cos, sin) = bb.rope.tables(start, t, bb.device())?;
+        let mut x = bb.embed(ids)?;
+        let mut stats = Vec::with_capacity(self.layout.num_blocks());
+        for blk in 0..self.layout.num_blocks() {
+            let gate = &self.gates[blk];
+            let lin = mode_model::layers::Linear::new(gate.weight.clone(), Some(gate.bias.clone()));
+            let mut probs = candle_nn::ops::softmax_last_dim(&lin.forward(&x)?)?; // [b, t, branches]
+            let mut runs = vec![true; self.experts.len()];
+            if !routing.is_dense() {
+                let branches = self.experts.len() + 1;
+                let mut p = probs
+                    .to_dtype(candle_core::DType::F32)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?;
+                runs.fill(false);
+                for token in p.chunks_mut(branches) {
+                    routing.apply(token);
+                    for (j, w) in token.iter().skip(1).enumerate() {
+                        runs[j] |= *w > 0.0;
+                    }
+                }
+                probs = Tensor::from_vec(p, (b, t, branches), x.device())?.to_dtype(x.dtype())?;
+            }
+            stats.push(
+                probs
+                    .sum((0, 1))?
+                    .to_dtype(candle_core::DType::F64)?
+                    .to_vec1::<f64>()?,
+            );
+            let mut y = x.clone();
+            for i in self.layout.block(blk) {
+                y = bb.layers[i].forward(
+                    &y,
+                    &cos,
+                    &sin,
+                    cache.as_mut().map(|c| &mut c.layers[i]),
+                )?;
+            }
+            let mut mixed = y.broadcast_mul(&probs.i((.., .., 0..1))?)?;
+            for (j, e) in self.experts.iter().enumerate() {
+                if !runs[j] {
+                    continue;
+                }
+                let mut y = x.clone();
+                let base = self.expert_cache_offset(j, blk);
+                for (l, layer) in e.blocks[blk].iter().enumerate() {
+                    y = layer.forward(
+                        &y,
+                        &cos,
+                        &sin,
+                        cache.as_mut().map(|c| &mut c.layers[base + l]),
+                    )?;
+                }
+                mixed = (mixed + y.broadcast_mul(&probs.i((.., .., j + 1..j + 2))?)?)?;
+            }
+            if let Some(trace) = trace.as_mut() {
+                trace.push(probs);
+            }
+            x = mixed;
+        }
+        let mut g = self.gate_sums.lock().expect("gate stats lock");
+        for (row, s) in g.0.iter_mut().zip(stats) {
+            row.iter_mut().zip(s).for_each(|(a, b)| *a += b);
+        }
+        g.1 += b * t;
+        Ok(bb.norm.forward(&x)?)
+    }
+
     fn expert_cache_offset(&self, expert: usize, block: usize) -> usize {
         let per_expert = self.layout.num_blocks() * self.layout.expert_layers_per_block;
         self.backbone.layers.len()
@@ -147,60 +404,9 @@ impl CausalLm for ModeModel {
     fn hidden_states(
         &self,
         ids: &Tensor,
-        mut cache: Option<&mut KvCache>,
+        cache: Option<&mut KvCache>,
     ) -> mode_model::Result<Tensor> {
-        let bb = &self.backbone;
-        let (b, t) = ids.dims2()?;
-        let start = cache.as_ref().map_or(0, |c| c.len());
-        let (cos, sin) = bb.rope.tables(start, t, bb.device())?;
-        let mut x = bb.embed(ids)?;
-        let mut stats = Vec::with_capacity(self.layout.num_blocks());
-        for blk in 0..self.layout.num_blocks() {
-            let mut outputs = Vec::with_capacity(self.experts.len() + 1);
-            let mut y = x.clone();
-            for i in self.layout.block(blk) {
-                y = bb.layers[i].forward(
-                    &y,
-                    &cos,
-                    &sin,
-                    cache.as_mut().map(|c| &mut c.layers[i]),
-                )?;
-            }
-            outputs.push(y);
-            for (j, e) in self.experts.iter().enumerate() {
-                let mut y = x.clone();
-                let base = self.expert_cache_offset(j, blk);
-                for (l, layer) in e.blocks[blk].iter().enumerate() {
-                    y = layer.forward(
-                        &y,
-                        &cos,
-                        &sin,
-                        cache.as_mut().map(|c| &mut c.layers[base + l]),
-                    )?;
-                }
-                outputs.push(y);
-            }
-            let gate = &self.gates[blk];
-            let lin = mode_model::layers::Linear::new(gate.weight.clone(), Some(gate.bias.clone()));
-            let probs = candle_nn::ops::softmax_last_dim(&lin.forward(&x)?)?; // [b, t, branches]
-            stats.push(
-                probs
-                    .sum((0, 1))?
-                    .to_dtype(candle_core::DType::F64)?
-                    .to_vec1::<f64>()?,
-            );
-            let mut mixed = outputs[0].broadcast_mul(&probs.i((.., .., 0..1))?)?;
-            for (j, out) in outputs.iter().enumerate().skip(1) {
-                mixed = (mixed + out.broadcast_mul(&probs.i((.., .., j..j + 1))?)?)?;
-            }
-            x = mixed;
-        }
-        let mut g = self.gate_sums.lock().expect("gate stats lock");
-        for (row, s) in g.0.iter_mut().zip(stats) {
-            row.iter_mut().zip(s).for_each(|(a, b)| *a += b);
-        }
-        g.1 += b * t;
-        Ok(bb.norm.forward(&x)?)
+        self.forward_routed(ids, cache, &Routing::default(), None)
     }
 
     fn logits(&self, hidden: &Tensor) -> mode_model::Result<Tensor> {
@@ -215,5 +421,34 @@ impl CausalLm for ModeModel {
 
     fn device(&self) -> &Device {
         self.backbone.device()
+    }
+}
+
+/// A [`ModeModel`] under a [`Routing`]: what generation and evaluation run when experts are
+/// chosen per request or gated sparsely.
+pub struct Routed<'a> {
+    pub model: &'a ModeModel,
+    pub routing: Routing,
+}
+
+impl CausalLm for Routed<'_> {
+    fn hidden_states(
+        &self,
+        ids: &Tensor,
+        cache: Option<&mut KvCache>,
+    ) -> mode_model::Result<Tensor> {
+        self.model.forward_routed(ids, cache, &self.routing, None)
+    }
+
+    fn logits(&self, hidden: &Tensor) -> mode_model::Result<Tensor> {
+        self.model.logits(hidden)
+    }
+
+    fn new_cache(&self) -> KvCache {
+        self.model.new_cache()
+    }
+
+    fn device(&self) -> &Device {
+        self.model.device()
     }
 }

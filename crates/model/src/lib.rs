@@ -35,6 +35,26 @@ pub trait CausalLm {
     fn device(&self) -> &candle_core::Device;
 }
 
+/// A borrowed model is a model, so a caller can hand out `Box<dyn CausalLm + '_>` views.
+impl<T: CausalLm + ?Sized> CausalLm for &T {
+    fn hidden_states(
+        &self,
+        ids: &candle_core::Tensor,
+        cache: Option<&mut KvCache>,
+    ) -> Result<candle_core::Tensor> {
+        (**self).hidden_states(ids, cache)
+    }
+    fn logits(&self, hidden: &candle_core::Tensor) -> Result<candle_core::Tensor> {
+        (**self).logits(hidden)
+    }
+    fn new_cache(&self) -> KvCache {
+        (**self).new_cache()
+    }
+    fn device(&self) -> &candle_core::Device {
+        (**self).device()
+    }
+}
+
 impl CausalLm for Backbone {
     fn hidden_states(
         &self,

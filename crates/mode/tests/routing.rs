@@ -1,0 +1,289 @@
+//! Routing at inference on tiny random models: experts chosen per request, sparse gating, and
+//! experts added to and removed from a running model.
+
+use candle_core::{DType, Device, Tensor};
+use mode_core::file::{ExpertDims, TrainingSummary};
+use mode_core::{
+    BlockLayout, Expert, ExpertFile, ExpertInit, ExpertMeta, Gate, ModeModel, Routing,
+};
+use mode_model::{random_weights, Architecture, Backbone, CausalLm, Config};
+
+const SEED: u64 = 11;
+
+fn backbone() -> Backbone {
+    let mut config = Config::tiny(Architecture::Llama);
+    config.num_hidden_layers = 4;
+    Backbone::load(
+        config.clone(),
+        &random_weights(&config, SEED),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap()
+}
+
+fn layout() -> BlockLayout {
+    BlockLayout::even(4, 2, 1).unwrap()
+}
+
+fn ids() -> Tensor {
+    Tensor::new(&[[3u32, 14, 15, 92, 65, 35, 89, 79]], &Device::Cpu).unwrap()
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar()
+        .unwrap()
+}
+
+/// Gates over `experts` experts with random weights, so that every token mixes differently.
+fn random_gates(hidden: usize, experts: usize, seed: u64) -> Vec<Gate> {
+    (0..2)
+        .map(|b| {
+            let dev = &Device::Cpu;
+            let w = Tensor::randn(0f32, 0.5, (experts + 1, hidden), dev).unwrap();
+            let bias = Tensor::new(
+                &(0..=experts)
+                    .map(|j| ((seed + b as u64 + j as u64) % 3) as f32 * 0.3)
+                    .collect::<Vec<_>>()[..],
+                dev,
+            )
+            .unwrap();
+            Gate { weight: w, bias }
+        })
+        .collect()
+}
+
+/// A stage-1 expert file named `domain`, saved under `dir`.
+fn expert_file(
+    bb: &Backbone,
+    domain: &str,
+    seed: u64,
+    dir: &std::path::Path,
+) -> std::path::PathBuf {
+    let expert = Expert::new(domain, bb, &layout(), ExpertInit::Random, seed).unwrap();
+    let meta = ExpertMeta {
+        format_version: mode_core::file::FORMAT_VERSION,
+        domain: domain.into(),
+        backbone_fingerprint: bb.fingerprint().unwrap(),
+        backbone_source: "test".into(),
+        layout: layout(),
+        dims: ExpertDims::of(&bb.config),
+        training: TrainingSummary::default(),
+        tool_version: "test".into(),
+    };
+    let gates = random_gates(bb.config.hidden_size, 1, seed);
+    let path = dir.join(format!("{domain}.expert.safetensors"));
+    ExpertFile::from_expert(meta, &expert, &gates)
+        .save(&path)
+        .unwrap();
+    path
+}
+
+fn add(m: &mut ModeModel, path: &std::path::Path) -> String {
+    let fp = m.backbone.fingerprint().unwrap();
+    let file = ExpertFile::load(path, &Device::Cpu).unwrap();
+    m.add_expert_file(&file, path, &fp, None).unwrap()
+}
+
+fn hidden(m: &dyn CausalLm) -> Tensor {
+    m.hidden_states(&ids(), None).unwrap()
+}
+
+fn routing(experts: Option<Vec<usize>>, top_k: Option<usize>, threshold: Option<f64>) -> Routing {
+    Routing {
+        experts,
+        top_k,
+        threshold,
+    }
+}
+
+#[test]
+fn a_bare_model_and_a_model_routed_to_no_expert_are_the_backbone_exactly() {
+    let reference = hidden(&backbone());
+    let bare = ModeModel::bare(backbone()).unwrap();
+    assert_eq!(max_diff(&reference, &hidden(&bare)), 0.0);
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut m = ModeModel::bare(backbone()).unwrap();
+    let f = expert_file(&m.backbone, "code", 1, dir.path());
+    add(&mut m, &f);
+    let f = expert_file(&m.backbone, "math", 2, dir.path());
+    add(&mut m, &f);
+    assert!(
+        max_diff(&reference, &hidden(&m)) > 1e-3,
+        "experts change the output"
+    );
+    for r in [
+        routing(Some(vec![]), None, None),
+        routing(None, Some(0), None),
+        routing(None, None, Some(0.999)),
+    ] {
+        let routed = m.routed(r.clone()).unwrap();
+        assert_eq!(max_diff(&reference, &hidden(&routed)), 0.0, "{r:?}");
+    }
+    // Dense routing is the model as trained.
+    let dense = m.routed(Routing::default()).unwrap();
+    assert_eq!(max_diff(&hidden(&m), &hidden(&dense)), 0.0);
+}
+
+#[test]
+fn an_added_expert_keeps_its_stage1_odds_against_the_backbone() {
+    let dir = tempfile::tempdir().unwrap();
+    let bb = backbone();
+    let code = expert_file(&bb, "code", 1, dir.path());
+    let math = expert_file(&bb, "math", 2, dir.path());
+
+    // The math expert alone, as stage 1 trained it.
+    let mut alone = ModeModel::bare(backbone()).unwrap();
+    add(&mut alone, &math);
+    let stage1 = hidden(&alone);
+
+    // Added after the code expert and routed to math only, it mixes exactly as in stage 1.
+    let mut both = ModeModel::bare(bb).unwrap();
+    assert_eq!(add(&mut both, &code), "code");
+    assert_eq!(add(&mut both, &math), "math");
+    assert_eq!(both.expert_names(), vec!["code", "math"]);
+    let only_math = both.expert_indices(&["math".to_string()]).unwrap();
+    let routed = both.routed(routing(Some(only_math), None, None)).unwrap();
+    assert!(max_diff(&stage1, &hidden(&routed)) < 1e-5);
+    drop(routed);
+
+    // Removing math gives back the code-only model exactly.
+    let mut code_only = ModeModel::bare(backbone()).unwrap();
+    add(&mut code_only, &code);
+    both.remove_expert("math").unwrap();
+    assert_eq!(max_diff(&hidden(&code_only), &hidden(&both)), 0.0);
+    assert_eq!(both.gates[0].num_branches(), 2);
+
+    // Errors: a duplicate name, an unknown name, another backbone, another layout.
+    let file = ExpertFile::load(&code, &Device::Cpu).unwrap();
+    let fp = both.backbone.fingerprint().unwrap();
+    let e = both
+        .add_expert_file(&file, &code, &fp, None)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("already has an expert `code`"), "{e}");
+    let e = both.remove_expert("poetry").err().unwrap().to_string();
+    assert!(
+        e.contains("no expert `poetry`") && e.contains("code"),
+        "{e}"
+    );
+    let e = both
+        .add_expert_file(&file, &code, "0000", Some("other"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("different backbone"), "{e}");
+    let mut other_layout = ModeModel::bare(backbone()).unwrap();
+    let meta_layout = BlockLayout::even(4, 4, 1).unwrap();
+    other_layout.layout = meta_layout.clone();
+    other_layout.gates = (0..4).map(|_| random_gates(64, 0, 0).remove(0)).collect();
+    let e = expert_file_with_layout(&other_layout.backbone, dir.path(), meta_layout);
+    let e = both
+        .add_expert_file(&e.0, &e.1, &fp, None)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("layout"), "{e}");
+    assert_eq!(
+        both.expert_names(),
+        vec!["code"],
+        "failed adds change nothing"
+    );
+}
+
+fn expert_file_with_layout(
+    bb: &Backbone,
+    dir: &std::path::Path,
+    layout: BlockLayout,
+) -> (ExpertFile, std::path::PathBuf) {
+    let expert = Expert::new("wide", bb, &layout, ExpertInit::Random, 9).unwrap();
+    let meta = ExpertMeta {
+        format_version: mode_core::file::FORMAT_VERSION,
+        domain: "wide".into(),
+        backbone_fingerprint: bb.fingerprint().unwrap(),
+        backbone_source: "test".into(),
+        layout: layout.clone(),
+        dims: ExpertDims::of(&bb.config),
+        training: TrainingSummary::default(),
+        tool_version: "test".into(),
+    };
+    let gates: Vec<Gate> = (0..layout.num_blocks())
+        .map(|_| random_gates(bb.config.hidden_size, 1, 0).remove(0))
+        .collect();
+    let path = dir.join("wide.expert.safetensors");
+    let file = ExpertFile::from_expert(meta, &expert, &gates);
+    file.save(&path).unwrap();
+    (file, path)
+}
+
+#[test]
+fn top_k_routing_decodes_with_a_cache_and_records_the_weights_it_used() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut m = ModeModel::bare(backbone()).unwrap();
+    let f = expert_file(&m.backbone, "code", 1, dir.path());
+    add(&mut m, &f);
+    let f = expert_file(&m.backbone, "math", 2, dir.path());
+    add(&mut m, &f);
+    let top1 = routing(None, Some(1), None);
+
+    let mut trace = Vec::new();
+    let full = m
+        .forward_routed(&ids(), None, &top1, Some(&mut trace))
+        .unwrap();
+    assert_eq!(trace.len(), 2);
+    for probs in &trace {
+        assert_eq!(probs.dims(), &[1, 8, 3]);
+        for token in probs.squeeze(0).unwrap().to_vec2::<f32>().unwrap() {
+            let sum: f32 = token.iter().sum();
+            assert!((sum - 1.0).abs() < 1e-5);
+            assert!(token[0] > 0.0);
+            assert!(
+                token[1] == 0.0 || token[2] == 0.0,
+                "one expert per token: {token:?}"
+            );
+        }
+    }
+    // Sparse routing changes the output, but less than dropping the experts does.
+    let dense = hidden(&m);
+    let none = hidden(&m.routed(routing(Some(vec![]), None, None)).unwrap());
+    assert!(max_diff(&dense, &full) > 0.0);
+    assert!(max_diff(&dense, &full) < max_diff(&dense, &none));
+
+    // Token by token with a cache. The first token sees no skipped positions, so it matches the
+    // full pass; later ones may differ where an expert skipped earlier tokens, but stay finite.
+    let decode = |r: Routing| {
+        let routed = m.routed(r).unwrap();
+        let mut cache = routed.new_cache();
+        let steps: Vec<Tensor> = (0..8)
+            .map(|i| {
+                let step = ids().narrow(1, i, 1).unwrap();
+                routed.hidden_states(&step, Some(&mut cache)).unwrap()
+            })
+            .collect();
+        Tensor::cat(&steps, 1).unwrap()
+    };
+    let sparse = decode(top1.clone());
+    assert!(
+        max_diff(
+            &sparse.narrow(1, 0, 1).unwrap(),
+            &full.narrow(1, 0, 1).unwrap()
+        ) < 1e-5
+    );
+    assert!(sparse
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+        .is_finite());
+    // Dense routing decodes exactly as the full pass.
+    assert!(max_diff(&decode(Routing::default()), &dense) < 1e-4);
+
+    // An out-of-range expert or threshold is refused.
+    assert!(m.routed(routing(Some(vec![2]), None, None)).is_err());
+    assert!(m.routed(routing(None, None, Some(1.5))).is_err());
+}
