@@ -7,7 +7,7 @@ use mode_model::{Backbone, CausalLm};
 
 use crate::composed::{model_kind, read_manifest, MANIFEST_FILE};
 use crate::file::ExpertDims;
-use crate::{baseline, load_composed, Error, ExpertFile, ModeModel, Result, Routing};
+use crate::{baseline, load_composed, ExpertFile, ModeModel, Result, Routing};
 
 /// A model ready to evaluate or generate with.
 pub enum LoadedModel {
@@ -117,13 +117,4 @@ pub fn load_with_expert(file: &Path, backbone: Backbone) -> Result<(LoadedModel,
     );
     let model = ModeModel::new(backbone, layout, vec![expert], gates)?;
     Ok((LoadedModel::Mode(Box::new(model)), what))
-}
-
-/// Refuses several loose expert files: their gates were never trained together.
-pub fn several_experts_error() -> Error {
-    Error::Layout(
-        "several --expert files need gates trained together: compose them first \
-         (mode compose), then use --model"
-            .into(),
-    )
 }

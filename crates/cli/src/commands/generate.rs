@@ -3,7 +3,7 @@ use std::io::Write;
 use anyhow::{bail, Context, Result};
 use mode_infer::{ChatMessage, ChatTemplate, Sampler, SamplingParams};
 
-use super::ModelArgs;
+use super::{ModelArgs, RoutingArgs};
 
 /// Generate text from a prompt, streaming it to stdout.
 #[derive(clap::Args, Debug)]
@@ -14,6 +14,8 @@ use super::ModelArgs;
 pub struct Args {
     #[command(flatten)]
     model: ModelArgs,
+    #[command(flatten)]
+    routing: RoutingArgs,
     /// The prompt text
     #[arg(long)]
     prompt: String,
@@ -45,6 +47,7 @@ pub fn run(args: Args) -> Result<()> {
         bail!("--top-p must be in (0, 1], got {}", args.top_p);
     }
     let (model, tokenizer) = args.model.load()?;
+    let lm = model.routed(args.routing.routing(&model)?)?;
     let text = if args.chat {
         let template = ChatTemplate::of(&tokenizer);
         let mut messages = Vec::new();
@@ -67,7 +70,7 @@ pub fn run(args: Args) -> Result<()> {
     });
     let mut stdout = std::io::stdout().lock();
     let (_, stats) = mode_infer::generate(
-        model.lm(),
+        lm.as_ref(),
         &tokenizer,
         &prompt,
         args.max_new_tokens,

@@ -72,9 +72,46 @@ pub struct ModelArgs {
     /// A composed model folder (from `mode compose`): its experts and gates
     #[arg(long, conflicts_with = "expert")]
     pub model: Option<PathBuf>,
-    /// An expert file to run beside the backbone, with its stage-1 gates
+    /// An expert file to run beside the backbone, with its stage-1 gates; repeat it to run
+    /// several experts never composed together (each keeps its stage-1 odds against the
+    /// backbone; `mode compose` tunes gates for them jointly and usually does better)
     #[arg(long)]
     pub expert: Vec<PathBuf>,
+}
+
+/// Which experts run at inference, and how sparsely.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct RoutingArgs {
+    /// Run only these experts, by name (comma-separated) [default: all]
+    #[arg(long, value_delimiter = ',')]
+    pub active_experts: Option<Vec<String>>,
+    /// Per token, run only the K experts with the highest gate weight (the backbone always runs)
+    #[arg(long, value_name = "K")]
+    pub gate_top_k: Option<usize>,
+    /// Per token, skip experts whose gate weight is below P, in [0, 1)
+    #[arg(long, value_name = "P")]
+    pub gate_threshold: Option<f64>,
+}
+
+impl RoutingArgs {
+    /// The routing these flags ask of `model`; names are checked against its experts.
+    pub fn routing(&self, model: &LoadedModel) -> Result<mode_core::Routing> {
+        let experts = match (&self.active_experts, model) {
+            (None, _) => None,
+            (Some(names), LoadedModel::Mode(m)) => Some(m.expert_indices(names)?),
+            (Some(names), LoadedModel::Backbone(_)) if names.is_empty() => Some(Vec::new()),
+            (Some(_), LoadedModel::Backbone(_)) => {
+                anyhow::bail!("--active-experts: the model is the backbone alone, with no experts")
+            }
+        };
+        let routing = mode_core::Routing {
+            experts,
+            top_k: self.gate_top_k,
+            threshold: self.gate_threshold,
+        };
+        routing.check(model.expert_names().len())?;
+        Ok(routing)
+    }
 }
 
 pub use mode_core::LoadedModel;
@@ -99,7 +136,24 @@ impl ModelArgs {
                         })?;
                     (model, tokenizer, Some(what))
                 }
-                _ => return Err(mode_core::loaded::several_experts_error().into()),
+                files => {
+                    let fingerprint = backbone.fingerprint()?;
+                    let mut model = mode_core::ModeModel::bare(backbone)?;
+                    for file in files {
+                        let expert = mode_core::ExpertFile::load(file, &Device::Cpu)?;
+                        model
+                            .add_expert_file(&expert, file, &fingerprint, None)
+                            .with_context(|| {
+                                format!("adding expert {} to {}", file.display(), path.display())
+                            })?;
+                    }
+                    let what = format!(
+                        "{} experts never composed together: {}",
+                        files.len(),
+                        model.expert_names().join(", ")
+                    );
+                    (LoadedModel::Mode(Box::new(model)), tokenizer, Some(what))
+                }
             }
         };
         if let Some(what) = what {
