@@ -230,4 +230,21 @@ fn fingerprints_are_deterministic_for_the_same_weights() {
     let a = Backbone::load(config.clone(), &w, DType::F32, &Device::Cpu).unwrap();
     let b = Backbone::load(config.clone(), &w, DType::F32, &Device::Cpu).unwrap();
     assert_eq!(a.fingerprint().unwrap(), b.fingerprint().unwrap());
+    // The same weights held in f16 or bf16 are still the same backbone to experts.
+    for dtype in [DType::F16, DType::BF16] {
+        let c = Backbone::load(config.clone(), &w, dtype, &Device::Cpu).unwrap();
+        assert_eq!(
+            a.fingerprint().unwrap(),
+            c.fingerprint().unwrap(),
+            "{dtype:?}"
+        );
+    }
+    let other = Backbone::load(
+        config.clone(),
+        &random_weights(&config, 10),
+        DType::F16,
+        &Device::Cpu,
+    )
+    .unwrap();
+    assert_ne!(a.fingerprint().unwrap(), other.fingerprint().unwrap());
 }

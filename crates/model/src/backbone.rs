@@ -45,11 +45,27 @@ pub struct Backbone {
     pub rope: Rope,
     source: PathBuf,
     device: Device,
+    /// For weights held in f16/bf16: the fingerprint of the f32 weights they were rounded from,
+    /// so that experts and models made over the f32 backbone still recognise it.
+    f32_fingerprint: Option<String>,
 }
 
 impl Backbone {
     /// Builds a backbone from `weights`, storing the large matrices in `dtype` (f32, f16 or bf16).
     pub fn load(config: Config, weights: &Weights, dtype: DType, device: &Device) -> Result<Self> {
+        if matches!(dtype, DType::F16 | DType::BF16) {
+            // Rounding changes sampled values, hence the fingerprint: take it from the f32
+            // weights first (a second, transient load).
+            let fingerprint =
+                Self::load(config.clone(), weights, DType::F32, device)?.fingerprint()?;
+            let mut backbone = Self::load_as(config, weights, dtype, device)?;
+            backbone.f32_fingerprint = Some(fingerprint);
+            return Ok(backbone);
+        }
+        Self::load_as(config, weights, dtype, device)
+    }
+
+    fn load_as(config: Config, weights: &Weights, dtype: DType, device: &Device) -> Result<Self> {
         let h = config.hidden_size;
         let embed_tokens = weights.get(
             &config,
@@ -107,6 +123,7 @@ impl Backbone {
             rope,
             source: weights.path().to_path_buf(),
             device: device.clone(),
+            f32_fingerprint: None,
         })
     }
 
@@ -266,9 +283,13 @@ impl Backbone {
 
     /// Identifies the backbone's weights: SHA-256 over the configuration and, per tensor in
     /// name order, its name, shape and 1024 evenly spaced values (as f32). Independent of the
-    /// file format the same weights come in; different for different weights.
+    /// file format the same weights come in; different for different weights. Weights loaded in
+    /// f16/bf16 report the fingerprint of the f32 weights they were rounded from.
     pub fn fingerprint(&self) -> Result<String> {
         use sha2::{Digest, Sha256};
+        if let Some(f) = &self.f32_fingerprint {
+            return Ok(f.clone());
+        }
         let mut h = Sha256::new();
         h.update(serde_json::to_vec(&self.config).expect("config serialises"));
         let mut tensors = self.named_tensors();

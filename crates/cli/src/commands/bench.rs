@@ -21,6 +21,46 @@ enum What {
     Infer(InferArgs),
     /// Training tokens/s, CPU-s, peak RSS and MFU: full fine-tuning, LoRA, frozen + branch
     Train(TrainArgs),
+    /// Time to first token and decode tokens/s: backbone alone, +1 expert, +2 experts, sparse
+    Decode(DecodeArgs),
+}
+
+#[derive(clap::Args, Debug)]
+#[command(
+    after_help = "Runs the configurations round-robin (one run of each in turn), so that load \
+    on the machine hits them alike, and reports medians. Without --model or --expert, the experts \
+    are copies of each block's first layers with fresh gates (backbone weight 0.9): their speed is \
+    a trained expert's speed, but top-k and threshold routing only show their real effect on \
+    trained gates.\n\n\
+    Example:\n  mode bench decode --model models/code-math --runs 5"
+)]
+struct DecodeArgs {
+    #[command(flatten)]
+    backbone: BackboneArgs,
+    /// A composed model whose experts and gates to use (at least two experts)
+    #[arg(long, conflicts_with = "expert")]
+    model: Option<std::path::PathBuf>,
+    /// Expert files to use (two or more), instead of --model
+    #[arg(long)]
+    expert: Vec<std::path::PathBuf>,
+    /// Blocks of made-up experts (without --model or --expert)
+    #[arg(long, default_value_t = 3)]
+    blocks: usize,
+    /// Layers per block of made-up experts
+    #[arg(long, default_value_t = 2)]
+    expert_layers: usize,
+    /// Timed runs per configuration (after one warm-up round); medians are reported
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    /// Prompt length: time to first token covers its prefill
+    #[arg(long, default_value_t = 128)]
+    prompt_tokens: usize,
+    /// Tokens generated per run (greedy, KV cache)
+    #[arg(long, default_value_t = 64)]
+    new_tokens: usize,
+    /// Print one JSON line instead of a table
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -85,6 +125,7 @@ pub fn run(args: Args) -> Result<()> {
     match args.what {
         What::Infer(a) => infer(a),
         What::Train(a) => train(a),
+        What::Decode(a) => decode(a),
     }
 }
 
@@ -102,7 +143,8 @@ fn infer(args: InferArgs) -> Result<()> {
 
     let (mut prefill, mut decode, mut eval) = (Vec::new(), Vec::new(), Vec::new());
     for run in 0..=args.runs {
-        let (p, d) = prefill_and_decode(&model, &ids[..args.prompt_tokens], args.new_tokens)?;
+        let g = greedy(&model, &ids[..args.prompt_tokens], args.new_tokens)?;
+        let (p, d) = (g.prefill_tokens_per_sec, g.decode_tokens_per_sec);
         let start = Instant::now();
         mode_eval::evaluate_ids(
             &model,
@@ -161,32 +203,207 @@ fn infer(args: InferArgs) -> Result<()> {
     Ok(())
 }
 
-/// (prefill tokens/s, decode tokens/s) for one greedy generation that never stops early.
-fn prefill_and_decode(model: &Backbone, prompt: &[u32], new_tokens: usize) -> Result<(f64, f64)> {
+/// One greedy generation that never stops early.
+struct Generation {
+    prefill_tokens_per_sec: f64,
+    /// Prompt in, first new token out.
+    first_token_secs: f64,
+    decode_tokens_per_sec: f64,
+}
+
+fn greedy(model: &dyn CausalLm, prompt: &[u32], new_tokens: usize) -> Result<Generation> {
     let device = model.device();
     let mut cache = model.new_cache();
+    let argmax_last = |hidden: &Tensor| -> Result<u32> {
+        let t = hidden.dims()[1];
+        let last = hidden.i((0, t - 1..t, ..))?.contiguous()?;
+        Ok(model
+            .logits(&last)?
+            .flatten_all()?
+            .argmax(0)?
+            .to_scalar::<u32>()?)
+    };
     let start = Instant::now();
     let ids = Tensor::new(prompt, device)?.unsqueeze(0)?;
-    let hidden = model.forward_hidden(&ids, Some(&mut cache))?;
-    let last = hidden
-        .i((0, prompt.len() - 1..prompt.len(), ..))?
-        .contiguous()?;
-    let mut next = model
-        .logits(&last)?
-        .flatten_all()?
-        .argmax(0)?
-        .to_scalar::<u32>()?;
-    let prefill = prompt.len() as f64 / start.elapsed().as_secs_f64();
+    let mut next = argmax_last(&model.hidden_states(&ids, Some(&mut cache))?)?;
+    let first_token_secs = start.elapsed().as_secs_f64();
     let start = Instant::now();
     for _ in 0..new_tokens {
         let ids = Tensor::new(&[next], device)?.unsqueeze(0)?;
-        let hidden = model.forward_hidden(&ids, Some(&mut cache))?;
-        next = CausalLm::logits(model, &hidden)?
-            .flatten_all()?
-            .argmax(0)?
-            .to_scalar::<u32>()?;
+        next = argmax_last(&model.hidden_states(&ids, Some(&mut cache))?)?;
     }
-    Ok((prefill, new_tokens as f64 / start.elapsed().as_secs_f64()))
+    Ok(Generation {
+        prefill_tokens_per_sec: prompt.len() as f64 / first_token_secs,
+        first_token_secs,
+        decode_tokens_per_sec: new_tokens as f64 / start.elapsed().as_secs_f64(),
+    })
+}
+
+/// The model `bench decode` measures: given experts, or made-up ones over `backbone`.
+fn decode_model(args: &DecodeArgs) -> Result<(mode_core::ModeModel, mode_io::Tokenizer, String)> {
+    use mode_core::{BlockLayout, Expert, ExpertInit, Gate, LoadedModel, ModeModel};
+    let model_args = super::ModelArgs {
+        backbone: args.backbone.clone(),
+        model: args.model.clone(),
+        expert: args.expert.clone(),
+    };
+    if args.model.is_some() || !args.expert.is_empty() {
+        let (model, tokenizer) = model_args.load()?;
+        let what = match (&args.model, &model) {
+            (Some(dir), _) => dir.display().to_string(),
+            _ => "expert files".to_string(),
+        };
+        let LoadedModel::Mode(m) = model else {
+            bail!("{what} is not a MoDE model: bench decode needs experts");
+        };
+        if m.experts.len() < 2 {
+            bail!(
+                "{what} has {} expert(s); bench decode needs two",
+                m.experts.len()
+            );
+        }
+        return Ok((*m, tokenizer, what));
+    }
+    let (backbone, tokenizer, _) = args.backbone.load()?;
+    let layout = BlockLayout::even(backbone.layers.len(), args.blocks, args.expert_layers)?;
+    let experts = (0..2)
+        .map(|j| {
+            Expert::new(
+                &format!("expert{j}"),
+                &backbone,
+                &layout,
+                ExpertInit::Copy,
+                j,
+            )
+        })
+        .collect::<mode_core::Result<Vec<_>>>()?;
+    let gates = (0..layout.num_blocks())
+        .map(|_| {
+            Gate::new(
+                backbone.config.hidden_size,
+                2,
+                mode_core::expert::GATE_INIT_BACKBONE_PROB,
+                backbone.embed_tokens.dtype(),
+                backbone.device(),
+            )
+        })
+        .collect::<mode_core::Result<Vec<_>>>()?;
+    let what = format!(
+        "made-up experts, {} blocks x {} layers",
+        args.blocks, args.expert_layers
+    );
+    Ok((
+        ModeModel::new(backbone, layout, experts, gates)?,
+        tokenizer,
+        what,
+    ))
+}
+
+fn decode(args: DecodeArgs) -> Result<()> {
+    use mode_core::Routing;
+    if args.runs == 0 || args.prompt_tokens == 0 || args.new_tokens == 0 {
+        bail!("--runs, --prompt-tokens and --new-tokens must be positive");
+    }
+    let (model, tokenizer, what) = decode_model(&args)?;
+    let tokenizer_ids = tokenizer.encode(TEXT)?;
+    let mut prompt = Vec::new();
+    while prompt.len() < args.prompt_tokens {
+        prompt.extend_from_slice(&tokenizer_ids);
+    }
+    prompt.truncate(args.prompt_tokens);
+    let only = |experts: Vec<usize>| Routing {
+        experts: Some(experts),
+        ..Default::default()
+    };
+    // `None`: the backbone's own forward, the reference (not the MoDE forward without experts).
+    let configs: Vec<(&str, Option<Routing>)> = vec![
+        ("backbone", None),
+        ("+1 expert", Some(only(vec![0]))),
+        ("+2 experts", Some(Routing::default())),
+        (
+            "+2 experts, top-1",
+            Some(Routing {
+                top_k: Some(1),
+                ..Default::default()
+            }),
+        ),
+        (
+            "+2 experts, threshold 0.1",
+            Some(Routing {
+                threshold: Some(0.1),
+                ..Default::default()
+            }),
+        ),
+    ];
+    let threads = candle_core::utils::get_num_threads();
+    let mut results: Vec<Vec<Generation>> = configs.iter().map(|_| Vec::new()).collect();
+    for run in 0..=args.runs {
+        for (i, (name, routing)) in configs.iter().enumerate() {
+            let g = match routing {
+                None => greedy(&model.backbone, &prompt, args.new_tokens)?,
+                Some(r) => greedy(&model.routed(r.clone())?, &prompt, args.new_tokens)?,
+            };
+            eprintln!(
+                "mode: run {run}{} {name}: first token {:.3}s, decode {:.1} tokens/s",
+                if run == 0 { " (warm-up)" } else { "" },
+                g.first_token_secs,
+                g.decode_tokens_per_sec
+            );
+            if run > 0 {
+                results[i].push(g);
+            }
+        }
+    }
+    let med =
+        |i: usize, f: fn(&Generation) -> f64| median(&results[i].iter().map(f).collect::<Vec<_>>());
+    let base = med(0, |g| g.decode_tokens_per_sec);
+    let rows: Vec<serde_json::Value> = configs
+        .iter()
+        .enumerate()
+        .map(|(i, (name, _))| {
+            serde_json::json!({
+                "config": name,
+                "first_token_secs": med(i, |g| g.first_token_secs),
+                "prefill_tokens_per_sec": med(i, |g| g.prefill_tokens_per_sec),
+                "decode_tokens_per_sec": med(i, |g| g.decode_tokens_per_sec),
+                "decode_vs_backbone": med(i, |g| g.decode_tokens_per_sec) / base,
+            })
+        })
+        .collect();
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "model": what,
+                "threads": threads,
+                "prompt_tokens": args.prompt_tokens,
+                "new_tokens": args.new_tokens,
+                "runs": args.runs,
+                "configs": rows,
+                "ratio_2experts": rows[2]["decode_vs_backbone"],
+            })
+        );
+        return Ok(());
+    }
+    println!(
+        "{what} ({threads} threads), {} prompt tokens, {} new tokens, medians of {} runs",
+        args.prompt_tokens, args.new_tokens, args.runs
+    );
+    println!(
+        "  {:<28} {:>12} {:>12} {:>12} {:>10}",
+        "config", "first tok s", "prefill t/s", "decode t/s", "vs bb"
+    );
+    for r in &rows {
+        println!(
+            "  {:<28} {:>12.3} {:>12.1} {:>12.1} {:>9.2}x",
+            r["config"].as_str().unwrap_or(""),
+            r["first_token_secs"].as_f64().unwrap_or(f64::NAN),
+            r["prefill_tokens_per_sec"].as_f64().unwrap_or(f64::NAN),
+            r["decode_tokens_per_sec"].as_f64().unwrap_or(f64::NAN),
+            r["decode_vs_backbone"].as_f64().unwrap_or(f64::NAN),
+        );
+    }
+    Ok(())
 }
 
 fn train(args: TrainArgs) -> Result<()> {
