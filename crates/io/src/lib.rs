@@ -10,6 +10,7 @@ pub mod fetch;
 pub mod gguf;
 pub mod guard;
 pub mod hf;
+pub mod memory;
 pub mod tokenizer;
 
 pub use chat::{ChatMessage, ChatTemplate};

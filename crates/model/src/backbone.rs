@@ -128,22 +128,56 @@ impl Backbone {
     }
 
     /// Opens a `.gguf` file or a Hugging Face folder and returns the model and its tokenizer.
+    ///
+    /// Before reading any weights it estimates the memory the load needs
+    /// ([`Self::load_bytes`]) and refuses, with the numbers, when the machine has less available;
+    /// [`Self::open_unchecked`] skips that check.
     pub fn open(path: &Path, dtype: DType, device: &Device) -> Result<(Self, Tokenizer)> {
-        if path.is_dir() {
+        Self::open_impl(path, dtype, device, true)
+    }
+
+    /// [`Self::open`] without the memory check (`--no-memory-check`).
+    pub fn open_unchecked(path: &Path, dtype: DType, device: &Device) -> Result<(Self, Tokenizer)> {
+        Self::open_impl(path, dtype, device, false)
+    }
+
+    fn open_impl(
+        path: &Path,
+        dtype: DType,
+        device: &Device,
+        check_memory: bool,
+    ) -> Result<(Self, Tokenizer)> {
+        let (config, weights, tokenizer) = if path.is_dir() {
             let folder = HfFolder::open(path)?;
             let config = Config::from_hf(&folder)?;
             let tokenizer = Tokenizer::from_hf_dir(path)?;
             check_vocab(&tokenizer, &config, &path.join("tokenizer.json"))?;
-            let model = Self::load(config, &Weights::Hf(folder), dtype, device)?;
-            Ok((model, tokenizer))
+            (config, Weights::Hf(folder), tokenizer)
         } else {
             let gguf = GgufFile::open(path)?;
             let config = Config::from_gguf(&gguf)?;
             let tokenizer = Tokenizer::from_gguf(&gguf)?;
             check_vocab(&tokenizer, &config, path)?;
-            let model = Self::load(config, &Weights::Gguf(gguf), dtype, device)?;
-            Ok((model, tokenizer))
+            (config, Weights::Gguf(gguf), tokenizer)
+        };
+        if check_memory {
+            check_load_memory(path, &config, dtype, mode_io::memory::available_bytes())?;
         }
+        let model = Self::load(config, &weights, dtype, device)?;
+        Ok((model, tokenizer))
+    }
+
+    /// Peak bytes of loading a backbone of `config` in `dtype`: its weights as held, or the
+    /// transient f32 copy that f16/bf16 loads fingerprint first, plus the largest tensor
+    /// being converted.
+    pub fn load_bytes(config: &Config, dtype: DType) -> u64 {
+        let params = config.num_parameters() as u64;
+        let held = match dtype {
+            DType::F16 | DType::BF16 => 4 * params,
+            other => other.size_in_bytes() as u64 * params,
+        };
+        let largest = 4 * (config.vocab_size * config.hidden_size) as u64;
+        held + largest
     }
 
     /// The file or folder this backbone was loaded from.
@@ -322,6 +356,30 @@ impl Backbone {
     /// A fresh, empty cache for this model.
     pub fn new_cache(&self) -> KvCache {
         KvCache::new(self.layers.len())
+    }
+}
+
+/// Refuses to load `path` when [`Backbone::load_bytes`] exceeds the `available` bytes.
+pub fn check_load_memory(
+    path: &Path,
+    config: &Config,
+    dtype: DType,
+    available: Option<u64>,
+) -> Result<()> {
+    use mode_io::memory::gib;
+    let need = Backbone::load_bytes(config, dtype);
+    match available {
+        Some(free) if need > free => Err(crate::Error::Memory {
+            path: path.to_path_buf(),
+            msg: format!(
+                "loading {:.1}M parameters as {dtype:?} needs about {:.2} GiB, but only {:.2} GiB \
+                 are available; free memory, or pass --no-memory-check to try anyway",
+                config.num_parameters() as f64 / 1e6,
+                gib(need),
+                gib(free)
+            ),
+        }),
+        _ => Ok(()),
     }
 }
 

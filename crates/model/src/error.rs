@@ -22,6 +22,8 @@ pub enum Error {
     NonFinite { path: PathBuf, name: String },
     #[error("{}: {msg}", path.display())]
     Config { path: PathBuf, msg: String },
+    #[error("{}: {msg}", path.display())]
+    Memory { path: PathBuf, msg: String },
     #[error("tensor computation failed: {0}")]
     Candle(#[from] candle_core::Error),
 }

@@ -361,3 +361,23 @@ fn llama3_rope_scaling_matches_transformers() {
     let unscaled = 1.0 / 500000f64.powf(2.0 * 63.0 / 128.0);
     assert!((expected[63] - unscaled).abs() > 0.5 * unscaled);
 }
+
+#[test]
+fn a_load_bigger_than_free_memory_is_refused_with_the_numbers() {
+    use mode_model::backbone::check_load_memory;
+    let config = Config::tiny(Architecture::Llama);
+    let path = std::path::Path::new("model.gguf");
+    let need = Backbone::load_bytes(&config, DType::F32);
+    assert!(need > 4 * config.num_parameters() as u64);
+    // f16 weights fingerprint through a transient f32 copy, so they need as much at peak.
+    assert_eq!(Backbone::load_bytes(&config, DType::F16), need);
+    assert!(check_load_memory(path, &config, DType::F32, Some(need)).is_ok());
+    assert!(check_load_memory(path, &config, DType::F32, None).is_ok());
+    let e = check_load_memory(path, &config, DType::F32, Some(need - 1))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("model.gguf") && e.contains("GiB") && e.contains("--no-memory-check"),
+        "{e}"
+    );
+}

@@ -77,17 +77,11 @@ pub fn estimate_training(
     }
 }
 
-/// `MemAvailable` of `/proc/meminfo` in bytes, where the system reports it.
-pub fn available_bytes() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
-}
+pub use mode_io::memory::available_bytes;
 
 /// Refuses an estimate above `available` bytes, with the numbers and what to do.
 pub fn check(estimate: &MemoryEstimate, available: Option<u64>) -> Result<(), String> {
-    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    use mode_io::memory::gib;
     match available {
         Some(free) if estimate.total() > free => Err(format!(
             "this run needs about {:.2} GiB (weights {:.2}, gradients and optimizer {:.2}, activations {:.2}) \

@@ -79,7 +79,7 @@ pub fn run(args: Args) -> Result<()> {
     if kind == BaselineKind::Full && common.backbone.weight_dtype != DType::F32 {
         bail!("full fine-tuning updates the backbone's weights: use --weight-dtype f32");
     }
-    let train = common.train.config(default_lr)?;
+    let train = common.train.config(default_lr, &common.backbone)?;
     let data = DataMix::open(&common.data)?;
     let (backbone, tokenizer, path) = common.backbone.load()?;
     let (ckpt, _) = side_paths(&common.out);

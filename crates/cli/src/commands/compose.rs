@@ -48,7 +48,7 @@ pub struct Args {
 
 pub fn run(args: Args) -> Result<()> {
     check_out_folder(&args.out)?;
-    let train = args.train.config(ADAPTER_LR)?;
+    let train = args.train.config(ADAPTER_LR, &args.backbone)?;
     let data = DataMix::open(&args.data)?;
     let (backbone, tokenizer, path) = args.backbone.load()?;
     let experts = args

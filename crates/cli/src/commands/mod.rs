@@ -28,6 +28,10 @@ pub struct BackboneArgs {
     /// In-memory dtype of the frozen weights: f32, f16 or bf16 (activations stay f32)
     #[arg(long, default_value = "f32", value_parser = parse_dtype)]
     pub weight_dtype: DType,
+    /// Go ahead even when the estimated peak memory (of loading, or of training) exceeds what
+    /// the machine has available
+    #[arg(long)]
+    pub no_memory_check: bool,
 }
 
 fn parse_dtype(s: &str) -> std::result::Result<DType, String> {
@@ -50,7 +54,12 @@ impl BackboneArgs {
         let spec = self.backbone.as_deref().unwrap_or(default);
         let path = mode_io::fetch::resolve_backbone(spec)?;
         let start = Instant::now();
-        let (model, tokenizer) = Backbone::open(&path, self.weight_dtype, &Device::Cpu)
+        let open = if self.no_memory_check {
+            Backbone::open_unchecked
+        } else {
+            Backbone::open
+        };
+        let (model, tokenizer) = open(&path, self.weight_dtype, &Device::Cpu)
             .with_context(|| format!("loading backbone {}", path.display()))?;
         eprintln!(
             "mode: loaded {} ({:?}, {} layers, {:.1}M parameters) in {:.2}s",

@@ -55,7 +55,7 @@ pub fn run(args: Args) -> Result<()> {
             args.out.display()
         );
     }
-    let train = args.train.config(ADAPTER_LR)?;
+    let train = args.train.config(ADAPTER_LR, &args.backbone)?;
     let data = DataMix::open(&args.data)?;
     let (backbone, tokenizer, path) = args.backbone.load()?;
     let (ckpt, _) = side_paths(&args.out);

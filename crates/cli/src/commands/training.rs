@@ -39,15 +39,12 @@ pub struct TrainFlags {
     /// Start over even if a checkpoint exists
     #[arg(long)]
     pub restart: bool,
-    /// Start even when the estimated peak memory exceeds what the machine has available
-    #[arg(long)]
-    pub no_memory_check: bool,
 }
 
 impl TrainFlags {
     /// Checks the flags and turns them into the loop's configuration; `default_lr` where
-    /// --lr is not given.
-    pub fn config(&self, default_lr: f64) -> Result<TrainConfig> {
+    /// --lr is not given; `backbone`'s --no-memory-check also covers training.
+    pub fn config(&self, default_lr: f64, backbone: &super::BackboneArgs) -> Result<TrainConfig> {
         if self.seq_len < 2 || self.batch_tokens < self.seq_len || self.steps == 0 {
             bail!("need --seq-len >= 2, --batch-tokens >= --seq-len and --steps >= 1");
         }
@@ -65,7 +62,7 @@ impl TrainFlags {
             val_every: self.val_every,
             val_windows: self.val_windows,
             checkpoint_every: self.checkpoint_every,
-            check_memory: !self.no_memory_check,
+            check_memory: !backbone.no_memory_check,
             ..Default::default()
         })
     }
