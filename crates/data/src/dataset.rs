@@ -11,29 +11,33 @@ pub struct SplitData {
     tokens: Vec<u32>,
     mask: memmap2::Mmap,
     docs: Vec<u64>,
+    /// Tokens in use: all, or those of the first documents (see
+    /// [`PreparedData::limit_train_documents`]).
+    len: usize,
 }
 
 impl SplitData {
     pub fn tokens(&self) -> &[u32] {
-        &self.tokens
+        &self.tokens[..self.len]
     }
 
     /// 1 where the loss counts, per token.
     pub fn mask(&self) -> &[u8] {
-        &self.mask
+        &self.mask[..self.len]
     }
 
     /// Start offsets of the documents, then the end.
     pub fn doc_offsets(&self) -> &[u64] {
-        &self.docs
+        let used = self.docs.partition_point(|&o| o < self.len as u64);
+        &self.docs[..(used + 1).min(self.docs.len())]
     }
 
     pub fn len(&self) -> usize {
-        self.tokens.len()
+        self.len
     }
 
     pub fn is_empty(&self) -> bool {
-        self.tokens.is_empty()
+        self.len == 0
     }
 }
 
@@ -107,7 +111,16 @@ impl PreparedData {
                 .chunks_exact(8)
                 .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
                 .collect();
-            splits.insert(split, SplitData { tokens, mask, docs });
+            let len = info.tokens;
+            splits.insert(
+                split,
+                SplitData {
+                    tokens,
+                    mask,
+                    docs,
+                    len,
+                },
+            );
         }
         Ok(Self {
             dir,
@@ -118,6 +131,25 @@ impl PreparedData {
 
     pub fn split(&self, split: Split) -> &SplitData {
         &self.splits[&split]
+    }
+
+    /// Trains on the first `documents` training documents only (validation and test stay
+    /// whole): how "fewer training examples at equal steps" is run. The data fingerprint
+    /// changes with the limit, so checkpoints of the whole data are not resumed on a part.
+    pub fn limit_train_documents(&mut self, documents: usize) {
+        let train = self
+            .splits
+            .get_mut(&Split::Train)
+            .expect("every split is read");
+        let available = train.docs.len() - 1;
+        if documents >= available {
+            return;
+        }
+        train.len = train.docs[documents] as usize;
+        self.manifest.data_fingerprint = format!(
+            "{}+first-{documents}-documents",
+            self.manifest.data_fingerprint
+        );
     }
 
     /// Checks that every token id is below `vocab_size`: an id past the model's embeddings

@@ -82,6 +82,30 @@ fn folders_of_source_files_split_by_document_and_round_trip() {
     texts.sort();
     assert_eq!(seen, texts);
 
+    // Training on the first documents only: the train split ends after them, the others stay.
+    let mut part = PreparedData::open(&out).unwrap();
+    let whole_train = data.split(Split::Train).doc_offsets().to_vec();
+    part.limit_train_documents(3);
+    let train = part.split(Split::Train);
+    assert_eq!(train.doc_offsets(), &whole_train[..4]);
+    assert_eq!(train.len(), whole_train[3] as usize);
+    assert_eq!(train.tokens().len(), train.mask().len());
+    assert_eq!(part.split(Split::Val).len(), data.split(Split::Val).len());
+    assert_ne!(
+        part.manifest.data_fingerprint,
+        data.manifest.data_fingerprint
+    );
+    let mut all = PreparedData::open(&out).unwrap();
+    all.limit_train_documents(whole_train.len());
+    assert_eq!(
+        all.split(Split::Train).len(),
+        data.split(Split::Train).len()
+    );
+    assert_eq!(
+        all.manifest.data_fingerprint,
+        data.manifest.data_fingerprint
+    );
+
     // Deterministic: the same inputs and seed give the same data.
     opts.force = true;
     let again = prepare(&opts, &tok, None, |_, _| {}).unwrap();

@@ -160,6 +160,8 @@ pub struct DemoOptions {
     pub data_dir: Option<PathBuf>,
     /// Discard earlier results in `out` (the prepared data stays).
     pub restart: bool,
+    /// Also run the scaling sweeps ([`scaling_methods`]): the paper's Figure 3 at our scale.
+    pub scaling: bool,
 }
 
 /// What a demo folder was run with: `demo.json`. Results from another budget or backbone are
@@ -246,6 +248,9 @@ pub struct Results {
     /// mode_composed, mode_frozen_experts, mode_fresh_mix (and lora_rN for a sweep).
     pub methods: BTreeMap<String, MethodResult>,
     pub total_seconds: f64,
+    /// Training documents per domain (math, code): where the scaling sweep's "all" sits.
+    #[serde(default)]
+    pub train_documents: BTreeMap<String, usize>,
 }
 
 /// Progress of a demo, for the caller to show.
@@ -254,6 +259,37 @@ pub trait Reporter {
     fn stage(&mut self, what: &str);
     /// A training loop event; the return value is the loop's go-on flag.
     fn train(&mut self, event: Event) -> bool;
+}
+
+/// Documents per domain of the "fewer training examples" runs of the scaling sweep.
+pub const SCALING_DOCUMENTS: [usize; 2] = [32, 256];
+
+/// The scaling sweep's extra methods (Figure 3 of the paper), all on the Math+Code mix at the
+/// budget's steps: LoRA at ranks 4 and 64 and one fresh MoDE expert at 1 and 4 layers per block
+/// (besides the table's own rank and layer count), then LoRA and the MoDE expert trained on only
+/// the first [`SCALING_DOCUMENTS`] documents of each domain.
+pub fn scaling_methods(b: &Budget) -> Vec<String> {
+    let mut names: Vec<String> = [4, 64]
+        .into_iter()
+        .filter(|&r| r != b.lora_rank)
+        .map(|r| format!("lora_r{r}"))
+        .collect();
+    names.extend(
+        [1, 2, 4]
+            .into_iter()
+            .filter(|&l| l != b.expert_layers_per_block)
+            .map(|l| format!("mode_fresh_mix_l{l}")),
+    );
+    for n in SCALING_DOCUMENTS {
+        names.push(format!("lora_n{n}"));
+        names.push(format!("mode_fresh_mix_n{n}"));
+    }
+    names
+}
+
+/// The number after `prefix` in a method name: `lora_r4` with `lora_r` gives 4.
+fn numbered(name: &str, prefix: &str) -> Option<usize> {
+    name.strip_prefix(prefix)?.parse().ok()
 }
 
 /// The methods in the order they run (and appear in the table).
@@ -302,9 +338,22 @@ pub fn run(opts: &DemoOptions, reporter: &mut dyn Reporter) -> Result<Results> {
     let mut methods = BTreeMap::new();
     let mut names: Vec<String> = METHODS.iter().map(|s| s.to_string()).collect();
     names.extend(opts.budget.lora_sweep.iter().map(|r| format!("lora_r{r}")));
+    if opts.scaling {
+        for n in scaling_methods(&opts.budget) {
+            if !names.contains(&n) {
+                names.push(n);
+            }
+        }
+    }
     for name in &names {
         let result = ctx.method(name)?;
         methods.insert(name.clone(), result);
+    }
+    let mut train_documents = BTreeMap::new();
+    for (domain, dir) in [("math", &ctx.domains.math), ("code", &ctx.domains.code)] {
+        let data = PreparedData::open(dir)?;
+        let docs = data.split(mode_data::Split::Train).doc_offsets().len() - 1;
+        train_documents.insert(domain.to_string(), docs);
     }
     let results = Results {
         preset: opts.preset,
@@ -312,6 +361,7 @@ pub fn run(opts: &DemoOptions, reporter: &mut dyn Reporter) -> Result<Results> {
         backbone: ctx.backbone_source.clone(),
         methods,
         total_seconds: start.elapsed().as_secs_f64(),
+        train_documents,
     };
     report::write(&opts.out, &results)?;
     Ok(results)
@@ -331,13 +381,13 @@ impl Ctx<'_> {
         ))
     }
 
-    /// Stage-1 options of an expert for `domain` trained `steps` steps.
-    fn stage1_options(&self, domain: &str, steps: usize) -> Stage1Options {
+    /// Stage-1 options of an expert for `domain` with `layers` per block, trained `steps` steps.
+    fn stage1_options(&self, domain: &str, layers: usize, steps: usize) -> Stage1Options {
         let b = &self.opts.budget;
         Stage1Options {
             domain: domain.into(),
             blocks: b.blocks,
-            expert_layers_per_block: b.expert_layers_per_block,
+            expert_layers_per_block: layers,
             init: ExpertInit::Copy,
             gate_init_backbone_prob: mode_core::expert::GATE_INIT_BACKBONE_PROB,
             train: b.train_config(steps, b.adapter_lr),
@@ -348,10 +398,19 @@ impl Ctx<'_> {
         parts.iter().fold(self.opts.out.clone(), |p, s| p.join(s))
     }
 
-    fn mix(&self) -> Result<DataMix> {
+    /// Math and Code half and half; with `documents`, only that many of each domain's
+    /// training documents.
+    fn mix(&self, documents: Option<usize>) -> Result<DataMix> {
+        let open = |dir: &Path| -> Result<PreparedData> {
+            let mut data = PreparedData::open(dir)?;
+            if let Some(n) = documents {
+                data.limit_train_documents(n);
+            }
+            Ok(data)
+        };
         Ok(DataMix::new(vec![
-            (PreparedData::open(&self.domains.math)?, 0.5),
-            (PreparedData::open(&self.domains.code)?, 0.5),
+            (open(&self.domains.math)?, 0.5),
+            (open(&self.domains.code)?, 0.5),
         ])?)
     }
 
@@ -377,20 +436,26 @@ impl Ctx<'_> {
                 LoadedModel::Backbone(Box::new(self.backbone()?)),
                 MethodResult::default(),
             ),
-            "full_ft" => self.baseline(name, BaselineKind::Full, b.full_ft_lr)?,
-            "lora" => self.lora(name, b.lora_rank)?,
-            n if n.starts_with("lora_r") => {
-                let rank = n["lora_r".len()..]
-                    .parse()
-                    .map_err(|_| Error::Step(format!("`{n}` is not a LoRA rank")))?;
-                self.lora(n, rank)?
-            }
+            "full_ft" => self.baseline(name, BaselineKind::Full, b.full_ft_lr, None)?,
+            "lora" => self.lora(name, b.lora_rank, None)?,
             "mode_math_expert" => self.expert_model("math")?,
             "mode_code_expert" => self.expert_model("code")?,
             "mode_composed" => self.composed(name, false)?,
             "mode_frozen_experts" => self.composed(name, true)?,
-            "mode_fresh_mix" => self.fresh_mix()?,
-            other => return Err(Error::Step(format!("unknown method `{other}`"))),
+            "mode_fresh_mix" => self.fresh_mix(name, b.expert_layers_per_block, None)?,
+            n => {
+                if let Some(rank) = numbered(n, "lora_r") {
+                    self.lora(n, rank, None)?
+                } else if let Some(docs) = numbered(n, "lora_n") {
+                    self.lora(n, b.lora_rank, Some(docs))?
+                } else if let Some(layers) = numbered(n, "mode_fresh_mix_l") {
+                    self.fresh_mix(n, layers, None)?
+                } else if let Some(docs) = numbered(n, "mode_fresh_mix_n") {
+                    self.fresh_mix(n, b.expert_layers_per_block, Some(docs))?
+                } else {
+                    return Err(Error::Step(format!("unknown method `{n}`")));
+                }
+            }
         };
         if name != "backbone" {
             result.train_seconds += t.elapsed().as_secs_f64();
@@ -409,11 +474,12 @@ impl Ctx<'_> {
         name: &str,
         kind: BaselineKind,
         lr: f64,
+        documents: Option<usize>,
     ) -> Result<(LoadedModel, MethodResult)> {
         self.reporter.stage(&format!("training {name}"));
         let out = self.path(&["models", name]);
         let cfg = self.opts.budget.train_config(self.opts.budget.steps, lr);
-        let mix = self.mix()?;
+        let mix = self.mix(documents)?;
         let (backbone, source, fp) = self.training_inputs()?;
         let (manifest, report) =
             train_baseline(backbone, &source, &fp, &mix, kind, &cfg, &out, |e| {
@@ -435,13 +501,23 @@ impl Ctx<'_> {
         Ok((model, result))
     }
 
-    fn lora(&mut self, name: &str, rank: usize) -> Result<(LoadedModel, MethodResult)> {
+    fn lora(
+        &mut self,
+        name: &str,
+        rank: usize,
+        documents: Option<usize>,
+    ) -> Result<(LoadedModel, MethodResult)> {
         let spec = LoraSpec {
             rank,
             alpha: self.opts.budget.lora_alpha * rank as f64 / self.opts.budget.lora_rank as f64,
             targets: LoraTargets::Attn,
         };
-        self.baseline(name, BaselineKind::Lora(spec), self.opts.budget.adapter_lr)
+        self.baseline(
+            name,
+            BaselineKind::Lora(spec),
+            self.opts.budget.adapter_lr,
+            documents,
+        )
     }
 
     /// Trains (once) the stage-1 expert of `domain`; returns its file and result so far.
@@ -456,7 +532,7 @@ impl Ctx<'_> {
                 "math" => self.single(&self.domains.math.clone())?,
                 _ => self.single(&self.domains.code.clone())?,
             };
-            let opts = self.stage1_options(domain, steps);
+            let opts = self.stage1_options(domain, b.expert_layers_per_block, steps);
             let t = Instant::now();
             let (backbone, source, fp) = self.training_inputs()?;
             let (_, report) = train_expert(backbone, &source, &fp, &data, &opts, &out, |e| {
@@ -512,7 +588,7 @@ impl Ctx<'_> {
             LoadedExpertFile::load(&math, &Device::Cpu)?,
             LoadedExpertFile::load(&code, &Device::Cpu)?,
         ];
-        let mix = self.mix()?;
+        let mix = self.mix(None)?;
         let (backbone, source, fp) = self.training_inputs()?;
         let (manifest, report) =
             compose(backbone, &source, &fp, experts, &mix, &opts, &out, |e| {
@@ -545,18 +621,31 @@ impl Ctx<'_> {
         ))
     }
 
-    fn fresh_mix(&mut self) -> Result<(LoadedModel, MethodResult)> {
-        self.reporter.stage("training one fresh expert on the mix");
-        let out = self.path(&["experts", "mix.expert.safetensors"]);
+    /// One fresh expert of `layers` per block trained on the mix (of `documents` per domain).
+    fn fresh_mix(
+        &mut self,
+        name: &str,
+        layers: usize,
+        documents: Option<usize>,
+    ) -> Result<(LoadedModel, MethodResult)> {
+        self.reporter
+            .stage(&format!("training {name}: one fresh expert on the mix"));
+        // The table's own run keeps the file name earlier demos wrote.
+        let file = if name == "mode_fresh_mix" {
+            "mix"
+        } else {
+            name
+        };
+        let out = self.path(&["experts", &format!("{file}.expert.safetensors")]);
         let b = self.opts.budget.clone();
-        let opts = self.stage1_options("mix", b.steps);
-        let mix = self.mix()?;
+        let opts = self.stage1_options("mix", layers, b.steps);
+        let mix = self.mix(documents)?;
         let (backbone, source, fp) = self.training_inputs()?;
         let (_, report) = train_expert(backbone, &source, &fp, &mix, &opts, &out, |e| {
             self.reporter.train(e)
         })?;
         if report.steps < b.steps {
-            return Err(Error::Step("mode_fresh_mix: training stopped".into()));
+            return Err(Error::Step(format!("{name}: training stopped")));
         }
         let (model, _) = mode_core::loaded::load_with_expert(&out, self.backbone()?)?;
         let params = file_parameters(&ExpertFile::load(&out, &Device::Cpu)?);
@@ -567,7 +656,7 @@ impl Ctx<'_> {
                 added_parameters: params,
                 tokens: report.tokens,
                 curves: BTreeMap::from([(
-                    "mode_fresh_mix".to_string(),
+                    name.to_string(),
                     read_curve(&mode_train::stage1::side_paths(&out).1),
                 )]),
                 ..Default::default()

@@ -206,8 +206,140 @@ pub fn html(results: &Results) -> String {
         }
         h.push_str("</table>");
     }
+    scaling(&mut h, results);
     h.push_str("</body></html>\n");
     h
+}
+
+/// The scaling sweep (Figure 3 of the paper), when the run has one: target accuracy and
+/// retention against added parameters (LoRA ranks against expert layers per block), and
+/// target accuracy against training documents per domain at equal steps.
+fn scaling(h: &mut String, results: &Results) {
+    let b = &results.budget;
+    let m = &results.methods;
+    let rank = |name: &str| match name {
+        "lora" => Some(b.lora_rank),
+        n => n.strip_prefix("lora_r")?.parse().ok(),
+    };
+    let layers = |name: &str| match name {
+        "mode_fresh_mix" => Some(b.expert_layers_per_block),
+        n => n.strip_prefix("mode_fresh_mix_l")?.parse().ok(),
+    };
+    let docs = |name: &str, prefix: &str, all: &str| -> Option<usize> {
+        if name == all {
+            return results.train_documents.values().copied().min();
+        }
+        name.strip_prefix(prefix)?.parse().ok()
+    };
+    let target = |r: &crate::MethodResult| (r.math + r.code) / 2.0;
+    // (label, x, method) sorted by x, for the methods the run has.
+    let pick = |f: &dyn Fn(&str) -> Option<usize>| -> Vec<(usize, &str)> {
+        let mut v: Vec<(usize, &str)> = m
+            .keys()
+            .filter_map(|k| f(k).map(|x| (x, k.as_str())))
+            .collect();
+        v.sort();
+        v
+    };
+    let lora_sizes = pick(&rank);
+    let mode_sizes = pick(&layers);
+    let lora_docs = pick(&|n| docs(n, "lora_n", "lora"));
+    let mode_docs = pick(&|n| docs(n, "mode_fresh_mix_n", "mode_fresh_mix"));
+    if lora_sizes.len() < 2 && mode_sizes.len() < 2 && lora_docs.len() < 2 {
+        return;
+    }
+    h.push_str(
+        "<h2>Scaling</h2><p>All on the Math+Code mix at the same steps. LoRA at several \
+        ranks against one fresh MoDE expert at several layers per block; then both trained on only \
+        the first documents of each domain (the last point: all of them).</p>",
+    );
+    let log_params = |runs: &[(usize, &str)]| -> Vec<(f64, f64, f64)> {
+        runs.iter()
+            .map(|(_, n)| {
+                let r = &m[*n];
+                (
+                    (r.added_parameters.max(1) as f64).log10(),
+                    target(r),
+                    r.english,
+                )
+            })
+            .collect()
+    };
+    let (lora_p, mode_p) = (log_params(&lora_sizes), log_params(&mode_sizes));
+    let series = |name: &str, pts: &[(f64, f64, f64)], english: bool| Series {
+        name: name.to_string(),
+        points: pts
+            .iter()
+            .map(|p| (p.0, if english { p.2 } else { p.1 }))
+            .collect(),
+    };
+    h.push_str(&line_chart(
+        "Target accuracy (mean of Math and Code) against added parameters",
+        "added parameters (log10)",
+        "target accuracy (%)",
+        &[
+            series("LoRA (rank)", &lora_p, false),
+            series("MoDE (layers/block)", &mode_p, false),
+        ],
+    ));
+    h.push_str(&line_chart(
+        "English (retention) against added parameters",
+        "added parameters (log10)",
+        "English accuracy (%)",
+        &[
+            series("LoRA (rank)", &lora_p, true),
+            series("MoDE (layers/block)", &mode_p, true),
+        ],
+    ));
+    let log_docs = |runs: &[(usize, &str)]| Series {
+        name: String::new(),
+        points: runs
+            .iter()
+            .map(|(d, n)| ((*d as f64).log10(), target(&m[*n])))
+            .collect(),
+    };
+    h.push_str(&line_chart(
+        "Target accuracy against training documents per domain (equal steps)",
+        "documents per domain (log10)",
+        "target accuracy (%)",
+        &[
+            Series {
+                name: "LoRA".into(),
+                ..log_docs(&lora_docs)
+            },
+            Series {
+                name: "MoDE".into(),
+                ..log_docs(&mode_docs)
+            },
+        ],
+    ));
+    h.push_str("<table><tr><th>run</th><th>setting</th><th>added</th><th>Math</th><th>Code</th><th>English</th></tr>");
+    let rows = lora_sizes
+        .iter()
+        .map(|(x, n)| (*n, format!("rank {x}")))
+        .chain(
+            mode_sizes
+                .iter()
+                .map(|(x, n)| (*n, format!("{x} layers/block"))),
+        )
+        .chain(
+            lora_docs
+                .iter()
+                .chain(&mode_docs)
+                .map(|(d, n)| (*n, format!("{d} docs"))),
+        );
+    for (name, what) in rows {
+        let r = &m[name];
+        let _ = write!(
+            h,
+            "<tr><td>{name}</td><td>{what}</td><td>{}</td><td>{:.2}</td><td>{:.2}</td><td>{:.2}</td></tr>",
+            millions(r.added_parameters),
+            r.math,
+            r.code,
+            r.english
+        );
+    }
+    h.push_str("</table>");
 }
 
 /// Moving average over 5 steps, to make short noisy curves readable.
@@ -253,6 +385,7 @@ mod tests {
             backbone: "b".into(),
             methods,
             total_seconds: 1.0,
+            train_documents: BTreeMap::new(),
         }
     }
 
@@ -283,5 +416,38 @@ mod tests {
         }
         assert_eq!(h.matches("<svg").count(), 3);
         assert!(h.contains("0.300"));
+    }
+
+    #[test]
+    fn a_scaling_sweep_adds_its_charts_and_rows() {
+        let mut r = results();
+        assert!(!html(&r).contains("Scaling"), "no sweep, no section");
+        for (i, name) in [
+            "lora",
+            "lora_r64",
+            "mode_fresh_mix",
+            "mode_fresh_mix_l4",
+            "lora_n32",
+            "mode_fresh_mix_n32",
+        ]
+        .iter()
+        .enumerate()
+        {
+            r.methods.insert(
+                name.to_string(),
+                MethodResult {
+                    math: 40.0 + i as f64,
+                    added_parameters: 1_000_000 * (i + 1),
+                    ..Default::default()
+                },
+            );
+        }
+        r.train_documents = BTreeMap::from([("math".into(), 900), ("code".into(), 700)]);
+        let h = html(&r);
+        assert!(h.contains("Scaling"));
+        assert_eq!(h.matches("<svg").count(), 6);
+        for row in ["rank 4", "rank 64", "4 layers/block", "32 docs", "700 docs"] {
+            assert!(h.contains(row), "missing {row}");
+        }
     }
 }

@@ -83,6 +83,7 @@ fn a_tiny_demo_runs_every_method_and_writes_the_report() {
         backbone: mode_io::fetch::DEFAULT_BACKBONE.into(),
         data_dir: Some(data),
         restart: false,
+        scaling: false,
     };
     let results = mode_demo::run(&opts, &mut Quiet(Vec::new())).unwrap();
 
@@ -117,6 +118,29 @@ fn a_tiny_demo_runs_every_method_and_writes_the_report() {
         "{:?}",
         again.0
     );
+
+    // The scaling sweep adds its runs and reuses the table's.
+    let scaling = DemoOptions {
+        scaling: true,
+        ..opts.clone()
+    };
+    let mut log = Quiet(Vec::new());
+    let swept = mode_demo::run(&scaling, &mut log).unwrap();
+    let extra = mode_demo::scaling_methods(&budget);
+    assert!(extra.contains(&"mode_fresh_mix_l4".to_string()));
+    for name in &extra {
+        assert!(swept.methods.contains_key(name), "{name}");
+    }
+    assert_eq!(swept.methods["lora"], results.methods["lora"]);
+    assert!(
+        log.0.iter().all(|s| !s.starts_with("training lora ")),
+        "{:?}",
+        log.0
+    );
+    let wide = &swept.methods["mode_fresh_mix_l4"];
+    assert!(wide.added_parameters > 3 * results.methods["mode_fresh_mix"].added_parameters);
+    let html = std::fs::read_to_string(out.join("report.html")).unwrap();
+    assert!(html.contains("Scaling"), "the report shows the sweep");
 
     // Another budget in the same folder: refused unless told to restart.
     let other = DemoOptions {

@@ -17,7 +17,8 @@ use super::training::TrainProgress;
     OUT/report.html. A stopped demo resumes where it was when run again.\n\n\
     Examples:\n  mode demo                 # about 30 minutes on 2 cores\n  \
     mode demo --quick         # a smoke run of a few minutes; numbers mean nothing\n  \
-    mode demo --full          # longer training and a LoRA rank sweep"
+    mode demo --full          # longer training and a LoRA rank sweep\n  \
+    mode demo --scaling       # the table, then accuracy against added parameters and examples"
 )]
 pub struct Args {
     /// Output folder
@@ -41,6 +42,11 @@ pub struct Args {
     /// Discard the results of an earlier demo in --out (its prepared data is kept)
     #[arg(long)]
     restart: bool,
+    /// Also run the scaling sweeps (the paper's Figure 3): LoRA ranks 4/16/64 against 1/2/4
+    /// expert layers per block, and training on 32 or 256 documents per domain at equal steps;
+    /// reuses the table's runs when --out already has them
+    #[arg(long)]
+    scaling: bool,
 }
 
 /// Shows stages as lines and training as a progress bar.
@@ -90,6 +96,7 @@ pub fn run(args: Args) -> Result<()> {
         backbone: args.backbone,
         data_dir: args.data_dir,
         restart: args.restart,
+        scaling: args.scaling,
     };
     let mut reporter = CliReporter { bar: None };
     let results = mode_demo::run(&opts, &mut reporter)?;
