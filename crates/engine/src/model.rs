@@ -101,6 +101,10 @@ pub struct Plan<'a> {
     pub backbone: Trainable,
     /// Non-overlapping, in layer order.
     pub blocks: Vec<Block<'a>>,
+    /// Keep only each layer's or block's input during the forward pass and recompute its
+    /// activations when the backward pass reaches it: about one more forward pass of compute
+    /// for the activations of one stage at a time instead of all of them.
+    pub recompute_activations: bool,
 }
 
 impl Plan<'_> {
@@ -109,6 +113,7 @@ impl Plan<'_> {
         Self {
             backbone: trainable,
             blocks: Vec::new(),
+            recompute_activations: false,
         }
     }
 }
@@ -155,6 +160,8 @@ enum Saved {
     None,
     Layer(LayerActivations),
     Block(BlockSaved),
+    /// The stage's input only; activations are recomputed in the backward pass.
+    Input(Tensor),
 }
 
 struct BlockSaved {
@@ -231,6 +238,16 @@ pub fn loss_and_grads(
     for (k, stage) in stages.iter().enumerate() {
         let backward = needs_backward(k);
         let (y, s) = match stage {
+            Stage::Layer(i) if backward && plan.recompute_activations => (
+                forward_only(&model.layers[*i], &x, &cos, &sin)?,
+                Saved::Input(x.clone()),
+            ),
+            Stage::Block(bi) if plan.recompute_activations => {
+                let block = &plan.blocks[*bi];
+                // The block's activations are dropped as soon as its output is known.
+                let (y, _) = block_forward(model, tr, block, &x, &cos, &sin, upstream[k])?;
+                (y, Saved::Input(x.clone()))
+            }
             Stage::Layer(i) => {
                 let l = &model.layers[*i];
                 if backward {
@@ -282,6 +299,30 @@ pub fn loss_and_grads(
             if !needs_backward(k) {
                 break;
             }
+            let recomputed;
+            let s = match s {
+                Saved::Input(x) => {
+                    recomputed = match stage {
+                        Stage::Layer(i) => {
+                            Saved::Layer(layer::forward(&model.layers[*i], x, &cos, &sin)?.1)
+                        }
+                        Stage::Block(bi) => Saved::Block(
+                            block_forward(
+                                model,
+                                tr,
+                                &plan.blocks[*bi],
+                                x,
+                                &cos,
+                                &sin,
+                                upstream[k],
+                            )?
+                            .1,
+                        ),
+                    };
+                    &recomputed
+                }
+                other => other,
+            };
             dx = match (stage, s) {
                 (Stage::Layer(i), Saved::Layer(acts)) => {
                     let (d, g) = layer::backward(

@@ -134,6 +134,7 @@ fn plan<'a>(b: &'a Built, gate: bool, train_layer0: bool) -> Plan<'a> {
             train_experts: vec![true],
             train_gate: gate,
         }],
+        recompute_activations: false,
     }
 }
 
@@ -212,4 +213,50 @@ fn fixed_mix_gradients() {
 fn gradients_flow_through_the_block_to_upstream_layers() {
     check(Architecture::Llama, true, true);
     check(Architecture::Qwen3, false, true);
+}
+
+#[test]
+fn recomputed_activations_give_the_same_loss_and_gradients() {
+    let (config, params) = setup(Architecture::Llama);
+    let built = build(&config, &params);
+    let (ids, targets) = batch();
+    for (gate, train_layer0) in [(true, false), (true, true), (false, true)] {
+        let saved = loss_and_grads(
+            &built.model,
+            &plan(&built, gate, train_layer0),
+            &ids,
+            &targets,
+        )
+        .unwrap();
+        let mut p = plan(&built, gate, train_layer0);
+        p.recompute_activations = true;
+        let recomputed = loss_and_grads(&built.model, &p, &ids, &targets).unwrap();
+        assert!((saved.loss_sum - recomputed.loss_sum).abs() < 1e-12 * saved.loss_sum.abs());
+        let a: HashMap<String, Tensor> = saved.grads.into_iter().collect();
+        let b: HashMap<String, Tensor> = recomputed.grads.into_iter().collect();
+        assert_eq!(a.len(), b.len());
+        assert!(!a.is_empty());
+        for (name, g) in &a {
+            let diff = (g - &b[name])
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap();
+            // Equal up to summation order (threaded reductions), far below any real error.
+            let scale = g
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap();
+            assert!(
+                diff <= 1e-12 * scale.max(1e-6),
+                "{name}: gate={gate} layer0={train_layer0}: {diff} of {scale}"
+            );
+        }
+    }
 }

@@ -153,6 +153,7 @@ impl ModeModel {
         Plan {
             backbone: Trainable::none(self.backbone.layers.len()),
             blocks,
+            recompute_activations: false,
         }
     }
 

@@ -45,6 +45,8 @@ pub struct BenchConfig {
     pub steps: usize,
     pub warmup: usize,
     pub seed: u64,
+    /// Recompute activations in the backward pass (less memory, more compute).
+    pub recompute_activations: bool,
 }
 
 /// Medians over the timed steps.
@@ -117,6 +119,7 @@ pub fn run(model: &mut Backbone, cfg: &BenchConfig) -> Result<BenchResult> {
                     train_experts: vec![true],
                     train_gate: false,
                 }],
+                recompute_activations: false,
             };
             (plan, params)
         }
@@ -125,6 +128,8 @@ pub fn run(model: &mut Backbone, cfg: &BenchConfig) -> Result<BenchResult> {
             model.lora_tensors(),
         ),
     };
+    let mut plan = plan;
+    plan.recompute_activations = cfg.recompute_activations;
     let trainable_params = params.iter().map(|(_, t)| t.elem_count()).sum();
     let mut optimizer = AdamW::new(AdamWConfig::default());
     let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed);
@@ -136,7 +141,12 @@ pub fn run(model: &mut Backbone, cfg: &BenchConfig) -> Result<BenchResult> {
             .collect();
         let batch = Batch::next_token(Tensor::from_vec(ids, (cfg.batch, cfg.seq_len), &device)?)?;
         let (t0, c0) = (Instant::now(), process_cpu_seconds());
-        let stats = train_step(model, &plan, &params, &mut optimizer, &batch, 1e-4, 1.0)?;
+        let settings = crate::StepSettings {
+            lr: 1e-4,
+            max_grad_norm: 1.0,
+            micro_batch_rows: 0,
+        };
+        let stats = train_step(model, &plan, &params, &mut optimizer, &batch, settings)?;
         let (dt, dc) = (t0.elapsed().as_secs_f64(), process_cpu_seconds() - c0);
         eprintln!(
             "mode: bench train {:?} step {step}{}: loss {:.4}, {:.2}s, {:.2} CPU-s",

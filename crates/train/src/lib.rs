@@ -18,4 +18,4 @@ pub mod trainer;
 pub use grads::{global_norm, GradAccumulator};
 pub use optim::{AdamW, AdamWConfig};
 pub use schedule::LrSchedule;
-pub use step::{train_step, StepStats};
+pub use step::{train_step, StepSettings, StepStats};

@@ -67,13 +67,26 @@ pub fn estimate_training(
         .filter(|b| b.layers.start >= first)
         .map(|b| b.experts.iter().map(|e| e.len()).sum::<usize>())
         .sum();
-    let kept = (layers - first.min(layers) + expert_layers) as u64;
     let (tokens, seq) = (batch_tokens as u64, seq_len as u64);
+    let per_layer = layer_activation_bytes(c, tokens, seq);
+    let activations = if plan.recompute_activations {
+        // Each stage's input is kept, and the largest stage's activations live at a time.
+        let inputs = (layers - first.min(layers)) as u64 * 4 * tokens * c.hidden_size as u64;
+        let largest_block = plan
+            .blocks
+            .iter()
+            .map(|b| b.layers.len() + b.experts.iter().map(|e| e.len()).sum::<usize>())
+            .max()
+            .unwrap_or(1);
+        inputs + largest_block as u64 * per_layer
+    } else {
+        (layers - first.min(layers) + expert_layers) as u64 * per_layer
+    };
     let lm_head_chunk = 2 * 4 * 256 * c.vocab_size as u64;
     MemoryEstimate {
         weights: c.num_parameters() as u64 * weight_bytes + 4 * trainable_params as u64,
         optimizer: 3 * 4 * trainable_params as u64,
-        activations: kept * layer_activation_bytes(c, tokens, seq) + lm_head_chunk,
+        activations: activations + lm_head_chunk,
     }
 }
 
@@ -125,5 +138,11 @@ mod tests {
         assert!(check(&c, None).is_ok());
         let e = check(&c, Some(c.total() / 2)).unwrap_err();
         assert!(e.contains("GiB") && e.contains("--no-memory-check"), "{e}");
+        // Recomputation keeps stage inputs instead of every layer's activations.
+        let mut recompute = Plan::backbone(Trainable::all(2));
+        recompute.recompute_activations = true;
+        let r = estimate_training(&bb, &recompute, n, 1024, 64);
+        assert!(r.activations < c.activations, "{r:?} vs {c:?}");
+        assert_eq!(r.weights, c.weights);
     }
 }

@@ -15,7 +15,7 @@ use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use crate::optim::Moments;
-use crate::{train_step, AdamW, AdamWConfig, LrSchedule};
+use crate::{train_step, AdamW, AdamWConfig, LrSchedule, StepSettings};
 
 /// What a training method trains: the engine plan and the named tensors it updates.
 pub trait Method {
@@ -46,6 +46,14 @@ pub struct TrainConfig {
     pub checkpoint_every: usize,
     /// Refuse to start when the estimated peak memory exceeds the memory available.
     pub check_memory: bool,
+    /// Tokens per forward/backward pass (whole rows of `seq_len`); a step accumulates the
+    /// gradients of `batch_tokens / micro_batch_tokens` passes. 0: one pass per step.
+    #[serde(default)]
+    pub micro_batch_tokens: usize,
+    /// Recompute each layer's or block's activations in the backward pass instead of keeping
+    /// them: less memory, about one more forward pass of compute.
+    #[serde(default)]
+    pub recompute_activations: bool,
 }
 
 impl Default for TrainConfig {
@@ -64,7 +72,16 @@ impl Default for TrainConfig {
             val_windows: 16,
             checkpoint_every: 50,
             check_memory: true,
+            micro_batch_tokens: 0,
+            recompute_activations: false,
         }
+    }
+}
+
+impl TrainConfig {
+    /// Rows per forward/backward pass (0: the whole batch).
+    pub fn micro_batch_rows(&self) -> usize {
+        self.micro_batch_tokens / self.seq_len.max(1)
     }
 }
 
@@ -295,13 +312,25 @@ pub fn train(
             .map_err(|e| Error::Data(e.to_string()))?;
     }
     let params = method.params();
+    if cfg.micro_batch_tokens != 0 && cfg.micro_batch_tokens < cfg.seq_len {
+        return Err(Error::Data(format!(
+            "a micro-batch of {} tokens holds no row of {} tokens",
+            cfg.micro_batch_tokens, cfg.seq_len
+        )));
+    }
+    let mut plan = method.plan();
+    plan.recompute_activations = cfg.recompute_activations;
     if cfg.check_memory {
         let trainable = params.iter().map(|(_, t)| t.elem_count()).sum();
+        let pass_tokens = match cfg.micro_batch_rows() {
+            0 => cfg.batch_tokens,
+            rows => (rows * cfg.seq_len).min(cfg.batch_tokens),
+        };
         let estimate = crate::memory::estimate_training(
             method.backbone(),
-            &method.plan(),
+            &plan,
             trainable,
-            cfg.batch_tokens,
+            pass_tokens,
             cfg.seq_len,
         );
         crate::memory::check(&estimate, crate::memory::available_bytes()).map_err(Error::Data)?;
@@ -340,7 +369,6 @@ pub fn train(
             msg: e.to_string(),
         })
     };
-    let plan = method.plan();
     let device = method.backbone().device().clone();
     let start = Instant::now();
     let mut report = TrainReport::default();
@@ -348,14 +376,18 @@ pub fn train(
         let batch = sample_batch(data, cfg, step, &device)?;
         let lr = schedule.lr(step);
         let t = Instant::now();
+        let settings = StepSettings {
+            lr,
+            max_grad_norm: cfg.max_grad_norm,
+            micro_batch_rows: cfg.micro_batch_rows(),
+        };
         let stats = train_step(
             method.backbone(),
             &plan,
             &params,
             &mut optimizer,
             &batch,
-            lr,
-            cfg.max_grad_norm,
+            settings,
         )?;
         if !(stats.loss.is_finite() && stats.grad_norm.is_finite()) {
             return Err(Error::NonFinite {

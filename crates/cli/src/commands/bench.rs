@@ -86,6 +86,9 @@ struct TrainArgs {
     /// Untimed steps first
     #[arg(long, default_value_t = 1)]
     warmup: usize,
+    /// Recompute activations in the backward pass (trades compute for peak memory)
+    #[arg(long)]
+    recompute_activations: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -428,6 +431,9 @@ fn train(args: TrainArgs) -> Result<()> {
             if let Some(b) = &args.backbone {
                 cmd.args(["--backbone", b]);
             }
+            if args.recompute_activations {
+                cmd.arg("--recompute-activations");
+            }
             let status = cmd.status()?;
             if !status.success() {
                 eprintln!("mode: bench train --mode {mode} failed ({status})");
@@ -475,6 +481,7 @@ fn train(args: TrainArgs) -> Result<()> {
         steps: args.steps,
         warmup: args.warmup,
         seed: 0,
+        recompute_activations: args.recompute_activations,
     };
     let result = mode_train::bench::run(&mut model, &config)?;
     let mut json = serde_json::to_value(&result)?;

@@ -39,6 +39,14 @@ pub struct TrainFlags {
     /// Start over even if a checkpoint exists
     #[arg(long)]
     pub restart: bool,
+    /// Tokens per forward/backward pass; each step accumulates gradients over
+    /// --batch-tokens / this many passes (less memory, same step) [default: one pass per step]
+    #[arg(long)]
+    pub micro_batch_tokens: Option<usize>,
+    /// Recompute activations in the backward pass instead of keeping them (less memory, about
+    /// a third more compute)
+    #[arg(long)]
+    pub recompute_activations: bool,
 }
 
 impl TrainFlags {
@@ -47,6 +55,11 @@ impl TrainFlags {
     pub fn config(&self, default_lr: f64, backbone: &super::BackboneArgs) -> Result<TrainConfig> {
         if self.seq_len < 2 || self.batch_tokens < self.seq_len || self.steps == 0 {
             bail!("need --seq-len >= 2, --batch-tokens >= --seq-len and --steps >= 1");
+        }
+        if let Some(m) = self.micro_batch_tokens {
+            if m < self.seq_len || m > self.batch_tokens {
+                bail!("--micro-batch-tokens must be between --seq-len and --batch-tokens, got {m}");
+            }
         }
         let lr = self.lr.unwrap_or(default_lr);
         if !(lr.is_finite() && lr > 0.0) {
@@ -63,6 +76,8 @@ impl TrainFlags {
             val_windows: self.val_windows,
             checkpoint_every: self.checkpoint_every,
             check_memory: !backbone.no_memory_check,
+            micro_batch_tokens: self.micro_batch_tokens.unwrap_or(0),
+            recompute_activations: self.recompute_activations,
             ..Default::default()
         })
     }
