@@ -39,7 +39,8 @@ pub struct Args {
     host: std::net::IpAddr,
     #[arg(long, default_value_t = 8080)]
     port: u16,
-    /// The model name clients use (default: the model folder's or backbone's name)
+    /// The model name clients use (default: the model folder's, the one expert's or the
+    /// backbone's name)
     #[arg(long)]
     name: Option<String>,
     /// Longest prompt accepted, in tokens
@@ -53,11 +54,16 @@ pub struct Args {
 pub fn run(args: Args) -> Result<()> {
     let (model, tokenizer) = args.model.load()?;
     let name = args.name.clone().unwrap_or_else(|| {
+        // One expert names the model; several, like none, leave it the backbone's name.
+        let single_expert = match args.model.expert.as_slice() {
+            [one] => Some(one.clone()),
+            _ => None,
+        };
         let path = args
             .model
             .model
             .clone()
-            .or_else(|| args.model.expert.first().cloned())
+            .or(single_expert)
             .unwrap_or_else(|| {
                 args.model
                     .backbone
