@@ -2,7 +2,7 @@
 CARGO ?= cargo
 MODE := $(or $(CARGO_TARGET_DIR),target)/release/mode
 
-.PHONY: demo test lint build bench-infer bench-train
+.PHONY: demo test lint build bench-infer bench-train serve-check
 
 build:
 	$(CARGO) build --release
@@ -30,3 +30,8 @@ bench-infer:
 # Training speed, ours next to PyTorch per mode; ends with the ratio JSON line (not run by CI).
 bench-train:
 	bench/train.sh
+
+# `mode serve` on the default backbone through the official openai client (pinned, in a venv under
+# $MODE_HOME/venvs/openai), then 32 clients for 60 s; not run by CI. SERVE_CHECK_FLAGS=--seconds 10.
+serve-check: build
+	python3 scripts/check_openai_client.py --mode $(MODE) $(SERVE_CHECK_FLAGS)

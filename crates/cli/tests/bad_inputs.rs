@@ -2241,7 +2241,8 @@ fn bad_inputs_fail_cleanly() {
         ],
         &["code.expert.safetensors", "both experts for `code`"],
     );
-    cases.fail(
+    // Several --expert files run together since they keep their stage-1 odds.
+    cases.ok(
         "flags: two experts without compose",
         &[
             "eval",
@@ -2254,7 +2255,33 @@ fn bad_inputs_fail_cleanly() {
             "--data",
             &held,
         ],
-        &["compose"],
+        &["held_out.py", "gate weights"],
+    );
+    // `mode serve` refuses these before it binds a port.
+    let missing_dir = s("no-such-dir");
+    cases.fail(
+        "flags: serve --allow-expert-dir missing",
+        &[
+            "serve",
+            "--backbone",
+            &tiny,
+            "--allow-expert-dir",
+            &missing_dir,
+        ],
+        &["--allow-expert-dir", "no-such-dir"],
+    );
+    cases.fail(
+        "flags: serve --active-experts unknown",
+        &[
+            "serve",
+            "--backbone",
+            &tiny,
+            "--expert",
+            &code,
+            "--active-experts",
+            "poetry",
+        ],
+        &["poetry", "code"],
     );
 
     // --- Paths that do not exist. ----------------------------------------------------------

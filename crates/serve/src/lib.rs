@@ -2,24 +2,33 @@
 //!
 //! - `POST /v1/completions` and `POST /v1/chat/completions`, whole or streamed as server-sent
 //!   events (`"stream": true`), in the OpenAI wire format the official clients read;
-//! - `GET /v1/models`, `GET /health`.
+//! - `GET /v1/models`, `GET /health`;
+//! - `GET /v1/experts`, `POST /v1/experts` (hot-add an expert file from a directory the operator
+//!   allowed), `DELETE /v1/experts/{name}`.
+//!
+//! A request may choose its experts (`"experts": ["code"]`, `[]` for the backbone alone) and
+//! gate sparsely (`"gate_top_k"`, `"gate_threshold"`); the server's flags give the defaults.
 //!
 //! Generation is CPU-bound and uses every core, so requests run one at a time in arrival order
-//! (a FIFO lock): concurrent clients queue fairly instead of slowing each other down. A client
-//! that disconnects stops its generation. Bad requests are answered with 4xx and an OpenAI-style
-//! error body.
+//! (a FIFO lock): concurrent clients queue fairly instead of slowing each other down. Adding and
+//! removing experts take the same lock, so they never change the model under a running request.
+//! A client that disconnects stops its generation. Bad requests are answered with 4xx and an
+//! OpenAI-style error body.
 
+use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
-use axum::extract::State;
+use axum::extract::{self, State};
 use axum::http::StatusCode;
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
-use mode_core::LoadedModel;
+use candle_core::Device;
+use mode_core::file::ExpertDims;
+use mode_core::{ExpertFile, ModeModel, Routing};
 use mode_infer::{ChatMessage, ChatTemplate, Sampler, SamplingParams};
 use mode_io::Tokenizer;
 use serde::Deserialize;
@@ -44,34 +53,121 @@ impl Default for Limits {
     }
 }
 
+/// Routing for requests that do not choose their own, from `mode serve`'s flags.
+#[derive(Debug, Clone, Default)]
+pub struct RoutingDefaults {
+    /// Experts a request runs when it names none; `None` runs every loaded expert. A hot-added
+    /// expert joins this set and a deleted one leaves it, so the operator's choice survives.
+    pub experts: Option<Vec<String>>,
+    /// Per token, run only the `k` experts with the highest gate weight.
+    pub top_k: Option<usize>,
+    /// Per token, skip experts whose gate weight is below this, in [0, 1).
+    pub threshold: Option<f64>,
+}
+
 /// What the server runs.
 pub struct Served {
     /// The model name clients pass as `model` (any name is accepted; this one is reported).
     pub name: String,
-    pub model: LoadedModel,
+    /// The backbone and the experts it starts with; `POST /v1/experts` adds more.
+    pub model: ModeModel,
     pub tokenizer: Tokenizer,
-    /// Names of the experts the model runs, reported by `/v1/models`.
-    pub experts: Vec<String>,
     pub limits: Limits,
+    pub routing: RoutingDefaults,
+    /// Computed once: every hot-added expert file is checked against it.
+    fingerprint: String,
+    /// Directories `POST /v1/experts` may read from, as given and canonicalised.
+    expert_dirs: Vec<(PathBuf, PathBuf)>,
+}
+
+impl Served {
+    /// Serves `model` with default limits and routing, with hot-adding disabled until
+    /// [`Self::allow_expert_dir`]. Fingerprints the backbone (a sample of its weights).
+    pub fn new(name: String, model: ModeModel, tokenizer: Tokenizer) -> mode_core::Result<Self> {
+        let fingerprint = model.backbone.fingerprint()?;
+        Ok(Self {
+            name,
+            model,
+            tokenizer,
+            limits: Limits::default(),
+            routing: RoutingDefaults::default(),
+            fingerprint,
+            expert_dirs: Vec::new(),
+        })
+    }
+
+    /// Lets `POST /v1/experts` read expert files under `dir` (symlinks resolved, so a link
+    /// cannot lead out of it). The paths clients send are read on the server's filesystem,
+    /// hence nothing is allowed by default.
+    pub fn allow_expert_dir(&mut self, dir: &Path) -> std::io::Result<()> {
+        let real = std::fs::canonicalize(dir)
+            .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", dir.display())))?;
+        if !real.is_dir() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("{}: not a directory", dir.display()),
+            ));
+        }
+        let given = std::path::absolute(dir).unwrap_or_else(|_| real.clone());
+        self.expert_dirs.push((given, real));
+        Ok(())
+    }
+}
+
+/// The experts' names, readable without waiting for the model; changed only while holding the
+/// engine lock, right after the model itself changes.
+#[derive(Debug, Clone)]
+struct ExpertSet {
+    loaded: Vec<String>,
+    default: Option<Vec<String>>,
 }
 
 struct AppState {
     name: String,
-    experts: Vec<String>,
     limits: Limits,
     chat: ChatTemplate,
+    top_k: Option<usize>,
+    threshold: Option<f64>,
+    fingerprint: String,
+    dims: ExpertDims,
+    device: Device,
+    expert_dirs: Vec<(PathBuf, PathBuf)>,
+    experts: std::sync::Mutex<ExpertSet>,
     /// The model and tokenizer; the lock is FIFO-fair, so requests run in arrival order.
-    engine: Arc<Mutex<(LoadedModel, Tokenizer)>>,
+    engine: Arc<Mutex<(ModeModel, Tokenizer)>>,
+}
+
+impl AppState {
+    fn expert_set(&self) -> ExpertSet {
+        self.experts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn set_experts(&self, set: ExpertSet) {
+        *self.experts.lock().unwrap_or_else(|e| e.into_inner()) = set;
+    }
 }
 
 /// The router of the API, ready to serve.
 pub fn router(served: Served) -> Router {
     let chat = ChatTemplate::of(&served.tokenizer);
+    let experts = ExpertSet {
+        loaded: served.model.expert_names(),
+        default: served.routing.experts,
+    };
     let state = Arc::new(AppState {
         name: served.name,
-        experts: served.experts,
         limits: served.limits,
         chat,
+        top_k: served.routing.top_k,
+        threshold: served.routing.threshold,
+        fingerprint: served.fingerprint,
+        dims: ExpertDims::of(&served.model.backbone.config),
+        device: served.model.backbone.device().clone(),
+        expert_dirs: served.expert_dirs,
+        experts: std::sync::Mutex::new(experts),
         engine: Arc::new(Mutex::new((served.model, served.tokenizer))),
     });
     Router::new()
@@ -79,6 +175,8 @@ pub fn router(served: Served) -> Router {
         .route("/v1/models", get(models))
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/experts", get(list_experts).post(add_expert))
+        .route("/v1/experts/{name}", delete(remove_expert))
         .fallback(|| async { error(StatusCode::NOT_FOUND, "no such endpoint") })
         .with_state(state)
 }
@@ -115,14 +213,226 @@ fn bad(message: impl AsRef<str>) -> ApiError {
     error(StatusCode::BAD_REQUEST, message.as_ref())
 }
 
+fn status(status: StatusCode, message: impl AsRef<str>) -> ApiError {
+    error(status, message.as_ref())
+}
+
+/// The backbone model, then one entry per loaded expert (`NAME/EXPERT`, which a request may pass
+/// as `model` to run that expert alone).
 async fn models(State(s): State<Arc<AppState>>) -> Json<Value> {
     let created = now();
     let mut data =
         vec![json!({"id": s.name, "object": "model", "created": created, "owned_by": "mode"})];
-    data.extend(s.experts.iter().map(|e| {
+    data.extend(s.expert_set().loaded.iter().map(|e| {
         json!({"id": format!("{}/{e}", s.name), "object": "model", "created": created, "owned_by": "mode", "parent": s.name})
     }));
     Json(json!({"object": "list", "data": data}))
+}
+
+fn unknown_expert(name: &str, loaded: &[String]) -> ApiError {
+    let loaded = if loaded.is_empty() {
+        "none".to_string()
+    } else {
+        loaded.join(", ")
+    };
+    bad(format!(
+        "unknown expert `{name}`; loaded experts: {loaded} (GET /v1/experts)"
+    ))
+}
+
+fn expert_list(set: &ExpertSet) -> Value {
+    json!({"experts": set.loaded, "default_experts": set.default.as_ref().unwrap_or(&set.loaded)})
+}
+
+/// `GET /v1/experts`: the loaded experts and those a request runs when it names none.
+async fn list_experts(State(s): State<Arc<AppState>>) -> Json<Value> {
+    Json(expert_list(&s.expert_set()))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AddExpertRequest {
+    path: PathBuf,
+    #[serde(default)]
+    name: Option<String>,
+}
+
+/// A name a client may give an expert: it appears in URLs and in model ids `NAME/EXPERT`.
+fn check_expert_name(name: &str) -> Result<(), ApiError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(bad(format!(
+            "expert name `{name}`: use 1 to 64 letters, digits, `-`, `_` or `.`"
+        )))
+    }
+}
+
+/// The real path of an expert file a client asks to load, if it lies under an allowed
+/// directory. A missing file is reported as such only when its path is plainly under one, so
+/// that answers say nothing about the rest of the server's filesystem.
+fn allowed_expert_path(dirs: &[(PathBuf, PathBuf)], path: &Path) -> Result<PathBuf, ApiError> {
+    let outside = || {
+        let dirs: Vec<String> = dirs.iter().map(|d| d.1.display().to_string()).collect();
+        status(
+            StatusCode::FORBIDDEN,
+            format!(
+                "{} is outside the directories --allow-expert-dir allows ({})",
+                path.display(),
+                dirs.join(", ")
+            ),
+        )
+    };
+    match std::fs::canonicalize(path) {
+        Ok(real) if dirs.iter().any(|(_, d)| real.starts_with(d)) => {
+            if real.is_file() {
+                Ok(real)
+            } else {
+                Err(bad(format!("{}: not a file", path.display())))
+            }
+        }
+        Ok(_) => Err(outside()),
+        Err(e) => {
+            let plain = path
+                .components()
+                .all(|c| matches!(c, Component::RootDir | Component::Normal(_)));
+            if plain
+                && dirs
+                    .iter()
+                    .any(|(given, real)| path.starts_with(given) || path.starts_with(real))
+            {
+                Err(status(
+                    StatusCode::NOT_FOUND,
+                    format!("{}: {e}", path.display()),
+                ))
+            } else {
+                Err(outside())
+            }
+        }
+    }
+}
+
+/// 409 when `name` is among the `loaded` experts; `path` is the file that would have added it.
+fn name_taken(loaded: &[String], name: &str, path: &Path) -> Option<ApiError> {
+    loaded.iter().any(|e| e == name).then(|| {
+        status(
+            StatusCode::CONFLICT,
+            format!(
+                "{}: the server already has an expert `{name}`; DELETE /v1/experts/{name} \
+                 first, or pass another \"name\"",
+                path.display()
+            ),
+        )
+    })
+}
+
+/// `POST /v1/experts {"path": ..., "name": ...}`: adds an expert file to the running model.
+/// The file is read and checked against the backbone before queueing; only adding it waits
+/// for the requests ahead.
+async fn add_expert(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
+    match add_expert_inner(s, body).await {
+        Ok(v) => (StatusCode::CREATED, Json(v)).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn add_expert_inner(s: Arc<AppState>, body: Bytes) -> Result<Value, ApiError> {
+    if s.expert_dirs.is_empty() {
+        return Err(status(
+            StatusCode::FORBIDDEN,
+            "adding experts is disabled: start `mode serve` with --allow-expert-dir DIR to \
+             allow expert files under DIR",
+        ));
+    }
+    let req: AddExpertRequest = parse(&body)?;
+    if let Some(name) = &req.name {
+        check_expert_name(name)?;
+    }
+    if !req.path.is_absolute() {
+        return Err(bad(format!(
+            "`path` must be absolute, got {}",
+            req.path.display()
+        )));
+    }
+    let path = allowed_expert_path(&s.expert_dirs, &req.path)?;
+    let device = s.device.clone();
+    let read_path = path.clone();
+    let file = tokio::task::spawn_blocking(move || ExpertFile::load(&read_path, &device))
+        .await
+        .map_err(|e| status(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(|e| bad(e.to_string()))?;
+    file.check_compatible(&path, &s.fingerprint, &s.dims, None)
+        .map_err(|e| bad(e.to_string()))?;
+    let name = req.name.unwrap_or_else(|| file.meta.domain.clone());
+    if let Some(e) = name_taken(&s.expert_set().loaded, &name, &path) {
+        return Err(e);
+    }
+    let mut guard = s.engine.clone().lock_owned().await;
+    let state = s.clone();
+    tokio::task::spawn_blocking(move || {
+        let (model, _) = &mut *guard;
+        if let Some(e) = name_taken(&model.expert_names(), &name, &path) {
+            return Err(e);
+        }
+        // A layout that differs from the loaded experts' conflicts with them, not with the
+        // backbone.
+        let conflict = !model.experts.is_empty() && file.meta.layout != model.layout;
+        let added = model
+            .add_expert_file(&file, &path, &state.fingerprint, Some(&name))
+            .map_err(|e| {
+                let code = if conflict {
+                    StatusCode::CONFLICT
+                } else {
+                    StatusCode::BAD_REQUEST
+                };
+                status(code, e.to_string())
+            })?;
+        let mut set = state.expert_set();
+        set.loaded = model.expert_names();
+        if let Some(default) = &mut set.default {
+            default.push(added.clone());
+        }
+        state.set_experts(set.clone());
+        let mut answer = expert_list(&set);
+        answer["name"] = added.into();
+        answer["path"] = path.display().to_string().into();
+        Ok(answer)
+    })
+    .await
+    .map_err(|e| status(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+}
+
+/// `DELETE /v1/experts/{name}`: removes an expert from the running model.
+async fn remove_expert(
+    State(s): State<Arc<AppState>>,
+    extract::Path(name): extract::Path<String>,
+) -> Response {
+    let mut guard = s.engine.clone().lock_owned().await;
+    let (model, _) = &mut *guard;
+    if !model.expert_names().contains(&name) {
+        let loaded = model.expert_names();
+        let mut e = unknown_expert(&name, &loaded);
+        e.status = StatusCode::NOT_FOUND;
+        return e.into_response();
+    }
+    if let Err(e) = model.remove_expert(&name) {
+        return status(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response();
+    }
+    let mut set = s.expert_set();
+    set.loaded = model.expert_names();
+    if let Some(default) = &mut set.default {
+        default.retain(|e| e != &name);
+    }
+    s.set_experts(set.clone());
+    let mut answer = expert_list(&set);
+    answer["name"] = name.into();
+    answer["deleted"] = true.into();
+    Json(answer).into_response()
 }
 
 /// Sampling fields shared by both endpoints.
@@ -142,6 +452,13 @@ struct Sampling {
     seed: Option<u64>,
     #[serde(default)]
     stream: bool,
+    /// Experts to run, by name (default: the server's; `[]` runs the backbone alone).
+    #[serde(default)]
+    experts: Option<Vec<String>>,
+    #[serde(default)]
+    gate_top_k: Option<usize>,
+    #[serde(default)]
+    gate_threshold: Option<f64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -169,6 +486,10 @@ struct Job {
     params: SamplingParams,
     stream: bool,
     model: String,
+    /// Experts by name; `None` runs the server's default set, read when the job starts.
+    experts: Option<Vec<String>>,
+    top_k: Option<usize>,
+    threshold: Option<f64>,
 }
 
 fn job(s: &AppState, prompt: String, sampling: Sampling) -> Result<Job, ApiError> {
@@ -192,15 +513,37 @@ fn job(s: &AppState, prompt: String, sampling: Sampling) -> Result<Job, ApiError
     if !(top_p > 0.0 && top_p <= 1.0) {
         return Err(bad(format!("top_p must be in (0, 1], got {top_p}")));
     }
+    let mut experts = sampling.experts;
     if let Some(m) = &sampling.model {
-        if m != &s.name && !m.starts_with(&format!("{}/", s.name)) {
-            return Err(error(
-                StatusCode::NOT_FOUND,
-                &format!(
-                    "model `{m}` is not served here; GET /v1/models lists `{}`",
-                    s.name
-                ),
-            ));
+        match m.strip_prefix(&format!("{}/", s.name)) {
+            // `NAME/EXPERT`, as /v1/models lists it: that expert alone, unless `experts` says.
+            Some(expert) => {
+                experts.get_or_insert_with(|| vec![expert.to_string()]);
+            }
+            None if m == &s.name => {}
+            None => {
+                return Err(error(
+                    StatusCode::NOT_FOUND,
+                    &format!(
+                        "model `{m}` is not served here; GET /v1/models lists `{}`",
+                        s.name
+                    ),
+                ))
+            }
+        }
+    }
+    // Checked now to answer at once; checked again when the job starts, as experts may come
+    // and go while it waits.
+    if let Some(names) = &experts {
+        let loaded = s.expert_set().loaded;
+        if let Some(name) = names.iter().find(|n| !loaded.contains(n)) {
+            return Err(unknown_expert(name, &loaded));
+        }
+    }
+    let threshold = sampling.gate_threshold.or(s.threshold);
+    if let Some(t) = threshold {
+        if !(0.0..1.0).contains(&t) {
+            return Err(bad(format!("gate_threshold must be in [0, 1), got {t}")));
         }
     }
     Ok(Job {
@@ -213,6 +556,9 @@ fn job(s: &AppState, prompt: String, sampling: Sampling) -> Result<Job, ApiError
         },
         stream: sampling.stream,
         model: s.name.clone(),
+        experts,
+        top_k: sampling.gate_top_k.or(s.top_k),
+        threshold,
     })
 }
 
@@ -268,40 +614,73 @@ enum Piece {
     Failed(ApiError),
 }
 
+/// The routing of `job` on `model` as it is now; names unknown by now answer 400.
+fn job_routing(model: &ModeModel, set: &ExpertSet, job: &Job) -> Result<Routing, ApiError> {
+    let loaded = model.expert_names();
+    let experts = match job.experts.as_ref().or(set.default.as_ref()) {
+        None => None,
+        Some(names) => Some(
+            names
+                .iter()
+                .map(|n| {
+                    loaded
+                        .iter()
+                        .position(|e| e == n)
+                        .ok_or_else(|| unknown_expert(n, &loaded))
+                })
+                .collect::<Result<Vec<_>, _>>()?,
+        ),
+    };
+    let routing = Routing {
+        experts,
+        top_k: job.top_k,
+        threshold: job.threshold,
+    };
+    routing
+        .check(loaded.len())
+        .map_err(|e| bad(e.to_string()))?;
+    Ok(routing)
+}
+
 /// Runs a job in turn (FIFO) on a blocking thread, streaming pieces through a channel.
-fn spawn_generation(s: Arc<AppState>, job: &Job) -> mpsc::Receiver<Piece> {
+fn spawn_generation(s: Arc<AppState>, job: Job) -> mpsc::Receiver<Piece> {
     let (tx, rx) = mpsc::channel(64);
-    let engine = s.engine.clone();
-    let (prompt, max_new, params, limits) = (
-        job.prompt.clone(),
-        job.max_new_tokens,
-        job.params.clone(),
-        s.limits,
-    );
     tokio::spawn(async move {
-        let guard = engine.lock_owned().await;
+        let guard = s.engine.clone().lock_owned().await;
         let _ = tokio::task::spawn_blocking(move || {
             let (model, tokenizer) = &*guard;
-            let ids = match tokenizer.encode(&prompt) {
-                Ok(ids) => ids,
-                Err(e) => {
-                    let _ = tx.blocking_send(Piece::Failed(bad(format!("cannot tokenise: {e}"))));
-                    return;
-                }
+            let fail = |e: ApiError| {
+                let _ = tx.blocking_send(Piece::Failed(e));
             };
+            let routing = match job_routing(model, &s.expert_set(), &job) {
+                Ok(r) => r,
+                Err(e) => return fail(e),
+            };
+            let lm = match model.routed(routing) {
+                Ok(lm) => lm,
+                Err(e) => return fail(bad(e.to_string())),
+            };
+            let ids = match tokenizer.encode(&job.prompt) {
+                Ok(ids) => ids,
+                Err(e) => return fail(bad(format!("cannot tokenise: {e}"))),
+            };
+            let limits = s.limits;
             if ids.is_empty() || ids.len() > limits.max_prompt_tokens {
-                let _ = tx.blocking_send(Piece::Failed(bad(format!(
+                return fail(bad(format!(
                     "the prompt has {} tokens; it must have between 1 and {}",
                     ids.len(),
                     limits.max_prompt_tokens
-                ))));
-                return;
+                )));
             }
-            let mut sampler = Sampler::new(params);
-            let result =
-                mode_infer::generate(model.lm(), tokenizer, &ids, max_new, &mut sampler, |t| {
-                    tx.blocking_send(Piece::Text(t.to_string())).is_ok()
-                });
+            let mut sampler = Sampler::new(job.params.clone());
+            let result = mode_infer::generate(
+                &lm,
+                tokenizer,
+                &ids,
+                job.max_new_tokens,
+                &mut sampler,
+                |t| tx.blocking_send(Piece::Text(t.to_string())).is_ok(),
+            );
             let _ = tx.blocking_send(match result {
                 Ok((out, stats)) => Piece::Done {
                     prompt_tokens: ids.len(),
@@ -319,8 +698,9 @@ fn spawn_generation(s: Arc<AppState>, job: &Job) -> mpsc::Receiver<Piece> {
 async fn run(s: Arc<AppState>, job: Job, chat: bool) -> Response {
     let id = format!("{}-{}", if chat { "chatcmpl" } else { "cmpl" }, now_nanos());
     let created = now();
-    let mut rx = spawn_generation(s, &job);
-    if !job.stream {
+    let (stream, model) = (job.stream, job.model.clone());
+    let mut rx = spawn_generation(s, job);
+    if !stream {
         let mut text = String::new();
         while let Some(piece) = rx.recv().await {
             match piece {
@@ -340,7 +720,7 @@ async fn run(s: Arc<AppState>, job: Job, chat: bool) -> Response {
                         "id": id,
                         "object": if chat { "chat.completion" } else { "text_completion" },
                         "created": created,
-                        "model": job.model,
+                        "model": model,
                         "choices": [choice],
                         "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens},
                     }))
@@ -371,7 +751,6 @@ async fn run(s: Arc<AppState>, job: Job, chat: bool) -> Response {
     } else {
         "text_completion"
     };
-    let model = job.model.clone();
     let chunk = move |delta: Option<&str>, finish: Option<&str>, first: bool| -> Event {
         let choice = if chat {
             let mut d = serde_json::Map::new();

@@ -1,7 +1,9 @@
-use anyhow::{Context, Result};
-use mode_serve::{Limits, Served};
+use std::path::PathBuf;
 
-use super::ModelArgs;
+use anyhow::{Context, Result};
+use mode_serve::{Limits, RoutingDefaults, Served};
+
+use super::{ModelArgs, RoutingArgs};
 
 /// Serve a model over an OpenAI-compatible HTTP API.
 #[derive(clap::Args, Debug)]
@@ -9,6 +11,16 @@ use super::ModelArgs;
     after_help = "Endpoints: POST /v1/completions, POST /v1/chat/completions (\"stream\": true \
     for server-sent events), GET /v1/models, GET /health. Requests run one at a time in arrival \
     order.\n\n\
+    Experts per request: a completion request may add \"experts\": [\"code\"] (\"[]\" runs the \
+    backbone alone), \"gate_top_k\" and \"gate_threshold\"; the --active-experts, --gate-top-k \
+    and --gate-threshold flags are the defaults. \"model\": \"NAME/EXPERT\", as GET /v1/models \
+    lists it, runs that expert alone. Unknown expert names answer 400.\n\n\
+    Experts while serving: GET /v1/experts lists them; POST /v1/experts with \
+    {\"path\": \"/abs/dir/x.expert.safetensors\", \"name\": \"optional\"} adds one (201; checked \
+    against the backbone and the loaded experts' layout; 409 if the name is taken); \
+    DELETE /v1/experts/NAME removes one. Both wait for the requests ahead of them. The path is \
+    read on the server's filesystem, so adding is off (403) unless --allow-expert-dir names \
+    a directory that holds the file.\n\n\
     Example:\n  mode serve --model models/code-math --port 8080\n  \
     curl http://127.0.0.1:8080/v1/chat/completions -H 'Content-Type: application/json' \\\n    \
     -d '{\"model\": \"code-math\", \"messages\": [{\"role\": \"user\", \"content\": \"Hi\"}]}'"
@@ -16,12 +28,19 @@ use super::ModelArgs;
 pub struct Args {
     #[command(flatten)]
     model: ModelArgs,
+    #[command(flatten)]
+    routing: RoutingArgs,
+    /// Let POST /v1/experts load expert files under DIR (repeatable; symlinks are resolved, so
+    /// none leads out). Without it, adding experts while serving is off
+    #[arg(long, value_name = "DIR")]
+    allow_expert_dir: Vec<PathBuf>,
     /// Address to bind; anything but loopback exposes the model to the network
     #[arg(long, default_value = "127.0.0.1")]
     host: std::net::IpAddr,
     #[arg(long, default_value_t = 8080)]
     port: u16,
-    /// The model name clients use (default: the model folder's or backbone's name)
+    /// The model name clients use (default: the model folder's, the one expert's or the
+    /// backbone's name)
     #[arg(long)]
     name: Option<String>,
     /// Longest prompt accepted, in tokens
@@ -35,11 +54,16 @@ pub struct Args {
 pub fn run(args: Args) -> Result<()> {
     let (model, tokenizer) = args.model.load()?;
     let name = args.name.clone().unwrap_or_else(|| {
+        // One expert names the model; several, like none, leave it the backbone's name.
+        let single_expert = match args.model.expert.as_slice() {
+            [one] => Some(one.clone()),
+            _ => None,
+        };
         let path = args
             .model
             .model
             .clone()
-            .or_else(|| args.model.expert.first().cloned())
+            .or(single_expert)
             .unwrap_or_else(|| {
                 args.model
                     .backbone
@@ -54,20 +78,23 @@ pub fn run(args: Args) -> Result<()> {
             .trim_end_matches(".expert.safetensors")
             .to_string()
     });
-    let experts = match &model {
-        mode_core::LoadedModel::Mode(m) => m.experts.iter().map(|e| e.name.clone()).collect(),
-        mode_core::LoadedModel::Backbone(_) => Vec::new(),
+    // Checks the names and threshold against the model as loaded.
+    let routing = args.routing.routing(&model)?;
+    let model = model.into_mode()?;
+    let mut served =
+        Served::new(name.clone(), model, tokenizer).context("fingerprinting the backbone")?;
+    served.limits = Limits {
+        max_prompt_tokens: args.max_prompt_tokens,
+        max_new_tokens: args.max_tokens,
     };
-    let served = Served {
-        name: name.clone(),
-        model,
-        tokenizer,
-        experts,
-        limits: Limits {
-            max_prompt_tokens: args.max_prompt_tokens,
-            max_new_tokens: args.max_tokens,
-        },
+    served.routing = RoutingDefaults {
+        experts: args.routing.active_experts.clone(),
+        top_k: routing.top_k,
+        threshold: routing.threshold,
     };
+    for dir in &args.allow_expert_dir {
+        served.allow_expert_dir(dir).context("--allow-expert-dir")?;
+    }
     let addr = std::net::SocketAddr::new(args.host, args.port);
     if !args.host.is_loopback() {
         eprintln!("mode: warning: binding {addr} exposes the model beyond this machine");

@@ -1,0 +1,356 @@
+#!/usr/bin/env python3
+"""`mode serve` seen by the official `openai` Python client, then under load (`make serve-check`).
+
+1. Sets up (once) a venv at $MODE_HOME/venvs/openai (MODE_HOME defaults to ~/.cache/mode) with
+   the pinned client below, and reruns itself in it.
+2. Starts `target/release/mode serve` on a free loopback port with the default backbone (the
+   binary fetches it on first use).
+3. Through the client: the model list, a completion, a chat completion, the same chat streamed
+   (its deltas must join to the whole answer: greedy, temperature 0), the same chat with
+   extra_body={"experts": []} (the backbone alone: the same answer again when no expert is
+   loaded, else the answer of {"gate_top_k": 0}), and malformed requests
+   that must raise openai.BadRequestError; one chat completion through `curl`.
+4. Load: --clients threads (default 32) send small chat requests (max_tokens 8) in a loop for
+   --seconds (default 60); reports requests done, failures, p50/p95 latency, and that the
+   server is still alive and answering.
+
+Exits non-zero on any failure. Not run by CI (it needs the real backbone and a minute or more).
+"""
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+OPENAI_PIN = "openai==3.57.0"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def mode_home() -> Path:
+    home = os.environ.get("MODE_HOME")
+    return Path(home) if home else Path.home() / ".cache" / "mode"
+
+
+def log(msg: str) -> None:
+    print(f"serve-check: {msg}", flush=True)
+
+
+def ensure_venv() -> None:
+    """Reruns this script in the openai venv, creating it first if it lacks the pin."""
+    venv = mode_home() / "venvs" / "openai"
+    python = venv / "bin" / "python"
+    stamp = venv / ".pins"
+    if os.environ.get("MODE_SERVE_CHECK_IN_VENV") == "1":
+        return
+    if not (python.exists() and stamp.exists() and stamp.read_text().strip() == OPENAI_PIN):
+        log(f"creating venv {venv} with {OPENAI_PIN}")
+        shutil.rmtree(venv, ignore_errors=True)
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run(
+            [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", OPENAI_PIN],
+            check=True,
+        )
+        stamp.write_text(OPENAI_PIN + "\n")
+    else:
+        log(f"ok (cached): venv {venv}")
+    env = dict(os.environ, MODE_SERVE_CHECK_IN_VENV="1")
+    os.execve(str(python), [str(python), str(Path(__file__).resolve()), *sys.argv[1:]], env)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def default_binary() -> Path:
+    target = os.environ.get("CARGO_TARGET_DIR")
+    return (Path(target) if target else ROOT / "target") / "release" / "mode"
+
+
+class Server:
+    """`mode serve` in the background, its output kept in a log file."""
+
+    def __init__(self, binary: Path, port: int, log_path: Path, extra: list):
+        self.port = port
+        self.log_path = log_path
+        self.log_file = open(log_path, "w")
+        cmd = [str(binary), "serve", "--port", str(port), *extra]
+        log(f"starting {' '.join(cmd)} (log: {log_path})")
+        self.proc = subprocess.Popen(cmd, stdout=self.log_file, stderr=subprocess.STDOUT)
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(self.url("/health"), timeout=5) as r:
+                return r.status == 200 and json.load(r).get("status") == "ok"
+        except OSError:
+            return False
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.alive():
+                raise SystemExit(f"the server exited with {self.proc.returncode}:\n{self.tail()}")
+            if self.healthy():
+                return
+            time.sleep(0.5)
+        raise SystemExit(f"the server did not answer /health within {timeout:.0f}s:\n{self.tail()}")
+
+    def rss_mib(self) -> float:
+        try:
+            for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+        except OSError:
+            pass
+        return float("nan")
+
+    def tail(self, lines: int = 20) -> str:
+        if not self.log_file.closed:
+            self.log_file.flush()
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self) -> None:
+        if self.alive():
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log_file.close()
+
+
+class Checks:
+    def __init__(self):
+        self.failures = []
+
+    def check(self, ok: bool, what: str, detail: str = "") -> None:
+        if ok:
+            log(f"ok: {what}")
+        else:
+            self.failures.append(what)
+            log(f"FAIL: {what} {detail}")
+
+
+def api_checks(server: Server, checks: Checks) -> str:
+    """The client-facing checks; returns the model name the server reports."""
+    import openai
+
+    client = openai.OpenAI(
+        base_url=server.url("/v1"), api_key="unused", max_retries=0, timeout=300
+    )
+    models = [m.id for m in client.models.list().data]
+    checks.check(len(models) >= 1, f"models.list: {models}")
+    model = models[0]
+
+    c = client.completions.create(
+        model=model, prompt="The capital of France is", max_tokens=16, temperature=0
+    )
+    text = c.choices[0].text
+    checks.check(
+        bool(text.strip()) and c.usage.completion_tokens <= 16,
+        f"completion: {text!r} ({c.usage.prompt_tokens} + {c.usage.completion_tokens} tokens, "
+        f"{c.choices[0].finish_reason})",
+    )
+
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    chat = client.chat.completions.create(
+        model=model, messages=messages, max_tokens=32, temperature=0
+    )
+    answer = chat.choices[0].message.content
+    checks.check(
+        bool(answer.strip()) and chat.choices[0].message.role == "assistant",
+        f"chat completion: {answer!r}",
+    )
+
+    deltas = []
+    for chunk in client.chat.completions.create(
+        model=model, messages=messages, max_tokens=32, temperature=0, stream=True
+    ):
+        if chunk.choices and chunk.choices[0].delta.content:
+            deltas.append(chunk.choices[0].delta.content)
+    streamed = "".join(deltas)
+    checks.check(
+        streamed == answer,
+        f"streamed chat: {len(deltas)} deltas join to the same greedy answer",
+        f"{streamed!r} != {answer!r}",
+    )
+
+    def backbone_alone(extra: dict) -> str:
+        r = client.chat.completions.create(
+            model=model, messages=messages, max_tokens=32, temperature=0, extra_body=extra
+        )
+        return r.choices[0].message.content
+
+    bare = backbone_alone({"experts": []})
+    if len(models) == 1:
+        # No expert loaded: the backbone alone is the model itself.
+        checks.check(
+            bare == answer,
+            'extra_body={"experts": []}: the backbone alone, the same answer',
+            repr(bare),
+        )
+    else:
+        top0 = backbone_alone({"gate_top_k": 0})
+        checks.check(
+            bare == top0,
+            f'extra_body={{"experts": []}}: the backbone alone: {bare!r} '
+            f'(with the experts: {answer!r})',
+            f'!= {{"gate_top_k": 0}}: {top0!r}',
+        )
+
+    bad_requests = {
+        "no messages": dict(messages=[]),
+        "temperature 5": dict(messages=messages, temperature=5),
+        "max_tokens 0": dict(messages=messages, max_tokens=0),
+        "an unknown expert": dict(messages=messages, extra_body={"experts": ["no-such-expert"]}),
+    }
+    for what, kwargs in bad_requests.items():
+        try:
+            client.chat.completions.create(model=model, **kwargs)
+            checks.check(False, f"malformed request ({what}) refused", "it was answered")
+        except openai.BadRequestError as e:
+            checks.check(e.status_code == 400, f"malformed request ({what}): 400 {e.message!r}")
+        except openai.APIError as e:
+            checks.check(False, f"malformed request ({what}) refused with 400", repr(e))
+
+    body = json.dumps({"model": model, "messages": messages, "max_tokens": 32, "temperature": 0})
+    out = subprocess.run(
+        ["curl", "-sS", "--fail-with-body", "-H", "Content-Type: application/json", "-d", body,
+         server.url("/v1/chat/completions")],
+        capture_output=True,
+        text=True,
+    )
+    try:
+        curl_answer = json.loads(out.stdout)["choices"][0]["message"]["content"]
+    except (ValueError, KeyError, IndexError):
+        curl_answer = None
+    checks.check(
+        out.returncode == 0 and curl_answer == answer,
+        "curl chat completion: the same answer",
+        f"rc {out.returncode}: {out.stdout[:200]!r} {out.stderr[:200]!r}",
+    )
+    return model
+
+
+def load(server: Server, model: str, clients: int, seconds: float, checks: Checks) -> None:
+    import openai
+
+    latencies, errors = [], []
+    lock = threading.Lock()
+    deadline = time.monotonic() + seconds
+
+    def client_loop(i: int) -> None:
+        client = openai.OpenAI(
+            base_url=server.url("/v1"), api_key="unused", max_retries=0, timeout=600
+        )
+        n = 0
+        while time.monotonic() < deadline:
+            start = time.monotonic()
+            try:
+                r = client.chat.completions.create(
+                    model=model,
+                    messages=[{"role": "user", "content": f"Client {i}, request {n}: name a colour."}],
+                    max_tokens=8,
+                    temperature=0.7,
+                    seed=i * 1000 + n,
+                )
+                if not r.choices or r.choices[0].message.content is None:
+                    raise ValueError(f"empty answer: {r}")
+                with lock:
+                    latencies.append(time.monotonic() - start)
+            except Exception as e:  # every failure counts, whatever it is
+                with lock:
+                    errors.append(f"client {i} request {n}: {type(e).__name__}: {e}")
+            n += 1
+
+    rss_before = server.rss_mib()
+    log(f"load: {clients} clients for {seconds:.0f}s (chat, max_tokens 8)")
+    started = time.monotonic()
+    threads = [threading.Thread(target=client_loop, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.monotonic() - started
+
+    done = len(latencies)
+    lat = sorted(latencies)
+
+    def pct(p: float) -> float:
+        return lat[min(len(lat) - 1, int(p * len(lat)))] if lat else float("nan")
+
+    print(
+        f"load: {done} requests done, {len(errors)} failures in {elapsed:.1f}s "
+        f"({done / elapsed:.2f} requests/s); latency p50 {pct(0.50):.2f}s, "
+        f"p95 {pct(0.95):.2f}s, max {lat[-1] if lat else float('nan'):.2f}s; "
+        f"server RSS {rss_before:.0f} -> {server.rss_mib():.0f} MiB",
+        flush=True,
+    )
+    for e in errors[:10]:
+        log(f"  {e}")
+    checks.check(done > 0, f"load: {done} requests answered")
+    checks.check(not errors, "load: no failures", f"({len(errors)} failures)")
+    checks.check(server.alive() and server.healthy(), "load: the server is alive and answers /health")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=60, help="length of the load phase")
+    parser.add_argument("--clients", type=int, default=32, help="concurrent clients in the load phase")
+    parser.add_argument("--mode", type=Path, default=default_binary(), help="the mode binary")
+    parser.add_argument("--startup-timeout", type=float, default=600,
+                        help="seconds to wait for the server (the first run fetches the backbone)")
+    parser.add_argument("--serve-arg", action="append", default=[],
+                        help="an extra argument for `mode serve` (repeatable)")
+    args = parser.parse_args()
+    ensure_venv()
+    if not args.mode.exists():
+        log(f"{args.mode} is missing: run `cargo build --release` (or `make build`) first")
+        return 2
+    if shutil.which("curl") is None:
+        log("curl is required")
+        return 2
+    import openai
+
+    log(f"openai {openai.__version__}, python {sys.version.split()[0]}")
+    log_dir = mode_home() / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    server = Server(args.mode, free_port(), log_dir / "serve-check.log", args.serve_arg)
+    checks = Checks()
+    try:
+        server.wait_ready(args.startup_timeout)
+        model = api_checks(server, checks)
+        load(server, model, args.clients, args.seconds, checks)
+    except SystemExit as e:
+        checks.failures.append(str(e))
+        log(f"FAIL: {e}")
+    except Exception as e:  # a check that crashed is a failure, reported as such
+        checks.failures.append(repr(e))
+        log(f"FAIL: {type(e).__name__}: {e}")
+    finally:
+        server.stop()
+    if checks.failures:
+        log(f"{len(checks.failures)} check(s) failed; server log tail:\n{server.tail()}")
+        return 1
+    log("all checks passed")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
