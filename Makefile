@@ -2,7 +2,7 @@
 CARGO ?= cargo
 MODE := $(or $(CARGO_TARGET_DIR),target)/release/mode
 
-.PHONY: demo test lint build bench-infer bench-train serve-check
+.PHONY: demo test lint build bench-infer bench-train serve-check bench-serve
 
 build:
 	$(CARGO) build --release
@@ -35,3 +35,7 @@ bench-train:
 # $MODE_HOME/venvs/openai), then 32 clients for 60 s; not run by CI. SERVE_CHECK_FLAGS=--seconds 10.
 serve-check: build
 	python3 scripts/check_openai_client.py --mode $(MODE) $(SERVE_CHECK_FLAGS)
+
+# Server throughput with 1, 8 and 32 concurrent clients (after the same API checks).
+bench-serve: build
+	python3 scripts/check_openai_client.py --mode $(MODE) --clients 1,8,32 --seconds 30 $(SERVE_CHECK_FLAGS)

@@ -248,10 +248,10 @@ def api_checks(server: Server, checks: Checks) -> str:
     return model
 
 
-def load(server: Server, model: str, clients: int, seconds: float, checks: Checks) -> None:
+def load(server: Server, model: str, clients: int, seconds: float, checks: Checks) -> dict:
     import openai
 
-    latencies, errors = [], []
+    latencies, errors, tokens = [], [], []
     lock = threading.Lock()
     deadline = time.monotonic() + seconds
 
@@ -274,6 +274,7 @@ def load(server: Server, model: str, clients: int, seconds: float, checks: Check
                     raise ValueError(f"empty answer: {r}")
                 with lock:
                     latencies.append(time.monotonic() - start)
+                    tokens.append(r.usage.completion_tokens if r.usage else 0)
             except Exception as e:  # every failure counts, whatever it is
                 with lock:
                     errors.append(f"client {i} request {n}: {type(e).__name__}: {e}")
@@ -296,8 +297,9 @@ def load(server: Server, model: str, clients: int, seconds: float, checks: Check
         return lat[min(len(lat) - 1, int(p * len(lat)))] if lat else float("nan")
 
     print(
-        f"load: {done} requests done, {len(errors)} failures in {elapsed:.1f}s "
-        f"({done / elapsed:.2f} requests/s); latency p50 {pct(0.50):.2f}s, "
+        f"load: {clients} clients: {done} requests done, {len(errors)} failures in {elapsed:.1f}s "
+        f"({done / elapsed:.2f} requests/s, {sum(tokens) / elapsed:.1f} completion tokens/s); "
+        f"latency p50 {pct(0.50):.2f}s, "
         f"p95 {pct(0.95):.2f}s, max {lat[-1] if lat else float('nan'):.2f}s; "
         f"server RSS {rss_before:.0f} -> {server.rss_mib():.0f} MiB",
         flush=True,
@@ -307,12 +309,24 @@ def load(server: Server, model: str, clients: int, seconds: float, checks: Check
     checks.check(done > 0, f"load: {done} requests answered")
     checks.check(not errors, "load: no failures", f"({len(errors)} failures)")
     checks.check(server.alive() and server.healthy(), "load: the server is alive and answers /health")
+    return {
+        "clients": clients,
+        "requests": done,
+        "failures": len(errors),
+        "seconds": round(elapsed, 1),
+        "requests_per_sec": round(done / elapsed, 3),
+        "completion_tokens_per_sec": round(sum(tokens) / elapsed, 2),
+        "latency_p50_s": round(pct(0.50), 3),
+        "latency_p95_s": round(pct(0.95), 3),
+    }
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=60, help="length of the load phase")
-    parser.add_argument("--clients", type=int, default=32, help="concurrent clients in the load phase")
+    parser.add_argument("--clients", default="32",
+                        help="concurrent clients in the load phase; a comma-separated list "
+                             "(1,8,32) runs one phase per count, --seconds each")
     parser.add_argument("--mode", type=Path, default=default_binary(), help="the mode binary")
     parser.add_argument("--startup-timeout", type=float, default=600,
                         help="seconds to wait for the server (the first run fetches the backbone)")
@@ -336,7 +350,11 @@ def main() -> int:
     try:
         server.wait_ready(args.startup_timeout)
         model = api_checks(server, checks)
-        load(server, model, args.clients, args.seconds, checks)
+        levels = [int(c) for c in str(args.clients).split(",") if c.strip()]
+        if not levels or min(levels) < 1:
+            raise SystemExit(f"--clients {args.clients}: need positive counts")
+        summary = [load(server, model, c, args.seconds, checks) for c in levels]
+        print(json.dumps({"load": summary}), flush=True)
     except SystemExit as e:
         checks.failures.append(str(e))
         log(f"FAIL: {e}")
