@@ -136,7 +136,7 @@ fn prepare_train_inspect_eval_generate() {
     ]));
     assert!(!out.trim().is_empty());
 
-    // A file that is not an expert, and two experts without a composed model: clear errors.
+    // A file that is not an expert: a clear error. The same expert twice: refused by name.
     let bad = mode(&["eval", "--data", &p(&text), "--expert", &p(&text)]);
     assert!(!bad.status.success());
     let err = String::from_utf8_lossy(&bad.stderr);
@@ -150,7 +150,10 @@ fn prepare_train_inspect_eval_generate() {
         "--expert",
         &p(&expert),
     ]);
-    assert!(!two.status.success() && String::from_utf8_lossy(&two.stderr).contains("compose"));
+    assert!(
+        !two.status.success()
+            && String::from_utf8_lossy(&two.stderr).contains("already has an expert `code`")
+    );
 
     // A second expert, its flags from a config file, then stage 2 over both experts.
     let prose_src = tmp.path().join("prose-src");
