@@ -39,6 +39,8 @@ enum Command {
     Generate(commands::generate::Args),
     /// Next-token accuracy, loss and perplexity on held-out files
     Eval(commands::eval::Args),
+    /// Show how each block's gate mixes backbone and experts over a text, token by token
+    Gates(commands::gates::Args),
     /// Prepare corpora: tokenise, split by document, pack
     Data(commands::data::Args),
     /// Stage 1: train a domain expert beside the frozen backbone
@@ -99,6 +101,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Generate(args) => commands::generate::run(args),
         Command::Eval(args) => commands::eval::run(args),
+        Command::Gates(args) => commands::gates::run(args),
         Command::Data(args) => commands::data::run(args),
         Command::Train(args) => commands::train::run(args),
         Command::Compose(args) => commands::compose::run(args),

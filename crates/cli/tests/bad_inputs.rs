@@ -2283,6 +2283,56 @@ fn bad_inputs_fail_cleanly() {
         ],
         &["poetry", "code"],
     );
+    cases.fail(
+        "flags: --active-experts names no expert of the model",
+        &[
+            "eval",
+            "--backbone",
+            &tiny,
+            "--model",
+            &model,
+            "--data",
+            &held,
+            "--active-experts",
+            "poetry",
+        ],
+        &["no expert `poetry`", "code", "prose"],
+    );
+    cases.fail(
+        "flags: --gate-threshold of 1",
+        &[
+            "gates",
+            "--backbone",
+            &tiny,
+            "--model",
+            &model,
+            "--data",
+            &held,
+            "--gate-threshold",
+            "1",
+        ],
+        &["threshold", "[0, 1)"],
+    );
+    cases.fail(
+        "flags: gates of a model without experts",
+        &["gates", "--backbone", &tiny, "--data", &held],
+        &["no gates"],
+    );
+    cases.fail(
+        "flags: gates on no tokens",
+        &[
+            "gates",
+            "--backbone",
+            &tiny,
+            "--model",
+            &model,
+            "--data",
+            &held,
+            "--max-tokens",
+            "0",
+        ],
+        &["--max-tokens"],
+    );
 
     // --- Paths that do not exist. ----------------------------------------------------------
     cases.fail(

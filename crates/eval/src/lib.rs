@@ -7,6 +7,8 @@
 //!   shorter window if it has at least 2 tokens;
 //! - in each window, position t predicts token t + 1.
 
+pub mod gates;
+
 use std::path::Path;
 
 use candle_core::Tensor;
@@ -38,6 +40,8 @@ pub enum Error {
     Model(#[from] mode_model::Error),
     #[error(transparent)]
     Io(#[from] mode_io::Error),
+    #[error(transparent)]
+    Mode(#[from] mode_core::Error),
     #[error("tensor computation failed: {0}")]
     Candle(#[from] candle_core::Error),
 }

@@ -5,7 +5,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use super::ModelArgs;
+use super::{ModelArgs, RoutingArgs};
 
 /// Next-token accuracy, loss and perplexity on held-out files.
 #[derive(clap::Args, Debug)]
@@ -13,11 +13,16 @@ use super::ModelArgs;
     after_help = "Protocol: each file is tokenised whole (plain text; JSONL: the `text` \
     fields joined by newlines) with no BOS/EOS, cut into consecutive windows of --seq-len tokens \
     (a last shorter window is kept if it has >= 2 tokens); position t predicts token t+1.\n\n\
-    Example:\n  mode eval --data english.txt --data code.py --json"
+    Routing flags measure what sparse gating costs: --gate-top-k 0 is the backbone alone, \
+    --gate-top-k 1 runs one expert per token; the reported gate weights are the routed ones.\n\n\
+    Example:\n  mode eval --data english.txt --data code.py --json\n  \
+    mode eval --model models/code-math --data held_out.py --gate-top-k 1"
 )]
 pub struct Args {
     #[command(flatten)]
     model: ModelArgs,
+    #[command(flatten)]
+    routing: RoutingArgs,
     /// A file to evaluate (.txt or any text file; .jsonl uses its `text` fields), or a folder
     /// from `mode data prepare` (its test split); repeatable
     #[arg(long, required = true)]
@@ -49,6 +54,8 @@ pub fn run(args: Args) -> Result<()> {
         }
     }
     let (model, tokenizer) = args.model.load()?;
+    // Dense routing runs the model exactly as trained.
+    let lm = model.routed(args.routing.routing(&model)?)?;
     let mut reports = BTreeMap::new();
     for path in &args.data {
         let name = report_name(path, &args.data);
@@ -62,7 +69,7 @@ pub fn run(args: Args) -> Result<()> {
         bar.set_message(name.clone());
         let start = Instant::now();
         let mut report = mode_eval::evaluate_file(
-            model.lm(),
+            lm.as_ref(),
             &tokenizer,
             path,
             args.seq_len,

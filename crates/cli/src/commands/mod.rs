@@ -4,6 +4,7 @@ pub mod compose;
 pub mod data;
 pub mod demo;
 pub mod eval;
+pub mod gates;
 pub mod generate;
 pub mod inspect;
 pub mod serve;
