@@ -582,7 +582,8 @@ fn bad_inputs_fail_cleanly() {
             &["`token_embd.weight` has no dimensions"],
         ),
         ("embedding_dims_overflow", &["tensor `token_embd.weight`"]),
-        ("vocab_huge", &["tensor `token_embd.weight` has shape"]),
+        // A vocabulary of 2^40 rows: the memory check refuses it before anything is read.
+        ("vocab_huge", &["needs about", "GiB", "--no-memory-check"]),
         ("nan_weights", &["tensor `blk.0.attn_q.weight` holds NaN"]),
         (
             "quantized_norm",
@@ -605,6 +606,18 @@ fn bad_inputs_fail_cleanly() {
             &want,
         );
     }
+    cases.fail(
+        "gguf: vocab_huge past the memory check",
+        &[
+            "eval",
+            "--backbone",
+            &c("gguf/vocab_huge.gguf"),
+            "--no-memory-check",
+            "--data",
+            &held,
+        ],
+        &["vocab_huge.gguf", "tensor `token_embd.weight` has shape"],
+    );
     cases.fail(
         "gguf: generate --chat with a broken chat template",
         &[
