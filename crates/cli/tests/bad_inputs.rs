@@ -2046,6 +2046,18 @@ fn bad_inputs_fail_cleanly() {
     );
     train_with(
         &mut cases,
+        "--max-train-documents 0",
+        &["--max-train-documents", "0"],
+        &["--max-train-documents must be at least 1"],
+    );
+    train_with(
+        &mut cases,
+        "--micro-batch-tokens below --seq-len",
+        &["--seq-len", "64", "--micro-batch-tokens", "32"],
+        &["--micro-batch-tokens must be between --seq-len and --batch-tokens"],
+    );
+    train_with(
+        &mut cases,
         "--lr=-1",
         &["--lr=-1"],
         &["--lr must be a positive number, got -1"],

@@ -65,6 +65,14 @@ impl DataMix {
         Self::new(parts)
     }
 
+    /// Trains on only the first `documents` training documents of each source (see
+    /// [`PreparedData::limit_train_documents`]).
+    pub fn limit_train_documents(&mut self, documents: usize) {
+        for s in &mut self.sources {
+            s.data.limit_train_documents(documents);
+        }
+    }
+
     /// Mixes opened folders; weights are normalised to sum to 1.
     pub fn new(parts: Vec<(PreparedData, f64)>) -> Result<Self> {
         let total: f64 = parts.iter().map(|(_, w)| w).sum();

@@ -401,17 +401,14 @@ impl Ctx<'_> {
     /// Math and Code half and half; with `documents`, only that many of each domain's
     /// training documents.
     fn mix(&self, documents: Option<usize>) -> Result<DataMix> {
-        let open = |dir: &Path| -> Result<PreparedData> {
-            let mut data = PreparedData::open(dir)?;
-            if let Some(n) = documents {
-                data.limit_train_documents(n);
-            }
-            Ok(data)
-        };
-        Ok(DataMix::new(vec![
-            (open(&self.domains.math)?, 0.5),
-            (open(&self.domains.code)?, 0.5),
-        ])?)
+        let mut mix = DataMix::new(vec![
+            (PreparedData::open(&self.domains.math)?, 0.5),
+            (PreparedData::open(&self.domains.code)?, 0.5),
+        ])?;
+        if let Some(n) = documents {
+            mix.limit_train_documents(n);
+        }
+        Ok(mix)
     }
 
     fn single(&self, dir: &Path) -> Result<DataMix> {

@@ -3,7 +3,6 @@ use std::path::PathBuf;
 use anyhow::{bail, Result};
 use candle_core::DType;
 use mode_core::baseline::{LoraSpec, LoraTargets};
-use mode_data::DataMix;
 use mode_train::baseline::BaselineKind;
 use mode_train::stage1::side_paths;
 
@@ -80,7 +79,7 @@ pub fn run(args: Args) -> Result<()> {
         bail!("full fine-tuning updates the backbone's weights: use --weight-dtype f32");
     }
     let train = common.train.config(default_lr, &common.backbone)?;
-    let data = DataMix::open(&common.data)?;
+    let data = common.train.open_data(&common.data)?;
     let (backbone, tokenizer, path) = common.backbone.load()?;
     let (ckpt, _) = side_paths(&common.out);
     common.train.prepare_checkpoint(&ckpt)?;

@@ -3,7 +3,6 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use candle_core::Device;
 use mode_core::LoadedExpertFile;
-use mode_data::DataMix;
 use mode_train::compose::{ComposeOptions, GateInit};
 use mode_train::stage1::side_paths;
 
@@ -49,7 +48,7 @@ pub struct Args {
 pub fn run(args: Args) -> Result<()> {
     check_out_folder(&args.out)?;
     let train = args.train.config(ADAPTER_LR, &args.backbone)?;
-    let data = DataMix::open(&args.data)?;
+    let data = args.train.open_data(&args.data)?;
     let (backbone, tokenizer, path) = args.backbone.load()?;
     let experts = args
         .expert

@@ -2,7 +2,6 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Result};
 use mode_core::ExpertInit;
-use mode_data::DataMix;
 use mode_train::stage1::{side_paths, Stage1Options};
 
 use super::training::{summary, TrainFlags, TrainProgress, ADAPTER_LR};
@@ -56,7 +55,7 @@ pub fn run(args: Args) -> Result<()> {
         );
     }
     let train = args.train.config(ADAPTER_LR, &args.backbone)?;
-    let data = DataMix::open(&args.data)?;
+    let data = args.train.open_data(&args.data)?;
     let (backbone, tokenizer, path) = args.backbone.load()?;
     let (ckpt, _) = side_paths(&args.out);
     args.train.prepare_checkpoint(&ckpt)?;

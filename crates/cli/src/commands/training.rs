@@ -47,6 +47,10 @@ pub struct TrainFlags {
     /// a third more compute)
     #[arg(long)]
     pub recompute_activations: bool,
+    /// Train on only the first N training documents of each data source (validation stays
+    /// whole): how a run with few examples is tried
+    #[arg(long, value_name = "N")]
+    pub max_train_documents: Option<usize>,
 }
 
 impl TrainFlags {
@@ -80,6 +84,18 @@ impl TrainFlags {
             recompute_activations: self.recompute_activations,
             ..Default::default()
         })
+    }
+
+    /// Opens the `--data` mixture, limited by --max-train-documents.
+    pub fn open_data(&self, specs: &[String]) -> Result<mode_data::DataMix> {
+        let mut data = mode_data::DataMix::open(specs)?;
+        if let Some(n) = self.max_train_documents {
+            if n == 0 {
+                bail!("--max-train-documents must be at least 1");
+            }
+            data.limit_train_documents(n);
+        }
+        Ok(data)
     }
 
     /// Removes the checkpoint with --restart, or says that the run resumes from it.
