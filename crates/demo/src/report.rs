@@ -274,7 +274,7 @@ fn scaling(h: &mut String, results: &Results) {
             .collect(),
     };
     h.push_str(&line_chart(
-        "Target accuracy (mean of Math and Code) against added parameters",
+        "Target accuracy (Math, Code) vs added parameters",
         "added parameters (log10)",
         "target accuracy (%)",
         &[
@@ -283,7 +283,7 @@ fn scaling(h: &mut String, results: &Results) {
         ],
     ));
     h.push_str(&line_chart(
-        "English (retention) against added parameters",
+        "English (retention) vs added parameters",
         "added parameters (log10)",
         "English accuracy (%)",
         &[
@@ -299,7 +299,7 @@ fn scaling(h: &mut String, results: &Results) {
             .collect(),
     };
     h.push_str(&line_chart(
-        "Target accuracy against training documents per domain (equal steps)",
+        "Target accuracy vs documents per domain",
         "documents per domain (log10)",
         "target accuracy (%)",
         &[

@@ -102,8 +102,8 @@ fn frame(out: &mut String, title: &str, x_label: &str, y_label: &str, x: Option<
     );
     let _ = write!(
         out,
-        r#"<text x="{}" y="20" text-anchor="middle" font-size="14" font-weight="bold">{}</text>"#,
-        (LEFT + W - RIGHT) / 2.0,
+        // Left-aligned, so a long title runs into the legend's margin instead of off the left.
+        r#"<text x="8" y="20" font-size="14" font-weight="bold">{}</text>"#,
         escape(title)
     );
     let (x0, x1, y0, y1) = (LEFT, W - RIGHT, H - BOTTOM, TOP);
