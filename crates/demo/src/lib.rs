@@ -288,7 +288,7 @@ pub fn scaling_methods(b: &Budget) -> Vec<String> {
 }
 
 /// The number after `prefix` in a method name: `lora_r4` with `lora_r` gives 4.
-fn numbered(name: &str, prefix: &str) -> Option<usize> {
+pub(crate) fn numbered(name: &str, prefix: &str) -> Option<usize> {
     name.strip_prefix(prefix)?.parse().ok()
 }
 

@@ -4,7 +4,7 @@ use std::fmt::Write;
 use std::path::Path;
 
 use crate::svg::{bar_chart, line_chart, scatter, Series};
-use crate::{Error, Result, Results, METHODS};
+use crate::{numbered, Error, Result, Results, METHODS};
 
 /// Writes `results.json` and `report.html` into `dir`.
 pub fn write(dir: &Path, results: &Results) -> Result<()> {
@@ -219,17 +219,17 @@ fn scaling(h: &mut String, results: &Results) {
     let m = &results.methods;
     let rank = |name: &str| match name {
         "lora" => Some(b.lora_rank),
-        n => n.strip_prefix("lora_r")?.parse().ok(),
+        n => numbered(n, "lora_r"),
     };
     let layers = |name: &str| match name {
         "mode_fresh_mix" => Some(b.expert_layers_per_block),
-        n => n.strip_prefix("mode_fresh_mix_l")?.parse().ok(),
+        n => numbered(n, "mode_fresh_mix_l"),
     };
     let docs = |name: &str, prefix: &str, all: &str| -> Option<usize> {
         if name == all {
             return results.train_documents.values().copied().min();
         }
-        name.strip_prefix(prefix)?.parse().ok()
+        numbered(name, prefix)
     };
     let target = |r: &crate::MethodResult| (r.math + r.code) / 2.0;
     // (label, x, method) sorted by x, for the methods the run has.

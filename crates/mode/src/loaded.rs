@@ -6,7 +6,6 @@ use std::path::Path;
 use mode_model::{Backbone, CausalLm};
 
 use crate::composed::{model_kind, read_manifest, MANIFEST_FILE};
-use crate::file::ExpertDims;
 use crate::{baseline, load_composed, ExpertFile, ModeModel, Result, Routing};
 
 /// A model ready to evaluate or generate with.
@@ -99,22 +98,20 @@ pub fn load_folder(dir: &Path, backbone: Backbone) -> Result<(LoadedModel, Strin
     Ok((LoadedModel::Mode(Box::new(model)), what))
 }
 
-/// The backbone with one expert file and its stage-1 gates.
+/// The backbone with one expert file and its stage-1 gates: a bare model with that expert
+/// added ([`ModeModel::add_expert_file`]).
 pub fn load_with_expert(file: &Path, backbone: Backbone) -> Result<(LoadedModel, String)> {
     let expert_file = ExpertFile::load(file, backbone.device())?;
     let fingerprint = backbone.fingerprint()?;
-    let dims = ExpertDims::of(&backbone.config);
-    expert_file.check_compatible(file, &fingerprint, &dims, None)?;
-    let expert = expert_file.expert(&backbone, file)?;
-    let gates = expert_file.gates(file)?;
-    let layout = expert_file.meta.layout.clone();
+    let mut model = ModeModel::bare(backbone)?;
+    model.add_expert_file(&expert_file, file, &fingerprint, None)?;
+    let layout = &model.layout;
     let what = format!(
         "expert `{}` ({} blocks x {} layers, {:.2}M parameters)",
-        expert.name,
+        model.experts[0].name,
         layout.num_blocks(),
         layout.expert_layers_per_block,
-        expert.num_parameters() as f64 / 1e6
+        model.experts[0].num_parameters() as f64 / 1e6
     );
-    let model = ModeModel::new(backbone, layout, vec![expert], gates)?;
     Ok((LoadedModel::Mode(Box::new(model)), what))
 }

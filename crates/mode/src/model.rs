@@ -186,13 +186,7 @@ impl ModeModel {
     /// and the token count; resets the sums.
     pub fn take_gate_stats(&self) -> (Vec<Vec<f64>>, usize) {
         let mut g = self.gate_sums.lock().expect("gate stats lock");
-        let (sums, n) = std::mem::replace(
-            &mut *g,
-            (
-                vec![vec![0.0; self.experts.len() + 1]; self.layout.num_blocks()],
-                0,
-            ),
-        );
+        let (sums, n) = std::mem::replace(&mut *g, self.zero_gate_sums());
         let means = sums
             .into_iter()
             .map(|row| row.into_iter().map(|s| s / n.max(1) as f64).collect())
@@ -297,10 +291,15 @@ impl ModeModel {
     }
 
     fn reset_gate_stats(&self) {
-        *self.gate_sums.lock().expect("gate stats lock") = (
+        *self.gate_sums.lock().expect("gate stats lock") = self.zero_gate_sums();
+    }
+
+    /// Empty gate-weight sums for the current blocks and branches.
+    fn zero_gate_sums(&self) -> (Vec<Vec<f64>>, usize) {
+        (
             vec![vec![0.0; self.experts.len() + 1]; self.layout.num_blocks()],
             0,
-        );
+        )
     }
 
     /// This model under `routing`, as a [`CausalLm`] for evaluation or generation.
