@@ -5,36 +5,12 @@
 use std::collections::HashSet;
 
 use candle_core::{DType, Device, Tensor};
-use mode_core::file::{ExpertDims, TrainingSummary};
-use mode_core::{BlockLayout, Expert, ExpertFile, ExpertInit, ExpertMeta, Gate, ModeModel};
+mod common;
+
+use common::{backbone, ids, max_diff, meta};
+use mode_core::file::ExpertDims;
+use mode_core::{BlockLayout, Expert, ExpertFile, ExpertInit, Gate, ModeModel};
 use mode_model::{random_weights, Architecture, Backbone, CausalLm, Config};
-
-fn backbone(seed: u64) -> Backbone {
-    let mut config = Config::tiny(Architecture::Llama);
-    config.num_hidden_layers = 4;
-    Backbone::load(
-        config.clone(),
-        &random_weights(&config, seed),
-        DType::F32,
-        &Device::Cpu,
-    )
-    .unwrap()
-}
-
-fn ids() -> Tensor {
-    Tensor::new(&[[3u32, 14, 15, 92, 65, 35, 89, 79]], &Device::Cpu).unwrap()
-}
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar()
-        .unwrap()
-}
 
 fn mode_model(seed: u64, experts: usize, init: ExpertInit) -> ModeModel {
     let bb = backbone(seed);
@@ -146,25 +122,16 @@ fn only_experts_and_gates_get_gradients() {
     assert_eq!(r.grads.len(), 4);
 }
 
-fn meta(bb: &Backbone, layout: &BlockLayout) -> ExpertMeta {
-    ExpertMeta {
-        format_version: mode_core::file::FORMAT_VERSION,
-        domain: "code".into(),
-        backbone_fingerprint: bb.fingerprint().unwrap(),
-        backbone_source: "test".into(),
-        layout: layout.clone(),
-        dims: ExpertDims::of(&bb.config),
-        training: TrainingSummary::default(),
-        tool_version: "test".into(),
-    }
-}
-
 #[test]
 fn expert_files_round_trip_and_refuse_mismatches() {
     let m = mode_model(5, 1, ExpertInit::Random);
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("code.expert.safetensors");
-    let file = ExpertFile::from_expert(meta(&m.backbone, &m.layout), &m.experts[0], &m.gates);
+    let file = ExpertFile::from_expert(
+        meta(&m.backbone, &m.layout, "code"),
+        &m.experts[0],
+        &m.gates,
+    );
     file.save(&path).unwrap();
 
     let loaded = ExpertFile::load(&path, &Device::Cpu).unwrap();

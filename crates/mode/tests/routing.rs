@@ -1,49 +1,25 @@
 //! Routing at inference on tiny random models: experts chosen per request, sparse gating, and
 //! experts added to and removed from a running model.
 
-use candle_core::{DType, Device, Tensor};
-use mode_core::file::{ExpertDims, TrainingSummary};
-use mode_core::{
-    BlockLayout, Expert, ExpertFile, ExpertInit, ExpertMeta, Gate, ModeModel, Routing,
-};
-use mode_model::{random_weights, Architecture, Backbone, CausalLm, Config};
+mod common;
 
-const SEED: u64 = 11;
+use candle_core::{Device, Tensor};
+use common::{ids, max_diff, meta};
+use mode_core::{BlockLayout, Expert, ExpertFile, ExpertInit, Gate, ModeModel, Routing};
+use mode_model::{Backbone, CausalLm};
 
 fn backbone() -> Backbone {
-    let mut config = Config::tiny(Architecture::Llama);
-    config.num_hidden_layers = 4;
-    Backbone::load(
-        config.clone(),
-        &random_weights(&config, SEED),
-        DType::F32,
-        &Device::Cpu,
-    )
-    .unwrap()
+    common::backbone(11)
 }
 
 fn layout() -> BlockLayout {
     BlockLayout::even(4, 2, 1).unwrap()
 }
 
-fn ids() -> Tensor {
-    Tensor::new(&[[3u32, 14, 15, 92, 65, 35, 89, 79]], &Device::Cpu).unwrap()
-}
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar()
-        .unwrap()
-}
-
-/// Gates over `experts` experts with random weights, so that every token mixes differently.
-fn random_gates(hidden: usize, experts: usize, seed: u64) -> Vec<Gate> {
-    (0..2)
+/// `blocks` gates over `experts` experts with random weights, so that every token mixes
+/// differently.
+fn random_gates(hidden: usize, experts: usize, blocks: usize, seed: u64) -> Vec<Gate> {
+    (0..blocks)
         .map(|b| {
             let dev = &Device::Cpu;
             let w = Tensor::randn(0f32, 0.5, (experts + 1, hidden), dev).unwrap();
@@ -59,30 +35,31 @@ fn random_gates(hidden: usize, experts: usize, seed: u64) -> Vec<Gate> {
         .collect()
 }
 
-/// A stage-1 expert file named `domain`, saved under `dir`.
+/// A stage-1 expert file named `domain` with `layout`, saved under `dir`.
+fn expert_file_with_layout(
+    bb: &Backbone,
+    domain: &str,
+    seed: u64,
+    dir: &std::path::Path,
+    layout: &BlockLayout,
+) -> std::path::PathBuf {
+    let expert = Expert::new(domain, bb, layout, ExpertInit::Random, seed).unwrap();
+    let gates = random_gates(bb.config.hidden_size, 1, layout.num_blocks(), seed);
+    let path = dir.join(format!("{domain}.expert.safetensors"));
+    ExpertFile::from_expert(meta(bb, layout, domain), &expert, &gates)
+        .save(&path)
+        .unwrap();
+    path
+}
+
+/// A stage-1 expert file named `domain` with the tests' 2-block layout.
 fn expert_file(
     bb: &Backbone,
     domain: &str,
     seed: u64,
     dir: &std::path::Path,
 ) -> std::path::PathBuf {
-    let expert = Expert::new(domain, bb, &layout(), ExpertInit::Random, seed).unwrap();
-    let meta = ExpertMeta {
-        format_version: mode_core::file::FORMAT_VERSION,
-        domain: domain.into(),
-        backbone_fingerprint: bb.fingerprint().unwrap(),
-        backbone_source: "test".into(),
-        layout: layout(),
-        dims: ExpertDims::of(&bb.config),
-        training: TrainingSummary::default(),
-        tool_version: "test".into(),
-    };
-    let gates = random_gates(bb.config.hidden_size, 1, seed);
-    let path = dir.join(format!("{domain}.expert.safetensors"));
-    ExpertFile::from_expert(meta, &expert, &gates)
-        .save(&path)
-        .unwrap();
-    path
+    expert_file_with_layout(bb, domain, seed, dir, &layout())
 }
 
 fn add(m: &mut ModeModel, path: &std::path::Path) -> String {
@@ -179,13 +156,11 @@ fn an_added_expert_keeps_its_stage1_odds_against_the_backbone() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("different backbone"), "{e}");
-    let mut other_layout = ModeModel::bare(backbone()).unwrap();
-    let meta_layout = BlockLayout::even(4, 4, 1).unwrap();
-    other_layout.layout = meta_layout.clone();
-    other_layout.gates = (0..4).map(|_| random_gates(64, 0, 0).remove(0)).collect();
-    let e = expert_file_with_layout(&other_layout.backbone, dir.path(), meta_layout);
+    let wide = BlockLayout::even(4, 4, 1).unwrap();
+    let wide = expert_file_with_layout(&both.backbone, "wide", 9, dir.path(), &wide);
+    let file = ExpertFile::load(&wide, &Device::Cpu).unwrap();
     let e = both
-        .add_expert_file(&e.0, &e.1, &fp, None)
+        .add_expert_file(&file, &wide, &fp, None)
         .unwrap_err()
         .to_string();
     assert!(e.contains("layout"), "{e}");
@@ -194,31 +169,6 @@ fn an_added_expert_keeps_its_stage1_odds_against_the_backbone() {
         vec!["code"],
         "failed adds change nothing"
     );
-}
-
-fn expert_file_with_layout(
-    bb: &Backbone,
-    dir: &std::path::Path,
-    layout: BlockLayout,
-) -> (ExpertFile, std::path::PathBuf) {
-    let expert = Expert::new("wide", bb, &layout, ExpertInit::Random, 9).unwrap();
-    let meta = ExpertMeta {
-        format_version: mode_core::file::FORMAT_VERSION,
-        domain: "wide".into(),
-        backbone_fingerprint: bb.fingerprint().unwrap(),
-        backbone_source: "test".into(),
-        layout: layout.clone(),
-        dims: ExpertDims::of(&bb.config),
-        training: TrainingSummary::default(),
-        tool_version: "test".into(),
-    };
-    let gates: Vec<Gate> = (0..layout.num_blocks())
-        .map(|_| random_gates(bb.config.hidden_size, 1, 0).remove(0))
-        .collect();
-    let path = dir.join("wide.expert.safetensors");
-    let file = ExpertFile::from_expert(meta, &expert, &gates);
-    file.save(&path).unwrap();
-    (file, path)
 }
 
 #[test]

@@ -3,8 +3,53 @@
 
 use candle_core::{DType, Device, Tensor};
 use mode_engine::model::{Batch, Block, Mix, Plan, Trainable};
-use mode_model::{random_weights, Architecture, Backbone, Config};
+use mode_model::{random_weights, Architecture, Backbone, Config, DecoderLayer};
 use mode_train::{train_step, AdamW, AdamWConfig, StepSettings};
+
+/// A 3-layer tiny Llama with random weights.
+fn tiny_model(seed: u64, dtype: DType) -> Backbone {
+    let mut config = Config::tiny(Architecture::Llama);
+    config.num_hidden_layers = 3;
+    Backbone::load(
+        config.clone(),
+        &random_weights(&config, seed),
+        dtype,
+        &Device::Cpu,
+    )
+    .unwrap()
+}
+
+/// A trainable copy of layer 1, as a one-layer branch beside it.
+fn branch(model: &Backbone) -> Vec<DecoderLayer> {
+    model.layers[1..2]
+        .iter()
+        .map(|l| l.deep_copy().unwrap())
+        .collect()
+}
+
+/// The branch's parameters under the names the engine gives their gradients.
+fn branch_params(expert: &[DecoderLayer]) -> Vec<(String, &Tensor)> {
+    expert[0]
+        .named_tensors()
+        .into_iter()
+        .map(|(n, t)| (format!("blocks.0.experts.0.layers.0.{n}"), t))
+        .collect()
+}
+
+/// The frozen backbone with the branch beside layer 1, mixed half and half.
+fn branch_plan(expert: &[DecoderLayer], recompute_activations: bool) -> Plan<'_> {
+    Plan {
+        backbone: Trainable::none(3),
+        blocks: vec![Block {
+            layers: 1..2,
+            experts: vec![expert],
+            mix: Mix::Fixed(vec![0.5, 0.5]),
+            train_experts: vec![true],
+            train_gate: false,
+        }],
+        recompute_activations,
+    }
+}
 
 fn settings(micro_batch_rows: usize) -> StepSettings {
     StepSettings {
@@ -16,41 +61,16 @@ fn settings(micro_batch_rows: usize) -> StepSettings {
 
 #[test]
 fn frozen_parameters_never_move_and_hold_no_state() {
-    let mut config = Config::tiny(Architecture::Llama);
-    config.num_hidden_layers = 3;
-    let model = Backbone::load(
-        config.clone(),
-        &random_weights(&config, 51),
-        DType::F32,
-        &Device::Cpu,
-    )
-    .unwrap();
-    let expert: Vec<_> = model.layers[1..2]
-        .iter()
-        .map(|l| l.deep_copy().unwrap())
-        .collect();
+    let model = tiny_model(51, DType::F32);
+    let expert = branch(&model);
     let frozen_before: Vec<(String, Tensor)> = model
         .named_tensors()
         .into_iter()
         .map(|(n, t)| (n, t.copy().unwrap()))
         .collect();
-    let params: Vec<(String, &Tensor)> = expert[0]
-        .named_tensors()
-        .into_iter()
-        .map(|(n, t)| (format!("blocks.0.experts.0.layers.0.{n}"), t))
-        .collect();
+    let params = branch_params(&expert);
     let expert_before: Vec<Tensor> = params.iter().map(|(_, t)| t.copy().unwrap()).collect();
-    let plan = Plan {
-        backbone: Trainable::none(3),
-        blocks: vec![Block {
-            layers: 1..2,
-            experts: vec![&expert],
-            mix: Mix::Fixed(vec![0.5, 0.5]),
-            train_experts: vec![true],
-            train_gate: false,
-        }],
-        recompute_activations: false,
-    };
+    let plan = branch_plan(&expert, false);
     let ids = Tensor::new(
         &[[1u32, 2, 3, 4, 5, 6, 7, 8], [8, 7, 6, 5, 4, 3, 2, 1]],
         &Device::Cpu,
@@ -99,16 +119,8 @@ fn frozen_parameters_never_move_and_hold_no_state() {
 
 #[test]
 fn accumulated_micro_batches_make_the_same_step_as_the_whole_batch() {
-    let mut config = Config::tiny(Architecture::Llama);
-    config.num_hidden_layers = 3;
-    let model = Backbone::load(
-        config.clone(),
-        &random_weights(&config, 52),
-        // f64, so that AdamW's sign-like first steps do not magnify rounding.
-        DType::F64,
-        &Device::Cpu,
-    )
-    .unwrap();
+    // f64, so that AdamW's sign-like first steps do not magnify rounding.
+    let model = tiny_model(52, DType::F64);
     let ids = Tensor::new(
         &[
             [1u32, 2, 3, 4, 5, 6, 7, 8],
@@ -125,26 +137,9 @@ fn accumulated_micro_batches_make_the_same_step_as_the_whole_batch() {
         *t = mode_engine::ops::IGNORE;
     }
     let run = |micro: usize, recompute: bool| -> Vec<Vec<f64>> {
-        let expert: Vec<_> = model.layers[1..2]
-            .iter()
-            .map(|l| l.deep_copy().unwrap())
-            .collect();
-        let params: Vec<(String, &Tensor)> = expert[0]
-            .named_tensors()
-            .into_iter()
-            .map(|(n, t)| (format!("blocks.0.experts.0.layers.0.{n}"), t))
-            .collect();
-        let plan = Plan {
-            backbone: Trainable::none(3),
-            blocks: vec![Block {
-                layers: 1..2,
-                experts: vec![&expert],
-                mix: Mix::Fixed(vec![0.5, 0.5]),
-                train_experts: vec![true],
-                train_gate: false,
-            }],
-            recompute_activations: recompute,
-        };
+        let expert = branch(&model);
+        let params = branch_params(&expert);
+        let plan = branch_plan(&expert, recompute);
         let mut opt = AdamW::new(AdamWConfig::default());
         for _ in 0..3 {
             train_step(&model, &plan, &params, &mut opt, &batch, settings(micro)).unwrap();
