@@ -2,30 +2,16 @@
 //! (byte-level tokenizer, so every multi-byte character is split over several tokens) with two
 //! random experts run together.
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use candle_core::{DType, Device, Tensor};
+use common::{mode, ok};
 use mode_core::file::{ExpertDims, TrainingSummary};
 use mode_core::{BlockLayout, Expert, ExpertFile, ExpertInit, ExpertMeta, Gate};
 use mode_io::Tokenizer;
 use mode_model::{random_weights, Architecture, Backbone, Config};
-
-fn mode(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_mode"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn ok(out: &std::process::Output) -> String {
-    assert!(
-        out.status.success(),
-        "stderr: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout.clone()).unwrap()
-}
 
 fn p(x: &Path) -> String {
     x.to_str().unwrap().to_string()

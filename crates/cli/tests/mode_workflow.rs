@@ -2,24 +2,11 @@
 //! train an expert for a few steps (stopping and resuming), inspect it, evaluate and generate
 //! with it, and refuse it where it does not belong.
 
+mod common;
+
 use std::path::Path;
-use std::process::Command;
 
-fn mode(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_mode"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn ok(out: &std::process::Output) -> String {
-    assert!(
-        out.status.success(),
-        "stderr: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout.clone()).unwrap()
-}
+use common::{mode, ok};
 
 #[test]
 fn prepare_train_inspect_eval_generate() {
