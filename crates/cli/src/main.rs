@@ -60,6 +60,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    mode_io::memory::keep_freed_memory_for_reuse();
     // Errors are messages for users: with RUST_BACKTRACE set, candle would append a backtrace
     // to every error it makes. Panics still get theirs; RUST_LIB_BACKTRACE=1 brings the rest.
     if std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
