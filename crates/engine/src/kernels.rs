@@ -1,34 +1,168 @@
 //! Fused CPU kernels for the elementwise parts of the training ops (RMSNorm, RoPE, SwiGLU and
 //! the softmax backward): one parallel pass each instead of a chain of candle ops, every one of
 //! which would allocate and sweep memory again. f32 and f64 (the gradient checks run in f64).
+//!
+//! Each kernel's inner loop over a row is compiled twice (`multiversion`): for the baseline
+//! x86-64 the binary targets and for AVX2+FMA, picked at run time. Loops are written so that
+//! the compiler can vectorise them: native arithmetic in the tensor's own type, reductions
+//! split into [`LANES`] independent partial sums (a single running sum is a dependency chain
+//! no compiler may reorder), and, in f32, an exponential ([`exp_f32`]) that is plain
+//! arithmetic instead of a libm call.
+
+use std::ops::{Add, Div, Mul, Neg, Sub};
 
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, WithDType,
 };
+use multiversion::multiversion;
 use rayon::prelude::*;
 
-/// Float types the kernels run on.
-pub trait Float: WithDType + Copy + Send + Sync {
+/// Float types the kernels run on: f32 for training, f64 for the gradient checks.
+pub trait Float:
+    WithDType
+    + Copy
+    + Send
+    + Sync
+    + PartialOrd
+    + Add<Output = Self>
+    + Sub<Output = Self>
+    + Mul<Output = Self>
+    + Div<Output = Self>
+    + Neg<Output = Self>
+{
+    const ZERO: Self;
+    const ONE: Self;
     fn f(self) -> f64;
     fn of(v: f64) -> Self;
+    /// `e^self`: [`exp_f32`] in f32, libm's `exp` in f64.
+    fn exp(self) -> Self;
+    fn sqrt(self) -> Self;
 }
 
 impl Float for f32 {
+    const ZERO: Self = 0.0;
+    const ONE: Self = 1.0;
+    #[inline(always)]
     fn f(self) -> f64 {
         self as f64
     }
+    #[inline(always)]
     fn of(v: f64) -> Self {
         v as f32
+    }
+    #[inline(always)]
+    fn exp(self) -> Self {
+        exp_f32(self)
+    }
+    #[inline(always)]
+    fn sqrt(self) -> Self {
+        f32::sqrt(self)
     }
 }
 
 impl Float for f64 {
+    const ZERO: Self = 0.0;
+    const ONE: Self = 1.0;
+    #[inline(always)]
     fn f(self) -> f64 {
         self
     }
+    #[inline(always)]
     fn of(v: f64) -> Self {
         v
     }
+    #[inline(always)]
+    fn exp(self) -> Self {
+        f64::exp(self)
+    }
+    #[inline(always)]
+    fn sqrt(self) -> Self {
+        f64::sqrt(self)
+    }
+}
+
+/// `e^x` in f32 without branches or calls, so that loops over it vectorise: `x = n ln2 + r`
+/// with `n` rounded to nearest (the 1.5 * 2^23 trick) and `ln2` split in two (Cody-Waite), a
+/// degree-7 polynomial for `e^r` on `|r| <= ln2/2` (the Cephes `expf` coefficients), and
+/// `2^n` built in the exponent bits. Relative error below 2e-7 over the normal range; NaN stays
+/// NaN, arguments above 88.7 give infinity and below -87.3 the smallest normal number.
+#[inline(always)]
+pub fn exp_f32(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const ROUND: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    let x = if x < -87.336_55 { -87.336_55 } else { x };
+    let x = if x > 88.722_84 { 88.722_84 } else { x };
+    let shifted = x * LOG2E + ROUND;
+    let n = shifted - ROUND;
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let mut p = 1.987_569_1e-4f32;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 5.000_000_1e-1;
+    let e = p * r * r + r + 1.0;
+    // The low mantissa bits of `shifted` hold n + 2^22; move n + 127 into the exponent field.
+    let n_bits = (shifted.to_bits() as i32).wrapping_sub(ROUND.to_bits() as i32);
+    let two_n = f32::from_bits((n_bits.wrapping_add(127) as u32).wrapping_shl(23));
+    e * two_n
+}
+
+/// Partial sums per reduction; 8 f32 fill one AVX2 register.
+pub const LANES: usize = 8;
+
+/// `sum_i a[i] * b[i]`, in [`LANES`] partial sums.
+#[inline(always)]
+pub fn dot<T: Float>(a: &[T], b: &[T]) -> T {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let mut acc = [T::ZERO; LANES];
+    let (ac, bc) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let tail = ac
+        .remainder()
+        .iter()
+        .zip(bc.remainder())
+        .fold(T::ZERO, |s, (&x, &y)| s + x * y);
+    for (x, y) in ac.zip(bc) {
+        for l in 0..LANES {
+            acc[l] = acc[l] + x[l] * y[l];
+        }
+    }
+    acc.iter().fold(tail, |s, &v| s + v)
+}
+
+/// `sum_i a[i]` accumulated in f64, in [`LANES`] partial sums.
+#[inline(always)]
+pub fn sum_f64<T: Float>(a: &[T]) -> f64 {
+    let mut acc = [0f64; LANES];
+    let chunks = a.chunks_exact(LANES);
+    let tail = chunks.remainder().iter().fold(0f64, |s, &x| s + x.f());
+    for x in chunks {
+        for l in 0..LANES {
+            acc[l] += x[l].f();
+        }
+    }
+    acc.iter().fold(tail, |s, &v| s + v)
+}
+
+/// `max_i a[i]` (NaN entries are skipped; -inf for an empty slice), in [`LANES`] partial maxima.
+#[inline(always)]
+pub fn max<T: Float>(a: &[T]) -> T {
+    let lowest = T::of(f64::NEG_INFINITY);
+    let mut acc = [lowest; LANES];
+    let chunks = a.chunks_exact(LANES);
+    let tail = chunks
+        .remainder()
+        .iter()
+        .fold(lowest, |m, &x| if x > m { x } else { m });
+    for x in chunks {
+        for l in 0..LANES {
+            acc[l] = if x[l] > acc[l] { x[l] } else { acc[l] };
+        }
+    }
+    acc.iter().fold(tail, |m, &x| if x > m { x } else { m })
 }
 
 fn slice<'a, T: Float>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [T]> {
@@ -86,17 +220,21 @@ impl CustomOp2 for RmsNormFwd {
             out.par_chunks_mut(h + 1)
                 .with_min_len(MIN_ROWS_PER_TASK)
                 .zip(x.par_chunks(h))
-                .for_each(|(o, x)| {
-                    let ms = x.iter().map(|v| v.f() * v.f()).sum::<f64>() / h as f64;
-                    let r = 1.0 / (ms + self.eps).sqrt();
-                    for i in 0..h {
-                        o[i] = T::of(x[i].f() * r * w[i].f());
-                    }
-                    o[h] = T::of(r);
-                });
+                .for_each(|(o, x)| rms_norm_row(x, w, self.eps, o));
             Ok((T::to_cpu_storage_owned(out), Shape::from((n, h + 1))))
         })
     }
+}
+
+/// One row of [`RmsNormFwd`]: `o[..h]` the normalised row, `o[h]` its reciprocal RMS.
+#[multiversion(targets("x86_64+avx2+fma"))]
+fn rms_norm_row<T: Float>(x: &[T], w: &[T], eps: f64, o: &mut [T]) {
+    let h = x.len();
+    let r = T::ONE / (dot(x, x) / T::of(h as f64) + T::of(eps)).sqrt();
+    for ((o, &x), &w) in o[..h].iter_mut().zip(x).zip(&w[..h]) {
+        *o = x * r * w;
+    }
+    o[h] = r;
 }
 
 /// RMSNorm forward: `(y [n, h], rstd [n, 1])`.
@@ -140,17 +278,7 @@ impl CustomOp3 for RmsNormBwd {
                 .with_min_len(MIN_ROWS_PER_TASK)
                 .zip(dy.par_chunks(h).zip(x.par_chunks(h)))
                 .zip(rstd.par_iter())
-                .for_each(|((dx, (dy, x)), r)| {
-                    let r = r.f();
-                    // dx = r * (g - xh * mean(g * xh)), g = dy * w, xh = x * r
-                    let proj = (0..h)
-                        .map(|i| dy[i].f() * w[i].f() * x[i].f() * r)
-                        .sum::<f64>()
-                        / h as f64;
-                    for i in 0..h {
-                        dx[i] = T::of(r * (dy[i].f() * w[i].f() - x[i].f() * r * proj));
-                    }
-                });
+                .for_each(|((dx, (dy, x)), &r)| rms_norm_backward_row(dy, x, w, r, dx));
             // dw = sum_rows dy * x * r, reduced over row blocks in parallel.
             let dw = dy
                 .par_chunks(h)
@@ -159,10 +287,8 @@ impl CustomOp3 for RmsNormBwd {
                 .with_min_len(64)
                 .fold(
                     || vec![0f64; h],
-                    |mut acc, ((dy, x), r)| {
-                        for i in 0..h {
-                            acc[i] += dy[i].f() * x[i].f() * r.f();
-                        }
+                    |mut acc, ((dy, x), &r)| {
+                        rms_norm_dw_row(&mut acc, dy, x, r);
                         acc
                     },
                 )
@@ -176,6 +302,38 @@ impl CustomOp3 for RmsNormBwd {
             dx.extend(dw.into_iter().map(T::of));
             Ok((T::to_cpu_storage_owned(dx), Shape::from((n + 1, h))))
         })
+    }
+}
+
+/// One row of the RMSNorm input gradient: `dx = r * (g - xh * mean(g * xh))` with
+/// `g = dy * w`, `xh = x * r`.
+#[multiversion(targets("x86_64+avx2+fma"))]
+fn rms_norm_backward_row<T: Float>(dy: &[T], x: &[T], w: &[T], r: T, dx: &mut [T]) {
+    let h = x.len();
+    let (dy, w, dx) = (&dy[..h], &w[..h], &mut dx[..h]);
+    let mut acc = [T::ZERO; LANES];
+    let mut tail = T::ZERO;
+    let full = h - h % LANES;
+    for i in (0..full).step_by(LANES) {
+        for l in 0..LANES {
+            acc[l] = acc[l] + dy[i + l] * w[i + l] * x[i + l];
+        }
+    }
+    for i in full..h {
+        tail = tail + dy[i] * w[i] * x[i];
+    }
+    let proj = acc.iter().fold(tail, |s, &v| s + v) * r / T::of(h as f64);
+    for i in 0..h {
+        dx[i] = r * (dy[i] * w[i] - x[i] * r * proj);
+    }
+}
+
+/// Adds one row's `dy * x * r` into the f64 column sums of the RMSNorm weight gradient.
+#[multiversion(targets("x86_64+avx2+fma"))]
+fn rms_norm_dw_row<T: Float>(acc: &mut [f64], dy: &[T], x: &[T], r: T) {
+    let h = acc.len();
+    for ((a, &dy), &x) in acc.iter_mut().zip(&dy[..h]).zip(&x[..h]) {
+        *a += (dy * x * r).f();
     }
 }
 
@@ -217,17 +375,25 @@ impl CustomOp2 for SwigluFwd {
         by_dtype!(gs, self.name(), |T| {
             let g = slice::<T>(gs, gl, self.name())?;
             let u = slice::<T>(us, ul, self.name())?;
-            let out: Vec<T> = g
-                .par_iter()
-                .zip(u.par_iter())
-                .with_min_len(4096)
-                .map(|(g, u)| {
-                    let g = g.f();
-                    T::of(g / (1.0 + (-g).exp()) * u.f())
-                })
-                .collect();
+            let mut out = vec![T::ZERO; g.len()];
+            out.par_chunks_mut(ELEMS_PER_TASK)
+                .zip(
+                    g.par_chunks(ELEMS_PER_TASK)
+                        .zip(u.par_chunks(ELEMS_PER_TASK)),
+                )
+                .for_each(|(o, (g, u))| swiglu_chunk(g, u, o));
             Ok((T::to_cpu_storage_owned(out), gl.shape().clone()))
         })
+    }
+}
+
+/// Elements per parallel task of the elementwise kernels.
+const ELEMS_PER_TASK: usize = 1 << 14;
+
+#[multiversion(targets("x86_64+avx2+fma"))]
+fn swiglu_chunk<T: Float>(g: &[T], u: &[T], o: &mut [T]) {
+    for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
+        *o = g / (T::ONE + (-g).exp()) * u;
     }
 }
 
@@ -261,20 +427,26 @@ impl CustomOp3 for SwigluBwd {
             let n = g.len();
             let mut out = vec![T::of(0.0); 2 * n];
             let (dg, du) = out.split_at_mut(n);
-            dg.par_iter_mut()
-                .zip(du.par_iter_mut())
-                .zip(dh.par_iter().zip(g.par_iter()).zip(u.par_iter()))
-                .with_min_len(4096)
-                .for_each(|((dg, du), ((dh, g), u))| {
-                    let (dh, g, u) = (dh.f(), g.f(), u.f());
-                    let s = 1.0 / (1.0 + (-g).exp());
-                    *du = T::of(dh * g * s);
-                    *dg = T::of(dh * u * s * (1.0 + g * (1.0 - s)));
-                });
+            let c = ELEMS_PER_TASK;
+            dg.par_chunks_mut(c)
+                .zip(du.par_chunks_mut(c))
+                .zip(dh.par_chunks(c).zip(g.par_chunks(c)).zip(u.par_chunks(c)))
+                .for_each(|((dg, du), ((dh, g), u))| swiglu_backward_chunk(dh, g, u, dg, du));
             let mut dims = vec![2];
             dims.extend_from_slice(gl.shape().dims());
             Ok((T::to_cpu_storage_owned(out), Shape::from(dims)))
         })
+    }
+}
+
+#[multiversion(targets("x86_64+avx2+fma"))]
+fn swiglu_backward_chunk<T: Float>(dh: &[T], g: &[T], u: &[T], dg: &mut [T], du: &mut [T]) {
+    let n = dg.len();
+    let (dh, g, u, du) = (&dh[..n], &g[..n], &u[..n], &mut du[..n]);
+    for i in 0..n {
+        let s = T::ONE / (T::ONE + (-g[i]).exp());
+        du[i] = dh[i] * g[i] * s;
+        dg[i] = dh[i] * u[i] * s * (T::ONE + g[i] * (T::ONE - s));
     }
 }
 
@@ -322,15 +494,25 @@ impl CustomOp3 for Rope {
                 .with_min_len(64)
                 .for_each(|(row, (o, x))| {
                     let pos = row % t;
-                    for i in 0..half {
-                        let (c, s) = (cos[pos * half + i].f(), self.sign * sin[pos * half + i].f());
-                        let (a, b) = (x[i].f(), x[i + half].f());
-                        o[i] = T::of(a * c - b * s);
-                        o[i + half] = T::of(b * c + a * s);
-                    }
+                    let angles = pos * half..(pos + 1) * half;
+                    let (c, s) = (&cos[angles.clone()], &sin[angles]);
+                    rope_row(x, c, s, T::of(self.sign), o);
                 });
             Ok((T::to_cpu_storage_owned(out), xl.shape().clone()))
         })
+    }
+}
+
+#[multiversion(targets("x86_64+avx2+fma"))]
+fn rope_row<T: Float>(x: &[T], cos: &[T], sin: &[T], sign: T, o: &mut [T]) {
+    let half = cos.len();
+    let (x1, x2) = x.split_at(half);
+    let (o1, o2) = o.split_at_mut(half);
+    let (x2, sin, o2) = (&x2[..half], &sin[..half], &mut o2[..half]);
+    for i in 0..half {
+        let (c, s) = (cos[i], sign * sin[i]);
+        o1[i] = x1[i] * c - x2[i] * s;
+        o2[i] = x2[i] * c + x1[i] * s;
     }
 }
 
@@ -380,22 +562,24 @@ impl CustomOp1 for CausalSoftmax {
                 .with_min_len(16)
                 .for_each(|(row, (o, x))| {
                     let visible = row % t + 1;
-                    let max = x[..visible]
-                        .iter()
-                        .map(|v| v.f() * self.scale)
-                        .fold(f64::NEG_INFINITY, f64::max);
-                    let mut sum = 0.0;
-                    for j in 0..visible {
-                        let e = (x[j].f() * self.scale - max).exp();
-                        sum += e;
-                        o[j] = T::of(e);
-                    }
-                    for v in &mut o[..visible] {
-                        *v = T::of(v.f() / sum);
-                    }
+                    softmax_row(&x[..visible], T::of(self.scale), &mut o[..visible]);
                 });
             Ok((T::to_cpu_storage_owned(out), l.shape().clone()))
         })
+    }
+}
+
+/// `o = softmax(scale * x)` for `scale > 0`.
+#[multiversion(targets("x86_64+avx2+fma"))]
+fn softmax_row<T: Float>(x: &[T], scale: T, o: &mut [T]) {
+    let top = max(x) * scale;
+    let o = &mut o[..x.len()];
+    for (o, &x) in o.iter_mut().zip(x) {
+        *o = (x * scale - top).exp();
+    }
+    let inv = T::of(1.0 / sum_f64(o));
+    for o in o.iter_mut() {
+        *o = *o * inv;
     }
 }
 
@@ -431,14 +615,19 @@ impl CustomOp2 for SoftmaxBwd {
             out.par_chunks_mut(width)
                 .zip(p.par_chunks(width).zip(dp.par_chunks(width)))
                 .with_min_len(16)
-                .for_each(|(o, (p, dp))| {
-                    let dot: f64 = p.iter().zip(dp).map(|(p, d)| p.f() * d.f()).sum();
-                    for j in 0..width {
-                        o[j] = T::of(self.scale * p[j].f() * (dp[j].f() - dot));
-                    }
-                });
+                .for_each(|(o, (p, dp))| softmax_backward_row(p, dp, T::of(self.scale), o));
             Ok((T::to_cpu_storage_owned(out), pl.shape().clone()))
         })
+    }
+}
+
+#[multiversion(targets("x86_64+avx2+fma"))]
+fn softmax_backward_row<T: Float>(p: &[T], dp: &[T], scale: T, o: &mut [T]) {
+    let n = p.len();
+    let (dp, o) = (&dp[..n], &mut o[..n]);
+    let d = dot(p, dp);
+    for j in 0..n {
+        o[j] = scale * p[j] * (dp[j] - d);
     }
 }
 
@@ -452,6 +641,22 @@ pub fn softmax_backward(probs: &Tensor, d_probs: &Tensor, scale: f64) -> Result<
 // ---------------------------------------------------------------------------------------------
 // Reductions
 
+#[multiversion(targets("x86_64+avx2+fma"))]
+fn sum_of_squares_chunk<T: Float>(x: &[T]) -> f64 {
+    let mut acc = [0f64; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let tail = chunks
+        .remainder()
+        .iter()
+        .fold(0f64, |s, &v| s + v.f() * v.f());
+    for c in chunks {
+        for l in 0..LANES {
+            acc[l] += c[l].f() * c[l].f();
+        }
+    }
+    acc.iter().fold(tail, |s, &v| s + v)
+}
+
 /// Sum of squares of all elements, accumulated in f64, in parallel.
 pub fn sum_of_squares(t: &Tensor) -> Result<f64> {
     struct SumSq;
@@ -462,10 +667,7 @@ pub fn sum_of_squares(t: &Tensor) -> Result<f64> {
         fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
             by_dtype!(s, self.name(), |T| {
                 let x = slice::<T>(s, l, self.name())?;
-                let sum: f64 = x
-                    .par_chunks(1 << 14)
-                    .map(|c| c.iter().map(|v| v.f() * v.f()).sum::<f64>())
-                    .sum();
+                let sum: f64 = x.par_chunks(ELEMS_PER_TASK).map(sum_of_squares_chunk).sum();
                 Ok((CpuStorage::F64(vec![sum]), Shape::from(())))
             })
         }

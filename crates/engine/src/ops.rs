@@ -252,33 +252,32 @@ fn xent_rows<F: Float>(
         .zip(targets.par_iter())
         .map(|(row, &target)| {
             if target == IGNORE {
-                row.iter_mut().for_each(|x| *x = F::of(0.0));
+                row.iter_mut().for_each(|x| *x = F::ZERO);
                 return (0.0, 0, 0);
             }
             let t = target as usize;
-            let (mut max, mut arg) = (row[0].f(), 0);
-            for (i, x) in row.iter().enumerate() {
-                let x = x.f();
-                if x > max {
-                    max = x;
-                    arg = i;
-                }
-            }
-            let target_logit = row[t].f();
-            // One exp per entry: keep exp(x - max) in place, then normalise.
-            let mut sum = 0f64;
-            for x in row.iter_mut() {
-                let e = (x.f() - max).exp();
-                sum += e;
-                *x = F::of(e);
-            }
-            let norm = scale / sum;
-            for x in row.iter_mut() {
-                *x = F::of(x.f() * norm);
-            }
-            row[t] = F::of(row[t].f() - scale);
-            let loss = max + sum.ln() - target_logit;
+            let (loss, arg) = xent_row(row, t, scale);
             (loss, 1, (arg == t) as usize)
         })
         .reduce(|| (0.0, 0, 0), |a, b| (a.0 + b.0, a.1 + b.1, a.2 + b.2))
+}
+
+/// One row of [`SoftmaxXentGrad`]: returns the row's loss and argmax.
+#[multiversion::multiversion(targets("x86_64+avx2+fma"))]
+fn xent_row<F: Float>(row: &mut [F], t: usize, scale: f64) -> (f64, usize) {
+    let top = kernels::max(row);
+    // The first index holding the maximum, as a sequential scan would find it.
+    let arg = row.iter().position(|&x| x == top).unwrap_or(0);
+    let target_logit = row[t].f();
+    // One exp per entry: keep exp(x - max) in place, then normalise.
+    for x in row.iter_mut() {
+        *x = (*x - top).exp();
+    }
+    let sum = kernels::sum_f64(row);
+    let norm = F::of(scale / sum);
+    for x in row.iter_mut() {
+        *x = *x * norm;
+    }
+    row[t] = row[t] - F::of(scale);
+    (top.f() + sum.ln() - target_logit, arg)
 }

@@ -8,7 +8,7 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 
-use candle_core::{CpuStorage, DType, InplaceOp1, Layout, Result, Tensor};
+use candle_core::{CpuStorage, InplaceOp1, Layout, Result, Storage, Tensor};
 use mode_engine::kernels::Float;
 use rayon::prelude::*;
 
@@ -92,7 +92,7 @@ impl AdamW {
                 );
             }
             let n = param.elem_count();
-            let grad: Vec<f32> = grad.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
+            let grad = grad.contiguous()?;
             let moments = self
                 .state
                 .entry(name.to_string())
@@ -100,8 +100,12 @@ impl AdamW {
                     m: vec![0.0; n],
                     v: vec![0.0; n],
                 });
+            let (storage, layout) = grad.storage_and_layout();
+            let Storage::Cpu(grad_storage) = &*storage else {
+                candle_core::bail!("adamw: {name}: gradients must be on the CPU");
+            };
             let op = Step {
-                grad,
+                grad: (grad_storage, layout),
                 moments: RefCell::new(moments),
                 hyper: Hyper {
                     decay: if decays(name) { c.weight_decay } else { 0.0 },
@@ -140,7 +144,8 @@ struct Hyper {
 }
 
 struct Step<'a> {
-    grad: Vec<f32>,
+    /// The gradient, read in place (a copy of every gradient was a large part of the step).
+    grad: (&'a CpuStorage, &'a Layout),
     moments: RefCell<&'a mut Moments>,
     hyper: Hyper,
 }
@@ -158,32 +163,54 @@ impl InplaceOp1 for Step<'_> {
         };
         let mut moments = self.moments.borrow_mut();
         let Moments { m, v } = &mut **moments;
-        match storage {
-            CpuStorage::F32(p) => update(&mut p[start..end], &self.grad, m, v, &self.hyper),
-            CpuStorage::F64(p) => update(&mut p[start..end], &self.grad, m, v, &self.hyper),
-            _ => candle_core::bail!("adamw: parameters must be f32 or f64"),
+        let (gs, gl) = self.grad;
+        let Some((gstart, gend)) = gl.contiguous_offsets() else {
+            candle_core::bail!("adamw: gradient is not contiguous");
+        };
+        let h = &self.hyper;
+        match (storage, gs) {
+            (CpuStorage::F32(p), CpuStorage::F32(g)) => {
+                update(&mut p[start..end], &g[gstart..gend], m, v, h)
+            }
+            (CpuStorage::F32(p), CpuStorage::F64(g)) => {
+                update(&mut p[start..end], &g[gstart..gend], m, v, h)
+            }
+            (CpuStorage::F64(p), CpuStorage::F64(g)) => {
+                update(&mut p[start..end], &g[gstart..gend], m, v, h)
+            }
+            (CpuStorage::F64(p), CpuStorage::F32(g)) => {
+                update(&mut p[start..end], &g[gstart..gend], m, v, h)
+            }
+            _ => candle_core::bail!("adamw: parameters and gradients must be f32 or f64"),
         }
         Ok(())
     }
 }
 
-fn update<F: Float>(p: &mut [F], g: &[f32], m: &mut [f32], v: &mut [f32], h: &Hyper) {
+fn update<F: Float, G: Float>(p: &mut [F], g: &[G], m: &mut [f32], v: &mut [f32], h: &Hyper) {
     p.par_chunks_mut(CHUNK)
         .zip(g.par_chunks(CHUNK))
         .zip(m.par_chunks_mut(CHUNK))
         .zip(v.par_chunks_mut(CHUNK))
-        .for_each(|(((p, g), m), v)| {
-            for i in 0..p.len() {
-                let grad = g[i] as f64 * h.grad_scale;
-                let mi = h.beta1 * m[i] as f64 + (1.0 - h.beta1) * grad;
-                let vi = h.beta2 * v[i] as f64 + (1.0 - h.beta2) * grad * grad;
-                m[i] = mi as f32;
-                v[i] = vi as f32;
-                let m_hat = mi / h.bias1;
-                let v_hat = vi / h.bias2;
-                let x = p[i].f();
-                let x = x - h.lr * h.decay * x - h.lr * m_hat / (v_hat.sqrt() + h.eps);
-                p[i] = F::of(x);
-            }
-        });
+        .for_each(|(((p, g), m), v)| update_chunk(p, g, m, v, h));
+}
+
+/// One chunk of the update, in f64 whatever the storage (compiled for AVX2+FMA too, so that it
+/// vectorises).
+#[multiversion::multiversion(targets("x86_64+avx2+fma"))]
+fn update_chunk<F: Float, G: Float>(p: &mut [F], g: &[G], m: &mut [f32], v: &mut [f32], h: &Hyper) {
+    let n = p.len();
+    let (g, m, v) = (&g[..n], &mut m[..n], &mut v[..n]);
+    for i in 0..n {
+        let grad = g[i].f() * h.grad_scale;
+        let mi = h.beta1 * m[i] as f64 + (1.0 - h.beta1) * grad;
+        let vi = h.beta2 * v[i] as f64 + (1.0 - h.beta2) * grad * grad;
+        m[i] = mi as f32;
+        v[i] = vi as f32;
+        let m_hat = mi / h.bias1;
+        let v_hat = vi / h.bias2;
+        let x = p[i].f();
+        let x = x - h.lr * h.decay * x - h.lr * m_hat / (v_hat.sqrt() + h.eps);
+        p[i] = F::of(x);
+    }
 }
