@@ -9,7 +9,7 @@
 //! no compiler may reorder), and, in f32, an exponential ([`exp_f32`]) that is plain
 //! arithmetic instead of a libm call.
 
-use std::ops::{Add, Div, Mul, Neg, Sub};
+use std::ops::{Add, AddAssign, Div, Mul, MulAssign, Neg, Sub, SubAssign};
 
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, WithDType,
@@ -25,7 +25,10 @@ pub trait Float:
     + Sync
     + PartialOrd
     + Add<Output = Self>
+    + AddAssign
+    + MulAssign
     + Sub<Output = Self>
+    + SubAssign
     + Mul<Output = Self>
     + Div<Output = Self>
     + Neg<Output = Self>
@@ -102,7 +105,7 @@ pub fn exp_f32(x: f32) -> f32 {
     p = p * r + 8.333_452e-3;
     p = p * r + 4.166_579_6e-2;
     p = p * r + 1.666_666_5e-1;
-    p = p * r + 5.000_000_1e-1;
+    p = p * r + 0.5;
     let e = p * r * r + r + 1.0;
     // The low mantissa bits of `shifted` hold n + 2^22; move n + 127 into the exponent field.
     let n_bits = (shifted.to_bits() as i32).wrapping_sub(ROUND.to_bits() as i32);
@@ -127,7 +130,7 @@ pub fn dot<T: Float>(a: &[T], b: &[T]) -> T {
         .fold(T::ZERO, |s, (&x, &y)| s + x * y);
     for (x, y) in ac.zip(bc) {
         for l in 0..LANES {
-            acc[l] = acc[l] + x[l] * y[l];
+            acc[l] += x[l] * y[l];
         }
     }
     acc.iter().fold(tail, |s, &v| s + v)
@@ -316,11 +319,11 @@ fn rms_norm_backward_row<T: Float>(dy: &[T], x: &[T], w: &[T], r: T, dx: &mut [T
     let full = h - h % LANES;
     for i in (0..full).step_by(LANES) {
         for l in 0..LANES {
-            acc[l] = acc[l] + dy[i + l] * w[i + l] * x[i + l];
+            acc[l] += dy[i + l] * w[i + l] * x[i + l];
         }
     }
     for i in full..h {
-        tail = tail + dy[i] * w[i] * x[i];
+        tail += dy[i] * w[i] * x[i];
     }
     let proj = acc.iter().fold(tail, |s, &v| s + v) * r / T::of(h as f64);
     for i in 0..h {
@@ -579,7 +582,7 @@ fn softmax_row<T: Float>(x: &[T], scale: T, o: &mut [T]) {
     }
     let inv = T::of(1.0 / sum_f64(o));
     for o in o.iter_mut() {
-        *o = *o * inv;
+        *o *= inv;
     }
 }
 

@@ -276,8 +276,8 @@ fn xent_row<F: Float>(row: &mut [F], t: usize, scale: f64) -> (f64, usize) {
     let sum = kernels::sum_f64(row);
     let norm = F::of(scale / sum);
     for x in row.iter_mut() {
-        *x = *x * norm;
+        *x *= norm;
     }
-    row[t] = row[t] - F::of(scale);
+    row[t] -= F::of(scale);
     (top.f() + sum.ln() - target_logit, arg)
 }
