@@ -247,6 +247,8 @@ pub struct Results {
     /// By method name: backbone, full_ft, lora, mode_math_expert, mode_code_expert,
     /// mode_composed, mode_frozen_experts, mode_fresh_mix (and lora_rN for a sweep).
     pub methods: BTreeMap<String, MethodResult>,
+    /// Wall time of the invocation that wrote this file; methods it reused from an earlier
+    /// (interrupted) invocation keep their own times in `methods`.
     pub total_seconds: f64,
     /// Training documents per domain (math, code): where the scaling sweep's "all" sits.
     #[serde(default)]

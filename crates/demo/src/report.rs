@@ -71,6 +71,73 @@ pub fn table(results: &Results) -> String {
     out
 }
 
+/// One of the paper's findings, checked on this run's numbers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Claim {
+    /// The finding, in words.
+    pub text: &'static str,
+    /// The two numbers compared (MoDE's side first).
+    pub mode: f64,
+    pub other: f64,
+    /// The margin MoDE's side needs over the other's.
+    pub margin: f64,
+    pub holds: bool,
+}
+
+/// The paper's headline findings (Table 1) checked on this run: MoDE composed at least as good
+/// as full fine-tuning on average, retaining English at least 1 point better, and at least as
+/// good as LoRA on each target domain. Empty when a method they compare is missing.
+pub fn claims(results: &Results) -> Vec<Claim> {
+    let m = &results.methods;
+    let (Some(mode), Some(full), Some(lora)) =
+        (m.get("mode_composed"), m.get("full_ft"), m.get("lora"))
+    else {
+        return Vec::new();
+    };
+    let claim = |text, mode: f64, other: f64, margin: f64| Claim {
+        text,
+        mode,
+        other,
+        margin,
+        holds: mode >= other + margin,
+    };
+    vec![
+        claim(
+            "MoDE composed average >= full fine-tuning average",
+            mode.average,
+            full.average,
+            0.0,
+        ),
+        claim(
+            "MoDE composed English >= full fine-tuning English + 1.0",
+            mode.english,
+            full.english,
+            1.0,
+        ),
+        claim("MoDE composed Math >= LoRA Math", mode.math, lora.math, 0.0),
+        claim("MoDE composed Code >= LoRA Code", mode.code, lora.code, 0.0),
+    ]
+}
+
+/// [`claims`] as text lines: `holds` or `does not hold`, with the numbers.
+pub fn claims_text(results: &Results) -> String {
+    let mut out = String::new();
+    let list = claims(results);
+    if list.is_empty() {
+        return out;
+    }
+    let _ = writeln!(out, "The paper's findings at this budget:");
+    for c in list {
+        let verdict = if c.holds { "holds" } else { "does not hold" };
+        let _ = writeln!(
+            out,
+            "  {:<58} {verdict:<13} ({:.2} vs {:.2})",
+            c.text, c.mode, c.other
+        );
+    }
+    out
+}
+
 fn escape(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
@@ -94,7 +161,8 @@ pub fn html(results: &Results) -> String {
         "<h1>MoDE demo ({:?})</h1><p>Backbone <code>{}</code>. Each method trains {} steps of {} tokens \
          (composed MoDE: two experts of {} steps each, then {} steps of stage 2); \
          {} blocks x {} expert layers; LoRA rank {} on attention. Held-out next-token accuracy over \
-         {} windows of {} tokens per set. Total time {:.0} s.</p>",
+         {} windows of {} tokens per set. This invocation took {:.0} s (methods finished by an earlier, \
+         interrupted invocation are reused, and their times are in the table).</p>",
         results.preset,
         escape(&results.backbone),
         b.steps,
@@ -125,6 +193,21 @@ pub fn html(results: &Results) -> String {
         );
     }
     h.push_str("</table>");
+    let list = claims(results);
+    if !list.is_empty() {
+        h.push_str("<h2>The paper's findings at this budget</h2><table><tr><th>finding</th><th>MoDE</th><th>other</th><th>verdict</th></tr>");
+        for c in list {
+            let verdict = if c.holds { "holds" } else { "does not hold" };
+            let _ = write!(
+                h,
+                "<tr><td>{}</td><td>{:.2}</td><td>{:.2}</td><td>{verdict}</td></tr>",
+                escape(c.text),
+                c.mode,
+                c.other
+            );
+        }
+        h.push_str("</table>");
+    }
 
     h.push_str("<h2>Accuracy per domain</h2>");
     let series: Vec<(&str, Vec<f64>)> = names
@@ -396,6 +479,36 @@ mod tests {
         assert!(lines[1].starts_with("backbone") && lines[1].contains("10.00"));
         assert!(lines[2].starts_with("mode_composed"));
         assert!(lines[3].starts_with("lora_r4"));
+    }
+
+    #[test]
+    fn the_papers_findings_are_checked_with_their_margins() {
+        let mut r = results();
+        assert!(
+            claims(&r).is_empty(),
+            "no full_ft or lora: nothing to compare"
+        );
+        let with = |math, code, english, average| MethodResult {
+            math,
+            code,
+            english,
+            average,
+            ..Default::default()
+        };
+        r.methods
+            .insert("mode_composed".into(), with(50.0, 58.0, 36.0, 48.0));
+        r.methods
+            .insert("full_ft".into(), with(53.0, 61.0, 35.2, 49.7));
+        r.methods
+            .insert("lora".into(), with(49.5, 58.0, 34.8, 47.4));
+        let c = claims(&r);
+        let holds: Vec<bool> = c.iter().map(|c| c.holds).collect();
+        // Average 48.0 < 49.7; English 36.0 < 35.2 + 1.0; Math 50.0 >= 49.5; Code 58.0 >= 58.0.
+        assert_eq!(holds, [false, false, true, true]);
+        assert_eq!((c[1].mode, c[1].other, c[1].margin), (36.0, 35.2, 1.0));
+        let text = claims_text(&r);
+        assert!(text.contains("does not hold (48.00 vs 49.70)"), "{text}");
+        assert!(html(&r).contains("The paper's findings at this budget"));
     }
 
     #[test]

@@ -102,8 +102,9 @@ pub fn run(args: Args) -> Result<()> {
     let results = mode_demo::run(&opts, &mut reporter)?;
     reporter.stage("done");
     println!("{}", mode_demo::report::table(&results));
+    print!("{}", mode_demo::report::claims_text(&results));
     println!(
-        "wrote {} and {} ({:.0} s in all)",
+        "wrote {} and {} ({:.0} s this run)",
         args.out.join("results.json").display(),
         args.out.join("report.html").display(),
         results.total_seconds
