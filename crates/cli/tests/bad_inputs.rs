@@ -2046,6 +2046,12 @@ fn bad_inputs_fail_cleanly() {
     );
     train_with(
         &mut cases,
+        "--val-windows 0",
+        &["--val-windows", "0"],
+        &["--val-windows must be at least 1"],
+    );
+    train_with(
+        &mut cases,
         "--max-train-documents 0",
         &["--max-train-documents", "0"],
         &["--max-train-documents must be at least 1"],

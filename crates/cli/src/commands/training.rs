@@ -27,7 +27,7 @@ pub struct TrainFlags {
     /// Seed of initialisation and batch sampling
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Validate every N steps (and at the end)
+    /// Validate every N steps (and at the end; 0: only at the end)
     #[arg(long, default_value_t = 50)]
     pub val_every: usize,
     /// Validation windows per data source
@@ -64,6 +64,10 @@ impl TrainFlags {
             if m < self.seq_len || m > self.batch_tokens {
                 bail!("--micro-batch-tokens must be between --seq-len and --batch-tokens, got {m}");
             }
+        }
+        if self.val_windows == 0 {
+            // Validation is what the run reports and what checkpoints are judged by.
+            bail!("--val-windows must be at least 1");
         }
         let lr = self.lr.unwrap_or(default_lr);
         if !(lr.is_finite() && lr > 0.0) {
