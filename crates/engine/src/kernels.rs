@@ -195,6 +195,9 @@ macro_rules! by_dtype {
 /// Rows of `width` elements, processed in parallel.
 const MIN_ROWS_PER_TASK: usize = 8;
 
+/// Elements per parallel task of the elementwise kernels.
+const ELEMS_PER_TASK: usize = 1 << 14;
+
 // ---------------------------------------------------------------------------------------------
 // RMSNorm
 
@@ -389,9 +392,6 @@ impl CustomOp2 for SwigluFwd {
         })
     }
 }
-
-/// Elements per parallel task of the elementwise kernels.
-const ELEMS_PER_TASK: usize = 1 << 14;
 
 #[multiversion(targets("x86_64+avx2+fma"))]
 fn swiglu_chunk<T: Float>(g: &[T], u: &[T], o: &mut [T]) {
