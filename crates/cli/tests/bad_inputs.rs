@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
 use mode_io::Tokenizer;
-use mode_model::{random_weights, Architecture, Backbone, Config};
+use mode_model::{Architecture, Backbone, Config};
 
 /// A case that runs longer than this has hung.
 const TIMEOUT: Duration = Duration::from_secs(60);
@@ -199,13 +199,7 @@ fn tiny_config() -> Config {
 
 /// A small random Llama saved as a Hugging Face folder with the byte-level tokenizer.
 fn save_backbone(config: &Config, seed: u64, dir: &Path) {
-    let bb = Backbone::load(
-        config.clone(),
-        &random_weights(config, seed),
-        DType::F32,
-        &Device::Cpu,
-    )
-    .unwrap();
+    let bb = Backbone::random(config.clone(), seed, DType::F32, &Device::Cpu).unwrap();
     bb.save_hf_folder(dir, &Tokenizer::byte_level()).unwrap();
 }
 

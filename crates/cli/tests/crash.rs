@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
 use mode_io::Tokenizer;
-use mode_model::{random_weights, Architecture, Backbone, Config};
+use mode_model::{Architecture, Backbone, Config};
 
 fn mode(args: &[&str]) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_mode"));
@@ -24,13 +24,7 @@ fn tiny_backbone(dir: &Path) -> PathBuf {
     config.hidden_size = 128;
     config.intermediate_size = 256;
     config.head_dim = 32;
-    let bb = Backbone::load(
-        config.clone(),
-        &random_weights(&config, 5),
-        DType::F32,
-        &Device::Cpu,
-    )
-    .unwrap();
+    let bb = Backbone::random(config.clone(), 5, DType::F32, &Device::Cpu).unwrap();
     let path = dir.join("tiny");
     bb.save_hf_folder(&path, &Tokenizer::byte_level()).unwrap();
     path

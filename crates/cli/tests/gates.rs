@@ -11,7 +11,7 @@ use common::{mode, ok};
 use mode_core::file::{ExpertDims, TrainingSummary};
 use mode_core::{BlockLayout, Expert, ExpertFile, ExpertInit, ExpertMeta, Gate};
 use mode_io::Tokenizer;
-use mode_model::{random_weights, Architecture, Backbone, Config};
+use mode_model::{Architecture, Backbone, Config};
 
 fn p(x: &Path) -> String {
     x.to_str().unwrap().to_string()
@@ -23,13 +23,7 @@ fn tiny_model(dir: &Path) -> (PathBuf, Vec<PathBuf>) {
     let mut config = Config::tiny(Architecture::Llama);
     config.vocab_size = 257;
     config.num_hidden_layers = 4;
-    let bb = Backbone::load(
-        config.clone(),
-        &random_weights(&config, 7),
-        DType::F32,
-        &Device::Cpu,
-    )
-    .unwrap();
+    let bb = Backbone::random(config.clone(), 7, DType::F32, &Device::Cpu).unwrap();
     let path = dir.join("tiny");
     bb.save_hf_folder(&path, &Tokenizer::byte_level()).unwrap();
     // The experts are checked against the backbone as the binary will load it.

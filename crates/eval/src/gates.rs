@@ -361,7 +361,7 @@ mod tests {
     use super::*;
     use candle_core::Device;
     use mode_core::{BlockLayout, Expert, ExpertInit, Gate};
-    use mode_model::{random_weights, Architecture, Backbone, Config};
+    use mode_model::{Architecture, Backbone, Config};
 
     fn sample() -> GateTrace {
         GateTrace {
@@ -516,8 +516,7 @@ mod tests {
         config.vocab_size = 257;
         config.num_hidden_layers = 4;
         let dev = &Device::Cpu;
-        let bb =
-            Backbone::load(config.clone(), &random_weights(&config, 3), DType::F32, dev).unwrap();
+        let bb = Backbone::random(config.clone(), 3, DType::F32, dev).unwrap();
         let layout = BlockLayout::even(4, 2, 1).unwrap();
         let experts = ["math", "code"]
             .iter()

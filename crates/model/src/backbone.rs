@@ -51,6 +51,13 @@ pub struct Backbone {
 }
 
 impl Backbone {
+    /// A backbone of `config`'s shape with [`random_weights`] from `seed`: what tests and
+    /// benchmarks run on when no real weights are wanted.
+    pub fn random(config: Config, seed: u64, dtype: DType, device: &Device) -> Result<Self> {
+        let weights = random_weights(&config, seed);
+        Self::load(config, &weights, dtype, device)
+    }
+
     /// Builds a backbone from `weights`, storing the large matrices in `dtype` (f32, f16 or bf16).
     pub fn load(config: Config, weights: &Weights, dtype: DType, device: &Device) -> Result<Self> {
         if matches!(dtype, DType::F16 | DType::BF16) {

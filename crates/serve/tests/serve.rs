@@ -10,7 +10,7 @@ use candle_core::{DType, Device, Tensor};
 use mode_core::file::{ExpertDims, TrainingSummary};
 use mode_core::{BlockLayout, Expert, ExpertFile, ExpertInit, ExpertMeta, Gate, ModeModel};
 use mode_io::Tokenizer;
-use mode_model::{random_weights, Architecture, Backbone, Config};
+use mode_model::{Architecture, Backbone, Config};
 use mode_serve::{Limits, Served};
 use serde_json::Value;
 
@@ -18,13 +18,7 @@ fn backbone(seed: u64) -> Backbone {
     let mut config = Config::tiny(Architecture::Llama);
     config.vocab_size = 257;
     config.num_hidden_layers = 4;
-    Backbone::load(
-        config.clone(),
-        &random_weights(&config, seed),
-        DType::F32,
-        &Device::Cpu,
-    )
-    .unwrap()
+    Backbone::random(config.clone(), seed, DType::F32, &Device::Cpu).unwrap()
 }
 
 /// A server for `model`, with `allowed` as its --allow-expert-dir.

@@ -115,11 +115,11 @@ mod tests {
     use super::*;
     use candle_core::{DType, Device};
     use mode_engine::model::Trainable;
-    use mode_model::{random_weights, Architecture};
+    use mode_model::Architecture;
 
     fn backbone() -> Backbone {
         let c = Config::tiny(Architecture::Llama);
-        Backbone::load(c.clone(), &random_weights(&c, 1), DType::F32, &Device::Cpu).unwrap()
+        Backbone::random(c.clone(), 1, DType::F32, &Device::Cpu).unwrap()
     }
 
     #[test]

@@ -9,7 +9,7 @@ use mode_core::baseline::{load_baseline, LoraSpec, LoraTargets};
 use mode_data::{prepare, DataMix, Format, PrepareOptions, PreparedData};
 use mode_engine::model::Trainable;
 use mode_io::Tokenizer;
-use mode_model::{random_weights, Architecture, Backbone, Config};
+use mode_model::{Architecture, Backbone, Config};
 use mode_train::baseline::{train_baseline, BaselineKind};
 use mode_train::methods::BackboneTraining;
 use mode_train::trainer::{validate, TrainConfig};
@@ -18,13 +18,7 @@ fn backbone(seed: u64) -> Backbone {
     let mut config = Config::tiny(Architecture::Qwen2);
     config.vocab_size = 257;
     config.num_hidden_layers = 3;
-    Backbone::load(
-        config.clone(),
-        &random_weights(&config, seed),
-        DType::F32,
-        &Device::Cpu,
-    )
-    .unwrap()
+    Backbone::random(config.clone(), seed, DType::F32, &Device::Cpu).unwrap()
 }
 
 fn data(dir: &Path) -> DataMix {

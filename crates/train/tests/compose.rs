@@ -7,7 +7,7 @@ use candle_core::{DType, Device, Tensor};
 use mode_core::{load_composed, Gate, LoadedExpertFile};
 use mode_data::{prepare, DataMix, Format, PrepareOptions, PreparedData};
 use mode_io::Tokenizer;
-use mode_model::{random_weights, Architecture, Backbone, CausalLm, Config};
+use mode_model::{Architecture, Backbone, CausalLm, Config};
 use mode_train::compose::{compose, ComposeOptions, GateInit};
 use mode_train::stage1::{train_expert, Stage1Options};
 use mode_train::trainer::TrainConfig;
@@ -16,13 +16,7 @@ fn backbone(seed: u64) -> Backbone {
     let mut config = Config::tiny(Architecture::Llama);
     config.vocab_size = 257;
     config.num_hidden_layers = 4;
-    Backbone::load(
-        config.clone(),
-        &random_weights(&config, seed),
-        DType::F32,
-        &Device::Cpu,
-    )
-    .unwrap()
+    Backbone::random(config.clone(), seed, DType::F32, &Device::Cpu).unwrap()
 }
 
 fn prepared(dir: &Path, name: &str, text: impl Fn(usize) -> String) -> PreparedData {

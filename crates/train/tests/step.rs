@@ -3,20 +3,14 @@
 
 use candle_core::{DType, Device, Tensor};
 use mode_engine::model::{Batch, Block, Mix, Plan, Trainable};
-use mode_model::{random_weights, Architecture, Backbone, Config, DecoderLayer};
+use mode_model::{Architecture, Backbone, Config, DecoderLayer};
 use mode_train::{train_step, AdamW, AdamWConfig, StepSettings};
 
 /// A 3-layer tiny Llama with random weights.
 fn tiny_model(seed: u64, dtype: DType) -> Backbone {
     let mut config = Config::tiny(Architecture::Llama);
     config.num_hidden_layers = 3;
-    Backbone::load(
-        config.clone(),
-        &random_weights(&config, seed),
-        dtype,
-        &Device::Cpu,
-    )
-    .unwrap()
+    Backbone::random(config.clone(), seed, dtype, &Device::Cpu).unwrap()
 }
 
 /// A trainable copy of layer 1, as a one-layer branch beside it.

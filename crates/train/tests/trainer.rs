@@ -7,7 +7,7 @@ use candle_core::{DType, Device, Tensor};
 use mode_core::{BlockLayout, Expert, ExpertInit, Gate, ModeModel};
 use mode_data::{prepare, DataMix, Format, PrepareOptions, PreparedData};
 use mode_io::Tokenizer;
-use mode_model::{random_weights, Architecture, Backbone, Config};
+use mode_model::{Architecture, Backbone, Config};
 use mode_train::methods::ModeTraining;
 use mode_train::trainer::{sample_batch, train, Event, Method, TrainConfig};
 
@@ -44,13 +44,7 @@ fn model() -> ModeModel {
     let mut config = Config::tiny(Architecture::Llama);
     config.vocab_size = 257;
     config.num_hidden_layers = 4;
-    let bb = Backbone::load(
-        config.clone(),
-        &random_weights(&config, 1),
-        DType::F32,
-        &Device::Cpu,
-    )
-    .unwrap();
+    let bb = Backbone::random(config.clone(), 1, DType::F32, &Device::Cpu).unwrap();
     let layout = BlockLayout::even(4, 2, 1).unwrap();
     let expert = Expert::new("code", &bb, &layout, ExpertInit::Random, 2).unwrap();
     let gates = (0..2)

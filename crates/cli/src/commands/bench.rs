@@ -468,8 +468,7 @@ fn train(args: TrainArgs) -> Result<()> {
                 )
             } else {
                 let config = mode_model::Config::smollm2_135m();
-                let weights = mode_model::random_weights(&config, 0);
-                let model = Backbone::load(config, &weights, candle_core::DType::F32, &device)?;
+                let model = Backbone::random(config, 0, candle_core::DType::F32, &device)?;
                 (model, "random SmolLM2-135M-shaped weights".to_string())
             }
         }

@@ -4,19 +4,13 @@
 use candle_core::{DType, Device, Tensor};
 use mode_core::file::{ExpertDims, TrainingSummary};
 use mode_core::{BlockLayout, ExpertMeta};
-use mode_model::{random_weights, Architecture, Backbone, Config};
+use mode_model::{Architecture, Backbone, Config};
 
 /// A 4-layer tiny Llama with random weights from `seed`.
 pub fn backbone(seed: u64) -> Backbone {
     let mut config = Config::tiny(Architecture::Llama);
     config.num_hidden_layers = 4;
-    Backbone::load(
-        config.clone(),
-        &random_weights(&config, seed),
-        DType::F32,
-        &Device::Cpu,
-    )
-    .unwrap()
+    Backbone::random(config.clone(), seed, DType::F32, &Device::Cpu).unwrap()
 }
 
 pub fn ids() -> Tensor {
