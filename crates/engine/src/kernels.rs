@@ -116,38 +116,34 @@ pub fn exp_f32(x: f32) -> f32 {
 /// Partial sums per reduction; 8 f32 fill one AVX2 register.
 pub const LANES: usize = 8;
 
+/// `sum_{i < n} term(i)` in [`LANES`] partial sums: the one reduction loop of the kernels.
+/// The order of additions is fixed (lane by lane, then the lanes onto the tail), so results do
+/// not depend on the thread count.
+#[inline(always)]
+fn lane_sum<A: Copy + Add<Output = A>>(n: usize, zero: A, term: impl Fn(usize) -> A) -> A {
+    let mut acc = [zero; LANES];
+    let full = n - n % LANES;
+    for i in (0..full).step_by(LANES) {
+        for (l, acc) in acc.iter_mut().enumerate() {
+            *acc = *acc + term(i + l);
+        }
+    }
+    let tail = (full..n).fold(zero, |s, i| s + term(i));
+    acc.iter().fold(tail, |s, &v| s + v)
+}
+
 /// `sum_i a[i] * b[i]`, in [`LANES`] partial sums.
 #[inline(always)]
 pub fn dot<T: Float>(a: &[T], b: &[T]) -> T {
     let n = a.len().min(b.len());
     let (a, b) = (&a[..n], &b[..n]);
-    let mut acc = [T::ZERO; LANES];
-    let (ac, bc) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
-    let tail = ac
-        .remainder()
-        .iter()
-        .zip(bc.remainder())
-        .fold(T::ZERO, |s, (&x, &y)| s + x * y);
-    for (x, y) in ac.zip(bc) {
-        for l in 0..LANES {
-            acc[l] += x[l] * y[l];
-        }
-    }
-    acc.iter().fold(tail, |s, &v| s + v)
+    lane_sum(n, T::ZERO, |i| a[i] * b[i])
 }
 
 /// `sum_i a[i]` accumulated in f64, in [`LANES`] partial sums.
 #[inline(always)]
 pub fn sum_f64<T: Float>(a: &[T]) -> f64 {
-    let mut acc = [0f64; LANES];
-    let chunks = a.chunks_exact(LANES);
-    let tail = chunks.remainder().iter().fold(0f64, |s, &x| s + x.f());
-    for x in chunks {
-        for l in 0..LANES {
-            acc[l] += x[l].f();
-        }
-    }
-    acc.iter().fold(tail, |s, &v| s + v)
+    lane_sum(a.len(), 0.0, |i| a[i].f())
 }
 
 /// `max_i a[i]` (NaN entries are skipped; -inf for an empty slice), in [`LANES`] partial maxima.
@@ -317,18 +313,7 @@ impl CustomOp3 for RmsNormBwd {
 fn rms_norm_backward_row<T: Float>(dy: &[T], x: &[T], w: &[T], r: T, dx: &mut [T]) {
     let h = x.len();
     let (dy, w, dx) = (&dy[..h], &w[..h], &mut dx[..h]);
-    let mut acc = [T::ZERO; LANES];
-    let mut tail = T::ZERO;
-    let full = h - h % LANES;
-    for i in (0..full).step_by(LANES) {
-        for l in 0..LANES {
-            acc[l] += dy[i + l] * w[i + l] * x[i + l];
-        }
-    }
-    for i in full..h {
-        tail += dy[i] * w[i] * x[i];
-    }
-    let proj = acc.iter().fold(tail, |s, &v| s + v) * r / T::of(h as f64);
+    let proj = lane_sum(h, T::ZERO, |i| dy[i] * w[i] * x[i]) * r / T::of(h as f64);
     for i in 0..h {
         dx[i] = r * (dy[i] * w[i] - x[i] * r * proj);
     }
@@ -646,18 +631,7 @@ pub fn softmax_backward(probs: &Tensor, d_probs: &Tensor, scale: f64) -> Result<
 
 #[multiversion(targets("x86_64+avx2+fma"))]
 fn sum_of_squares_chunk<T: Float>(x: &[T]) -> f64 {
-    let mut acc = [0f64; LANES];
-    let chunks = x.chunks_exact(LANES);
-    let tail = chunks
-        .remainder()
-        .iter()
-        .fold(0f64, |s, &v| s + v.f() * v.f());
-    for c in chunks {
-        for l in 0..LANES {
-            acc[l] += c[l].f() * c[l].f();
-        }
-    }
-    acc.iter().fold(tail, |s, &v| s + v)
+    lane_sum(x.len(), 0.0, |i| x[i].f() * x[i].f())
 }
 
 /// Sum of squares of all elements, accumulated in f64, in parallel.
