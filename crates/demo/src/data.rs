@@ -11,6 +11,7 @@ use crate::{Error, Result};
 
 const FETCH_SCRIPT: &str = include_str!("../../../scripts/fetch_demo_data.sh");
 const MATH_GENERATOR: &str = include_str!("../../../scripts/demo_data/generate_math.py");
+const WIKI_CONVERTER: &str = include_str!("../../../scripts/demo_data/wiki_to_text.py");
 
 /// Runs the fetch script (idempotent: a second run only checks checksums) and returns the
 /// folder holding `math/`, `code/` and `english/`.
@@ -18,7 +19,12 @@ pub fn fetch() -> Result<PathBuf> {
     let dir = mode_io::mode_home().join("demo-scripts");
     let script = dir.join("fetch_demo_data.sh");
     let generator = dir.join("demo_data").join("generate_math.py");
-    for (path, text) in [(&script, FETCH_SCRIPT), (&generator, MATH_GENERATOR)] {
+    let converter = dir.join("demo_data").join("wiki_to_text.py");
+    for (path, text) in [
+        (&script, FETCH_SCRIPT),
+        (&generator, MATH_GENERATOR),
+        (&converter, WIKI_CONVERTER),
+    ] {
         if std::fs::read_to_string(path).ok().as_deref() != Some(text) {
             mode_io::atomic::write_file(path, text.as_bytes()).map_err(|e| Error::Io {
                 path: path.clone(),
@@ -41,7 +47,7 @@ pub fn fetch() -> Result<PathBuf> {
         )));
     }
     let root = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-    for sub in ["math", "code", "english"] {
+    for sub in ["math", "code", "english", "prose"] {
         if !root.join(sub).exists() {
             return Err(Error::Step(format!(
                 "{}: the fetch script did not produce `{sub}/`",
@@ -56,21 +62,35 @@ pub fn fetch() -> Result<PathBuf> {
 pub struct Domains {
     /// Math questions (train-easy difficulty), split into train and validation.
     pub math: PathBuf,
-    /// Held-out math: the generator's interpolation test set, all in the test split.
+    /// Held-out math: the generator's interpolation test set, all in the test split, each item
+    /// a prompt (the question) and a completion (the answer) so that answers can be scored
+    /// alone.
     pub math_test: PathBuf,
     /// Django's sources, split by file into train, validation and test.
     pub code: PathBuf,
     /// Shakespeare's plays in modern spelling, all in the test split: evaluation only.
     pub english: PathBuf,
+    /// Wikipedia articles, split by article into train, validation and test: only the test
+    /// split is scored; train and validation are there for work that needs general text.
+    pub prose: PathBuf,
 }
 
 impl Domains {
     /// The held-out set of each reported domain, in report order.
-    pub fn eval_sets(&self) -> [(&'static str, &Path); 3] {
-        [
-            ("math", &self.math_test),
-            ("code", &self.code),
-            ("english", &self.english),
+    pub fn eval_sets(&self) -> Vec<(&'static str, PathBuf)> {
+        vec![
+            (crate::results::MATH, self.math_test.clone()),
+            (crate::results::CODE, self.code.clone()),
+            (crate::results::ENGLISH, self.english.clone()),
+            (crate::results::PROSE, self.prose.clone()),
+        ]
+    }
+
+    /// The folders whose validation splits choose learning rates: the training domains.
+    pub fn validation_sets(&self) -> Vec<(&'static str, PathBuf)> {
+        vec![
+            (crate::results::MATH, self.math.clone()),
+            (crate::results::CODE, self.code.clone()),
         ]
     }
 }
@@ -98,6 +118,8 @@ pub fn prepare_domains(root: &Path, dir: &Path, tokenizer: &Tokenizer) -> Result
         prepare(&opts, tokenizer, None, |_, _| {})?;
         Ok::<_, Error>(out)
     };
+    let answers = dir.join("math-test-answers.jsonl");
+    write_math_answers(&root.join("math").join("test.jsonl"), &answers, tokenizer)?;
     Ok(Domains {
         math: one(
             "math",
@@ -106,13 +128,7 @@ pub fn prepare_domains(root: &Path, dir: &Path, tokenizer: &Tokenizer) -> Result
             0.05,
             0.0,
         )?,
-        math_test: one(
-            "math-test",
-            vec![root.join("math").join("test.jsonl")],
-            None,
-            0.0,
-            1.0,
-        )?,
+        math_test: one("math-test-answers", vec![answers], None, 0.0, 1.0)?,
         code: one("code", vec![root.join("code")], Some("*.py"), 0.05, 0.05)?,
         english: one(
             "english",
@@ -121,5 +137,60 @@ pub fn prepare_domains(root: &Path, dir: &Path, tokenizer: &Tokenizer) -> Result
             0.0,
             1.0,
         )?,
+        prose: one("prose", vec![root.join("prose")], Some("*.txt"), 0.15, 0.15)?,
     })
+}
+
+/// Rewrites the math test items (`{"text": "Question: ...\nAnswer: ..."}`) as prompt and
+/// completion at the token where the answer starts, so the prepared set marks answer tokens and
+/// holds the same tokens as each item tokenised whole. Written once (atomically).
+fn write_math_answers(input: &Path, out: &Path, tokenizer: &Tokenizer) -> Result<()> {
+    if out.exists() {
+        return Ok(());
+    }
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| Error::Io { path, source }
+    };
+    let text = std::fs::read_to_string(input).map_err(io(input))?;
+    let mut lines = String::new();
+    for (i, line) in text.lines().enumerate() {
+        let bad = |msg: &str| Error::Step(format!("{}: line {}: {msg}", input.display(), i + 1));
+        let value: serde_json::Value =
+            serde_json::from_str(line).map_err(|e| bad(&format!("invalid JSON: {e}")))?;
+        let item = value["text"].as_str().ok_or_else(|| bad("no `text`"))?;
+        let (prompt, completion) =
+            split_answer(item, tokenizer)?.ok_or_else(|| bad("no `\nAnswer:` in the item"))?;
+        let record = serde_json::json!({ "prompt": prompt, "completion": completion });
+        lines.push_str(&record.to_string());
+        lines.push('\n');
+    }
+    mode_io::atomic::write_file(out, lines.as_bytes()).map_err(io(out))
+}
+
+/// `item` cut into (prompt, answer) where its tokens split: after `Answer:` and the spaces
+/// that tokenise apart from the answer (`" 42"` is `" "`, `"4"`, `"2"` in SmolLM2), or before
+/// the space a word answer carries (`" True"`). None when the item has no answer.
+pub fn split_answer<'a>(
+    item: &'a str,
+    tokenizer: &Tokenizer,
+) -> Result<Option<(&'a str, &'a str)>> {
+    const MARK: &str = "\nAnswer:";
+    let Some(at) = item.rfind(MARK).map(|i| i + MARK.len()) else {
+        return Ok(None);
+    };
+    let whole = tokenizer.encode(item)?;
+    let first_char = item[at..]
+        .find(|c: char| !c.is_whitespace())
+        .map_or(item.len(), |i| at + i);
+    // The latest cut (answer starting at its first character) whose pieces tokenise to the
+    // same ids as the whole item; else the cut right after the mark.
+    for cut in [first_char, at] {
+        let mut ids = tokenizer.encode(&item[..cut])?;
+        ids.extend(tokenizer.encode(&item[cut..])?);
+        if ids == whole {
+            return Ok(Some((&item[..cut], &item[cut..])));
+        }
+    }
+    Ok(Some((&item[..at], &item[at..])))
 }

@@ -200,14 +200,20 @@ pub fn line_chart(title: &str, x_label: &str, y_label: &str, series: &[Series]) 
     out
 }
 
-/// Grouped bars: one group per category, one bar per series (`values[series][category]`).
+/// Grouped bars with 95% intervals: one group per category, one bar per series
+/// (`values[series][category]` is `[estimate, lo, hi]`).
 pub fn bar_chart(
     title: &str,
     y_label: &str,
     categories: &[&str],
-    series: &[(&str, Vec<f64>)],
+    series: &[(&str, Vec<[f64; 3]>)],
 ) -> String {
-    let y = Axis::new(series.iter().flat_map(|s| s.1.iter().copied()), true);
+    let y = Axis::new(
+        series
+            .iter()
+            .flat_map(|s| s.1.iter().flat_map(|v| v.iter().copied())),
+        true,
+    );
     let mut out = String::new();
     frame(&mut out, title, "", y_label, None, &y);
     let group = (W - RIGHT - LEFT) / categories.len().max(1) as f64;
@@ -215,22 +221,31 @@ pub fn bar_chart(
     for (c, cat) in categories.iter().enumerate() {
         let gx = LEFT + group * c as f64 + group * 0.1;
         for (i, (_, values)) in series.iter().enumerate() {
-            let v = values.get(c).copied().unwrap_or(f64::NAN);
+            let [v, lo, hi] = values.get(c).copied().unwrap_or([f64::NAN; 3]);
             if !v.is_finite() {
                 continue;
             }
             let top = y.map(v, H - BOTTOM, TOP);
             let base = y.map(y.lo.max(0.0), H - BOTTOM, TOP);
+            let x = gx + bar * i as f64;
             let _ = write!(
                 out,
-                r#"<rect x="{:.1}" y="{:.1}" width="{:.1}" height="{:.1}" fill="{}"><title>{}: {v:.2}</title></rect>"#,
-                gx + bar * i as f64,
+                r#"<rect x="{x:.1}" y="{:.1}" width="{:.1}" height="{:.1}" fill="{}"><title>{}: {v:.2} ({lo:.2} to {hi:.2})</title></rect>"#,
                 top.min(base),
                 bar * 0.95,
                 (base - top).abs(),
                 PALETTE[i % PALETTE.len()],
                 escape(series[i].0)
             );
+            if lo.is_finite() && hi.is_finite() {
+                let mid = x + bar * 0.475;
+                let _ = write!(
+                    out,
+                    r##"<line x1="{mid:.1}" x2="{mid:.1}" y1="{:.1}" y2="{:.1}" stroke="#222"/>"##,
+                    y.map(lo, H - BOTTOM, TOP),
+                    y.map(hi, H - BOTTOM, TOP)
+                );
+            }
         }
         let _ = write!(
             out,
@@ -239,6 +254,82 @@ pub fn bar_chart(
             H - BOTTOM + 16.0,
             escape(cat)
         );
+    }
+    legend(&mut out, &series.iter().map(|s| s.0).collect::<Vec<_>>());
+    out.push_str("</svg>");
+    out
+}
+
+/// A point with 95% intervals on both axes and a label.
+pub struct ErrorPoint {
+    pub label: String,
+    pub x: [f64; 3],
+    pub y: [f64; 3],
+}
+
+/// Curves of points with intervals on both axes (one series per method), the axes' zero lines
+/// drawn: for a trade-off of one change against another.
+pub fn error_curves(
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    series: &[(&str, Vec<ErrorPoint>)],
+) -> String {
+    let all = || series.iter().flat_map(|s| s.1.iter());
+    let x = Axis::new(all().flat_map(|p| p.x).chain([0.0]), false);
+    let y = Axis::new(all().flat_map(|p| p.y).chain([0.0]), false);
+    let mut out = String::new();
+    frame(&mut out, title, x_label, y_label, Some(&x), &y);
+    let (px, py) = (
+        |v: f64| x.map(v, LEFT, W - RIGHT),
+        |v: f64| y.map(v, H - BOTTOM, TOP),
+    );
+    let _ = write!(
+        out,
+        r##"<line x1="{:.1}" x2="{:.1}" y1="{TOP}" y2="{}" stroke="#999" stroke-dasharray="4 3"/><line x1="{LEFT}" x2="{}" y1="{:.1}" y2="{:.1}" stroke="#999" stroke-dasharray="4 3"/>"##,
+        px(0.0),
+        px(0.0),
+        H - BOTTOM,
+        W - RIGHT,
+        py(0.0),
+        py(0.0)
+    );
+    for (i, (name, points)) in series.iter().enumerate() {
+        let colour = PALETTE[i % PALETTE.len()];
+        let finite: Vec<&ErrorPoint> = points
+            .iter()
+            .filter(|p| p.x.iter().chain(&p.y).all(|v| v.is_finite()))
+            .collect();
+        let line: Vec<String> = finite
+            .iter()
+            .map(|p| format!("{:.1},{:.1}", px(p.x[0]), py(p.y[0])))
+            .collect();
+        let _ = write!(
+            out,
+            r#"<polyline fill="none" stroke="{colour}" stroke-width="1.6" points="{}"/>"#,
+            line.join(" ")
+        );
+        for p in finite {
+            let (cx, cy) = (px(p.x[0]), py(p.y[0]));
+            let _ = write!(
+                out,
+                r#"<line x1="{:.1}" x2="{:.1}" y1="{cy:.1}" y2="{cy:.1}" stroke="{colour}"/><line x1="{cx:.1}" x2="{cx:.1}" y1="{:.1}" y2="{:.1}" stroke="{colour}"/><circle cx="{cx:.1}" cy="{cy:.1}" r="4" fill="{colour}"><title>{}: {:.2} ({:.2} to {:.2}), {:.2} ({:.2} to {:.2})</title></circle><text x="{:.1}" y="{:.1}" font-size="10">{}</text>"#,
+                px(p.x[1]),
+                px(p.x[2]),
+                py(p.y[1]),
+                py(p.y[2]),
+                escape(&format!("{name} {}", p.label)),
+                p.x[0],
+                p.x[1],
+                p.x[2],
+                p.y[0],
+                p.y[1],
+                p.y[2],
+                cx + 5.0,
+                cy - 5.0,
+                escape(&p.label)
+            );
+        }
     }
     legend(&mut out, &series.iter().map(|s| s.0).collect::<Vec<_>>());
     out.push_str("</svg>");
@@ -301,12 +392,44 @@ mod tests {
         assert!(s.starts_with("<svg") && s.ends_with("</svg>"));
         assert!(s.contains("a&lt;b") && !s.contains("a<b"));
         assert!(s.contains("<polyline") && !s.contains("NaN"));
-        let b = bar_chart("acc", "%", &["math", "code"], &[("x", vec![50.0, 60.0])]);
+        let b = bar_chart(
+            "acc",
+            "%",
+            &["math", "code"],
+            &[("x", vec![[50.0, 49.0, 51.0], [60.0, f64::NAN, f64::NAN]])],
+        );
         assert_eq!(
             b.matches("<rect").count(),
             2 + 1 + 1,
             "frame + 2 bars + legend"
         );
+        assert_eq!(
+            b.matches("stroke=\"#222\"").count(),
+            1,
+            "one bar has an interval"
+        );
+        let e = error_curves(
+            "t",
+            "gain",
+            "change",
+            &[(
+                "m",
+                vec![
+                    ErrorPoint {
+                        label: "64".into(),
+                        x: [1.0, 0.5, 1.5],
+                        y: [-1.0, -2.0, 0.0],
+                    },
+                    ErrorPoint {
+                        label: "256".into(),
+                        x: [f64::NAN; 3],
+                        y: [0.0; 3],
+                    },
+                ],
+            )],
+        );
+        assert_eq!(e.matches("<circle").count(), 1);
+        assert!(!e.contains("NaN"));
         let p = scatter("r", "t", "e", &[("m", 1.0, 2.0), ("n", f64::NAN, 1.0)]);
         assert_eq!(p.matches("<circle").count(), 1);
     }

@@ -1,11 +1,12 @@
 //! The whole demo on the real default backbone with a tiny budget and small stand-in corpora
 //! (the real ones come from `scripts/fetch_demo_data.sh`, which `make demo` runs): every method
-//! trains, is evaluated and lands in `results.json` and `report.html`; a second run reuses the
-//! saved results; another budget in the same folder is refused.
+//! and seed trains, is scored window by window and lands in `results.json` and `report.html`;
+//! a second run reuses the saved results; the trade-off and scaling sweeps add their runs;
+//! another budget in the same folder is refused.
 
 use std::path::Path;
 
-use mode_demo::{Budget, DemoOptions, Preset, Reporter, METHODS};
+use mode_demo::{Budget, DemoOptions, Preset, Reporter};
 use mode_train::trainer::Event;
 
 struct Quiet(Vec<String>);
@@ -51,6 +52,18 @@ fn corpora(root: &Path) {
         )
         .unwrap();
     }
+    let prose = root.join("prose");
+    std::fs::create_dir_all(&prose).unwrap();
+    for i in 0..30 {
+        std::fs::write(
+            prose.join(format!("article{i}.txt")),
+            format!(
+                "Article {i}\n\nThe river runs through the valley and feeds the farms around it.\n"
+            )
+            .repeat(12),
+        )
+        .unwrap();
+    }
 }
 
 #[test]
@@ -70,75 +83,136 @@ fn a_tiny_demo_runs_every_method_and_writes_the_report() {
         batch_tokens: 64,
         seq_len: 64,
         expert_layers_per_block: 1,
-        eval_windows: 1,
+        eval_windows: 2,
         eval_seq_len: 64,
         lora_sweep: vec![4],
-        ..Budget::preset(Preset::Quick)
+        seeds: 2,
+        tradeoff_steps: vec![2, 4],
+        ..Budget::preset(Preset::Full)
     };
     let out = tmp.path().join("demo");
     let opts = DemoOptions {
         out: out.clone(),
-        preset: Preset::Quick,
+        preset: Preset::Full,
         budget: budget.clone(),
         backbone: mode_io::fetch::DEFAULT_BACKBONE.into(),
         data_dir: Some(data),
         restart: false,
         scaling: false,
+        tradeoff: false,
     };
     let results = mode_demo::run(&opts, &mut Quiet(Vec::new())).unwrap();
 
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
-    for name in METHODS.iter().copied().chain(["lora_r4"]) {
-        let m = &json["methods"][name];
-        for field in ["math", "code", "english", "average"] {
-            let v = m[field].as_f64().unwrap_or(f64::NAN);
-            assert!((0.0..=100.0).contains(&v), "{name}.{field} = {v}");
+    let rows: Vec<&str> = json["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            "backbone",
+            "full_ft",
+            "lora",
+            "lora_r4",
+            "mode_math_expert",
+            "mode_code_expert",
+            "mode_composed",
+            "mode_frozen_experts",
+            "mode_fresh_mix"
+        ]
+    );
+    for (name, run) in json["runs"].as_object().unwrap() {
+        for set in ["math", "code", "english", "prose"] {
+            let s = &run["sets"][set];
+            let v = s["accuracy"].as_f64().unwrap_or(f64::NAN);
+            assert!((0.0..=100.0).contains(&v), "{name}.{set} = {v}");
+            assert_eq!(s["windows"].as_array().unwrap().len(), 2, "{name}.{set}");
         }
     }
-    let composed = &results.methods["mode_composed"];
-    assert_eq!(composed.branches, ["backbone", "math", "code"]);
-    assert_eq!(composed.gate_weights["code"].len(), budget.blocks);
+    // Every run is scored on the same windows: the same predictions in each.
+    let predictions = |run: &str| results.runs[run].windows("code", false);
+    let count = |w: Vec<mode_eval::Totals>| w.iter().map(|t| t.predictions).collect::<Vec<_>>();
+    assert_eq!(
+        count(predictions("backbone")),
+        count(predictions("mode_composed_s1"))
+    );
+    let full = results.row("full_ft").unwrap();
+    assert_eq!(full.seeds, [0, 1]);
+    assert!(full.trainable_parameters > 100_000_000);
+    let composed = results.row("mode_composed").unwrap();
+    let answers = composed.math_answer.expect("math answers are scored alone");
+    assert!((0.0..=100.0).contains(&answers.estimate));
     assert_eq!(
         composed.tokens,
-        2 * budget.expert_steps() * budget.batch_tokens
-            + budget.compose_steps * budget.batch_tokens
+        (2 * budget.expert_steps(2) + budget.compose_steps_for(2)) * budget.batch_tokens
     );
-    assert!(results.methods["full_ft"].trainable_parameters > 100_000_000);
-    assert_eq!(results.methods["backbone"].tokens, 0);
+    let run = &results.runs["mode_composed"];
+    assert_eq!(run.branches, ["backbone", "math", "code"]);
+    assert_eq!(run.gate_weights["code"].len(), budget.blocks);
+    assert_eq!(results.claims.len(), 5, "{:?}", results.claims);
+    assert_eq!(results.row("backbone").unwrap().tokens, 0);
+    assert_eq!(
+        results.lr_selection,
+        mode_demo::select_lr::LrSelection::committed()
+    );
     let html = std::fs::read_to_string(out.join("report.html")).unwrap();
-    assert!(html.contains("mode_fresh_mix") && html.contains("<svg"));
+    for part in [
+        "mode_fresh_mix",
+        "<svg",
+        "<h2>Seeds</h2>",
+        "Learning rates",
+        "inconclusive",
+    ] {
+        assert!(
+            html.contains(part) || part == "inconclusive" && html.contains("holds"),
+            "{part}"
+        );
+    }
 
     // A second run reuses every saved result.
     let mut again = Quiet(Vec::new());
     let second = mode_demo::run(&opts, &mut again).unwrap();
-    assert_eq!(second.methods, results.methods);
+    assert_eq!(second.runs, results.runs);
     assert!(
         again.0.iter().all(|s| !s.starts_with("training")),
         "{:?}",
         again.0
     );
 
-    // The scaling sweep adds its runs and reuses the table's.
+    // The trade-off adds the longer runs and reuses the table's.
+    let tradeoff = DemoOptions {
+        tradeoff: true,
+        ..opts.clone()
+    };
+    let mut log = Quiet(Vec::new());
+    let traded = mode_demo::run(&tradeoff, &mut log).unwrap();
+    assert_eq!(traded.tradeoff.len(), 6, "{:?}", traded.tradeoff);
+    assert!(traded.row("mode_composed_t4").is_some());
+    assert!(
+        log.0.iter().all(|s| !s.starts_with("training full_ft ")),
+        "{:?}",
+        log.0
+    );
+    let html = std::fs::read_to_string(out.join("report.html")).unwrap();
+    assert!(html.contains("Learning and forgetting"));
+
+    // The scaling sweep adds its runs.
     let scaling = DemoOptions {
         scaling: true,
         ..opts.clone()
     };
-    let mut log = Quiet(Vec::new());
-    let swept = mode_demo::run(&scaling, &mut log).unwrap();
-    let extra = mode_demo::scaling_methods(&budget);
-    assert!(extra.contains(&"mode_fresh_mix_l4".to_string()));
-    for name in &extra {
-        assert!(swept.methods.contains_key(name), "{name}");
+    let swept = mode_demo::run(&scaling, &mut Quiet(Vec::new())).unwrap();
+    for spec in mode_demo::scaling_runs(&budget) {
+        let name = spec.name(&budget);
+        assert!(swept.runs.contains_key(&name), "{name}");
     }
-    assert_eq!(swept.methods["lora"], results.methods["lora"]);
-    assert!(
-        log.0.iter().all(|s| !s.starts_with("training lora ")),
-        "{:?}",
-        log.0
-    );
-    let wide = &swept.methods["mode_fresh_mix_l4"];
-    assert!(wide.added_parameters > 3 * results.methods["mode_fresh_mix"].added_parameters);
+    assert_eq!(swept.runs["lora"], results.runs["lora"]);
+    let wide = &swept.runs["mode_fresh_mix_l4"];
+    assert!(wide.added_parameters > 3 * results.runs["mode_fresh_mix"].added_parameters);
     let html = std::fs::read_to_string(out.join("report.html")).unwrap();
     assert!(html.contains("Scaling"), "the report shows the sweep");
 

