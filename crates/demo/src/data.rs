@@ -194,3 +194,23 @@ pub fn split_answer<'a>(
     }
     Ok(Some((&item[..at], &item[at..])))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_split_where_their_tokens_start() {
+        let tok = Tokenizer::byte_level();
+        let (p, a) = split_answer("Question: 1 + 1?\nAnswer: 2", &tok)
+            .unwrap()
+            .unwrap();
+        assert_eq!((p, a), ("Question: 1 + 1?\nAnswer: ", "2"));
+        // The last mark counts: a question may quote an earlier answer.
+        let (p, a) = split_answer("Question: x\nAnswer: y?\nAnswer: True", &tok)
+            .unwrap()
+            .unwrap();
+        assert!(p.ends_with("y?\nAnswer: ") && a == "True");
+        assert!(split_answer("no answer here", &tok).unwrap().is_none());
+    }
+}

@@ -286,17 +286,14 @@ fn learning_rates(h: &mut String, results: &Results) {
     for stage in crate::method::Stage::ALL {
         let chosen = sel.chosen.of(stage);
         let grid: Vec<String> = sel
-            .losses
-            .get(stage.name())
-            .map(|l| {
-                l.iter()
-                    .map(|(lr, loss)| match loss {
-                        Some(v) => format!("{lr}: {v:.4}"),
-                        None => format!("{lr}: diverged"),
-                    })
-                    .collect()
+            .grid_of(stage)
+            .iter()
+            .map(|(lr, loss)| match loss {
+                Some(v) if *lr == chosen => format!("<b>{lr:e}: {v:.4}</b>"),
+                Some(v) => format!("{lr:e}: {v:.4}"),
+                None => format!("{lr:e}: diverged"),
             })
-            .unwrap_or_default();
+            .collect();
         let _ = write!(
             h,
             "<tr><td>{}</td><td>{chosen:e}</td><td>{}</td></tr>",

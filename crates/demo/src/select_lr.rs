@@ -83,6 +83,19 @@ impl LrSelection {
         !self.losses.is_empty()
     }
 
+    /// The grid of a stage: (rate, validation loss or None where it diverged), by rate.
+    pub fn grid_of(&self, stage: Stage) -> Vec<(f64, Option<f64>)> {
+        let mut v: Vec<(f64, Option<f64>)> = self
+            .losses
+            .get(stage.name())
+            .into_iter()
+            .flatten()
+            .filter_map(|(lr, loss)| lr.parse().ok().map(|lr: f64| (lr, *loss)))
+            .collect();
+        v.sort_by(|a, b| a.0.total_cmp(&b.0));
+        v
+    }
+
     /// The grid as a text table, the chosen rate of each stage marked.
     pub fn text(&self) -> String {
         let mut out = String::new();
@@ -95,13 +108,14 @@ impl LrSelection {
         for stage in Stage::ALL {
             let chosen = self.chosen.of(stage);
             let mut line = format!("  {:<8} {:e}", stage.name(), chosen);
-            if let Some(losses) = self.losses.get(stage.name()) {
+            let grid = self.grid_of(stage);
+            if !grid.is_empty() {
                 line += "   validation loss:";
-                for (lr, loss) in losses {
-                    let mark = if *lr == lr_label(chosen) { "*" } else { "" };
+                for (lr, loss) in grid {
+                    let mark = if lr == chosen { "*" } else { "" };
                     match loss {
-                        Some(l) => line += &format!("  {lr} {l:.4}{mark}"),
-                        None => line += &format!("  {lr} diverged"),
+                        Some(l) => line += &format!("  {lr:e} {l:.4}{mark}"),
+                        None => line += &format!("  {lr:e} diverged"),
                     }
                 }
             }
