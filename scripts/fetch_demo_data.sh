@@ -98,6 +98,60 @@ tree_sha() {
     (cd "$1" && find . -type f -print0 | LC_ALL=C sort -z | xargs -0 -r sha256sum | sha256sum | cut -d' ' -f1)
 }
 
+# check_sha FILE WANT WHAT: exits with both digests unless FILE's sha256 is WANT.
+check_sha() {
+    local got
+    got="$(sha_of "$1")"
+    if [ "$got" != "$2" ]; then
+        log "error: sha256 mismatch for $3"
+        log "  expected $2"
+        log "  got      $got"
+        exit 1
+    fi
+}
+
+# check_tree DIR WANT WHAT: exits with both digests unless DIR's tree digest is WANT.
+check_tree() {
+    local got
+    got="$(tree_sha "$1")"
+    if [ "$got" != "$2" ]; then
+        log "error: $3 do not have the expected digest"
+        log "  expected $2"
+        log "  got      $got"
+        exit 1
+    fi
+}
+
+# is_cached NAME STAMP WANT: whether $DEMO/NAME is in place with its marker's STAMP and tree digest WANT;
+# otherwise drops the marker.
+is_cached() {
+    local dest="$DEMO/$1" marker="$STATE/$1.complete"
+    if [ -d "$dest" ] && [ -f "$marker" ] && [ "$(cat "$marker")" = "$2" ]; then
+        if [ "$(tree_sha "$dest")" = "$3" ]; then
+            log "ok (cached): $dest"
+            return 0
+        fi
+        log "$dest does not match its marker (files changed or missing); fetching again"
+    fi
+    rm -f "$marker"
+    return 1
+}
+
+# install_tree NAME SRC STAMP: puts the checked folder SRC (beside $DEMO/NAME) in place with one rename, then writes
+# the marker.
+install_tree() {
+    local dest="$DEMO/$1" marker="$STATE/$1.complete"
+    if [ -e "$dest" ]; then
+        local old="$DEMO/.$1.old.$$"
+        mv "$dest" "$old"
+        CLEANUP+=("$old")
+    fi
+    mv "$2" "$dest"
+    printf '%s\n' "$3" > "$marker.tmp.$$"
+    mv -f "$marker.tmp.$$" "$marker"
+    log "wrote $dest ($(find "$dest" -type f | wc -l) files, $(find "$dest" -type f -printf '%s\n' | awk '{s += $1} END {print s}') bytes)"
+}
+
 # Temporary paths to remove on exit, whatever happens.
 CLEANUP=()
 cleanup() {
@@ -112,17 +166,8 @@ trap 'exit 143' TERM
 # Puts the files under ROOT of the sdist (those matching MEMBERS, then only those named KEEP_GLOB) at $DEMO/NAME.
 fetch_tree() {
     local name="$1" spec="$2" sdist="$3" sdist_sha="$4" members="$5" root="$6" want="$7" keep="$8"
-    local dest="$DEMO/$name" marker="$STATE/$name.complete"
     local stamp="$spec $sdist_sha $want"
-
-    if [ -d "$dest" ] && [ -f "$marker" ] && [ "$(cat "$marker")" = "$stamp" ]; then
-        if [ "$(tree_sha "$dest")" = "$want" ]; then
-            log "ok (cached): $dest"
-            return 0
-        fi
-        log "$dest does not match its marker (files changed or missing); fetching again"
-    fi
-    rm -f "$marker"
+    is_cached "$name" "$stamp" "$want" && return 0
 
     local dl
     dl="$(mktemp -d "${TMPDIR:-/tmp}/mode-demo-$name.XXXXXX")"
@@ -130,14 +175,7 @@ fetch_tree() {
     log "downloading sdist $spec (pip download --no-deps --no-binary :all:)"
     python3 -m pip download --quiet --no-deps --no-binary :all: "$spec" -d "$dl" >&2
     [ -f "$dl/$sdist" ] || die "expected $sdist after pip download, got: $(ls "$dl")"
-    local got
-    got="$(sha_of "$dl/$sdist")"
-    if [ "$got" != "$sdist_sha" ]; then
-        log "error: sha256 mismatch for the sdist $sdist ($spec)"
-        log "  expected $sdist_sha"
-        log "  got      $got"
-        exit 1
-    fi
+    check_sha "$dl/$sdist" "$sdist_sha" "the sdist $sdist ($spec)"
 
     # Extract beside the destination (same file system), so that putting it in place is one rename.
     local tmp="$DEMO/.$name.tmp.$$"
@@ -149,39 +187,15 @@ fetch_tree() {
     [ -d "$tmp/$root" ] || die "$root not found in $sdist"
     find "$tmp/$root" ! -type d ! -name "$keep" -delete
     find "$tmp/$root" -mindepth 1 -type d -empty -delete
-    got="$(tree_sha "$tmp/$root")"
-    if [ "$got" != "$want" ]; then
-        log "error: the files extracted from $sdist into $name/ do not have the expected digest"
-        log "  expected $want"
-        log "  got      $got"
-        exit 1
-    fi
-
-    if [ -e "$dest" ]; then
-        local old="$DEMO/.$name.old.$$"
-        mv "$dest" "$old"
-        CLEANUP+=("$old")
-    fi
-    mv "$tmp/$root" "$dest"
-    printf '%s\n' "$stamp" > "$marker.tmp.$$"
-    mv -f "$marker.tmp.$$" "$marker"
-    log "wrote $dest ($(find "$dest" -type f | wc -l) files, $(find "$dest" -type f -printf '%s\n' | awk '{s += $1} END {print s}') bytes)"
+    check_tree "$tmp/$root" "$want" "the files extracted from $sdist into $name/"
+    install_tree "$name" "$tmp/$root" "$stamp"
 }
 
 # fetch_prose: $DEMO/prose, the articles of the Wikipedia dump in gensim's wheel as plain text.
 fetch_prose() {
     local name=prose
-    local dest="$DEMO/$name" marker="$STATE/$name.complete"
     local stamp="$GENSIM_SPEC $GENSIM_WHEEL_SHA256 $PROSE_TREE_SHA256"
-
-    if [ -d "$dest" ] && [ -f "$marker" ] && [ "$(cat "$marker")" = "$stamp" ]; then
-        if [ "$(tree_sha "$dest")" = "$PROSE_TREE_SHA256" ]; then
-            log "ok (cached): $dest"
-            return 0
-        fi
-        log "$dest does not match its marker (files changed or missing); fetching again"
-    fi
-    rm -f "$marker"
+    is_cached "$name" "$stamp" "$PROSE_TREE_SHA256" && return 0
 
     local dl
     dl="$(mktemp -d "${TMPDIR:-/tmp}/mode-demo-$name.XXXXXX")"
@@ -190,24 +204,11 @@ fetch_prose() {
     python3 -m pip download --quiet --no-deps --only-binary :all: "${GENSIM_WHEEL_TAGS[@]}" "$GENSIM_SPEC" \
         -d "$dl" >&2
     [ -f "$dl/$GENSIM_WHEEL" ] || die "expected $GENSIM_WHEEL after pip download, got: $(ls "$dl")"
-    local got
-    got="$(sha_of "$dl/$GENSIM_WHEEL")"
-    if [ "$got" != "$GENSIM_WHEEL_SHA256" ]; then
-        log "error: sha256 mismatch for the wheel $GENSIM_WHEEL ($GENSIM_SPEC)"
-        log "  expected $GENSIM_WHEEL_SHA256"
-        log "  got      $got"
-        exit 1
-    fi
+    check_sha "$dl/$GENSIM_WHEEL" "$GENSIM_WHEEL_SHA256" "the wheel $GENSIM_WHEEL ($GENSIM_SPEC)"
     log "extracting $WIKI_DUMP"
     python3 -c 'import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extract(sys.argv[2], sys.argv[3])' \
         "$dl/$GENSIM_WHEEL" "$WIKI_DUMP" "$dl/x"
-    got="$(sha_of "$dl/x/$WIKI_DUMP")"
-    if [ "$got" != "$WIKI_DUMP_SHA256" ]; then
-        log "error: sha256 mismatch for $WIKI_DUMP in $GENSIM_WHEEL"
-        log "  expected $WIKI_DUMP_SHA256"
-        log "  got      $got"
-        exit 1
-    fi
+    check_sha "$dl/x/$WIKI_DUMP" "$WIKI_DUMP_SHA256" "$WIKI_DUMP in $GENSIM_WHEEL"
 
     # Convert beside the destination (same file system), so that putting it in place is one rename.
     local tmp="$DEMO/.$name.tmp.$$" ex=() title
@@ -218,23 +219,8 @@ fetch_prose() {
     log "converting the wiki markup to plain text ($WIKI_CONVERTER)"
     python3 "$WIKI_CONVERTER" "$dl/x/$WIKI_DUMP" --out-dir "$tmp/$name" --min-chars "$WIKI_MIN_CHARS" \
         "${ex[@]+"${ex[@]}"}"
-    got="$(tree_sha "$tmp/$name")"
-    if [ "$got" != "$PROSE_TREE_SHA256" ]; then
-        log "error: the articles converted from $WIKI_DUMP into $name/ do not have the expected digest"
-        log "  expected $PROSE_TREE_SHA256"
-        log "  got      $got"
-        exit 1
-    fi
-
-    if [ -e "$dest" ]; then
-        local old="$DEMO/.$name.old.$$"
-        mv "$dest" "$old"
-        CLEANUP+=("$old")
-    fi
-    mv "$tmp/$name" "$dest"
-    printf '%s\n' "$stamp" > "$marker.tmp.$$"
-    mv -f "$marker.tmp.$$" "$marker"
-    log "wrote $dest ($(find "$dest" -type f | wc -l) files, $(find "$dest" -type f -printf '%s\n' | awk '{s += $1} END {print s}') bytes)"
+    check_tree "$tmp/$name" "$PROSE_TREE_SHA256" "the articles converted from $WIKI_DUMP into $name/"
+    install_tree "$name" "$tmp/$name" "$stamp"
 }
 
 # math_venv: $MATH_VENV with exactly MATH_PINS; rebuilt when its stamp does not name the same pins.
