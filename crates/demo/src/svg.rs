@@ -83,6 +83,8 @@ impl Axis {
 }
 
 fn label(v: f64) -> String {
+    // A tick computed as -0.0 (or a rounding hair off zero) reads as 0.
+    let v = if v.abs() < 1e-9 { 0.0 } else { v };
     if v.abs() >= 1e6 {
         format!("{:.1}M", v / 1e6)
     } else if v.abs() >= 1e4 {

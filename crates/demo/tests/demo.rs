@@ -6,6 +6,8 @@
 
 use std::path::Path;
 
+use mode_demo::method::Stage;
+use mode_demo::select_lr::{self, LrSelection};
 use mode_demo::{Budget, DemoOptions, Preset, Reporter};
 use mode_train::trainer::Event;
 
@@ -226,4 +228,84 @@ fn a_tiny_demo_runs_every_method_and_writes_the_report() {
         .unwrap()
         .to_string();
     assert!(e.contains("--restart"), "{e}");
+}
+
+#[test]
+fn the_learning_rate_grid_chooses_the_lowest_validation_loss_and_resumes() {
+    if !mode_io::fetch::default_backbone_path().exists()
+        && std::env::var("MODE_REQUIRE_BACKBONE").is_err()
+    {
+        eprintln!("skipped: default backbone not cached");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("corpora");
+    corpora(&data);
+    let budget = Budget {
+        steps: 2,
+        compose_steps: 1,
+        batch_tokens: 64,
+        seq_len: 64,
+        expert_layers_per_block: 1,
+        eval_seq_len: 64,
+        select_windows: 2,
+        ..Budget::preset(Preset::Quick)
+    };
+    let opts = DemoOptions {
+        out: tmp.path().join("select"),
+        preset: Preset::Quick,
+        budget,
+        backbone: mode_io::fetch::DEFAULT_BACKBONE.into(),
+        data_dir: Some(data),
+        restart: false,
+        scaling: false,
+        tradeoff: false,
+    };
+    let mut log = Quiet(Vec::new());
+    let sel = mode_demo::select_learning_rates(&opts, &mut log).unwrap();
+    assert!(sel.is_selected());
+    for stage in Stage::ALL {
+        let grid = sel.grid_of(stage);
+        let rates: Vec<f64> = grid.iter().map(|g| g.0).collect();
+        assert_eq!(rates, select_lr::grid(stage), "{stage:?}");
+        let best = grid
+            .iter()
+            .filter_map(|(lr, l)| l.map(|l| (l, *lr)))
+            .min_by(|a, b| a.0.total_cmp(&b.0))
+            .unwrap();
+        assert_eq!(sel.chosen.of(stage), best.1, "{stage:?}: {grid:?}");
+    }
+    // Validation data only: nothing was scored on a test or retention set.
+    assert!(
+        log.0
+            .iter()
+            .filter(|s| s.starts_with("scoring"))
+            .all(|s| !s.contains("english") && !s.contains("prose")),
+        "{:?}",
+        log.0
+    );
+    let written: LrSelection =
+        serde_json::from_str(&std::fs::read_to_string(opts.out.join("lr_selection.json")).unwrap())
+            .unwrap();
+    assert_eq!(written, sel);
+    // Composition was tuned over experts at the chosen expert rate.
+    let expert = mode_demo::method::lr_label(sel.chosen.expert);
+    assert!(opts
+        .out
+        .join("experts")
+        .join(format!("math_lr{expert}.expert.safetensors"))
+        .exists());
+    let mut again = Quiet(Vec::new());
+    assert_eq!(
+        mode_demo::select_learning_rates(&opts, &mut again).unwrap(),
+        sel
+    );
+    assert!(
+        again
+            .0
+            .iter()
+            .all(|s| !s.starts_with("training") && !s.starts_with("composing")),
+        "{:?}",
+        again.0
+    );
 }
