@@ -37,7 +37,9 @@ impl Sampler {
         if self.params.temperature <= 0.0 {
             return argmax(logits);
         }
-        let t = self.params.temperature as f32;
+        // A temperature below f32's range (1e-300) would become 0 and make the largest logit
+        // 0/0 = NaN; at the smallest normal f32 every other token gets probability 0: greedy.
+        let t = (self.params.temperature as f32).max(f32::MIN_POSITIVE);
         let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let mut probs: Vec<(u32, f32)> = logits
             .iter()
@@ -45,6 +47,10 @@ impl Sampler {
             .map(|(i, &l)| (i as u32, ((l - max) / t).exp()))
             .collect();
         let total: f32 = probs.iter().map(|p| p.1).sum();
+        if !(total.is_finite() && total > 0.0) {
+            // Logits with NaN or all -inf: no distribution to draw from.
+            return argmax(logits);
+        }
         probs.iter_mut().for_each(|p| p.1 /= total);
         if self.params.top_p < 1.0 {
             probs.sort_unstable_by(|a, b| b.1.total_cmp(&a.1));
@@ -63,19 +69,25 @@ impl Sampler {
         let mut r = self.rng.random::<f32>() * mass;
         for &(id, p) in &probs {
             r -= p;
-            if r <= 0.0 {
+            // A draw of exactly 0 must not pick a token of probability 0.
+            if r <= 0.0 && p > 0.0 {
                 return id;
             }
         }
-        probs.last().map_or(0, |p| p.0)
+        // Rounding left a little of `r`: the last token that can be drawn.
+        probs
+            .iter()
+            .rev()
+            .find(|p| p.1 > 0.0)
+            .map_or_else(|| argmax(logits), |p| p.0)
     }
 }
 
-/// Index of the largest value (the first one on ties).
+/// Index of the largest value (the first one on ties; NaN counts as the smallest).
 pub fn argmax(values: &[f32]) -> u32 {
     let mut best = 0;
     for (i, &v) in values.iter().enumerate() {
-        if v > values[best] {
+        if v > values[best] || (values[best].is_nan() && !v.is_nan()) {
             best = i;
         }
     }
@@ -93,6 +105,27 @@ mod tests {
             ..Default::default()
         });
         assert_eq!(s.sample(&[0.1, 2.0, -1.0, 1.9]), 1);
+    }
+
+    #[test]
+    fn tiny_temperatures_are_greedy() {
+        let logits = [0.5f32, 1.0, 3.0, 2.999, -1.0];
+        for temperature in [1e-300, f64::MIN_POSITIVE, 1e-45, 1e-30, 1e-9] {
+            for top_p in [1.0, 0.9] {
+                for seed in 0..20 {
+                    let mut s = Sampler::new(SamplingParams {
+                        temperature,
+                        top_p,
+                        seed,
+                    });
+                    assert_eq!(s.sample(&logits), 2, "temperature {temperature:e}");
+                }
+            }
+        }
+        // Logits the model should never give still give a token, not a NaN draw.
+        let mut s = Sampler::new(SamplingParams::default());
+        assert_eq!(s.sample(&[f32::NAN, 1.0, 2.0]), 2);
+        assert_eq!(s.sample(&[f32::NEG_INFINITY; 3]), 0);
     }
 
     #[test]
