@@ -178,13 +178,17 @@ impl Backbone {
     /// transient f32 copy that f16/bf16 loads fingerprint first, plus the largest tensor
     /// being converted.
     pub fn load_bytes(config: &Config, dtype: DType) -> u64 {
+        // Saturating: huge sizes from a hostile config must be refused by the memory check,
+        // not wrap around to a small number that passes it.
         let params = config.num_parameters() as u64;
         let held = match dtype {
-            DType::F16 | DType::BF16 => 4 * params,
-            other => other.size_in_bytes() as u64 * params,
+            DType::F16 | DType::BF16 => params.saturating_mul(4),
+            other => params.saturating_mul(other.size_in_bytes() as u64),
         };
-        let largest = 4 * (config.vocab_size * config.hidden_size) as u64;
-        held + largest
+        let largest = (config.vocab_size as u64)
+            .saturating_mul(config.hidden_size as u64)
+            .saturating_mul(4);
+        held.saturating_add(largest)
     }
 
     /// The file or folder this backbone was loaded from.

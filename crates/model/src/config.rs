@@ -17,6 +17,29 @@ pub enum Architecture {
     Qwen3,
 }
 
+/// Where a [`Config`] was read from, for the key names in errors.
+#[derive(Clone, Copy)]
+enum Source {
+    Hf,
+    Gguf,
+}
+
+impl Architecture {
+    /// The architecture's name in GGUF metadata (`general.architecture`).
+    fn gguf_name(self) -> &'static str {
+        match self {
+            Architecture::Llama => "llama",
+            Architecture::Qwen2 => "qwen2",
+            Architecture::Qwen3 => "qwen3",
+        }
+    }
+}
+
+/// A JSON value that is there and not `null` (Hugging Face writes `null` for "not set").
+fn present(v: Option<&serde_json::Value>) -> Option<&serde_json::Value> {
+    v.filter(|v| !v.is_null())
+}
+
 const SUPPORTED: &str =
     "LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM (GGUF: llama, qwen2, qwen3)";
 
@@ -156,40 +179,56 @@ impl Config {
                 })
             }
         };
+        // Typed fields: an absent (or null) key takes its default, but a value of the wrong
+        // type (`"hidden_size": "576"`) is an error naming the key, never a silent default.
+        let typed = |key: &str, v: Option<&serde_json::Value>, want: &str| {
+            err(format!(
+                "`{key}` must be {want}, got {}",
+                v.map_or("nothing".into(), |v| v.to_string())
+            ))
+        };
+        let opt_usize = |key: &str| -> Result<Option<usize>> {
+            present(json.get(key))
+                .map(|v| {
+                    v.as_u64()
+                        .and_then(|n| usize::try_from(n).ok())
+                        .ok_or_else(|| typed(key, Some(v), "a non-negative integer"))
+                })
+                .transpose()
+        };
         let usize_field = |key: &str| -> Result<usize> {
-            json.get(key)
-                .and_then(|v| v.as_u64())
-                .map(|v| v as usize)
-                .ok_or_else(|| err(format!("`{key}` is missing or not an integer")))
+            opt_usize(key)?.ok_or_else(|| err(format!("`{key}` is missing")))
+        };
+        let f64_in = |obj: &serde_json::Value, key: &str| -> Result<Option<f64>> {
+            present(obj.get(key))
+                .map(|v| v.as_f64().ok_or_else(|| typed(key, Some(v), "a number")))
+                .transpose()
         };
         let hidden_size = usize_field("hidden_size")?;
         let num_attention_heads = usize_field("num_attention_heads")?;
-        let num_key_value_heads = usize_field("num_key_value_heads").unwrap_or(num_attention_heads);
-        let head_dim = json
-            .get("head_dim")
-            .and_then(|v| v.as_u64())
-            .map(|v| v as usize)
-            .unwrap_or(hidden_size / num_attention_heads.max(1));
+        let num_key_value_heads = opt_usize("num_key_value_heads")?.unwrap_or(num_attention_heads);
+        let head_dim = opt_usize("head_dim")?.unwrap_or(hidden_size / num_attention_heads.max(1));
         // Newer transformers versions move RoPE settings into `rope_parameters`.
         let rope = json.get("rope_parameters").filter(|v| v.is_object());
-        let rope_theta = json
-            .get("rope_theta")
-            .or_else(|| rope.and_then(|r| r.get("rope_theta")))
-            .and_then(|v| v.as_f64())
-            .unwrap_or(10000.0);
+        let rope_theta = match f64_in(json, "rope_theta")? {
+            Some(theta) => Some(theta),
+            None => rope.map(|r| f64_in(r, "rope_theta")).transpose()?.flatten(),
+        }
+        .unwrap_or(10000.0);
         let scaling = json.get("rope_scaling").filter(|v| v.is_object()).or(rope);
         let rope_scaling = match scaling {
             Some(s) => {
-                let kind = s
-                    .get("rope_type")
-                    .or_else(|| s.get("type"))
-                    .and_then(|v| v.as_str())
-                    .unwrap_or("default");
+                let kind = match present(s.get("rope_type").or_else(|| s.get("type"))) {
+                    None => "default",
+                    Some(v) => v
+                        .as_str()
+                        .ok_or_else(|| typed("rope_type", Some(v), "a string"))?,
+                };
                 match kind {
                     "default" => None,
                     "llama3" => {
                         let f = |key: &str| {
-                            s.get(key).and_then(|v| v.as_f64()).ok_or_else(|| {
+                            f64_in(s, key)?.ok_or_else(|| {
                                 err(format!("rope scaling field `{key}` is missing"))
                             })
                         };
@@ -208,9 +247,13 @@ impl Config {
             }
             None => None,
         };
-        let bool_field =
-            |key: &str, default: bool| json.get(key).and_then(|v| v.as_bool()).unwrap_or(default);
-        if bool_field("mlp_bias", false) {
+        let bool_field = |key: &str, default: bool| -> Result<bool> {
+            present(json.get(key)).map_or(Ok(default), |v| {
+                v.as_bool()
+                    .ok_or_else(|| typed(key, Some(v), "true or false"))
+            })
+        };
+        if bool_field("mlp_bias", false)? {
             return Err(err("`mlp_bias = true` is not supported".into()));
         }
         let config = Self {
@@ -222,21 +265,18 @@ impl Config {
             num_attention_heads,
             num_key_value_heads,
             head_dim,
-            rms_norm_eps: json
-                .get("rms_norm_eps")
-                .and_then(|v| v.as_f64())
-                .unwrap_or(1e-6),
+            rms_norm_eps: f64_in(json, "rms_norm_eps")?.unwrap_or(1e-6),
             rope_theta,
             rope_scaling,
-            max_position_embeddings: usize_field("max_position_embeddings").unwrap_or(4096),
-            tie_word_embeddings: bool_field("tie_word_embeddings", false),
+            max_position_embeddings: opt_usize("max_position_embeddings")?.unwrap_or(4096),
+            tie_word_embeddings: bool_field("tie_word_embeddings", false)?,
             attention_bias: match architecture {
                 Architecture::Qwen2 => true,
-                _ => bool_field("attention_bias", false),
+                _ => bool_field("attention_bias", false)?,
             },
             qk_norm: architecture == Architecture::Qwen3,
         };
-        config.validate(path)?;
+        config.validate(path, Source::Hf)?;
         Ok(config)
     }
 
@@ -305,19 +345,84 @@ impl Config {
             attention_bias: gguf.has_tensor("blk.0.attn_q.bias"),
             qk_norm: gguf.has_tensor("blk.0.attn_q_norm.weight"),
         };
-        config.validate(path)?;
+        config.validate(path, Source::Gguf)?;
         Ok(config)
     }
 
-    fn validate(&self, path: &Path) -> Result<()> {
+    /// Refuses what would divide by zero, overflow or quietly give NaN further on; `source`
+    /// picks the key names errors quote.
+    fn validate(&self, path: &Path, source: Source) -> Result<()> {
         let err = |msg: String| {
             Err(Error::Config {
                 path: path.to_path_buf(),
                 msg,
             })
         };
-        if self.num_attention_heads == 0 || self.num_key_value_heads == 0 || self.head_dim == 0 {
-            return err("attention heads and head dimension must be positive".into());
+        let sizes = [
+            (
+                "attention heads",
+                self.num_attention_heads,
+                "num_attention_heads",
+                "attention.head_count",
+            ),
+            (
+                "key/value heads",
+                self.num_key_value_heads,
+                "num_key_value_heads",
+                "attention.head_count_kv",
+            ),
+            (
+                "head dimension",
+                self.head_dim,
+                "head_dim",
+                "attention.key_length",
+            ),
+            (
+                "hidden size",
+                self.hidden_size,
+                "hidden_size",
+                "embedding_length",
+            ),
+            // Zero divided the work among kernel threads by zero.
+            (
+                "feed-forward width",
+                self.intermediate_size,
+                "intermediate_size",
+                "feed_forward_length",
+            ),
+            (
+                "vocabulary size",
+                self.vocab_size,
+                "vocab_size",
+                "vocab_size",
+            ),
+            (
+                "layer count",
+                self.num_hidden_layers,
+                "num_hidden_layers",
+                "block_count",
+            ),
+        ];
+        for (what, value, hf_key, gguf_key) in sizes {
+            if value == 0 {
+                let key = match source {
+                    Source::Hf => hf_key.to_string(),
+                    Source::Gguf => format!("{}.{gguf_key}", self.architecture.gguf_name()),
+                };
+                return err(format!("{what} must be positive, got 0 (`{key}`)"));
+            }
+        }
+        if self.checked_num_parameters().is_none() {
+            return err(format!(
+                "the sizes (hidden {}, feed-forward {}, vocabulary {}, {} layers, {} heads of {}) \
+                 give more parameters than can be counted",
+                self.hidden_size,
+                self.intermediate_size,
+                self.vocab_size,
+                self.num_hidden_layers,
+                self.num_attention_heads,
+                self.head_dim
+            ));
         }
         if !self
             .num_attention_heads
@@ -333,9 +438,6 @@ impl Config {
                 "head dimension {} is odd; RoPE needs it even",
                 self.head_dim
             ));
-        }
-        if self.hidden_size == 0 || self.vocab_size == 0 || self.num_hidden_layers == 0 {
-            return err("hidden size, vocabulary size and layer count must be positive".into());
         }
         // Zero, negative or NaN here would not fail: every logit would quietly be NaN.
         if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
@@ -367,23 +469,39 @@ impl Config {
         Ok(())
     }
 
-    /// Parameter count of the whole backbone (embeddings counted once when tied).
+    /// Parameter count of the whole backbone (embeddings counted once when tied); `usize::MAX`
+    /// for sizes whose count overflows (a loaded config never has them: see
+    /// [`Self::checked_num_parameters`]).
     pub fn num_parameters(&self) -> usize {
+        self.checked_num_parameters().unwrap_or(usize::MAX)
+    }
+
+    /// Parameter count of the whole backbone, or `None` when it overflows (sizes from a
+    /// damaged or hostile config).
+    pub fn checked_num_parameters(&self) -> Option<usize> {
+        let mul = |a: usize, b: usize| a.checked_mul(b);
         let h = self.hidden_size;
-        let q = self.num_attention_heads * self.head_dim;
-        let kv = self.num_key_value_heads * self.head_dim;
-        let mut layer = h * q + 2 * h * kv + q * h + 3 * h * self.intermediate_size + 2 * h;
+        let q = mul(self.num_attention_heads, self.head_dim)?;
+        let kv = mul(self.num_key_value_heads, self.head_dim)?;
+        let mut layer = [
+            mul(h, q)?,
+            mul(mul(2, h)?, kv)?,
+            mul(q, h)?,
+            mul(mul(3, h)?, self.intermediate_size)?,
+            mul(2, h)?,
+        ]
+        .into_iter()
+        .try_fold(0usize, |a, b| a.checked_add(b))?;
         if self.attention_bias {
-            layer += q + 2 * kv;
+            layer = layer.checked_add(q.checked_add(mul(2, kv)?)?)?;
         }
         if self.qk_norm {
-            layer += 2 * self.head_dim;
+            layer = layer.checked_add(mul(2, self.head_dim)?)?;
         }
-        let head = if self.tie_word_embeddings {
-            0
-        } else {
-            self.vocab_size * h
-        };
-        self.vocab_size * h + self.num_hidden_layers * layer + h + head
+        let embed = mul(self.vocab_size, h)?;
+        let head = if self.tie_word_embeddings { 0 } else { embed };
+        [embed, mul(self.num_hidden_layers, layer)?, h, head]
+            .into_iter()
+            .try_fold(0usize, |a, b| a.checked_add(b))
     }
 }

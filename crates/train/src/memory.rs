@@ -16,23 +16,29 @@ pub struct MemoryEstimate {
 }
 
 impl MemoryEstimate {
+    /// All bytes together (saturating: an absurd estimate stays absurd, never wraps to small).
     pub fn total(&self) -> u64 {
-        self.weights + self.optimizer + self.activations
+        self.weights
+            .saturating_add(self.optimizer)
+            .saturating_add(self.activations)
     }
 }
 
+// The estimates are computed in f64: sizes from flags and configs can be large enough to
+// overflow u64, which would wrap to a small number that passes the check. `as u64` saturates.
+
 /// Bytes of the activations one decoder layer keeps for `tokens` tokens in rows of `seq_len`.
-fn layer_activation_bytes(c: &Config, tokens: u64, seq_len: u64) -> u64 {
-    let h = c.hidden_size as u64;
-    let q = (c.num_attention_heads * c.head_dim) as u64;
-    let kv = (c.num_key_value_heads * c.head_dim) as u64;
-    let i = c.intermediate_size as u64;
+fn layer_activation_bytes(c: &Config, tokens: f64, seq_len: f64) -> f64 {
+    let h = c.hidden_size as f64;
+    let q = c.num_attention_heads as f64 * c.head_dim as f64;
+    let kv = c.num_key_value_heads as f64 * c.head_dim as f64;
+    let i = c.intermediate_size as f64;
     // Norm inputs and outputs, q/k/v (before and after RoPE), attention output, residuals,
     // and the MLP's gate, up and activated values.
-    let per_token = 6 * h + 3 * q + 4 * kv + 3 * i;
-    let rows = tokens.div_ceil(seq_len.max(1));
-    let softmax = rows * c.num_attention_heads as u64 * seq_len * seq_len;
-    4 * (tokens * per_token + softmax)
+    let per_token = 6.0 * h + 3.0 * q + 4.0 * kv + 3.0 * i;
+    let rows = (tokens / seq_len.max(1.0)).ceil();
+    let softmax = rows * c.num_attention_heads as f64 * seq_len * seq_len;
+    4.0 * (tokens * per_token + softmax)
 }
 
 /// Estimates the peak memory of training `plan` over `backbone` with `trainable_params`
@@ -45,7 +51,7 @@ pub fn estimate_training(
     seq_len: usize,
 ) -> MemoryEstimate {
     let c = &backbone.config;
-    let weight_bytes = backbone.embed_tokens.dtype().size_in_bytes() as u64;
+    let weight_bytes = backbone.embed_tokens.dtype().size_in_bytes() as f64;
     let layers = backbone.layers.len();
     // Layers from the first trainable one on keep activations; earlier ones run forward only.
     let first_block = plan
@@ -67,26 +73,27 @@ pub fn estimate_training(
         .filter(|b| b.layers.start >= first)
         .map(|b| b.experts.iter().map(|e| e.len()).sum::<usize>())
         .sum();
-    let (tokens, seq) = (batch_tokens as u64, seq_len as u64);
+    let (tokens, seq) = (batch_tokens as f64, seq_len as f64);
     let per_layer = layer_activation_bytes(c, tokens, seq);
     let activations = if plan.recompute_activations {
         // Each stage's input is kept, and the largest stage's activations live at a time.
-        let inputs = (layers - first.min(layers)) as u64 * 4 * tokens * c.hidden_size as u64;
+        let inputs = (layers - first.min(layers)) as f64 * 4.0 * tokens * c.hidden_size as f64;
         let largest_block = plan
             .blocks
             .iter()
             .map(|b| b.layers.len() + b.experts.iter().map(|e| e.len()).sum::<usize>())
             .max()
             .unwrap_or(1);
-        inputs + largest_block as u64 * per_layer
+        inputs + largest_block as f64 * per_layer
     } else {
-        (layers - first.min(layers) + expert_layers) as u64 * per_layer
+        (layers - first.min(layers) + expert_layers) as f64 * per_layer
     };
-    let lm_head_chunk = 2 * 4 * 256 * c.vocab_size as u64;
+    let lm_head_chunk = 2.0 * 4.0 * 256.0 * c.vocab_size as f64;
+    let trainable = trainable_params as f64;
     MemoryEstimate {
-        weights: c.num_parameters() as u64 * weight_bytes + 4 * trainable_params as u64,
-        optimizer: 3 * 4 * trainable_params as u64,
-        activations: activations + lm_head_chunk,
+        weights: (c.num_parameters() as f64 * weight_bytes + 4.0 * trainable) as u64,
+        optimizer: (3.0 * 4.0 * trainable) as u64,
+        activations: (activations + lm_head_chunk) as u64,
     }
 }
 
