@@ -11,6 +11,7 @@ pub mod gguf;
 pub mod guard;
 pub mod hf;
 pub mod memory;
+pub mod term;
 pub mod tokenizer;
 
 pub use chat::{ChatMessage, ChatTemplate};
