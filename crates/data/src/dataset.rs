@@ -53,7 +53,8 @@ impl PreparedData {
     pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
         let dir = dir.as_ref().to_path_buf();
         let manifest_path = dir.join("manifest.json");
-        let text = std::fs::read_to_string(&manifest_path).map_err(io_err(&manifest_path))?;
+        let text =
+            mode_io::input::read_to_string(&manifest_path).map_err(io_err(&manifest_path))?;
         let manifest: Manifest = serde_json::from_str(&text).map_err(|e| Error::Data {
             path: manifest_path.clone(),
             msg: format!(
@@ -76,7 +77,8 @@ impl PreparedData {
             let info = manifest.splits.get(&split).cloned().unwrap_or_default();
             let file = |ext: &str| dir.join(format!("{}.{ext}", split.name()));
             let bad = |path: PathBuf, msg: String| Error::Data { path, msg };
-            let token_bytes = std::fs::read(file("tokens")).map_err(io_err(file("tokens")))?;
+            let token_bytes =
+                mode_io::input::read(file("tokens")).map_err(io_err(file("tokens")))?;
             if token_bytes.len() != 4 * info.tokens {
                 return Err(bad(
                     file("tokens"),
@@ -91,7 +93,7 @@ impl PreparedData {
                 .chunks_exact(4)
                 .map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes")))
                 .collect();
-            let mask_file = std::fs::File::open(file("mask")).map_err(io_err(file("mask")))?;
+            let mask_file = mode_io::input::open(file("mask")).map_err(io_err(file("mask")))?;
             // SAFETY: read-only map of a file this tool wrote and renamed into place.
             let mask = unsafe { memmap2::Mmap::map(&mask_file) }.map_err(io_err(file("mask")))?;
             if mask.len() != info.tokens {
@@ -100,7 +102,7 @@ impl PreparedData {
                     format!("{} bytes for {} tokens", mask.len(), info.tokens),
                 ));
             }
-            let doc_bytes = std::fs::read(file("docs")).map_err(io_err(file("docs")))?;
+            let doc_bytes = mode_io::input::read(file("docs")).map_err(io_err(file("docs")))?;
             if doc_bytes.len() != 8 * (info.documents + 1) {
                 return Err(bad(
                     file("docs"),

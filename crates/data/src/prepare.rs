@@ -165,7 +165,7 @@ pub fn prepare(
     let mut skipped = Vec::new();
     let mut sources = Vec::new();
     for (i, file) in files.iter().enumerate() {
-        let bytes = std::fs::read(file).map_err(io_err(file))?;
+        let bytes = mode_io::input::read(file).map_err(io_err(file))?;
         let (sha256, size) = (format!("{:x}", Sha256::digest(&bytes)), bytes.len() as u64);
         let (mut d, s) = read_file(file, bytes, opts.format, opts.column.as_deref(), chat)?;
         let shown = file.display().to_string();

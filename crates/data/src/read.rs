@@ -68,6 +68,8 @@ impl std::str::FromStr for Format {
 /// (all files when `glob` is `None`), in sorted order.
 pub fn discover(input: &Path, glob: Option<&str>) -> Result<Vec<PathBuf>> {
     let meta = std::fs::metadata(input).map_err(io_err(input))?;
+    // A named pipe or device given as an input is refused, not walked as an empty folder.
+    mode_io::input::check(input).map_err(io_err(input))?;
     if meta.is_file() {
         return Ok(vec![input.to_path_buf()]);
     }

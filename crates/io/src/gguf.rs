@@ -19,7 +19,7 @@ impl GgufFile {
     /// Opens and parses the header of a GGUF file. Tensor data is read lazily by [`Self::tensor`].
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref().to_path_buf();
-        let file = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
+        let file = crate::input::open(&path).map_err(|e| Error::io(&path, e))?;
         // SAFETY: the map is read-only; a file truncated underneath us is the same hazard every
         // mmap-based loader (llama.cpp, safetensors) accepts.
         let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::io(&path, e))?;

@@ -28,6 +28,7 @@ impl HfFolder {
         let mut files = Vec::new();
         let mut routing = HashMap::new();
         for path in safetensors_files(&dir)? {
+            crate::input::check(&path).map_err(|e| Error::io(&path, e))?;
             // SAFETY: read-only map, see `GgufFile::open`.
             let st = unsafe { MmapedSafetensors::new(&path) }.map_err(|e| Error::Safetensors {
                 path: path.clone(),

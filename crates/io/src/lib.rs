@@ -10,6 +10,7 @@ pub mod fetch;
 pub mod gguf;
 pub mod guard;
 pub mod hf;
+pub mod input;
 pub mod memory;
 pub mod term;
 pub mod tokenizer;
@@ -31,7 +32,7 @@ pub fn mode_home() -> std::path::PathBuf {
 
 /// Reads and parses a JSON file; parse errors name the file, line and column.
 pub(crate) fn read_json(path: &std::path::Path) -> Result<serde_json::Value> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let text = input::read_to_string(path).map_err(|e| Error::io(path, e))?;
     serde_json::from_str(&text).map_err(|e| Error::Config {
         path: path.to_path_buf(),
         msg: format!(

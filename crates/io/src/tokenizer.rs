@@ -43,6 +43,7 @@ impl Tokenizer {
     pub fn from_hf_dir(dir: impl AsRef<Path>) -> Result<Self> {
         let dir = dir.as_ref();
         let path = dir.join("tokenizer.json");
+        crate::input::check(&path).map_err(|e| Error::io(&path, e))?;
         let inner = tokenizers::Tokenizer::from_file(&path).map_err(|e| Error::Tokenizer {
             path: path.clone(),
             msg: e.to_string(),

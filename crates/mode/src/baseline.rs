@@ -140,11 +140,14 @@ pub fn load_baseline(dir: &Path, backbone: Backbone) -> Result<(Backbone, Baseli
         });
     }
     let path = dir.join(WEIGHTS_FILE);
-    let tensors =
-        candle_core::safetensors::load(&path, backbone.device()).map_err(|e| Error::File {
-            path: path.clone(),
-            msg: e.to_string(),
-        })?;
+    let file_err = |msg: String| Error::File {
+        path: path.clone(),
+        msg,
+    };
+    // A named pipe in place of the weights would block the memory map's open.
+    mode_io::input::check(&path).map_err(|e| file_err(e.to_string()))?;
+    let tensors = candle_core::safetensors::load(&path, backbone.device())
+        .map_err(|e| file_err(e.to_string()))?;
     let backbone = match manifest.lora {
         None => {
             let dtype = backbone.embed_tokens.dtype();

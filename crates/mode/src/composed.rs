@@ -69,7 +69,7 @@ pub struct LoadedExpertFile {
 
 impl LoadedExpertFile {
     pub fn load(path: &Path, device: &Device) -> Result<Self> {
-        let bytes = std::fs::read(path).map_err(|e| Error::File {
+        let bytes = mode_io::input::read(path).map_err(|e| Error::File {
             path: path.to_path_buf(),
             msg: e.to_string(),
         })?;
@@ -133,7 +133,7 @@ pub fn save_composed(
 
 /// Reads a JSON manifest; errors name the file, and say what to do when it is missing.
 pub(crate) fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::File {
+    let text = mode_io::input::read_to_string(path).map_err(|e| Error::File {
         path: path.to_path_buf(),
         msg: if e.kind() == std::io::ErrorKind::NotFound {
             "not found: is this a folder written by `mode compose` or `mode baseline`?".into()
@@ -223,12 +223,14 @@ pub fn load_composed(dir: &Path, backbone: Backbone) -> Result<(ModeModel, Compo
         experts.push(expert);
     }
     let gates_path = dir.join(&manifest.gates_file);
-    let tensors = candle_core::safetensors::load(&gates_path, backbone.device()).map_err(|e| {
-        Error::File {
-            path: gates_path.clone(),
-            msg: e.to_string(),
-        }
-    })?;
+    let gates_err = |msg: String| Error::File {
+        path: gates_path.clone(),
+        msg,
+    };
+    // A named pipe in place of the gates would block the memory map's open.
+    mode_io::input::check(&gates_path).map_err(|e| gates_err(e.to_string()))?;
+    let tensors = candle_core::safetensors::load(&gates_path, backbone.device())
+        .map_err(|e| gates_err(e.to_string()))?;
     let dtype = backbone.embed_tokens.dtype();
     let branches = experts.len() + 1;
     let hidden = backbone.config.hidden_size;

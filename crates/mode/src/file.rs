@@ -132,7 +132,7 @@ impl ExpertFile {
             path: path.to_path_buf(),
             msg,
         };
-        let bytes = std::fs::read(path).map_err(|e| err(e.to_string()))?;
+        let bytes = mode_io::input::read(path).map_err(|e| err(e.to_string()))?;
         Self::from_bytes(&bytes, path, device)
     }
 

@@ -544,9 +544,11 @@ pub fn load_checkpoint(
         msg,
     };
     let state: CheckpointState = serde_json::from_slice(
-        &std::fs::read(&state_path).map_err(|e| err(&state_path, e.to_string()))?,
+        &mode_io::input::read(&state_path).map_err(|e| err(&state_path, e.to_string()))?,
     )
     .map_err(|e| err(&state_path, format!("bad checkpoint state: {e}")))?;
+    // A named pipe in place of the tensors would block the memory map's open.
+    mode_io::input::check(&tensors_path).map_err(|e| err(&tensors_path, e.to_string()))?;
     let tensors = candle_core::safetensors::load(&tensors_path, &Device::Cpu)
         .map_err(|e| err(&tensors_path, e.to_string()))?;
     // A saved tensor of the parameter's shape, as f32 values; `None` when absent.

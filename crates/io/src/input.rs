@@ -1,0 +1,126 @@
+//! Opening input files without blocking: a named pipe, a socket or a device given where a file
+//! belongs would make `open` or `read` wait forever (or read without end), so anything that is
+//! not a regular file (or, where folders are allowed, a folder) is refused with its name.
+//!
+//! The functions mirror `std::fs` (they return [`std::io::Result`]), so a call site swaps
+//! `std::fs::read` for [`read`] and keeps its own way of naming the file in errors.
+
+use std::fs::{File, Metadata};
+use std::io::{Error, ErrorKind, Read, Result};
+use std::path::Path;
+
+/// What kind of non-regular file `meta` describes, for messages; `None` for a regular file or
+/// a folder.
+fn special_kind(meta: &Metadata) -> Option<&'static str> {
+    use std::os::unix::fs::FileTypeExt;
+    let t = meta.file_type();
+    if t.is_file() || t.is_dir() {
+        None
+    } else if t.is_fifo() {
+        Some("a named pipe")
+    } else if t.is_socket() {
+        Some("a socket")
+    } else if t.is_char_device() {
+        Some("a character device")
+    } else if t.is_block_device() {
+        Some("a block device")
+    } else {
+        Some("a special file")
+    }
+}
+
+fn refused(kind: &str) -> Error {
+    Error::new(
+        ErrorKind::InvalidInput,
+        format!("is {kind}, not a regular file or folder"),
+    )
+}
+
+/// Refuses `path` when it exists and is neither a regular file nor a folder (symbolic links
+/// are followed). A path that does not exist passes: the caller's own open says so. For paths
+/// handed to code that opens them itself (third-party readers, memory maps).
+pub fn check(path: impl AsRef<Path>) -> Result<()> {
+    match std::fs::metadata(path) {
+        Ok(meta) => match special_kind(&meta) {
+            Some(kind) => Err(refused(kind)),
+            None => Ok(()),
+        },
+        Err(_) => Ok(()),
+    }
+}
+
+/// Opens `path` for reading (as [`File::open`]); a named pipe or other non-regular file is
+/// refused without blocking (it is opened non-blocking and checked on the open descriptor, so
+/// nothing can be swapped in between).
+pub fn open(path: impl AsRef<Path>) -> Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::io::AsRawFd;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    if let Some(kind) = special_kind(&file.metadata()?) {
+        return Err(refused(kind));
+    }
+    // Back to blocking reads, as `File::open` gives (non-blocking is moot on regular files, but
+    // the flag is inherited by anything the descriptor is passed to).
+    // SAFETY: fcntl on a descriptor we own, with flags it returned.
+    unsafe {
+        let fd = file.as_raw_fd();
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        if flags >= 0 {
+            libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK);
+        }
+    }
+    Ok(file)
+}
+
+/// [`std::fs::read`] through [`open`]: the whole file, refusing non-regular files.
+pub fn read(path: impl AsRef<Path>) -> Result<Vec<u8>> {
+    let mut file = open(path)?;
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
+/// [`std::fs::read_to_string`] through [`open`].
+pub fn read_to_string(path: impl AsRef<Path>) -> Result<String> {
+    let mut file = open(path)?;
+    let mut text = String::new();
+    file.read_to_string(&mut text)?;
+    Ok(text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn named_pipes_are_refused_without_blocking() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("pipe");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        for e in [
+            check(&fifo).unwrap_err(),
+            read(&fifo).unwrap_err(),
+            read_to_string(&fifo).unwrap_err(),
+        ] {
+            assert_eq!(e.kind(), ErrorKind::InvalidInput);
+            assert!(e.to_string().starts_with("is a named pipe"), "{e}");
+        }
+        let dev = Path::new("/dev/zero");
+        assert!(read(dev)
+            .unwrap_err()
+            .to_string()
+            .contains("character device"));
+
+        let file = dir.path().join("f.txt");
+        std::fs::write(&file, "hi").unwrap();
+        assert_eq!(read_to_string(&file).unwrap(), "hi");
+        check(&file).unwrap();
+        check(dir.path()).unwrap();
+        check(dir.path().join("missing")).unwrap();
+    }
+}
