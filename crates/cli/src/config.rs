@@ -34,8 +34,8 @@ pub fn config_path(args: &[OsString]) -> Option<PathBuf> {
 
 /// The flags `path` sets, leaving out those already on the command line.
 pub fn flags_from_config(path: &Path, args: &[OsString]) -> Result<Vec<OsString>> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text = mode_io::input::read_to_string(path)
+        .with_context(|| format!("reading {}", path.display()))?;
     let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
         let at = e.span().map_or(String::new(), |span| {
             let before = &text[..span.start.min(text.len())];

@@ -26,8 +26,8 @@ struct Cli {
     /// command line win
     #[arg(long, global = true, value_name = "FILE.toml")]
     config: Option<std::path::PathBuf>,
-    /// Worker threads for tensor math (default: all cores). Sets RAYON_NUM_THREADS.
-    #[arg(long, global = true, env = "MODE_THREADS")]
+    /// Worker threads for tensor math, 1 to 1024 (default: all cores). Sets RAYON_NUM_THREADS.
+    #[arg(long, global = true, env = "MODE_THREADS", value_parser = parse_threads)]
     threads: Option<usize>,
     #[command(subcommand)]
     command: Command,
@@ -59,7 +59,36 @@ enum Command {
     Bench(commands::bench::Args),
 }
 
+/// The most `--threads` accepted: far above any core count we run on, far below what would
+/// exhaust the process's threads (100,000 made rayon spin up for minutes, then panic).
+const MAX_THREADS: usize = 1024;
+
+fn parse_threads(s: &str) -> Result<usize, String> {
+    let n: usize = s
+        .parse()
+        .map_err(|_| format!("`{s}` is not a whole number"))?;
+    if !(1..=MAX_THREADS).contains(&n) {
+        return Err(format!("must be between 1 and {MAX_THREADS}, got {n}"));
+    }
+    Ok(n)
+}
+
+/// Sets what a write to a closed pipe does: `true`, the Unix default, ends the process quietly
+/// (`mode inspect X | head -1`), as `cat` or `grep` end; `false` (Rust's default) makes the write
+/// fail with `EPIPE`, which `println!` turns into a panic, but which a server must get so that a
+/// client hanging up does not end it.
+fn die_on_closed_pipe(die: bool) {
+    let action = if die { libc::SIG_DFL } else { libc::SIG_IGN };
+    // SAFETY: sets a signal's disposition to one of the two built-in ones, before (or between)
+    // uses of the pipe; no handler code runs.
+    unsafe {
+        libc::signal(libc::SIGPIPE, action);
+    }
+}
+
 fn main() -> ExitCode {
+    // Before anything is printed: --help, errors and every command's output.
+    die_on_closed_pipe(true);
     mode_io::memory::keep_freed_memory_for_reuse();
     // Errors are messages for users: with RUST_BACKTRACE set, candle would append a backtrace
     // to every error it makes. Panics still get theirs; RUST_LIB_BACKTRACE=1 brings the rest.
@@ -89,7 +118,7 @@ fn main() -> ExitCode {
         {
             // A flag the config file added was refused: say which file and key.
             Some(msg) => {
-                eprintln!("error: {msg}");
+                eprintln!("error: {}", mode_io::term::printable_lines(&msg));
                 return ExitCode::from(2);
             }
             None => e.exit(),
@@ -97,7 +126,11 @@ fn main() -> ExitCode {
     };
     if let Some(threads) = cli.threads {
         // Must happen before candle or rayon start their thread pools.
-        std::env::set_var("RAYON_NUM_THREADS", threads.max(1).to_string());
+        std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    }
+    if matches!(cli.command, Command::Serve(_)) {
+        // A client that hangs up must fail one write, not end the server.
+        die_on_closed_pipe(false);
     }
     // candle runs elementwise ops on its own worker pool, beside the rayon pool that runs the
     // GEMMs and our kernels; by default its idle workers spin for 25,000 rounds, taking a core
@@ -129,7 +162,8 @@ fn main() -> ExitCode {
 }
 
 /// The error and its causes on one line, leaving out a cause that the message already quotes
-/// (an I/O error names its file and repeats its source).
+/// (an I/O error names its file and repeats its source). Control characters are escaped: errors
+/// quote names and text from input files.
 fn message(e: &anyhow::Error) -> String {
     let mut msg = String::new();
     for cause in e.chain() {
@@ -142,5 +176,5 @@ fn message(e: &anyhow::Error) -> String {
         }
         msg.push_str(&text);
     }
-    msg
+    mode_io::term::printable_lines(&msg).into_owned()
 }

@@ -78,9 +78,26 @@ pub fn run(args: Args) -> Result<()> {
     if kind == BaselineKind::Full && common.backbone.weight_dtype != DType::F32 {
         bail!("full fine-tuning updates the backbone's weights: use --weight-dtype f32");
     }
+    if let BaselineKind::Lora(spec) = &kind {
+        // alpha 0 trains adapters that change nothing; NaN or infinity poisons the run.
+        if !(spec.alpha.is_finite() && spec.alpha > 0.0) {
+            bail!("--alpha must be a positive number, got {}", spec.alpha);
+        }
+    }
     let train = common.train.config(default_lr, &common.backbone)?;
     let data = common.train.open_data(&common.data)?;
     let (backbone, tokenizer, path) = common.backbone.load()?;
+    if let BaselineKind::Lora(spec) = &kind {
+        // Beyond the hidden size an adapter's matrices only grow; a huge rank overflowed
+        // their allocation (a crash).
+        let hidden = backbone.config.hidden_size;
+        if spec.rank > hidden {
+            bail!(
+                "--rank must be at most the backbone's hidden size {hidden}, got {}",
+                spec.rank
+            );
+        }
+    }
     let (ckpt, _) = side_paths(&common.out);
     common.train.prepare_checkpoint(&ckpt)?;
     eprintln!("mode: {kind:?} fine-tuning on {}", data.describe());

@@ -132,9 +132,21 @@ pub fn run(args: Args) -> Result<()> {
     }
 }
 
+/// The most timed runs (or steps) a benchmark takes.
+const MAX_RUNS: usize = 1000;
+
 fn infer(args: InferArgs) -> Result<()> {
     if args.runs == 0 || args.prompt_tokens == 0 || args.new_tokens == 0 || args.eval_tokens < 2 {
         bail!("--runs, --prompt-tokens and --new-tokens must be positive and --eval-tokens >= 2");
+    }
+    super::check_range("--runs", args.runs, 1, MAX_RUNS)?;
+    for (flag, n) in [
+        ("--prompt-tokens", args.prompt_tokens),
+        ("--new-tokens", args.new_tokens),
+        ("--eval-tokens", args.eval_tokens),
+        ("--seq-len", args.seq_len),
+    ] {
+        super::check_range(flag, n, 1, super::MAX_TOKENS)?;
     }
     let (model, tokenizer, path) = args.backbone.load()?;
     let mut ids = Vec::new();
@@ -307,6 +319,16 @@ fn decode(args: DecodeArgs) -> Result<()> {
     if args.runs == 0 || args.prompt_tokens == 0 || args.new_tokens == 0 {
         bail!("--runs, --prompt-tokens and --new-tokens must be positive");
     }
+    super::check_range("--runs", args.runs, 1, MAX_RUNS)?;
+    super::check_range("--prompt-tokens", args.prompt_tokens, 1, super::MAX_TOKENS)?;
+    super::check_range("--new-tokens", args.new_tokens, 1, super::MAX_TOKENS)?;
+    super::check_range("--blocks", args.blocks, 1, 1024)?;
+    super::check_range(
+        "--expert-layers",
+        args.expert_layers,
+        1,
+        super::train::MAX_EXPERT_LAYERS,
+    )?;
     let (model, tokenizer, what) = decode_model(&args)?;
     let tokenizer_ids = tokenizer.encode(TEXT)?;
     let mut prompt = Vec::new();
@@ -389,8 +411,11 @@ fn decode(args: DecodeArgs) -> Result<()> {
         return Ok(());
     }
     println!(
-        "{what} ({threads} threads), {} prompt tokens, {} new tokens, medians of {} runs",
-        args.prompt_tokens, args.new_tokens, args.runs
+        "{} ({threads} threads), {} prompt tokens, {} new tokens, medians of {} runs",
+        mode_io::term::printable(&what),
+        args.prompt_tokens,
+        args.new_tokens,
+        args.runs
     );
     println!(
         "  {:<28} {:>12} {:>12} {:>12} {:>10}",
@@ -450,6 +475,10 @@ fn train(args: TrainArgs) -> Result<()> {
     if args.seq_len < 2 || args.batch == 0 || args.steps == 0 {
         bail!("--seq-len must be >= 2, --batch and --steps positive");
     }
+    super::check_range("--seq-len", args.seq_len, 2, super::MAX_TOKENS)?;
+    super::check_range("--batch", args.batch, 1, 4096)?;
+    super::check_range("--steps", args.steps, 1, MAX_RUNS)?;
+    super::check_range("--warmup", args.warmup, 0, MAX_RUNS)?;
     let device = candle_core::Device::Cpu;
     let (mut model, weights) = match &args.backbone {
         Some(spec) => {

@@ -64,7 +64,7 @@ pub fn run(args: Args) -> Result<()> {
         "mode: composing {} on {} ({}, gates {:?})",
         experts
             .iter()
-            .map(|e| e.file.meta.domain.as_str())
+            .map(|e| mode_io::term::printable(&e.file.meta.domain))
             .collect::<Vec<_>>()
             .join(" + "),
         data.describe(),

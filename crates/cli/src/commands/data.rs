@@ -127,7 +127,12 @@ fn prepare(args: PrepareArgs) -> Result<()> {
     if manifest.skipped_total > 0 {
         println!("  skipped {} records:", manifest.skipped_total);
         for s in manifest.skipped.iter().take(10) {
-            println!("    {}: {}", s.location, s.reason);
+            // Both may quote the input's own bytes.
+            println!(
+                "    {}: {}",
+                mode_io::term::printable(&s.location),
+                mode_io::term::printable(&s.reason)
+            );
         }
         if manifest.skipped_total > 10 {
             println!("    ... (the first 100 are listed in manifest.json)");

@@ -45,13 +45,14 @@ pub fn run(args: Args) -> Result<()> {
     if args.seq_len < 2 {
         bail!("--seq-len must be at least 2, got {}", args.seq_len);
     }
+    super::check_range("--seq-len", args.seq_len, 2, super::MAX_TOKENS)?;
+    // 0 was taken as 1 without a word.
+    super::check_range("--batch-size", args.batch_size, 1, 4096)?;
     if args.max_windows == Some(0) {
         bail!("--max-windows must be at least 1");
     }
     for path in &args.data {
-        if !path.exists() {
-            bail!("{}: no such file or folder", path.display());
-        }
+        super::check_input(path)?;
     }
     let (model, tokenizer) = args.model.load()?;
     // Dense routing runs the model exactly as trained.
@@ -84,7 +85,8 @@ pub fn run(args: Args) -> Result<()> {
         bar.finish_and_clear();
         report.gate_weights = model.take_gate_stats();
         eprintln!(
-            "mode: {name}: {} tokens in {:.1}s ({:.0} tokens/s)",
+            "mode: {}: {} tokens in {:.1}s ({:.0} tokens/s)",
+            mode_io::term::printable(&name),
             report.tokens,
             start.elapsed().as_secs_f64(),
             report.tokens as f64 / start.elapsed().as_secs_f64()
@@ -102,7 +104,7 @@ pub fn run(args: Args) -> Result<()> {
             let i = r.accuracy_interval;
             println!(
                 "{:<32} {:>10.2} {:>15} {:>9.4} {:>11.3} {:>10} {:>12}",
-                name,
+                mode_io::term::printable(name),
                 100.0 * r.next_token_accuracy,
                 format!("{:.2}-{:.2}", i.lo, i.hi),
                 r.loss,

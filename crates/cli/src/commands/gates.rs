@@ -40,12 +40,8 @@ pub fn run(args: Args) -> Result<()> {
     if args.max_tokens == 0 {
         bail!("--max-tokens must be at least 1");
     }
-    if args.seq_len == 0 {
-        bail!("--seq-len must be at least 1");
-    }
-    if !args.data.exists() {
-        bail!("{}: no such file or folder", args.data.display());
-    }
+    super::check_range("--seq-len", args.seq_len, 1, super::MAX_TOKENS)?;
+    super::check_input(&args.data)?;
     let (model, tokenizer) = args.model.load()?;
     let LoadedModel::Mode(mode) = &model else {
         bail!(
@@ -78,7 +74,11 @@ pub fn run(args: Args) -> Result<()> {
     )
     .with_context(|| format!("running the model over {}", args.data.display()))?;
     bar.finish_and_clear();
-    print!("{}", gates::summary_table(&trace));
+    // The branches are named after the experts' domains, from their files' headers.
+    print!(
+        "{}",
+        mode_io::term::printable_lines(&gates::summary_table(&trace))
+    );
     if let Some(path) = &args.html {
         let about = gates::About {
             model: match &args.model.model {

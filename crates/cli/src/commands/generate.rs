@@ -46,6 +46,12 @@ pub fn run(args: Args) -> Result<()> {
     if !(args.top_p > 0.0 && args.top_p <= 1.0) {
         bail!("--top-p must be in (0, 1], got {}", args.top_p);
     }
+    super::check_range(
+        "--max-new-tokens",
+        args.max_new_tokens,
+        1,
+        super::MAX_TOKENS,
+    )?;
     let (model, tokenizer) = args.model.load()?;
     let lm = model.routed(args.routing.routing(&model)?)?;
     let text = if args.chat {

@@ -2,6 +2,8 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use mode_core::ExpertFile;
+// Everything from the file's header may hold escape sequences: printed escaped.
+use mode_io::term::printable as safe;
 
 /// Print what an expert file or a composed-model folder holds.
 #[derive(clap::Args, Debug)]
@@ -23,11 +25,12 @@ pub fn run(args: Args) -> Result<()> {
         return Ok(());
     }
     let m = &file.meta;
-    println!("{}", args.file.display());
-    println!("  domain            {}", m.domain);
+    println!("{}", safe(&args.file.display().to_string()));
+    println!("  domain            {}", safe(&m.domain));
     println!(
         "  backbone          {} (fingerprint {})",
-        m.backbone_source, m.backbone_fingerprint
+        safe(&m.backbone_source),
+        safe(&m.backbone_fingerprint)
     );
     println!(
         "  layout            blocks {:?}, {} expert layers per block",
@@ -35,7 +38,7 @@ pub fn run(args: Args) -> Result<()> {
     );
     println!(
         "  dims              {} hidden {}, mlp {}, heads {}/{} x {}",
-        m.dims.architecture,
+        safe(&m.dims.architecture),
         m.dims.hidden_size,
         m.dims.intermediate_size,
         m.dims.num_attention_heads,
@@ -45,7 +48,10 @@ pub fn run(args: Args) -> Result<()> {
     let t = &m.training;
     println!(
         "  training          {} steps, {} tokens, init {}, seed {}",
-        t.steps, t.tokens, t.init, t.seed
+        t.steps,
+        t.tokens,
+        safe(&t.init),
+        t.seed
     );
     println!(
         "  final losses      train {:.4}, validation {:.4} (accuracy {:.2}%)",
@@ -54,7 +60,7 @@ pub fn run(args: Args) -> Result<()> {
         100.0 * t.final_val_accuracy.unwrap_or(f64::NAN)
     );
     if let Some(d) = &t.data_fingerprint {
-        println!("  data fingerprint  {d}");
+        println!("  data fingerprint  {}", safe(d));
     }
     let params: usize = file.tensors.values().map(|t| t.elem_count()).sum();
     println!(
@@ -64,7 +70,8 @@ pub fn run(args: Args) -> Result<()> {
     );
     println!(
         "  format            v{}, written by mode {}",
-        m.format_version, m.tool_version
+        m.format_version,
+        safe(&m.tool_version)
     );
     Ok(())
 }
@@ -75,10 +82,14 @@ fn composed(args: &Args) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&m)?);
         return Ok(());
     }
-    println!("{} (composed model)", args.file.display());
+    println!(
+        "{} (composed model)",
+        safe(&args.file.display().to_string())
+    );
     println!(
         "  backbone          {} (fingerprint {})",
-        m.backbone_source, m.backbone_fingerprint
+        safe(&m.backbone_source),
+        safe(&m.backbone_fingerprint)
     );
     println!(
         "  layout            blocks {:?}, {} expert layers per block",
@@ -87,14 +98,14 @@ fn composed(args: &Args) -> Result<()> {
     for e in &m.experts {
         println!(
             "  expert            {} ({}, {}; from {})",
-            e.name,
-            e.file,
+            safe(&e.name),
+            safe(&e.file),
             if e.tuned {
                 "tuned in stage 2"
             } else {
                 "frozen"
             },
-            e.source
+            safe(&e.source)
         );
     }
     let t = &m.training;
@@ -102,7 +113,7 @@ fn composed(args: &Args) -> Result<()> {
         "  stage 2           {} steps, {} tokens, gates {}, seed {}, validation loss {:.4} (accuracy {:.2}%)",
         t.steps,
         t.tokens,
-        m.gate_init,
+        safe(&m.gate_init),
         t.seed,
         t.final_val_loss.unwrap_or(f64::NAN),
         100.0 * t.final_val_accuracy.unwrap_or(f64::NAN)

@@ -19,6 +19,33 @@ use candle_core::{DType, Device};
 use mode_io::Tokenizer;
 use mode_model::Backbone;
 
+/// The most tokens a token-count flag accepts (`--max-new-tokens`, `--seq-len` of eval,
+/// bench lengths): a million, far beyond any context we run, far below sizes that overflow.
+pub const MAX_TOKENS: usize = 1 << 20;
+
+/// Refuses a numeric flag outside `min..=max`, naming it: values beyond what makes sense would
+/// otherwise overflow a size, allocate without end or run for days.
+pub fn check_range<T: PartialOrd + std::fmt::Display>(
+    flag: &str,
+    value: T,
+    min: T,
+    max: T,
+) -> Result<()> {
+    if !(value >= min && value <= max) {
+        anyhow::bail!("{flag} must be between {min} and {max}, got {value}");
+    }
+    Ok(())
+}
+
+/// Refuses an input that does not exist, or that is not a regular file or folder (a named pipe
+/// would block the read forever), naming it.
+pub fn check_input(path: &std::path::Path) -> Result<()> {
+    if !path.exists() {
+        anyhow::bail!("{}: no such file or folder", path.display());
+    }
+    mode_io::input::check(path).with_context(|| path.display().to_string())
+}
+
 /// Which backbone to load and how to store its weights.
 #[derive(clap::Args, Debug, Clone)]
 pub struct BackboneArgs {
@@ -167,7 +194,8 @@ impl ModelArgs {
             }
         };
         if let Some(what) = what {
-            eprintln!("mode: {what}");
+            // Names from the files' headers: escaped.
+            eprintln!("mode: {}", mode_io::term::printable(&what));
         }
         Ok((model, tokenizer))
     }

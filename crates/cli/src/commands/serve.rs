@@ -52,6 +52,13 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<()> {
+    super::check_range("--max-tokens", args.max_tokens, 1, super::MAX_TOKENS)?;
+    super::check_range(
+        "--max-prompt-tokens",
+        args.max_prompt_tokens,
+        1,
+        super::MAX_TOKENS,
+    )?;
     let (model, tokenizer) = args.model.load()?;
     let name = args.name.clone().unwrap_or_else(|| {
         // One expert names the model; several, like none, leave it the backbone's name.
@@ -104,7 +111,10 @@ pub fn run(args: Args) -> Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    eprintln!("mode: serving `{name}` on http://{addr} (Ctrl-C stops)");
+    eprintln!(
+        "mode: serving `{}` on http://{addr} (Ctrl-C stops)",
+        mode_io::term::printable(&name)
+    );
     runtime
         .block_on(mode_serve::serve(served, addr))
         .with_context(|| format!("serving on {addr}"))

@@ -47,6 +47,10 @@ pub struct Args {
     train: TrainFlags,
 }
 
+/// The most expert layers per block `--expert-layers-per-block` accepts (each block of the
+/// backbone has a handful of layers; more would only exhaust memory).
+pub const MAX_EXPERT_LAYERS: usize = 256;
+
 pub fn run(args: Args) -> Result<()> {
     if args.out.is_dir() {
         bail!(
@@ -54,6 +58,13 @@ pub fn run(args: Args) -> Result<()> {
             args.out.display()
         );
     }
+    // Zero is refused by the block layout, which says why.
+    super::check_range(
+        "--expert-layers-per-block",
+        args.expert_layers_per_block,
+        0,
+        MAX_EXPERT_LAYERS,
+    )?;
     let train = args.train.config(ADAPTER_LR, &args.backbone)?;
     let data = args.train.open_data(&args.data)?;
     let (backbone, tokenizer, path) = args.backbone.load()?;
@@ -66,7 +77,11 @@ pub fn run(args: Args) -> Result<()> {
             .collect::<Vec<_>>()
             .join("+")
     });
-    eprintln!("mode: training expert `{domain}` on {}", data.describe());
+    eprintln!(
+        "mode: training expert `{}` on {}",
+        mode_io::term::printable(&domain),
+        data.describe()
+    );
     let opts = Stage1Options {
         domain,
         blocks: args.blocks,
@@ -89,7 +104,7 @@ pub fn run(args: Args) -> Result<()> {
     println!(
         "wrote {} ({} expert, {} blocks x {} layers): {}",
         args.out.display(),
-        meta.domain,
+        mode_io::term::printable(&meta.domain),
         meta.layout.num_blocks(),
         meta.layout.expert_layers_per_block,
         summary(&report)

@@ -6,6 +6,12 @@ use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use mode_train::trainer::{Event, TrainConfig, TrainReport};
 
+/// The longest training row `--seq-len` allows (attention scores grow with its square).
+pub const MAX_SEQ_LEN: usize = 1 << 20;
+/// The most tokens per step `--batch-tokens` allows; far beyond what fits in memory, which the
+/// memory check then says.
+pub const MAX_BATCH_TOKENS: usize = 1 << 26;
+
 /// Flags of the training loop, the same for `train`, `compose` and the baselines.
 #[derive(clap::Args, Debug, Clone)]
 pub struct TrainFlags {
@@ -59,6 +65,30 @@ impl TrainFlags {
     pub fn config(&self, default_lr: f64, backbone: &super::BackboneArgs) -> Result<TrainConfig> {
         if self.seq_len < 2 || self.batch_tokens < self.seq_len || self.steps == 0 {
             bail!("need --seq-len >= 2, --batch-tokens >= --seq-len and --steps >= 1");
+        }
+        // Beyond these, sizes computed from the flags overflow (a panic, or a memory estimate
+        // that wraps around to a small number and passes).
+        if self.seq_len > MAX_SEQ_LEN {
+            bail!(
+                "--seq-len must be at most {MAX_SEQ_LEN}, got {}",
+                self.seq_len
+            );
+        }
+        if self.batch_tokens > MAX_BATCH_TOKENS {
+            bail!(
+                "--batch-tokens must be at most {MAX_BATCH_TOKENS}, got {}",
+                self.batch_tokens
+            );
+        }
+        if (self.steps as u64)
+            .checked_mul(self.batch_tokens as u64)
+            .is_none()
+        {
+            bail!(
+                "--steps {} x --batch-tokens {} tokens cannot be counted; lower --steps",
+                self.steps,
+                self.batch_tokens
+            );
         }
         if let Some(m) = self.micro_batch_tokens {
             if m < self.seq_len || m > self.batch_tokens {
