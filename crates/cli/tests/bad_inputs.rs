@@ -1,7 +1,8 @@
 //! Bad inputs through the `mode` binary: broken GGUF and safetensors backbones, broken expert
 //! files and composed models, unusable data, bad flags and config files. Every case must end in
 //! a clear error (naming the file, and the line, record or tensor where there is one) with a
-//! non-zero exit: no panic, no backtrace, no hang.
+//! non-zero exit: no panic, no backtrace, no hang, and no raw control character on stderr.
+//! Output into a pipe that is already closed must end quietly, as Unix tools do.
 //!
 //! Small inputs are committed under `tests/bad_inputs/` (written by `make.py` there); inputs
 //! that are large or derived from the tiny test backbone are made here, in a temporary folder.
@@ -25,6 +26,12 @@ enum Expect {
     Fails(Vec<String>),
     /// A control: exit 0, with each string in stdout.
     Succeeds(Vec<String>),
+    /// Text from a hostile file shown escaped: exit 0, each string in stdout or stderr, and no
+    /// raw control character (but newline and tab) in either.
+    Escaped(Vec<String>),
+    /// Stdout is a pipe closed before the run (`mode ... | head -1`): killed by SIGPIPE or exit
+    /// 0, and nothing about it on stderr.
+    QuietOnClosedPipe,
 }
 
 struct Case {
@@ -43,6 +50,14 @@ impl Cases {
 
     fn ok(&mut self, name: &str, args: &[&str], stdout: &[&str]) {
         self.push(name, args, Expect::Succeeds(owned(stdout)));
+    }
+
+    fn escaped(&mut self, name: &str, args: &[&str], shown: &[&str]) {
+        self.push(name, args, Expect::Escaped(owned(shown)));
+    }
+
+    fn closed_pipe(&mut self, name: &str, args: &[&str]) {
+        self.push(name, args, Expect::QuietOnClosedPipe);
     }
 
     fn push(&mut self, name: &str, args: &[&str], expect: Expect) {
@@ -70,6 +85,8 @@ fn p(path: &Path) -> String {
 struct Run {
     /// `None` when killed by a signal or by the timeout.
     code: Option<i32>,
+    /// The signal that ended it, if one did.
+    signal: Option<i32>,
     stdout: String,
     stderr: String,
     timed_out: bool,
@@ -77,6 +94,12 @@ struct Run {
 }
 
 fn run_mode(args: &[String], home: &Path) -> Run {
+    run_mode_with(args, home, false)
+}
+
+/// [`run_mode`], with stdout a pipe whose reading end is closed before `mode` starts when
+/// `stdout_closed`: every write to it fails, as into `| head -1` once `head` has left.
+fn run_mode_with(args: &[String], home: &Path, stdout_closed: bool) -> Run {
     let start = Instant::now();
     let mut child = Command::new(env!("CARGO_BIN_EXE_mode"))
         .args(args)
@@ -99,7 +122,13 @@ fn run_mode(args: &[String], home: &Path) -> Run {
             String::from_utf8_lossy(&buf).into_owned()
         })
     };
-    let out = drain(Box::new(child.stdout.take().unwrap()));
+    let stdout = child.stdout.take().unwrap();
+    let out = if stdout_closed {
+        drop(stdout);
+        std::thread::spawn(String::new)
+    } else {
+        drain(Box::new(stdout))
+    };
     let err = drain(Box::new(child.stderr.take().unwrap()));
     let mut timed_out = false;
     let status = loop {
@@ -113,8 +142,10 @@ fn run_mode(args: &[String], home: &Path) -> Run {
         }
         std::thread::sleep(Duration::from_millis(10));
     };
+    use std::os::unix::process::ExitStatusExt;
     Run {
         code: status.code(),
+        signal: status.signal(),
         stdout: out.join().unwrap(),
         stderr: err.join().unwrap(),
         timed_out,
@@ -131,7 +162,41 @@ fn judge(case: &Case, run: &Run) -> Option<String> {
     if run.stderr.contains("panicked") || lower.contains("backtrace") {
         return Some("panicked or printed a backtrace".into());
     }
+    // Text from files (names, domains, records) must reach the terminal escaped.
+    let raw_control = |text: &str| {
+        text.chars()
+            .any(|c| c.is_control() && c != '\n' && c != '\t')
+    };
+    if raw_control(&run.stderr) {
+        return Some("a raw control character on stderr".into());
+    }
     match (&case.expect, run.code) {
+        (Expect::QuietOnClosedPipe, _) => {
+            const SIGPIPE: i32 = 13;
+            if lower.contains("broken pipe") || lower.contains("failed printing") {
+                Some("complained about the closed pipe".into())
+            } else if run.code == Some(0) || run.signal == Some(SIGPIPE) {
+                None
+            } else {
+                Some(format!(
+                    "ended with {:?} (signal {:?}); expected SIGPIPE or exit 0",
+                    run.code, run.signal
+                ))
+            }
+        }
+        (Expect::Escaped(_), None) => Some("killed by a signal".into()),
+        (Expect::Escaped(_), Some(c)) if c != 0 => Some(format!("exited {c}; expected success")),
+        (Expect::Escaped(want), Some(_)) => {
+            let both = format!("{}{}", run.stdout, run.stderr);
+            let missing: Vec<&String> = want.iter().filter(|w| !both.contains(*w)).collect();
+            if raw_control(&run.stdout) {
+                Some("a raw control character on stdout".into())
+            } else if !missing.is_empty() {
+                Some(format!("output lacks {missing:?}"))
+            } else {
+                None
+            }
+        }
         (_, None) => Some("killed by a signal".into()),
         (Expect::Fails(_), Some(0)) => Some("exited 0; expected an error".into()),
         (Expect::Fails(want), Some(_)) => {
@@ -575,7 +640,14 @@ fn bad_inputs_fail_cleanly() {
             "embedding_without_dims",
             &["`token_embd.weight` has no dimensions"],
         ),
-        ("embedding_dims_overflow", &["tensor `token_embd.weight`"]),
+        // The vocabulary comes from the embedding's shape, whose product overflows.
+        (
+            "embedding_dims_overflow",
+            &[
+                "vocabulary 4611686018427387904",
+                "more parameters than can be counted",
+            ],
+        ),
         // A vocabulary of 2^40 rows: the memory check refuses it before anything is read.
         ("vocab_huge", &["needs about", "GiB", "--no-memory-check"]),
         ("nan_weights", &["tensor `blk.0.attn_q.weight` holds NaN"]),
@@ -2465,6 +2537,504 @@ fn bad_inputs_fail_cleanly() {
         &["not_utf8.toml"],
     );
 
+    // --- A closed pipe (`mode ... | head -1`): a quiet end, no "failed printing" panic. ----
+    let data_code_2 = s("out/pipe-prepare");
+    let closed: &[(&str, Vec<&str>)] = &[
+        (
+            "data prepare",
+            vec![
+                "data",
+                "prepare",
+                "--backbone",
+                &tiny,
+                "--input",
+                &held,
+                "--out",
+                &data_code_2,
+            ],
+        ),
+        ("inspect an expert", vec!["inspect", &code]),
+        ("inspect a model", vec!["inspect", &model]),
+        (
+            "eval",
+            vec![
+                "eval",
+                "--backbone",
+                &tiny,
+                "--data",
+                &held,
+                "--seq-len",
+                "32",
+            ],
+        ),
+        (
+            "gates",
+            vec![
+                "gates",
+                "--backbone",
+                &tiny,
+                "--model",
+                &model,
+                "--data",
+                &held,
+            ],
+        ),
+        (
+            "generate",
+            vec![
+                "generate",
+                "--backbone",
+                &tiny,
+                "--prompt",
+                "def",
+                "--max-new-tokens",
+                "4",
+                "--temperature",
+                "0",
+            ],
+        ),
+    ];
+    for (name, args) in closed {
+        cases.closed_pipe(&format!("closed pipe: {name}"), args);
+    }
+
+    // --- Flag and config values that panicked, overflowed or were quietly ignored. ---------
+    let eval_tiny = |cases: &mut Cases, name: &str, extra: &[&str], want: &[&str]| {
+        let mut a = vec!["eval", "--backbone", tiny.as_str(), "--data", &held];
+        a.extend(extra);
+        cases.fail(&format!("values: {name}"), &a, want);
+    };
+    eval_tiny(
+        &mut cases,
+        "--threads 100000",
+        &["--threads", "100000"],
+        &["--threads", "must be between 1 and 1024, got 100000"],
+    );
+    eval_tiny(
+        &mut cases,
+        "--threads 0",
+        &["--threads", "0"],
+        &["--threads", "must be between 1 and 1024, got 0"],
+    );
+    eval_tiny(
+        &mut cases,
+        "eval --batch-size 0",
+        &["--batch-size", "0"],
+        &["--batch-size must be between 1 and 4096, got 0"],
+    );
+    eval_tiny(
+        &mut cases,
+        "eval --seq-len 2^62",
+        &["--seq-len", "4611686018427387904"],
+        &["--seq-len must be between 2 and 1048576"],
+    );
+    const HUGE: &str = "4611686018427387904";
+    train_with(
+        &mut cases,
+        "--batch-tokens 2^62",
+        &["--batch-tokens", HUGE],
+        &["--batch-tokens must be at most 67108864, got 4611686018427387904"],
+    );
+    train_with(
+        &mut cases,
+        "--steps 2^62 (token budget past 2^64)",
+        &["--steps", HUGE, "--batch-tokens", "1024"],
+        &[
+            "--steps 4611686018427387904 x --batch-tokens 1024",
+            "lower --steps",
+        ],
+    );
+    train_with(
+        &mut cases,
+        "--seq-len 2^62",
+        &["--seq-len", HUGE, "--batch-tokens", HUGE],
+        &["--seq-len must be at most 1048576"],
+    );
+    train_with(
+        &mut cases,
+        "--expert-layers-per-block 2^62",
+        &["--expert-layers-per-block", HUGE],
+        &["--expert-layers-per-block must be between 0 and 256"],
+    );
+    let lora = |cases: &mut Cases, name: &str, extra: &[&str], want: &[&str]| {
+        let out = s("models/lora-values");
+        let mut a = vec!["baseline", "lora", "--backbone", tiny.as_str()];
+        a.extend(["--data", data_code.as_str(), "--out", &out]);
+        a.extend(["--steps", "1", "--seq-len", "32", "--batch-tokens", "64"]);
+        a.extend(extra);
+        cases.fail(&format!("values: baseline lora {name}"), &a, want);
+    };
+    lora(
+        &mut cases,
+        "--rank 2^62",
+        &["--rank", HUGE],
+        &["--rank must be at most the backbone's hidden size 64"],
+    );
+    lora(
+        &mut cases,
+        "--alpha 0",
+        &["--alpha", "0"],
+        &["--alpha must be a positive number, got 0"],
+    );
+    lora(
+        &mut cases,
+        "--alpha nan",
+        &["--alpha", "nan"],
+        &["--alpha must be a positive number, got NaN"],
+    );
+    generate(
+        &mut cases,
+        "--max-new-tokens 2^62",
+        &["--max-new-tokens", HUGE],
+        &["--max-new-tokens must be between 1 and 1048576"],
+    );
+    generate(
+        &mut cases,
+        "--max-new-tokens 0",
+        &["--max-new-tokens", "0"],
+        &["--max-new-tokens must be between 1 and 1048576, got 0"],
+    );
+    cases.fail(
+        "values: bench infer --new-tokens 2^62",
+        &["bench", "infer", "--backbone", &tiny, "--new-tokens", HUGE],
+        &["--new-tokens must be between 1 and 1048576"],
+    );
+    cases.fail(
+        "values: serve --max-tokens 0",
+        &["serve", "--backbone", &tiny, "--max-tokens", "0"],
+        &["--max-tokens must be between 1 and 1048576, got 0"],
+    );
+    // config.json values: zero sizes divided by zero, strings fell back to defaults, huge
+    // sizes overflowed the parameter count.
+    let config_edit = |name: &str, edit: &dyn Fn(&mut serde_json::Value)| -> String {
+        variant(name, &|d| {
+            let path = d.join("config.json");
+            let mut c: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+            edit(&mut c);
+            std::fs::write(path, c.to_string()).unwrap();
+        })
+    };
+    let config_values: &[(&str, &str, serde_json::Value, &[&str])] = &[
+        (
+            "zero_ffn",
+            "intermediate_size",
+            serde_json::json!(0),
+            &["feed-forward width must be positive, got 0 (`intermediate_size`)"],
+        ),
+        (
+            "zero_heads",
+            "num_attention_heads",
+            serde_json::json!(0),
+            &["attention heads must be positive, got 0 (`num_attention_heads`)"],
+        ),
+        (
+            "zero_hidden",
+            "hidden_size",
+            serde_json::json!(0),
+            &["hidden size must be positive, got 0 (`hidden_size`)"],
+        ),
+        (
+            "string_hidden",
+            "hidden_size",
+            serde_json::json!("64"),
+            &["`hidden_size` must be a non-negative integer, got \"64\""],
+        ),
+        (
+            "string_kv_heads",
+            "num_key_value_heads",
+            serde_json::json!("2"),
+            &["`num_key_value_heads` must be a non-negative integer, got \"2\""],
+        ),
+        (
+            "string_eps",
+            "rms_norm_eps",
+            serde_json::json!("1e-6"),
+            &["`rms_norm_eps` must be a number, got \"1e-6\""],
+        ),
+        (
+            "string_rope_theta",
+            "rope_theta",
+            serde_json::json!("10000"),
+            &["`rope_theta` must be a number, got \"10000\""],
+        ),
+        (
+            "string_tie",
+            "tie_word_embeddings",
+            serde_json::json!("true"),
+            &["`tie_word_embeddings` must be true or false, got \"true\""],
+        ),
+        (
+            "negative_ffn",
+            "intermediate_size",
+            serde_json::json!(-128),
+            &["`intermediate_size` must be a non-negative integer, got -128"],
+        ),
+        (
+            "huge_hidden",
+            "hidden_size",
+            serde_json::json!(1u64 << 62),
+            &["more parameters than can be counted"],
+        ),
+    ];
+    for (name, key, value, want) in config_values {
+        let dir = config_edit(name, &|c| c[*key] = value.clone());
+        let mut want = want.to_vec();
+        let file = format!("{name}/config.json");
+        want.push(&file);
+        cases.fail(
+            &format!("values: config.json {name}"),
+            &["eval", "--backbone", &dir, "--data", &held],
+            &want,
+        );
+    }
+
+    // --- Named pipes and devices given as inputs: refused by name, never waited on. --------
+    let fifo = |name: &str| -> String {
+        let path = tp(name);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        let made = Command::new("mkfifo").arg(&path).status().unwrap();
+        assert!(made.success(), "mkfifo {}", path.display());
+        p(&path)
+    };
+    let pipe = fifo("fifos/input.pipe");
+    let is_pipe = "input.pipe: is a named pipe, not a regular file or folder";
+    let (fifo_out, fifo_tok_out) = (s("out/fifo-prepare"), s("out/fifo-tokenizer"));
+    let fifo_cases: &[(&str, Vec<&str>)] = &[
+        (
+            "data prepare --input",
+            vec![
+                "data",
+                "prepare",
+                "--backbone",
+                &tiny,
+                "--input",
+                &pipe,
+                "--out",
+                &fifo_out,
+            ],
+        ),
+        (
+            "eval --data",
+            vec!["eval", "--backbone", &tiny, "--data", &pipe],
+        ),
+        (
+            "eval --backbone",
+            vec!["eval", "--backbone", &pipe, "--data", &held],
+        ),
+        (
+            "eval --expert",
+            vec![
+                "eval",
+                "--backbone",
+                &tiny,
+                "--expert",
+                &pipe,
+                "--data",
+                &held,
+            ],
+        ),
+        (
+            "gates --data",
+            vec![
+                "gates",
+                "--backbone",
+                &tiny,
+                "--model",
+                &model,
+                "--data",
+                &pipe,
+            ],
+        ),
+        ("inspect", vec!["inspect", &pipe]),
+        ("--config", vec!["train", "--config", &pipe]),
+        (
+            "data prepare --backbone",
+            vec![
+                "data",
+                "prepare",
+                "--backbone",
+                &pipe,
+                "--input",
+                &held,
+                "--out",
+                &fifo_tok_out,
+            ],
+        ),
+    ];
+    for (name, args) in fifo_cases {
+        cases.fail(&format!("fifo: {name}"), args, &[is_pipe]);
+    }
+    // Files inside folders the user names.
+    let fifo_inside = |dir: &str, file: &str| {
+        let path = Path::new(dir).join(file);
+        std::fs::remove_file(&path).unwrap();
+        let made = Command::new("mkfifo").arg(&path).status().unwrap();
+        assert!(made.success(), "mkfifo {}", path.display());
+    };
+    let dir = variant("fifo_config", &|_| {});
+    fifo_inside(&dir, "config.json");
+    cases.fail(
+        "fifo: a backbone's config.json",
+        &["eval", "--backbone", &dir, "--data", &held],
+        &["fifo_config/config.json: is a named pipe"],
+    );
+    let dir = variant("fifo_weights", &|_| {});
+    fifo_inside(&dir, st_name);
+    cases.fail(
+        "fifo: a backbone's weights",
+        &["eval", "--backbone", &dir, "--data", &held],
+        &["fifo_weights/model.safetensors: is a named pipe"],
+    );
+    let dir = variant("fifo_tokenizer", &|_| {});
+    fifo_inside(&dir, "tokenizer.json");
+    cases.fail(
+        "fifo: a backbone's tokenizer.json",
+        &["eval", "--backbone", &dir, "--data", &held],
+        &["fifo_tokenizer/tokenizer.json: is a named pipe"],
+    );
+    let dir = model_variant("fifo_gates", &|_| {});
+    fifo_inside(&dir, "gates.safetensors");
+    eval_model(
+        &mut cases,
+        "gates.safetensors a named pipe",
+        &dir,
+        &["fifo_gates/gates.safetensors: is a named pipe"],
+    );
+    let dir = model_variant("fifo_manifest", &|_| {});
+    fifo_inside(&dir, "model.json");
+    eval_model(
+        &mut cases,
+        "model.json a named pipe",
+        &dir,
+        &["fifo_manifest/model.json: is a named pipe"],
+    );
+    let prepared = tp("fifo-data");
+    copy_dir(&tp("data/code"), &prepared);
+    fifo_inside(&p(&prepared), "manifest.json");
+    train_with(
+        &mut cases,
+        "--data with a named pipe for manifest.json",
+        &["--data", &p(&prepared)],
+        &["fifo-data/manifest.json: is a named pipe"],
+    );
+    cases.fail(
+        "fifo: eval --data /dev/zero",
+        &["eval", "--backbone", &tiny, "--data", "/dev/zero"],
+        &["/dev/zero: is a character device"],
+    );
+
+    // --- Escape sequences in file metadata reach the terminal escaped. ---------------------
+    let evil_domain = "evil\u{1b}[31mred\u{1b}]0;title\u{7}\u{9b}2J";
+    let evil = bad_expert(
+        "evil_domain",
+        &|m| m["domain"] = serde_json::json!(evil_domain),
+        &keep_tensors,
+    );
+    let shown = "evil\\x1b[31mred\\x1b]0;title\\x07\\u{9b}2J";
+    cases.escaped("escapes: inspect", &["inspect", &evil], &[shown]);
+    cases.escaped(
+        "escapes: eval --expert",
+        &[
+            "eval",
+            "--backbone",
+            &tiny,
+            "--expert",
+            &evil,
+            "--data",
+            &held,
+        ],
+        &[shown],
+    );
+    cases.escaped(
+        "escapes: gates --expert",
+        &[
+            "gates",
+            "--backbone",
+            &tiny,
+            "--expert",
+            &evil,
+            "--data",
+            &held,
+        ],
+        &[shown],
+    );
+    cases.fail(
+        "escapes: an error naming the expert",
+        &[
+            "eval",
+            "--backbone",
+            &tiny,
+            "--expert",
+            &evil,
+            "--data",
+            &held,
+            "--active-experts",
+            "poetry",
+        ],
+        &["poetry", shown],
+    );
+    // A file name is text from the input too: an empty file is listed as skipped.
+    let evil_dir = tp("evil-names");
+    std::fs::create_dir_all(&evil_dir).unwrap();
+    std::fs::write(
+        evil_dir.join("ok.py"),
+        "def f(x):\n    return x\n".repeat(20),
+    )
+    .unwrap();
+    std::fs::write(evil_dir.join("\u{1b}[2Jempty.py"), "").unwrap();
+    cases.escaped(
+        "escapes: a skipped file's name",
+        &[
+            "data",
+            "prepare",
+            "--backbone",
+            &tiny,
+            "--input",
+            &p(&evil_dir),
+            "--out",
+            &s("out/evil-names"),
+        ],
+        &["\\x1b[2Jempty.py: empty file"],
+    );
+
+    // --- A temperature too small for f32 is greedy, not empty text. ------------------------
+    let greedy = |temperature: &str| {
+        let run = run_mode(
+            &owned(&[
+                "generate",
+                "--backbone",
+                &tiny,
+                "--prompt",
+                "def f(x):",
+                "--max-new-tokens",
+                "12",
+                "--temperature",
+                temperature,
+            ]),
+            &home,
+        );
+        assert_eq!(run.code, Some(0), "generate: {}", run.stderr);
+        run.stdout
+    };
+    let text = greedy("0");
+    assert!(!text.trim().is_empty(), "greedy text is empty");
+    cases.ok(
+        "control: generate --temperature 1e-300 is greedy",
+        &[
+            "generate",
+            "--backbone",
+            &tiny,
+            "--prompt",
+            "def f(x):",
+            "--max-new-tokens",
+            "12",
+            "--temperature",
+            "1e-300",
+        ],
+        &[&text],
+    );
+
     // --- Run them all. ---------------------------------------------------------------------
     let start = Instant::now();
     let mut failures = Vec::new();
@@ -2472,7 +3042,8 @@ fn bad_inputs_fail_cleanly() {
     // MODE_SHOW_BAD_INPUTS=1 prints what every case said, to review the messages.
     let show = std::env::var_os("MODE_SHOW_BAD_INPUTS").is_some();
     for case in &cases.0 {
-        let run = run_mode(&case.args, &home);
+        let closed = matches!(case.expect, Expect::QuietOnClosedPipe);
+        let run = run_mode_with(&case.args, &home, closed);
         if show {
             eprintln!(
                 "## {} (exit {:?}, {:.2}s)\n{}",
