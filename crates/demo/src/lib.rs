@@ -67,8 +67,8 @@ pub enum Preset {
     Quick,
     /// Under 30 minutes on a 2-core machine: the headline methods, one seed.
     Default,
-    /// Longer training, three seeds of the headline methods, every MoDE variant, a LoRA rank
-    /// sweep, more evaluation windows.
+    /// Longer training, three seeds of the headline methods, every MoDE variant, more
+    /// evaluation windows.
     Full,
 }
 
@@ -120,7 +120,9 @@ impl Budget {
             eval_windows: 64,
             eval_seq_len: 256,
             select_windows: 64,
-            tradeoff_steps: vec![64, 256, 1024],
+            // Each length at most 8x the table's, so that the whole study (about 2.5 hours
+            // here) fits in one sitting.
+            tradeoff_steps: vec![64, 256, 512],
         };
         match p {
             Preset::Default => base,
@@ -136,12 +138,13 @@ impl Budget {
                 tradeoff_steps: vec![4, 8],
                 ..base
             },
+            // Twice the training and half again the windows, three seeds: about 2.5 hours here.
+            // LoRA ranks are swept by `--scaling`.
             Preset::Full => Self {
-                steps: 256,
-                compose_steps: 64,
-                lora_sweep: vec![4, 64],
+                steps: 128,
+                compose_steps: 32,
                 seeds: 3,
-                eval_windows: 128,
+                eval_windows: 96,
                 ..base
             },
         }
@@ -294,8 +297,8 @@ fn headline(b: &Budget) -> [Method; 3] {
 }
 
 /// Every run of a demo, in the order they run: the backbone, the headline methods for each
-/// seed, then (`--full`) every MoDE variant and the LoRA sweep, the scaling sweep and the
-/// trade-off's longer runs when asked for.
+/// seed, then (`--full`) every MoDE variant and the budget's LoRA sweep, the scaling sweep and
+/// the trade-off's longer runs when asked for.
 pub fn plan(opts: &DemoOptions) -> Vec<RunSpec> {
     let b = &opts.budget;
     let mut specs = vec![RunSpec::new(Method::Backbone, b)];

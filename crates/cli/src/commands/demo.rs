@@ -20,21 +20,22 @@ use super::training::TrainProgress;
     counts) and OUT/report.html. A stopped demo resumes where it was when run again.\n\n\
     Examples:\n  mode demo                 # under 30 minutes on 2 cores\n  \
     mode demo --quick         # a smoke run of a few minutes; numbers mean nothing\n  \
-    mode demo --full          # longer training, 3 seeds, every MoDE variant, a LoRA rank sweep\n  \
-    mode demo --tradeoff      # also 256 and 1024 steps: target gain against forgetting\n  \
+    mode demo --full          # longer training, 3 seeds, every MoDE variant (runs/demo-full)\n  \
+    mode demo --tradeoff      # also 256 and 512 steps: target gain against forgetting\n  \
     mode demo --scaling       # also accuracy against added parameters and examples\n  \
     mode demo --select-lr     # the learning-rate grid on validation (runs/select-lr)"
 )]
 pub struct Args {
-    /// Output folder [default: runs/demo, or runs/select-lr with --select-lr]
+    /// Output folder [default: runs/demo; runs/demo-full with --full, runs/select-lr with
+    /// --select-lr]
     #[arg(long)]
     out: Option<PathBuf>,
     /// A smoke run of a few minutes
     #[arg(long, conflicts_with = "full")]
     quick: bool,
-    /// Longer training (256 steps), 3 seeds of full FT, LoRA and composed MoDE, every MoDE
-    /// variant (single experts, frozen experts, one fresh expert on the mix), a LoRA rank sweep,
-    /// 128 evaluation windows per set
+    /// Longer training (128 steps), 3 seeds of full FT, LoRA and composed MoDE, every MoDE
+    /// variant (single experts, frozen experts, one fresh expert on the mix), 96 evaluation
+    /// windows per set
     #[arg(long)]
     full: bool,
     /// Override the preset's steps per method
@@ -55,7 +56,7 @@ pub struct Args {
     #[arg(long)]
     scaling: bool,
     /// Also train full fine-tuning, LoRA and composed MoDE for longer (the budget's trade-off
-    /// steps: 256 and 1024 by default) and chart target gain against retention change
+    /// steps: 256 and 512 by default) and chart target gain against retention change
     #[arg(long)]
     tradeoff: bool,
     /// Choose each stage's learning rate on validation data instead: full FT {3e-5, 1e-4,
@@ -109,6 +110,8 @@ pub fn run(args: Args) -> Result<()> {
     let out = args.out.unwrap_or_else(|| {
         PathBuf::from(if args.select_lr {
             "runs/select-lr"
+        } else if args.full {
+            "runs/demo-full"
         } else {
             "runs/demo"
         })
