@@ -139,66 +139,116 @@ fn selection_loss(runs: &[RunResult]) -> f64 {
     losses.iter().sum::<f64>() / losses.len().max(1) as f64
 }
 
+/// How many times a stage's grid is extended past an edge that wins.
+pub const MAX_EXTENSIONS: usize = 2;
+
+/// The next rate on the half-decade ladder (1, 3, 10, 30, ...) above (`up`) or below `lr`.
+pub fn next_rate(lr: f64, up: bool) -> f64 {
+    let e = lr.log10().floor() as i32;
+    let m = (lr / 10f64.powi(e)).round();
+    let (m, e) = match (m < 2.0, up) {
+        (true, true) => (3, e),
+        (true, false) => (3, e - 1),
+        (false, true) => (1, e + 1),
+        (false, false) => (1, e),
+    };
+    // Parsed from text, so that 1e-3 is the double nearest 0.001, as the grid writes it.
+    format!("{m}e{e}").parse().expect("a valid float")
+}
+
+/// The runs that score one rate of a stage.
+fn stage_runs(stage: Stage, chosen: &LearningRates, b: &crate::Budget) -> Vec<RunSpec> {
+    match stage {
+        Stage::FullFt => vec![RunSpec::new(Method::FullFt, b)],
+        Stage::Lora => vec![RunSpec::new(Method::Lora { rank: b.lora_rank }, b)],
+        Stage::Expert => Domain::ALL
+            .iter()
+            .map(|&domain| RunSpec::new(Method::Expert { domain }, b))
+            .collect(),
+        Stage::Compose => vec![RunSpec {
+            expert_lr: Some(chosen.expert),
+            ..RunSpec::new(
+                Method::Composed {
+                    freeze_experts: false,
+                },
+                b,
+            )
+        }],
+    }
+}
+
+/// Trains and scores one rate of a stage: its mean validation loss, or None when training
+/// diverged.
+fn score_rate(
+    runner: &mut Runner,
+    stage: Stage,
+    lr: f64,
+    chosen: &LearningRates,
+) -> Result<Option<f64>> {
+    let b = runner.budget.clone();
+    let mut results = Vec::new();
+    for spec in stage_runs(stage, chosen, &b) {
+        let spec = RunSpec {
+            lr: Some(lr),
+            ..spec
+        };
+        match runner.run(&spec, Scoring::Validation) {
+            Ok(r) => results.push(r),
+            // A rate too high for the method: the grid records it and goes on.
+            Err(Error::Train(e @ mode_train::trainer::Error::NonFinite { .. })) => {
+                runner
+                    .reporter
+                    .stage(&format!("{} at {lr:e} diverged: {e}", stage.name()));
+                return Ok(None);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(Some(selection_loss(&results)).filter(|l| l.is_finite()))
+}
+
 /// Runs (or resumes) the grid, stage by stage; composition is tuned over experts trained at
-/// the chosen expert rate.
+/// the chosen expert rate. When the best rate is the grid's highest or lowest, the grid is
+/// extended one half-decade past it (at most [`MAX_EXTENSIONS`] times), so that the choice is
+/// not an artefact of where the grid stopped.
 pub(crate) fn select(runner: &mut Runner, backbone: &str) -> Result<LrSelection> {
     let b = runner.budget.clone();
     let mut chosen = b.lr;
     let mut losses = BTreeMap::new();
     for stage in Stage::ALL {
-        let mut by_rate = BTreeMap::new();
-        let mut best = (f64::INFINITY, chosen.of(stage));
-        for lr in grid(stage) {
-            let specs: Vec<RunSpec> = match stage {
-                Stage::FullFt => vec![RunSpec::new(Method::FullFt, &b)],
-                Stage::Lora => vec![RunSpec::new(Method::Lora { rank: b.lora_rank }, &b)],
-                Stage::Expert => Domain::ALL
-                    .iter()
-                    .map(|&domain| RunSpec::new(Method::Expert { domain }, &b))
-                    .collect(),
-                Stage::Compose => vec![RunSpec {
-                    expert_lr: Some(chosen.expert),
-                    ..RunSpec::new(
-                        Method::Composed {
-                            freeze_experts: false,
-                        },
-                        &b,
-                    )
-                }],
+        let mut tried: Vec<(f64, Option<f64>)> = Vec::new();
+        let mut pending: Vec<f64> = grid(stage).to_vec();
+        let mut extensions = 0;
+        loop {
+            for lr in pending.drain(..) {
+                let loss = score_rate(runner, stage, lr, &chosen)?;
+                tried.push((lr, loss));
+            }
+            let Some(best) = tried
+                .iter()
+                .filter_map(|&(lr, l)| l.map(|l| (l, lr)))
+                .min_by(|a, b| a.0.total_cmp(&b.0))
+                .map(|(_, lr)| lr)
+            else {
+                return Err(Error::Step(format!(
+                    "no rate of the {} grid gave a finite validation loss",
+                    stage.name()
+                )));
             };
-            let mut results = Vec::new();
-            let mut diverged = false;
-            for spec in specs {
-                let spec = RunSpec {
-                    lr: Some(lr),
-                    ..spec
-                };
-                match runner.run(&spec, Scoring::Validation) {
-                    Ok(r) => results.push(r),
-                    // A rate too high for the method: the grid records it and goes on.
-                    Err(Error::Train(e @ mode_train::trainer::Error::NonFinite { .. })) => {
-                        runner
-                            .reporter
-                            .stage(&format!("{} at {lr:e} diverged: {e}", stage.name()));
-                        diverged = true;
-                        break;
-                    }
-                    Err(e) => return Err(e),
-                }
+            let lo = tried.iter().map(|t| t.0).fold(f64::INFINITY, f64::min);
+            let hi = tried.iter().map(|t| t.0).fold(0.0, f64::max);
+            if extensions == MAX_EXTENSIONS || (best != lo && best != hi) {
+                chosen.set(stage, best);
+                break;
             }
-            let loss = Some(selection_loss(&results)).filter(|l| !diverged && l.is_finite());
-            if let Some(l) = loss.filter(|&l| l < best.0) {
-                best = (l, lr);
-            }
-            by_rate.insert(lr_label(lr), loss);
-        }
-        if !best.0.is_finite() {
-            return Err(Error::Step(format!(
-                "no rate of the {} grid gave a finite validation loss",
+            runner.reporter.stage(&format!(
+                "{}: the best rate {best:e} is at the grid's edge; trying one step past it",
                 stage.name()
-            )));
+            ));
+            pending.push(next_rate(best, best == hi));
+            extensions += 1;
         }
-        chosen.set(stage, best.1);
+        let by_rate = tried.into_iter().map(|(lr, l)| (lr_label(lr), l)).collect();
         losses.insert(stage.name().to_string(), by_rate);
     }
     Ok(LrSelection {
@@ -209,4 +259,19 @@ pub(crate) fn select(runner: &mut Runner, backbone: &str) -> Result<LrSelection>
         windows: b.select_windows,
         backbone: backbone.to_string(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rates_step_by_half_decades() {
+        assert_eq!(next_rate(3e-4, true), 1e-3);
+        assert_eq!(next_rate(1e-3, true), 3e-3);
+        assert_eq!(next_rate(3e-3, true), 1e-2);
+        assert_eq!(next_rate(3e-5, false), 1e-5);
+        assert_eq!(next_rate(1e-4, false), 3e-5);
+        assert_eq!(lr_label(next_rate(3e-3, true)), "1e-2");
+    }
 }
