@@ -68,13 +68,14 @@ fn corpora(root: &Path) {
     }
 }
 
-#[test]
-fn a_tiny_demo_runs_every_method_and_writes_the_report() {
+/// A tiny budget of `preset` over stand-in corpora in a fresh folder, or None (the test is
+/// skipped) when the default backbone is not cached and not required.
+fn tiny(preset: Preset) -> Option<(tempfile::TempDir, DemoOptions)> {
     if !mode_io::fetch::default_backbone_path().exists()
         && std::env::var("MODE_REQUIRE_BACKBONE").is_err()
     {
         eprintln!("skipped: default backbone not cached");
-        return;
+        return None;
     }
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("corpora");
@@ -87,22 +88,31 @@ fn a_tiny_demo_runs_every_method_and_writes_the_report() {
         expert_layers_per_block: 1,
         eval_windows: 2,
         eval_seq_len: 64,
-        lora_sweep: vec![4],
-        seeds: 2,
-        tradeoff_steps: vec![2, 4],
-        ..Budget::preset(Preset::Full)
+        select_windows: 2,
+        ..Budget::preset(preset)
     };
-    let out = tmp.path().join("demo");
     let opts = DemoOptions {
-        out: out.clone(),
-        preset: Preset::Full,
-        budget: budget.clone(),
+        out: tmp.path().join("demo"),
+        preset,
+        budget,
         backbone: mode_io::fetch::DEFAULT_BACKBONE.into(),
         data_dir: Some(data),
         restart: false,
         scaling: false,
         tradeoff: false,
     };
+    Some((tmp, opts))
+}
+
+#[test]
+fn a_tiny_demo_runs_every_method_and_writes_the_report() {
+    let Some((_tmp, mut opts)) = tiny(Preset::Full) else {
+        return;
+    };
+    opts.budget.lora_sweep = vec![4];
+    opts.budget.seeds = 2;
+    opts.budget.tradeoff_steps = vec![2, 4];
+    let (budget, out) = (opts.budget.clone(), opts.out.clone());
     let results = mode_demo::run(&opts, &mut Quiet(Vec::new())).unwrap();
 
     let json: serde_json::Value =
@@ -232,34 +242,8 @@ fn a_tiny_demo_runs_every_method_and_writes_the_report() {
 
 #[test]
 fn the_learning_rate_grid_chooses_the_lowest_validation_loss_and_resumes() {
-    if !mode_io::fetch::default_backbone_path().exists()
-        && std::env::var("MODE_REQUIRE_BACKBONE").is_err()
-    {
-        eprintln!("skipped: default backbone not cached");
+    let Some((_tmp, opts)) = tiny(Preset::Quick) else {
         return;
-    }
-    let tmp = tempfile::tempdir().unwrap();
-    let data = tmp.path().join("corpora");
-    corpora(&data);
-    let budget = Budget {
-        steps: 2,
-        compose_steps: 1,
-        batch_tokens: 64,
-        seq_len: 64,
-        expert_layers_per_block: 1,
-        eval_seq_len: 64,
-        select_windows: 2,
-        ..Budget::preset(Preset::Quick)
-    };
-    let opts = DemoOptions {
-        out: tmp.path().join("select"),
-        preset: Preset::Quick,
-        budget,
-        backbone: mode_io::fetch::DEFAULT_BACKBONE.into(),
-        data_dir: Some(data),
-        restart: false,
-        scaling: false,
-        tradeoff: false,
     };
     let mut log = Quiet(Vec::new());
     let sel = mode_demo::select_learning_rates(&opts, &mut log).unwrap();
