@@ -162,6 +162,19 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
+# pip_fetch NAME FILE SHA256 PIP_ARGS...: downloads FILE with `pip download --no-deps PIP_ARGS` into a fresh
+# temporary folder (removed on exit), checks its sha256, and sets DL to the folder.
+pip_fetch() {
+    local name="$1" file="$2" sha="$3"
+    shift 3
+    DL="$(mktemp -d "${TMPDIR:-/tmp}/mode-demo-$name.XXXXXX")"
+    CLEANUP+=("$DL")
+    log "downloading $file (pip download --no-deps $*)"
+    python3 -m pip download --quiet --no-deps "$@" -d "$DL" >&2
+    [ -f "$DL/$file" ] || die "expected $file after pip download, got: $(ls "$DL")"
+    check_sha "$DL/$file" "$sha" "$file"
+}
+
 # fetch_tree NAME SPEC SDIST SDIST_SHA256 MEMBERS ROOT TREE_SHA256 KEEP_GLOB
 # Puts the files under ROOT of the sdist (those matching MEMBERS, then only those named KEEP_GLOB) at $DEMO/NAME.
 fetch_tree() {
@@ -169,13 +182,8 @@ fetch_tree() {
     local stamp="$spec $sdist_sha $want"
     is_cached "$name" "$stamp" "$want" && return 0
 
-    local dl
-    dl="$(mktemp -d "${TMPDIR:-/tmp}/mode-demo-$name.XXXXXX")"
-    CLEANUP+=("$dl")
-    log "downloading sdist $spec (pip download --no-deps --no-binary :all:)"
-    python3 -m pip download --quiet --no-deps --no-binary :all: "$spec" -d "$dl" >&2
-    [ -f "$dl/$sdist" ] || die "expected $sdist after pip download, got: $(ls "$dl")"
-    check_sha "$dl/$sdist" "$sdist_sha" "the sdist $sdist ($spec)"
+    pip_fetch "$name" "$sdist" "$sdist_sha" --no-binary :all: "$spec"
+    local dl="$DL"
 
     # Extract beside the destination (same file system), so that putting it in place is one rename.
     local tmp="$DEMO/.$name.tmp.$$"
@@ -197,14 +205,8 @@ fetch_prose() {
     local stamp="$GENSIM_SPEC $GENSIM_WHEEL_SHA256 $PROSE_TREE_SHA256"
     is_cached "$name" "$stamp" "$PROSE_TREE_SHA256" && return 0
 
-    local dl
-    dl="$(mktemp -d "${TMPDIR:-/tmp}/mode-demo-$name.XXXXXX")"
-    CLEANUP+=("$dl")
-    log "downloading wheel $GENSIM_SPEC (pip download --no-deps --only-binary :all: ${GENSIM_WHEEL_TAGS[*]})"
-    python3 -m pip download --quiet --no-deps --only-binary :all: "${GENSIM_WHEEL_TAGS[@]}" "$GENSIM_SPEC" \
-        -d "$dl" >&2
-    [ -f "$dl/$GENSIM_WHEEL" ] || die "expected $GENSIM_WHEEL after pip download, got: $(ls "$dl")"
-    check_sha "$dl/$GENSIM_WHEEL" "$GENSIM_WHEEL_SHA256" "the wheel $GENSIM_WHEEL ($GENSIM_SPEC)"
+    pip_fetch "$name" "$GENSIM_WHEEL" "$GENSIM_WHEEL_SHA256" --only-binary :all: "${GENSIM_WHEEL_TAGS[@]}" "$GENSIM_SPEC"
+    local dl="$DL"
     log "extracting $WIKI_DUMP"
     python3 -c 'import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extract(sys.argv[2], sys.argv[3])' \
         "$dl/$GENSIM_WHEEL" "$WIKI_DUMP" "$dl/x"

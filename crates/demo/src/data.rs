@@ -76,6 +76,14 @@ pub struct Domains {
 }
 
 impl Domains {
+    /// The prepared folder a training domain trains on.
+    pub fn training(&self, domain: crate::method::Domain) -> &Path {
+        match domain {
+            crate::method::Domain::Math => &self.math,
+            crate::method::Domain::Code => &self.code,
+        }
+    }
+
     /// The held-out set of each reported domain, in report order.
     pub fn eval_sets(&self) -> Vec<(&'static str, PathBuf)> {
         vec![

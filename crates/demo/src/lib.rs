@@ -385,11 +385,7 @@ pub fn run(opts: &DemoOptions, reporter: &mut dyn Reporter) -> Result<Results> {
     }
     let mut train_documents = BTreeMap::new();
     for domain in Domain::ALL {
-        let dir = match domain {
-            Domain::Math => &runner.domains.math,
-            Domain::Code => &runner.domains.code,
-        };
-        let data = PreparedData::open(dir)?;
+        let data = PreparedData::open(runner.domains.training(domain))?;
         let docs = data.split(mode_data::Split::Train).doc_offsets().len() - 1;
         train_documents.insert(domain.name().to_string(), docs);
     }

@@ -70,11 +70,9 @@ impl Runner<'_> {
     }
 
     fn domain_data(&self, domain: Domain) -> Result<DataMix> {
-        let dir = match domain {
-            Domain::Math => &self.domains.math,
-            Domain::Code => &self.domains.code,
-        };
-        Ok(DataMix::single(PreparedData::open(dir)?))
+        Ok(DataMix::single(PreparedData::open(
+            self.domains.training(domain),
+        )?))
     }
 
     /// The result of run `spec` scored by `scoring`: read back from `runs/NAME.json` when an

@@ -378,8 +378,9 @@ pub fn evaluate_path(
     progress: impl FnMut(usize, usize),
 ) -> Result<(FileReport, Vec<WindowScore>)> {
     let set = eval_set(path, tokenizer, split)?;
-    let all_windows = window_ranges(set.ids.len(), seq_len).len();
-    let n_windows = spread(window_ranges(set.ids.len(), seq_len), max_windows).len();
+    let all = window_ranges(set.ids.len(), seq_len);
+    let all_windows = all.len();
+    let n_windows = spread(all, max_windows).len();
     if n_windows == 0 {
         return Err(Error::Data {
             path: path.to_path_buf(),
