@@ -2175,7 +2175,7 @@ fn bad_inputs_fail_cleanly() {
         &mut cases,
         "--init zeros",
         &["--init", "zeros"],
-        &["`zeros` is not one of random, copy"],
+        &["`zeros` is not one of random, copy, preserve"],
     );
     train_with(
         &mut cases,

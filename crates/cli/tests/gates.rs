@@ -44,6 +44,7 @@ fn tiny_model(dir: &Path) -> (PathBuf, Vec<PathBuf>) {
                 dims: ExpertDims::of(&bb.config),
                 training: TrainingSummary::default(),
                 tool_version: "test".into(),
+                form: mode_core::ExpertForm::Replace,
             };
             let gates: Vec<Gate> = (0..layout.num_blocks())
                 .map(|b| Gate {

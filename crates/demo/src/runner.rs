@@ -201,6 +201,7 @@ impl Runner<'_> {
                 expert_layers_per_block: layers,
                 init: ExpertInit::Copy,
                 gate_init_backbone_prob: mode_core::expert::GATE_INIT_BACKBONE_PROB,
+                gate_lr_scale: 1.0,
                 train: b.train_config(spec.steps, lr, spec.seed),
             };
             let t = Instant::now();
@@ -259,6 +260,8 @@ impl Runner<'_> {
             freeze_experts: freeze,
             gate_init: GateInit::Stage1,
             gate_init_backbone_prob: mode_core::expert::GATE_INIT_BACKBONE_PROB,
+            keep_backbone_prior: false,
+            gate_lr_scale: 1.0,
             train: b.train_config(b.compose_steps_for(spec.steps), lr, spec.seed),
         };
         let experts = files

@@ -83,6 +83,9 @@ pub enum Mix<'a> {
 pub struct Block<'a> {
     pub layers: Range<usize>,
     pub experts: Vec<&'a [DecoderLayer]>,
+    /// Per expert: its branch outputs `B(x) + L(x) - x` (the backbone block's output plus what
+    /// the expert's layers add to the block input) instead of `L(x)`.
+    pub residual: Vec<bool>,
     pub mix: Mix<'a>,
     pub train_experts: Vec<bool>,
     pub train_gate: bool,
@@ -419,6 +422,11 @@ fn block_forward(
         outputs.push(y.reshape((b * t, h))?);
     }
     let x2d = x.reshape((b * t, h))?;
+    for (j, &residual) in block.residual.iter().enumerate() {
+        if residual {
+            outputs[j + 1] = ((&outputs[j + 1] + &outputs[0])? - &x2d)?;
+        }
+    }
     let weights = mix_weights(&block.mix, &x2d, outputs.len())?;
     let mut y = outputs[0].broadcast_mul(&weights.narrow(1, 0, 1)?)?;
     for (j, out) in outputs.iter().enumerate().skip(1) {
@@ -491,11 +499,23 @@ fn block_backward(
         });
         Ok(())
     };
+    // A residual expert's branch `B(x) + L(x) - x` passes its weight on to the backbone
+    // branch and, negated, to the block input.
+    let mut residual_weight: Option<Tensor> = None;
+    for (j, _) in block.residual.iter().enumerate().filter(|(_, &r)| r) {
+        let w = s.weights.narrow(1, j + 1, 1)?;
+        residual_weight = Some(match residual_weight.take() {
+            Some(acc) => (acc + w)?,
+            None => w,
+        });
+    }
     for (j, acts) in s.acts.iter().enumerate() {
         let Some(acts) = acts else { continue };
-        let mut d = dy2d
-            .broadcast_mul(&s.weights.narrow(1, j, 1)?)?
-            .reshape((b, t, h))?;
+        let mut w = s.weights.narrow(1, j, 1)?;
+        if let (0, Some(r)) = (j, &residual_weight) {
+            w = (w + r)?;
+        }
+        let mut d = dy2d.broadcast_mul(&w)?.reshape((b, t, h))?;
         let (layers, names): (Vec<&DecoderLayer>, Vec<(String, LayerTraining)>) = if j == 0 {
             block
                 .layers
@@ -534,6 +554,9 @@ fn block_backward(
         if upstream {
             add(d)?;
         }
+    }
+    if let (true, Some(r)) = (upstream, &residual_weight) {
+        add(dy2d.broadcast_mul(r)?.neg()?.reshape((b, t, h))?)?;
     }
     if let Mix::Gate { weight, .. } = &block.mix {
         if block.train_gate || upstream {

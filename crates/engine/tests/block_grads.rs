@@ -113,8 +113,9 @@ fn batch() -> (Tensor, Vec<u32>) {
     (Tensor::new(&ids, &Device::Cpu).unwrap(), targets)
 }
 
-/// The block covers backbone layer 1 with one 2-layer expert.
-fn plan<'a>(b: &'a Built, gate: bool, train_layer0: bool) -> Plan<'a> {
+/// The block covers backbone layer 1 with one 2-layer expert (in the residual form: its branch
+/// is `B(x) + L(x) - x`).
+fn plan<'a>(b: &'a Built, gate: bool, train_layer0: bool, residual: bool) -> Plan<'a> {
     let mut backbone = Trainable::none(2);
     backbone.layers[0] = train_layer0;
     let mix = if gate {
@@ -130,6 +131,7 @@ fn plan<'a>(b: &'a Built, gate: bool, train_layer0: bool) -> Plan<'a> {
         blocks: vec![Block {
             layers: 1..2,
             experts: vec![&b.expert],
+            residual: vec![residual],
             mix,
             train_experts: vec![true],
             train_gate: gate,
@@ -138,13 +140,13 @@ fn plan<'a>(b: &'a Built, gate: bool, train_layer0: bool) -> Plan<'a> {
     }
 }
 
-fn check(arch: Architecture, gate: bool, train_layer0: bool) {
+fn check(arch: Architecture, gate: bool, train_layer0: bool, residual: bool) {
     let (config, params) = setup(arch);
     let built = build(&config, &params);
     let (ids, targets) = batch();
     let r = loss_and_grads(
         &built.model,
-        &plan(&built, gate, train_layer0),
+        &plan(&built, gate, train_layer0, residual),
         &ids,
         &targets,
     )
@@ -178,7 +180,8 @@ fn check(arch: Architecture, gate: bool, train_layer0: bool) {
                     Tensor::from_vec(v, params[name].dims(), &Device::Cpu).unwrap(),
                 );
                 let b = build(&config, &p);
-                let r = loss_and_grads(&b.model, &plan(&b, gate, false), &ids, &targets).unwrap();
+                let p = plan(&b, gate, false, residual);
+                let r = loss_and_grads(&b.model, &p, &ids, &targets).unwrap();
                 r.loss_sum / r.count as f64
             };
             let eps = 1e-5;
@@ -200,19 +203,26 @@ fn expert_and_gate_gradients() {
         Architecture::Qwen2,
         Architecture::Qwen3,
     ] {
-        check(arch, true, false);
+        check(arch, true, false, false);
     }
 }
 
 #[test]
 fn fixed_mix_gradients() {
-    check(Architecture::Llama, false, false);
+    check(Architecture::Llama, false, false, false);
 }
 
 #[test]
 fn gradients_flow_through_the_block_to_upstream_layers() {
-    check(Architecture::Llama, true, true);
-    check(Architecture::Qwen3, false, true);
+    check(Architecture::Llama, true, true, false);
+    check(Architecture::Qwen3, false, true, false);
+}
+
+#[test]
+fn residual_expert_gradients() {
+    check(Architecture::Llama, true, false, true);
+    check(Architecture::Llama, true, true, true);
+    check(Architecture::Qwen3, false, true, true);
 }
 
 #[test]
@@ -220,15 +230,20 @@ fn recomputed_activations_give_the_same_loss_and_gradients() {
     let (config, params) = setup(Architecture::Llama);
     let built = build(&config, &params);
     let (ids, targets) = batch();
-    for (gate, train_layer0) in [(true, false), (true, true), (false, true)] {
+    for (gate, train_layer0, residual) in [
+        (true, false, false),
+        (true, true, false),
+        (false, true, false),
+        (true, true, true),
+    ] {
         let saved = loss_and_grads(
             &built.model,
-            &plan(&built, gate, train_layer0),
+            &plan(&built, gate, train_layer0, residual),
             &ids,
             &targets,
         )
         .unwrap();
-        let mut p = plan(&built, gate, train_layer0);
+        let mut p = plan(&built, gate, train_layer0, residual);
         p.recompute_activations = true;
         let recomputed = loss_and_grads(&built.model, &p, &ids, &targets).unwrap();
         assert!((saved.loss_sum - recomputed.loss_sum).abs() < 1e-12 * saved.loss_sum.abs());

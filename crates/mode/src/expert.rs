@@ -14,17 +14,53 @@ pub enum ExpertInit {
     Random,
     /// Copies of the backbone's layers of the same block (the first `expert_layers_per_block`).
     Copy,
+    /// Copies whose output projections (attention `o_proj`, MLP `down_proj`) are zero, in the
+    /// [`ExpertForm::Residual`] form: each layer starts as the identity, so the expert's branch
+    /// equals the backbone's and the model is the backbone at step 0 whatever the gates say.
+    Preserve,
+}
+
+impl ExpertInit {
+    /// The form an expert started this way runs in.
+    pub fn form(self) -> ExpertForm {
+        match self {
+            Self::Random | Self::Copy => ExpertForm::Replace,
+            Self::Preserve => ExpertForm::Residual,
+        }
+    }
+
+    /// The name `--init` takes and expert files record.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Random => "random",
+            Self::Copy => "copy",
+            Self::Preserve => "preserve",
+        }
+    }
 }
 
 impl std::str::FromStr for ExpertInit {
     type Err = String;
     fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s {
-            "random" => Ok(Self::Random),
-            "copy" => Ok(Self::Copy),
-            other => Err(format!("`{other}` is not one of random, copy")),
-        }
+        [Self::Random, Self::Copy, Self::Preserve]
+            .into_iter()
+            .find(|i| i.name() == s)
+            .ok_or_else(|| format!("`{s}` is not one of random, copy, preserve"))
     }
+}
+
+/// What an expert's branch of a block outputs, from the block input `x`, the backbone block's
+/// output `B(x)` and the expert's layers `L(x)`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ExpertForm {
+    /// `L(x)`: the expert's layers stand in for the block (the paper's form).
+    #[default]
+    Replace,
+    /// `B(x) + L(x) - x`: what the expert's layers add to their input is added to the block's
+    /// output, so the branch is a correction of the backbone. The mix is then
+    /// `B(x) + sum_j g_j (L_j(x) - x)`.
+    Residual,
 }
 
 /// A domain expert: `expert_layers_per_block` decoder layers for every block.
@@ -32,6 +68,7 @@ pub struct Expert {
     pub name: String,
     /// `blocks[i]` runs beside backbone block `i`.
     pub blocks: Vec<Vec<DecoderLayer>>,
+    pub form: ExpertForm,
 }
 
 impl Expert {
@@ -50,9 +87,13 @@ impl Expert {
             let mut layers = Vec::new();
             for l in 0..layout.expert_layers_per_block {
                 let layer = match init {
-                    ExpertInit::Copy => {
+                    ExpertInit::Copy | ExpertInit::Preserve => {
                         let src = layout.block(b).start + l.min(layout.block(b).len() - 1);
-                        backbone.layers[src].deep_copy()?
+                        let mut layer = backbone.layers[src].deep_copy()?;
+                        if init == ExpertInit::Preserve {
+                            layer.zero_output_projections()?;
+                        }
+                        layer
                     }
                     ExpertInit::Random => {
                         let mut config = backbone.config.clone();
@@ -71,6 +112,7 @@ impl Expert {
         Ok(Self {
             name: name.to_string(),
             blocks,
+            form: init.form(),
         })
     }
 
@@ -93,6 +135,7 @@ impl Expert {
     /// Rebuilds an expert from tensors named as [`Self::named_tensors`] does.
     pub fn from_tensors(
         name: &str,
+        form: ExpertForm,
         backbone: &Backbone,
         layout: &BlockLayout,
         tensors: &HashMap<String, Tensor>,
@@ -128,6 +171,7 @@ impl Expert {
         Ok(Self {
             name: name.to_string(),
             blocks,
+            form,
         })
     }
 
@@ -194,8 +238,11 @@ impl Gate {
     /// A gate over N experts built from their N stage-1 gates (each over `[backbone, expert_j]`):
     /// the backbone row is the mean of the stage-1 backbone rows, expert `j`'s row is its own
     /// stage-1 row. Each expert's logit relative to the backbone thus starts near what it
-    /// learned in stage 1.
-    pub fn from_stage1(stage1: &[&Gate]) -> Result<Self> {
+    /// learned in stage 1. The backbone's share then shrinks as experts are added (two
+    /// experts that each gave it 0.9 leave it 0.82); with `keep_backbone_prior` its bias gains
+    /// `ln N`, so that where the experts agree the backbone keeps its stage-1 odds against all of
+    /// them together (0.9 again).
+    pub fn from_stage1(stage1: &[&Gate], keep_backbone_prior: bool) -> Result<Self> {
         if stage1.is_empty() || stage1.iter().any(|g| g.num_branches() != 2) {
             return Err(crate::Error::Layout(
                 "stage-1 gates must each have two branches (backbone, expert)".into(),
@@ -210,7 +257,8 @@ impl Gate {
             Ok((Tensor::cat(&rows, 0)?.sum_keepdim(0)? / n)?)
         };
         let mut weights = vec![mean_row(|g| &g.weight)?];
-        let mut biases = vec![mean_row(|g| &g.bias)?];
+        let prior = if keep_backbone_prior { n.ln() } else { 0.0 };
+        let mut biases = vec![(mean_row(|g| &g.bias)? + prior)?];
         for g in stage1 {
             weights.push(g.weight.narrow(0, 1, 1)?);
             biases.push(g.bias.narrow(0, 1, 1)?);

@@ -7,10 +7,21 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::{BlockLayout, Error, Expert, Gate, Result};
+use crate::{BlockLayout, Error, Expert, ExpertForm, Gate, Result};
 
-/// Version of the expert-file format.
-pub const FORMAT_VERSION: u32 = 1;
+/// The newest expert-file format this version reads and writes. Version 2 added
+/// [`ExpertMeta::form`]; files of replace-form experts are still written as version 1, so that
+/// earlier tools keep reading them, while earlier tools refuse a residual expert rather than run
+/// it in the wrong form.
+pub const FORMAT_VERSION: u32 = 2;
+
+/// The format version a file of an expert of `form` is written with.
+pub fn format_version(form: ExpertForm) -> u32 {
+    match form {
+        ExpertForm::Replace => 1,
+        ExpertForm::Residual => 2,
+    }
+}
 
 /// The shape an expert's layers must have to run beside a backbone.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -60,6 +71,9 @@ pub struct ExpertMeta {
     pub dims: ExpertDims,
     pub training: TrainingSummary,
     pub tool_version: String,
+    /// How the expert's branch mixes with the block (absent before format version 2: replace).
+    #[serde(default)]
+    pub form: ExpertForm,
 }
 
 /// Safetensors metadata key holding the JSON header.
@@ -72,8 +86,11 @@ pub struct ExpertFile {
 }
 
 impl ExpertFile {
-    /// Packs an expert and its stage-1 gates (two branches per block).
-    pub fn from_expert(meta: ExpertMeta, expert: &Expert, gates: &[Gate]) -> Self {
+    /// Packs an expert and its stage-1 gates (two branches per block). The header's form and
+    /// format version are the expert's.
+    pub fn from_expert(mut meta: ExpertMeta, expert: &Expert, gates: &[Gate]) -> Self {
+        meta.form = expert.form;
+        meta.format_version = format_version(expert.form);
         let mut tensors: HashMap<String, Tensor> = expert
             .named_tensors()
             .into_iter()
@@ -151,9 +168,9 @@ impl ExpertFile {
             .ok_or_else(|| err(format!("no `{META_KEY}` metadata: not an expert file")))?;
         let meta: ExpertMeta =
             serde_json::from_str(json).map_err(|e| err(format!("bad expert header: {e}")))?;
-        if meta.format_version != FORMAT_VERSION {
+        if !(1..=FORMAT_VERSION).contains(&meta.format_version) {
             return Err(err(format!(
-                "expert format {} is not the supported {FORMAT_VERSION}",
+                "expert format {} is not one this version reads (1 to {FORMAT_VERSION}); a newer mode wrote it",
                 meta.format_version
             )));
         }
@@ -235,6 +252,7 @@ impl ExpertFile {
             .collect();
         Expert::from_tensors(
             &self.meta.domain,
+            self.meta.form,
             backbone,
             &self.meta.layout,
             &layers,

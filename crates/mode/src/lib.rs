@@ -17,7 +17,7 @@ pub mod model;
 pub mod routing;
 
 pub use composed::{load_composed, save_composed, ComposedManifest, LoadedExpertFile};
-pub use expert::{Expert, ExpertInit, Gate};
+pub use expert::{Expert, ExpertForm, ExpertInit, Gate};
 pub use file::{ExpertFile, ExpertMeta};
 pub use layout::BlockLayout;
 pub use loaded::LoadedModel;

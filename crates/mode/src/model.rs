@@ -8,7 +8,7 @@ use mode_engine::model::{Block, Mix, Plan, Trainable};
 use mode_model::{Backbone, CausalLm, KvCache};
 
 use crate::file::ExpertDims;
-use crate::{BlockLayout, Error, Expert, ExpertFile, Gate, Result, Routing};
+use crate::{BlockLayout, Error, Expert, ExpertFile, ExpertForm, Gate, Result, Routing};
 
 /// A backbone with experts and per-block gates.
 pub struct ModeModel {
@@ -142,6 +142,11 @@ impl ModeModel {
                     .iter()
                     .map(|e| e.blocks[b].as_slice())
                     .collect(),
+                residual: self
+                    .experts
+                    .iter()
+                    .map(|e| e.form == ExpertForm::Residual)
+                    .collect(),
                 mix: Mix::Gate {
                     weight: &self.gates[b].weight,
                     bias: &self.gates[b].bias,
@@ -180,6 +185,13 @@ impl ModeModel {
             }
         }
         out
+    }
+
+    /// Whether `name`, as [`Self::trainable_tensors`] names tensors, is a gate's.
+    pub fn is_gate_tensor(name: &str) -> bool {
+        name.strip_prefix("blocks.")
+            .and_then(|rest| rest.split_once('.'))
+            .is_some_and(|(_, rest)| rest.starts_with("gate."))
     }
 
     /// Mean gate probability per block and branch over the tokens seen since the last call,
@@ -362,7 +374,8 @@ impl ModeModel {
                     cache.as_mut().map(|c| &mut c.layers[i]),
                 )?;
             }
-            let mut mixed = y.broadcast_mul(&probs.i((.., .., 0..1))?)?;
+            let block_out = y;
+            let mut mixed = block_out.broadcast_mul(&probs.i((.., .., 0..1))?)?;
             for (j, e) in self.experts.iter().enumerate() {
                 if !runs[j] {
                     continue;
@@ -376,6 +389,9 @@ impl ModeModel {
                         &sin,
                         cache.as_mut().map(|c| &mut c.layers[base + l]),
                     )?;
+                }
+                if e.form == ExpertForm::Residual {
+                    y = ((y + &block_out)? - &x)?;
                 }
                 mixed = (mixed + y.broadcast_mul(&probs.i((.., .., j + 1..j + 2))?)?)?;
             }

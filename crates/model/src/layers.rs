@@ -492,6 +492,17 @@ impl DecoderLayer {
         })
     }
 
+    /// Zeroes the attention's and the MLP's output projections (weights and biases): the layer
+    /// then adds nothing to its input, whatever its other weights, and still receives gradient
+    /// through them.
+    pub fn zero_output_projections(&mut self) -> Result<()> {
+        for l in [&mut self.self_attn.o_proj, &mut self.mlp.down_proj] {
+            l.weight = l.weight.zeros_like()?;
+            l.bias = l.bias.as_ref().map(|b| b.zeros_like()).transpose()?;
+        }
+        Ok(())
+    }
+
     /// `x + attn(norm(x))`, then `+ mlp(norm(.))`.
     pub fn forward(
         &self,

@@ -63,6 +63,7 @@ fn expert_file(bb: &Backbone, domain: &str, seed: u64, blocks: usize, dir: &Path
         dims: ExpertDims::of(&bb.config),
         training: TrainingSummary::default(),
         tool_version: "test".into(),
+        form: mode_core::ExpertForm::Replace,
     };
     let hidden = bb.config.hidden_size;
     let gates: Vec<Gate> = (0..blocks)

@@ -115,6 +115,7 @@ pub fn run(model: &mut Backbone, cfg: &BenchConfig) -> Result<BenchResult> {
                 blocks: vec![Block {
                     layers: branch_layers.clone(),
                     experts: vec![&expert],
+                    residual: vec![false],
                     mix: Mix::Fixed(vec![0.5, 0.5]),
                     train_experts: vec![true],
                     train_gate: false,
@@ -146,7 +147,15 @@ pub fn run(model: &mut Backbone, cfg: &BenchConfig) -> Result<BenchResult> {
             max_grad_norm: 1.0,
             micro_batch_rows: 0,
         };
-        let stats = train_step(model, &plan, &params, &mut optimizer, &batch, settings)?;
+        let stats = train_step(
+            model,
+            &plan,
+            &params,
+            &mut optimizer,
+            &batch,
+            settings,
+            &|_| 1.0,
+        )?;
         let (dt, dc) = (t0.elapsed().as_secs_f64(), process_cpu_seconds() - c0);
         eprintln!(
             "mode: bench train {:?} step {step}{}: loss {:.4}, {:.2}s, {:.2} CPU-s",

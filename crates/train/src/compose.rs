@@ -40,6 +40,11 @@ pub struct ComposeOptions {
     pub freeze_experts: bool,
     pub gate_init: GateInit,
     pub gate_init_backbone_prob: f64,
+    /// With [`GateInit::Stage1`]: the backbone keeps its stage-1 odds against the experts
+    /// together instead of being diluted by each one added (see [`Gate::from_stage1`]).
+    pub keep_backbone_prior: bool,
+    /// The gates' learning rate relative to `train.lr`.
+    pub gate_lr_scale: f64,
     pub train: TrainConfig,
 }
 
@@ -100,7 +105,7 @@ pub fn compose(
                     .map(|e| e.file.gates(&e.path))
                     .collect::<mode_core::Result<Vec<_>>>()?;
                 let block: Vec<&Gate> = stage1.iter().map(|g| &g[b]).collect();
-                let g = Gate::from_stage1(&block)?;
+                let g = Gate::from_stage1(&block, opts.keep_backbone_prior)?;
                 Ok(Gate {
                     weight: g.weight.to_dtype(dtype)?,
                     bias: g.bias.to_dtype(dtype)?,
@@ -114,6 +119,7 @@ pub fn compose(
         model: &model,
         experts: !opts.freeze_experts,
         gates: true,
+        gate_lr_scale: opts.gate_lr_scale,
     };
     let report = train(&method, data, &opts.train, &ckpt, &metrics, on_event)?;
     if report.steps < opts.train.steps {
@@ -129,7 +135,10 @@ pub fn compose(
         dims,
         experts: Vec::new(),
         gates_file: String::new(),
-        gate_init: format!("{:?}", opts.gate_init).to_lowercase(),
+        gate_init: match (opts.gate_init, opts.keep_backbone_prior) {
+            (GateInit::Stage1, true) => "stage1-kept-prior".into(),
+            (init, _) => format!("{init:?}").to_lowercase(),
+        },
         training: TrainingSummary {
             steps: report.steps,
             tokens: report.tokens,

@@ -12,6 +12,8 @@ pub struct ModeTraining<'a> {
     pub model: &'a ModeModel,
     pub experts: bool,
     pub gates: bool,
+    /// The gates' learning rate relative to the run's (0: the gates stay as they are).
+    pub gate_lr_scale: f64,
 }
 
 impl Method for ModeTraining<'_> {
@@ -25,6 +27,14 @@ impl Method for ModeTraining<'_> {
 
     fn params(&self) -> Vec<(String, &Tensor)> {
         self.model.trainable_tensors(self.experts, self.gates)
+    }
+
+    fn lr_scale(&self, name: &str) -> f64 {
+        if ModeModel::is_gate_tensor(name) {
+            self.gate_lr_scale
+        } else {
+            1.0
+        }
     }
 }
 

@@ -57,13 +57,15 @@ impl AdamW {
         }
     }
 
-    /// Updates each parameter that has a gradient in `grads`, in place. `grad_scale` multiplies
-    /// every gradient first (gradient clipping); weight decay applies where `decays(name)`.
+    /// Updates each parameter that has a gradient in `grads`, in place, at learning rate
+    /// `lr(name)`; a parameter whose rate is 0 is left exactly as it is (and gets no moments).
+    /// `grad_scale` multiplies every gradient first (gradient clipping); weight decay applies
+    /// where `decays(name)`.
     pub fn update(
         &mut self,
         params: &[(&str, &Tensor)],
         grads: &HashMap<String, Tensor>,
-        lr: f64,
+        lr: impl Fn(&str) -> f64,
         grad_scale: f64,
         decays: impl Fn(&str) -> bool,
     ) -> Result<()> {
@@ -71,7 +73,7 @@ impl AdamW {
         let t = self.step as i32;
         let c = &self.config;
         let hyper = Hyper {
-            lr,
+            lr: 0.0,
             beta1: c.beta1,
             beta2: c.beta2,
             eps: c.eps,
@@ -84,6 +86,10 @@ impl AdamW {
             let Some(grad) = grads.get(*name) else {
                 continue;
             };
+            let lr = lr(name);
+            if lr == 0.0 {
+                continue;
+            }
             if grad.dims() != param.dims() {
                 candle_core::bail!(
                     "{name}: gradient shape {:?} != parameter shape {:?}",
@@ -108,6 +114,7 @@ impl AdamW {
                 grad: (grad_storage, layout),
                 moments: RefCell::new(moments),
                 hyper: Hyper {
+                    lr,
                     decay: if decays(name) { c.weight_decay } else { 0.0 },
                     ..hyper
                 },

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use mode_core::file::{ExpertDims, TrainingSummary, FORMAT_VERSION};
+use mode_core::file::{ExpertDims, TrainingSummary};
 use mode_core::{BlockLayout, Expert, ExpertFile, ExpertInit, ExpertMeta, Gate, ModeModel};
 use mode_data::DataMix;
 use mode_model::Backbone;
@@ -20,6 +20,8 @@ pub struct Stage1Options {
     pub init: ExpertInit,
     /// Initial probability of the backbone branch in the fresh gates.
     pub gate_init_backbone_prob: f64,
+    /// The gates' learning rate relative to `train.lr`.
+    pub gate_lr_scale: f64,
     pub train: TrainConfig,
 }
 
@@ -72,10 +74,11 @@ pub fn train_expert(
         model: &model,
         experts: true,
         gates: true,
+        gate_lr_scale: opts.gate_lr_scale,
     };
     let report = train(&method, data, &opts.train, &ckpt, &metrics, on_event)?;
     let meta = ExpertMeta {
-        format_version: FORMAT_VERSION,
+        format_version: mode_core::file::format_version(opts.init.form()),
         domain: opts.domain.clone(),
         backbone_fingerprint: fingerprint,
         backbone_source: backbone_source.to_string(),
@@ -89,9 +92,10 @@ pub fn train_expert(
             final_val_accuracy: report.final_val_accuracy,
             data_fingerprint: Some(data.fingerprint()),
             seed: opts.train.seed,
-            init: format!("{:?}", opts.init).to_lowercase(),
+            init: opts.init.name().to_string(),
         },
         tool_version: env!("CARGO_PKG_VERSION").to_string(),
+        form: opts.init.form(),
     };
     if report.steps < opts.train.steps {
         // Stopped early: the checkpoint stays for --resume; no expert file yet.

@@ -31,8 +31,8 @@ pub struct StepSettings {
     pub micro_batch_rows: usize,
 }
 
-/// Forward, backward and update of `params` (the named tensors the plan trains). A non-finite
-/// loss or gradient norm skips the update.
+/// Forward, backward and update of `params` (the named tensors the plan trains), each at
+/// `settings.lr` times `lr_scale(name)`. A non-finite loss or gradient norm skips the update.
 pub fn train_step(
     model: &Backbone,
     plan: &Plan,
@@ -40,6 +40,7 @@ pub fn train_step(
     optimizer: &mut AdamW,
     batch: &Batch,
     settings: StepSettings,
+    lr_scale: &dyn Fn(&str) -> f64,
 ) -> Result<StepStats> {
     let (rows, seq) = batch.ids.dims2()?;
     let micro = match settings.micro_batch_rows {
@@ -87,7 +88,8 @@ pub fn train_step(
     let scale = clip_scale(grad_norm, settings.max_grad_norm);
     let by_name: HashMap<&str, &Tensor> = params.iter().map(|(n, t)| (n.as_str(), *t)).collect();
     let named: Vec<(&str, &Tensor)> = params.iter().map(|(n, t)| (n.as_str(), *t)).collect();
-    optimizer.update(&named, &grads, settings.lr, scale, |name| {
+    let lr = |name: &str| settings.lr * lr_scale(name);
+    optimizer.update(&named, &grads, lr, scale, |name| {
         by_name.get(name).is_some_and(|t| decay_matrices(t))
     })?;
     Ok(StepStats {

@@ -23,6 +23,10 @@ pub trait Method {
     fn plan(&self) -> Plan<'_>;
     /// Trainable tensors, under the names the engine gives their gradients.
     fn params(&self) -> Vec<(String, &Tensor)>;
+    /// What parameter `name`'s learning rate is, relative to the run's.
+    fn lr_scale(&self, _name: &str) -> f64 {
+        1.0
+    }
 }
 
 /// Hyper-parameters of a run.
@@ -388,6 +392,7 @@ pub fn train(
             &mut optimizer,
             &batch,
             settings,
+            &|name| method.lr_scale(name),
         )?;
         if !(stats.loss.is_finite() && stats.grad_norm.is_finite()) {
             return Err(Error::NonFinite {

@@ -68,6 +68,7 @@ fn expert(dir: &Path, domain: &str, data: PreparedData) -> PathBuf {
         expert_layers_per_block: 1,
         init: mode_core::ExpertInit::Copy,
         gate_init_backbone_prob: 0.5,
+        gate_lr_scale: 1.0,
         train: cfg(2),
     };
     train_expert(
@@ -132,6 +133,8 @@ fn composing_two_experts_writes_a_folder_that_loads_back() {
             freeze_experts: freeze,
             gate_init: init,
             gate_init_backbone_prob: 0.8,
+            keep_backbone_prior: freeze,
+            gate_lr_scale: 1.0,
             train: cfg(3),
         };
         let (manifest, report) = compose(
@@ -171,7 +174,7 @@ fn composing_two_experts_writes_a_folder_that_loads_back() {
             GateInit::Stage1 => {
                 let g1 = stage1.file.gates(&code).unwrap();
                 let g2 = load(&[&math]).remove(0).file.gates(&math).unwrap();
-                Gate::from_stage1(&[&g1[0], &g2[0]]).unwrap()
+                Gate::from_stage1(&[&g1[0], &g2[0]], true).unwrap()
             }
         };
         assert_ne!(values(&model.gates[0].bias), values(&initial.bias));
@@ -206,6 +209,8 @@ fn composing_two_experts_writes_a_folder_that_loads_back() {
         freeze_experts: false,
         gate_init: GateInit::Fresh,
         gate_init_backbone_prob: 0.8,
+        keep_backbone_prior: false,
+        gate_lr_scale: 1.0,
         train: cfg(1),
     };
     let e = compose(
@@ -249,13 +254,20 @@ fn stage1_gates_merge_into_one_gate() {
     let a = gate(&[1.0, 2.0, 3.0, 4.0], &[0.5, -0.5]);
     let b = gate(&[3.0, 0.0, -1.0, 1.0], &[1.5, 2.0]);
     // One expert: the gate itself.
-    let one = Gate::from_stage1(&[&a]).unwrap();
-    assert_eq!(values(&one.weight), values(&a.weight));
-    assert_eq!(values(&one.bias), values(&a.bias));
+    for keep in [false, true] {
+        let one = Gate::from_stage1(&[&a], keep).unwrap();
+        assert_eq!(values(&one.weight), values(&a.weight));
+        assert_eq!(values(&one.bias), values(&a.bias));
+    }
     // Two: the backbone row is the mean, each expert keeps its own row.
-    let two = Gate::from_stage1(&[&a, &b]).unwrap();
+    let two = Gate::from_stage1(&[&a, &b], false).unwrap();
     assert_eq!(values(&two.weight), [2.0, 1.0, 3.0, 4.0, -1.0, 1.0]);
     assert_eq!(values(&two.bias), [1.0, -0.5, 2.0]);
+    // Keeping the prior adds ln 2 to the backbone's bias only.
+    let kept = Gate::from_stage1(&[&a, &b], true).unwrap();
+    assert_eq!(values(&kept.weight), values(&two.weight));
+    let bias = values(&kept.bias);
+    assert!((bias[0] - (1.0 + 2f32.ln())).abs() < 1e-6 && bias[1..] == [-0.5, 2.0]);
     // A gate that is not a stage-1 gate is refused.
-    assert!(Gate::from_stage1(&[&two]).is_err());
+    assert!(Gate::from_stage1(&[&two], false).is_err());
 }

@@ -38,9 +38,13 @@ fn adamw_matches_the_textbook_update() {
                 .reshape((2, 2))
                 .unwrap(),
         )]);
-        opt.update(&[("w", &w), ("frozen", &frozen)], &grads, lr, scale, |_| {
-            true
-        })
+        opt.update(
+            &[("w", &w), ("frozen", &frozen)],
+            &grads,
+            |_| lr,
+            scale,
+            |_| true,
+        )
         .unwrap();
         let t = (step + 1) as i32;
         for i in 0..4 {

@@ -37,6 +37,7 @@ fn branch_plan(expert: &[DecoderLayer], recompute_activations: bool) -> Plan<'_>
         blocks: vec![Block {
             layers: 1..2,
             experts: vec![expert],
+            residual: vec![false],
             mix: Mix::Fixed(vec![0.5, 0.5]),
             train_experts: vec![true],
             train_gate: false,
@@ -76,9 +77,17 @@ fn frozen_parameters_never_move_and_hold_no_state() {
     let mut losses = Vec::new();
     for _ in 0..5 {
         losses.push(
-            train_step(&model, &plan, &params, &mut opt, &batch, settings(0))
-                .unwrap()
-                .loss,
+            train_step(
+                &model,
+                &plan,
+                &params,
+                &mut opt,
+                &batch,
+                settings(0),
+                &|_| 1.0,
+            )
+            .unwrap()
+            .loss,
         );
     }
     assert!(losses[4] < losses[0], "loss did not go down: {losses:?}");
@@ -136,7 +145,16 @@ fn accumulated_micro_batches_make_the_same_step_as_the_whole_batch() {
         let plan = branch_plan(&expert, recompute);
         let mut opt = AdamW::new(AdamWConfig::default());
         for _ in 0..3 {
-            train_step(&model, &plan, &params, &mut opt, &batch, settings(micro)).unwrap();
+            train_step(
+                &model,
+                &plan,
+                &params,
+                &mut opt,
+                &batch,
+                settings(micro),
+                &|_| 1.0,
+            )
+            .unwrap();
         }
         params
             .iter()

@@ -72,6 +72,7 @@ fn params(m: &ModeModel) -> Vec<(String, Vec<f32>)> {
         model: m,
         experts: true,
         gates: true,
+        gate_lr_scale: 1.0,
     };
     method
         .params()
@@ -92,6 +93,7 @@ fn training_lowers_the_loss_and_resume_is_exact() {
         model: &a,
         experts: true,
         gates: true,
+        gate_lr_scale: 1.0,
     };
     let report = train(
         &method,
@@ -124,6 +126,7 @@ fn training_lowers_the_loss_and_resume_is_exact() {
         model: &b,
         experts: true,
         gates: true,
+        gate_lr_scale: 1.0,
     };
     let ckpt = tmp.path().join("b.ckpt");
     let metrics_b = tmp.path().join("b.jsonl");
@@ -141,6 +144,7 @@ fn training_lowers_the_loss_and_resume_is_exact() {
         model: &c,
         experts: true,
         gates: true,
+        gate_lr_scale: 1.0,
     };
     let resumed = train(&method, &data, &cfg, &ckpt, &metrics_b, |_| true).unwrap();
     assert_eq!(resumed.steps, 8);
@@ -200,6 +204,7 @@ fn a_mixture_draws_rows_by_weight_and_validates_each_source() {
         model: &m,
         experts: true,
         gates: true,
+        gate_lr_scale: 1.0,
     };
     let cfg = TrainConfig {
         steps: 2,
@@ -239,6 +244,7 @@ fn a_diverging_run_stops_cleanly_and_keeps_its_last_good_checkpoint() {
         model: &m,
         experts: true,
         gates: true,
+        gate_lr_scale: 1.0,
     };
     // A learning rate no model survives: the weights blow up within a few steps.
     let cfg = TrainConfig {
@@ -273,4 +279,51 @@ fn a_diverging_run_stops_cleanly_and_keeps_its_last_good_checkpoint() {
         let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
         assert!(v.iter().all(|x| x.is_finite()), "{name} is not finite");
     }
+}
+
+/// The values of `m`'s gate tensors (`gates`) or expert tensors.
+fn part(m: &ModeModel, gates: bool) -> Vec<(String, Vec<f32>)> {
+    params(m)
+        .into_iter()
+        .filter(|(n, _)| ModeModel::is_gate_tensor(n) == gates)
+        .collect()
+}
+
+#[test]
+fn a_gate_learning_rate_scale_of_zero_leaves_the_gates_bit_identical() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = data(tmp.path());
+    let cfg = TrainConfig {
+        checkpoint_every: 0,
+        ..config()
+    };
+    let before = model();
+    let mut moved = Vec::new();
+    for scale in [0.0, 1.0, 10.0] {
+        let m = model();
+        let method = ModeTraining {
+            model: &m,
+            experts: true,
+            gates: true,
+            gate_lr_scale: scale,
+        };
+        let name = format!("s{scale}");
+        let ckpt = tmp.path().join(format!("{name}.ckpt"));
+        let metrics = tmp.path().join(format!("{name}.jsonl"));
+        train(&method, &data, &cfg, &ckpt, &metrics, |_| true).unwrap();
+        assert_ne!(part(&m, false), part(&before, false), "experts train");
+        let distance: f32 = part(&m, true)
+            .iter()
+            .zip(part(&before, true))
+            .flat_map(|((_, a), (_, b))| {
+                a.iter()
+                    .zip(b)
+                    .map(|(x, y)| (x - y).abs())
+                    .collect::<Vec<_>>()
+            })
+            .sum();
+        moved.push(distance);
+    }
+    assert_eq!(moved[0], 0.0, "gates moved at scale 0");
+    assert!(moved[2] > moved[1] && moved[1] > 0.0, "{moved:?}");
 }

@@ -41,12 +41,28 @@ pub struct Args {
     /// Initial probability of the backbone branch in fresh gates
     #[arg(long, default_value_t = mode_core::expert::GATE_INIT_BACKBONE_PROB)]
     gate_init_backbone_prob: f64,
+    /// With `--gate-init stage1`: add ln N to the backbone's gate bias, so that the backbone
+    /// keeps its stage-1 odds against the N experts together rather than against each
+    #[arg(long)]
+    keep_backbone_prior: bool,
+    /// The gates' learning rate as a multiple of --lr (0: the gates stay as they start)
+    #[arg(long, default_value_t = 1.0)]
+    gate_lr_scale: f64,
     #[command(flatten)]
     train: TrainFlags,
 }
 
 pub fn run(args: Args) -> Result<()> {
     check_out_folder(&args.out)?;
+    super::check_range(
+        "--gate-lr-scale",
+        args.gate_lr_scale,
+        0.0,
+        super::train::MAX_GATE_LR_SCALE,
+    )?;
+    if args.keep_backbone_prior && args.gate_init != GateInit::Stage1 {
+        anyhow::bail!("--keep-backbone-prior applies to --gate-init stage1 only");
+    }
     let train = args.train.config(ADAPTER_LR, &args.backbone)?;
     let data = args.train.open_data(&args.data)?;
     let (backbone, tokenizer, path) = args.backbone.load()?;
@@ -79,6 +95,8 @@ pub fn run(args: Args) -> Result<()> {
         freeze_experts: args.freeze_experts,
         gate_init: args.gate_init,
         gate_init_backbone_prob: args.gate_init_backbone_prob,
+        keep_backbone_prior: args.keep_backbone_prior,
+        gate_lr_scale: args.gate_lr_scale,
         train,
     };
     let progress = TrainProgress::new(opts.train.steps);

@@ -39,5 +39,6 @@ pub fn meta(bb: &Backbone, layout: &BlockLayout, domain: &str) -> ExpertMeta {
         dims: ExpertDims::of(&bb.config),
         training: TrainingSummary::default(),
         tool_version: "test".into(),
+        form: mode_core::ExpertForm::Replace,
     }
 }
