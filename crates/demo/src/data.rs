@@ -94,11 +94,13 @@ impl Domains {
         ]
     }
 
-    /// The folders whose validation splits choose learning rates: the training domains.
+    /// The folders whose validation splits choose learning rates and recipes: the training
+    /// domains and general prose.
     pub fn validation_sets(&self) -> Vec<(&'static str, PathBuf)> {
         vec![
             (crate::results::MATH, self.math.clone()),
             (crate::results::CODE, self.code.clone()),
+            (crate::results::PROSE, self.prose.clone()),
         ]
     }
 }

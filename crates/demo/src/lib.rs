@@ -15,6 +15,7 @@ pub mod report;
 pub mod results;
 mod runner;
 pub mod select_lr;
+pub mod select_recipe;
 pub mod svg;
 
 use std::collections::BTreeMap;
@@ -31,6 +32,7 @@ use method::{Domain, Method, RunSpec};
 use results::{Results, RunResult};
 use runner::{Runner, Scoring};
 use select_lr::{LearningRates, LrSelection};
+use select_recipe::RecipeSelection;
 
 /// Errors of a demo run.
 #[derive(Debug, thiserror::Error)]
@@ -302,9 +304,19 @@ fn headline(b: &Budget) -> [Method; 3] {
 pub fn plan(opts: &DemoOptions) -> Vec<RunSpec> {
     let b = &opts.budget;
     let mut specs = vec![RunSpec::new(Method::Backbone, b)];
+    let recipe = RecipeSelection::committed();
+    let aware = (recipe.is_selected() && !recipe.chosen.is_paper()).then_some(recipe.chosen);
     for s in 0..b.seeds.max(1) as u64 {
         for m in headline(b) {
-            specs.push(RunSpec::new(m, b).with_seed(b.seed + s));
+            let spec = RunSpec::new(m, b).with_seed(b.seed + s);
+            specs.push(spec);
+            // The retention-aware recipe beside the paper's: composed MoDE always, the
+            // baselines with the same general share ("+ replay") at full size.
+            if let Some(r) = aware {
+                if opts.preset == Preset::Full || matches!(m, Method::Composed { .. }) {
+                    specs.push(spec.with_recipe(r));
+                }
+            }
         }
     }
     if opts.preset == Preset::Full {
@@ -394,6 +406,17 @@ pub fn run(opts: &DemoOptions, reporter: &mut dyn Reporter) -> Result<Results> {
     results.train_documents = train_documents;
     report::write(&opts.out, &results)?;
     Ok(results)
+}
+
+/// Runs (or resumes) the recipe grid ([`select_recipe`]) in `opts.out` and writes its outcome
+/// to `recipe_selection.json` there.
+pub fn select_recipe(opts: &DemoOptions, reporter: &mut dyn Reporter) -> Result<RecipeSelection> {
+    let (mut runner, _) = setup(opts, reporter)?;
+    let selection = select_recipe::select(&mut runner, &opts.backbone)?;
+    let path = opts.out.join("recipe_selection.json");
+    let json = serde_json::to_vec_pretty(&selection).expect("selection serialises");
+    mode_io::atomic::write_file(&path, &json).map_err(|e| Error::Io { path, source: e })?;
+    Ok(selection)
 }
 
 /// Runs (or resumes) the learning-rate grid ([`select_lr`]) in `opts.out` and writes its

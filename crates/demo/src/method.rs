@@ -112,6 +112,98 @@ impl Stage {
     }
 }
 
+/// What a run does beyond the paper's recipe, to keep general ability (retention-aware
+/// routing). The default is the paper's recipe.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Recipe {
+    /// Percent of each training batch drawn from general prose (the prose set's train split),
+    /// at every stage: replay for the baselines, examples of text to leave to the backbone for
+    /// MoDE's gates.
+    pub general_percent: u32,
+    /// MoDE experts start function-preserving ([`mode_core::ExpertInit::Preserve`]) instead of
+    /// as copies.
+    pub preserve_start: bool,
+    /// Composition keeps the backbone's stage-1 odds against all experts together.
+    pub keep_backbone_prior: bool,
+    /// The gates' learning rate as a multiple of their stage's.
+    pub gate_lr_scale: f64,
+}
+
+impl Default for Recipe {
+    fn default() -> Self {
+        Self::PAPER
+    }
+}
+
+impl Recipe {
+    /// The paper's recipe: no general text, copied experts, diluted prior, one learning rate.
+    pub const PAPER: Recipe = Recipe {
+        general_percent: 0,
+        preserve_start: false,
+        keep_backbone_prior: false,
+        gate_lr_scale: 1.0,
+    };
+
+    pub fn is_paper(&self) -> bool {
+        *self == Self::PAPER
+    }
+
+    /// The share of general text in a batch, in [0, 1).
+    pub fn general_share(&self) -> f64 {
+        f64::from(self.general_percent) / 100.0
+    }
+
+    /// What sets it apart from the paper's, as a name suffix (`_g10_pres_prior_glr10`); the
+    /// parts that only a composition uses are left out with `stage1`.
+    fn suffix(&self, stage1: bool) -> String {
+        let mut s = String::new();
+        if self.general_percent > 0 {
+            s += &format!("_g{}", self.general_percent);
+        }
+        if self.preserve_start {
+            s += "_pres";
+        }
+        if self.keep_backbone_prior && !stage1 {
+            s += "_prior";
+        }
+        if self.gate_lr_scale != 1.0 {
+            s += &format!("_glr{}", self.gate_lr_scale);
+        }
+        s
+    }
+
+    /// For the baselines only the general share means anything.
+    pub fn for_baseline(self) -> Recipe {
+        Recipe {
+            general_percent: self.general_percent,
+            ..Self::PAPER
+        }
+    }
+
+    /// Words for the report: `paper`, or what differs (`10% general, preserving start`).
+    pub fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        if self.general_percent > 0 {
+            parts.push(format!("{}% general prose", self.general_percent));
+        }
+        if self.preserve_start {
+            parts.push("function-preserving start".to_string());
+        }
+        if self.keep_backbone_prior {
+            parts.push("backbone prior kept".to_string());
+        }
+        if self.gate_lr_scale != 1.0 {
+            parts.push(format!("gate learning rate x{}", self.gate_lr_scale));
+        }
+        if parts.is_empty() {
+            "the paper's recipe".to_string()
+        } else {
+            parts.join(", ")
+        }
+    }
+}
+
 /// One run: a method trained for `steps` optimizer steps (all stages together) with `seed`.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct RunSpec {
@@ -128,6 +220,9 @@ pub struct RunSpec {
     /// For a composed method: its experts' learning rate, when not the budget's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expert_lr: Option<f64>,
+    /// Retention-aware options; the paper's recipe when absent.
+    #[serde(default, skip_serializing_if = "Recipe::is_paper")]
+    pub recipe: Recipe,
 }
 
 impl Default for RunSpec {
@@ -139,6 +234,7 @@ impl Default for RunSpec {
             documents: None,
             lr: None,
             expert_lr: None,
+            recipe: Recipe::PAPER,
         }
     }
 }
@@ -153,7 +249,18 @@ impl RunSpec {
             documents: None,
             lr: None,
             expert_lr: None,
+            recipe: Recipe::PAPER,
         }
+    }
+
+    /// The same run under `recipe` (for a baseline, only its general share).
+    pub fn with_recipe(self, recipe: Recipe) -> Self {
+        let recipe = match self.method {
+            Method::FullFt | Method::Lora { .. } => recipe.for_baseline(),
+            Method::Backbone => Recipe::PAPER,
+            _ => recipe,
+        };
+        Self { recipe, ..self }
     }
 
     pub fn with_steps(self, steps: usize) -> Self {
@@ -176,6 +283,7 @@ impl RunSpec {
         if let Some(lr) = self.lr {
             name += &format!("_lr{}", lr_label(lr));
         }
+        name += &self.recipe.suffix(false);
         name
     }
 
@@ -222,6 +330,7 @@ impl RunSpec {
         if let Some(lr) = self.lr {
             stem += &format!("_lr{}", lr_label(lr));
         }
+        stem += &self.recipe.suffix(true);
         if self.seed != b.seed {
             stem += &format!("_s{}", self.seed);
         }
@@ -288,5 +397,25 @@ mod tests {
             ..RunSpec::new(Method::FullFt, &b)
         };
         assert_eq!(grid.name(&b), "full_ft_lr3e-4");
+        let recipe = Recipe {
+            general_percent: 10,
+            preserve_start: true,
+            keep_backbone_prior: true,
+            gate_lr_scale: 10.0,
+        };
+        let aware = composed.with_recipe(recipe);
+        assert_eq!(aware.name(&b), "mode_composed_g10_pres_prior_glr10");
+        // The prior is a composition setting: experts with and without it are the same files.
+        assert_eq!(
+            aware.expert_for(Domain::Math, &b).expert_file_stem(&b),
+            "math_g10_pres_glr10"
+        );
+        let replay = RunSpec::new(Method::FullFt, &b).with_recipe(recipe);
+        assert_eq!(replay.name(&b), "full_ft_g10");
+        // Results written before recipes existed read back as the paper's.
+        let old: RunSpec =
+            serde_json::from_str(r#"{"method":{"kind":"full_ft"},"steps":64,"seed":0}"#).unwrap();
+        assert_eq!(old.recipe, Recipe::PAPER);
+        assert!(!serde_json::to_string(&old).unwrap().contains("recipe"));
     }
 }

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::method::{Method, RunSpec};
 use crate::select_lr::LrSelection;
+use crate::select_recipe::RecipeSelection;
 use crate::{Budget, Preset};
 
 /// The held-out sets, in table order: two targets, two retention sets.
@@ -143,6 +144,9 @@ pub struct Results {
     pub tradeoff: Vec<TradeoffPoint>,
     /// How the learning rates were chosen.
     pub lr_selection: LrSelection,
+    /// How the retention-aware recipe was chosen.
+    #[serde(default = "RecipeSelection::committed")]
+    pub recipe_selection: RecipeSelection,
     /// Wall time of the invocation that wrote this file; runs it reused from an earlier
     /// (interrupted) invocation keep their own times.
     pub total_seconds: f64,
@@ -175,6 +179,7 @@ impl Results {
             claims,
             tradeoff,
             lr_selection,
+            recipe_selection: RecipeSelection::committed(),
             total_seconds: 0.0,
             train_documents: BTreeMap::new(),
         }
@@ -228,6 +233,7 @@ fn order_key(spec: &RunSpec, b: &Budget) -> impl Ord {
         extra,
         spec.steps / spec.method.budget_steps(b).max(1),
         kind,
+        !spec.recipe.is_paper(),
         variant,
         spec.documents.map_or(0, |d| usize::MAX - d),
         spec.method,
@@ -328,8 +334,8 @@ fn difference(a: &[&RunResult], b: &[&RunResult], sets: &[&str]) -> Interval {
 /// they compare is missing.
 fn claims(rows: &[Row], runs: &BTreeMap<String, RunResult>, b: &Budget) -> Vec<Claim> {
     let has = |n: &str| rows.iter().any(|r| r.name == n);
-    let (mode, full, lora) = ("mode_composed", "full_ft", "lora");
-    if !(has(mode) && has(full) && has(lora)) {
+    let (paper, full, lora) = ("mode_composed", "full_ft", "lora");
+    if !(has(paper) && has(full) && has(lora)) {
         return Vec::new();
     }
     let sets_of = |n: &str| -> Vec<String> {
@@ -338,10 +344,10 @@ fn claims(rows: &[Row], runs: &BTreeMap<String, RunResult>, b: &Budget) -> Vec<C
             .map(|r| r.accuracy.keys().cloned().collect())
             .unwrap_or_default()
     };
-    let available = sets_of(mode);
     let mut list = Vec::new();
-    let mut claim = |text: &str, other: &str, sets: &[&str], margin: f64| {
-        if !sets.iter().all(|s| available.iter().any(|a| a == s)) {
+    let mut claim = |text: &str, mode: &str, other: &str, sets: &[&str], margin: f64| {
+        let available = sets_of(mode);
+        if !has(other) || !sets.iter().all(|s| available.iter().any(|a| a == s)) {
             return;
         }
         let (a, o) = (runs_of(mode, runs, b), runs_of(other, runs, b));
@@ -366,24 +372,67 @@ fn claims(rows: &[Row], runs: &BTreeMap<String, RunResult>, b: &Budget) -> Vec<C
     };
     claim(
         "MoDE composed average >= full fine-tuning average",
+        paper,
         full,
         &AVERAGE_SETS,
         0.0,
     );
     claim(
         "MoDE composed English >= full fine-tuning English + 1.0",
+        paper,
         full,
         &[ENGLISH],
         1.0,
     );
     claim(
         "MoDE composed prose >= full fine-tuning prose + 1.0",
+        paper,
         full,
         &[PROSE],
         1.0,
     );
-    claim("MoDE composed Math >= LoRA Math", lora, &[MATH], 0.0);
-    claim("MoDE composed Code >= LoRA Code", lora, &[CODE], 0.0);
+    claim("MoDE composed Math >= LoRA Math", paper, lora, &[MATH], 0.0);
+    claim("MoDE composed Code >= LoRA Code", paper, lora, &[CODE], 0.0);
+    // The retention-aware recipe's goals: general prose kept within 0.3 points of the
+    // backbone, Math+Code as good as full fine-tuning's.
+    let aware = rows.iter().find(|r| {
+        r.spec.method
+            == Method::Composed {
+                freeze_experts: false,
+            }
+            && !r.spec.recipe.is_paper()
+            && r.spec.steps == r.spec.method.budget_steps(b)
+            && r.spec.documents.is_none()
+            && r.spec.lr.is_none()
+    });
+    if let Some(aware) = aware.map(|r| r.name.clone()) {
+        let backbone = rows
+            .iter()
+            .find(|r| r.spec.method == Method::Backbone)
+            .map(|r| r.name.clone())
+            .unwrap_or_default();
+        claim(
+            "Retention-aware MoDE prose >= backbone prose - 0.3",
+            &aware,
+            &backbone,
+            &[PROSE],
+            -0.3,
+        );
+        claim(
+            "Retention-aware MoDE Math+Code >= full fine-tuning Math+Code",
+            &aware,
+            full,
+            &TARGET_SETS,
+            0.0,
+        );
+        claim(
+            "Retention-aware MoDE prose >= MoDE composed prose",
+            &aware,
+            paper,
+            &[PROSE],
+            0.0,
+        );
+    }
     list
 }
 

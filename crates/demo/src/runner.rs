@@ -56,23 +56,28 @@ impl Runner<'_> {
         parts.iter().fold(self.out.clone(), |p, s| p.join(s))
     }
 
-    /// Math and Code half and half; with `documents`, only that many of each domain's
-    /// training documents.
-    fn mix(&self, documents: Option<usize>) -> Result<DataMix> {
-        let mut mix = DataMix::new(vec![
-            (PreparedData::open(&self.domains.math)?, 0.5),
-            (PreparedData::open(&self.domains.code)?, 0.5),
-        ])?;
-        if let Some(n) = documents {
+    /// What `spec` trains on: Math and Code half and half, or `domain` alone; with the
+    /// recipe's share of general prose beside them, and with `documents`, only that many of
+    /// each source's training documents.
+    fn training_data(&self, spec: &RunSpec, domain: Option<Domain>) -> Result<DataMix> {
+        let general = spec.recipe.general_share();
+        let targets = match domain {
+            Some(d) => vec![d],
+            None => Domain::ALL.to_vec(),
+        };
+        let mut parts = Vec::new();
+        for d in &targets {
+            let share = (1.0 - general) / targets.len() as f64;
+            parts.push((PreparedData::open(self.domains.training(*d))?, share));
+        }
+        if general > 0.0 {
+            parts.push((PreparedData::open(&self.domains.prose)?, general));
+        }
+        let mut mix = DataMix::new(parts)?;
+        if let Some(n) = spec.documents {
             mix.limit_train_documents(n);
         }
         Ok(mix)
-    }
-
-    fn domain_data(&self, domain: Domain) -> Result<DataMix> {
-        Ok(DataMix::single(PreparedData::open(
-            self.domains.training(domain),
-        )?))
     }
 
     /// The result of run `spec` scored by `scoring`: read back from `runs/NAME.json` when an
@@ -151,7 +156,7 @@ impl Runner<'_> {
             .stage(&format!("training {name} (learning rate {lr:e})"));
         let out = self.path(&["models", name]);
         let cfg = self.budget.train_config(spec.steps, lr, spec.seed);
-        let mix = self.mix(spec.documents)?;
+        let mix = self.training_data(spec, None)?;
         let (backbone, source, fp) = self.training_inputs()?;
         let (manifest, report) =
             train_baseline(backbone, &source, &fp, &mix, kind, &cfg, &out, |e| {
@@ -184,9 +189,9 @@ impl Runner<'_> {
             Method::Expert { domain } => (
                 domain.name(),
                 b.expert_layers_per_block,
-                self.domain_data(domain)?,
+                self.training_data(spec, Some(domain))?,
             ),
-            Method::FreshMix { layers } => ("mix", layers, self.mix(spec.documents)?),
+            Method::FreshMix { layers } => ("mix", layers, self.training_data(spec, None)?),
             _ => unreachable!("not an expert"),
         };
         let lr = spec.lr.unwrap_or(b.lr.expert);
@@ -199,9 +204,13 @@ impl Runner<'_> {
                 domain: domain.into(),
                 blocks: b.blocks,
                 expert_layers_per_block: layers,
-                init: ExpertInit::Copy,
+                init: if spec.recipe.preserve_start {
+                    ExpertInit::Preserve
+                } else {
+                    ExpertInit::Copy
+                },
                 gate_init_backbone_prob: mode_core::expert::GATE_INIT_BACKBONE_PROB,
-                gate_lr_scale: 1.0,
+                gate_lr_scale: spec.recipe.gate_lr_scale,
                 train: b.train_config(spec.steps, lr, spec.seed),
             };
             let t = Instant::now();
@@ -260,15 +269,15 @@ impl Runner<'_> {
             freeze_experts: freeze,
             gate_init: GateInit::Stage1,
             gate_init_backbone_prob: mode_core::expert::GATE_INIT_BACKBONE_PROB,
-            keep_backbone_prior: false,
-            gate_lr_scale: 1.0,
+            keep_backbone_prior: spec.recipe.keep_backbone_prior,
+            gate_lr_scale: spec.recipe.gate_lr_scale,
             train: b.train_config(b.compose_steps_for(spec.steps), lr, spec.seed),
         };
         let experts = files
             .iter()
             .map(|f| LoadedExpertFile::load(f, &Device::Cpu))
             .collect::<std::result::Result<Vec<_>, _>>()?;
-        let mix = self.mix(spec.documents)?;
+        let mix = self.training_data(spec, None)?;
         let (backbone, source, fp) = self.training_inputs()?;
         let (manifest, report) =
             compose(backbone, &source, &fp, experts, &mix, &opts, &out, |e| {
@@ -317,7 +326,12 @@ impl Runner<'_> {
             }
         };
         self.reporter.stage(&format!(
-            "scoring {name} on {} ({} windows of {} tokens each)",
+            "scoring {name} on {}{} ({} windows of {} tokens each)",
+            if split == Split::Val {
+                "the validation splits of "
+            } else {
+                ""
+            },
             sets.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", "),
             windows,
             b.eval_seq_len

@@ -8,6 +8,7 @@ use std::path::Path;
 
 use mode_demo::method::Stage;
 use mode_demo::select_lr::{self, LrSelection};
+use mode_demo::select_recipe::{self, RecipeSelection};
 use mode_demo::{Budget, DemoOptions, Preset, Reporter};
 use mode_train::trainer::Event;
 
@@ -240,6 +241,18 @@ fn a_tiny_demo_runs_every_method_and_writes_the_report() {
     assert!(e.contains("--restart"), "{e}");
 }
 
+/// Validation data only: every scoring was of validation splits, never of a test set.
+fn assert_validation_only(log: &[String]) {
+    let scoring: Vec<&String> = log.iter().filter(|s| s.starts_with("scoring")).collect();
+    assert!(!scoring.is_empty());
+    assert!(
+        scoring
+            .iter()
+            .all(|s| s.contains(" on the validation splits of ") && !s.contains("english")),
+        "{scoring:?}"
+    );
+}
+
 #[test]
 fn the_learning_rate_grid_chooses_the_lowest_validation_loss_and_resumes() {
     let Some((_tmp, opts)) = tiny(Preset::Quick) else {
@@ -268,15 +281,7 @@ fn the_learning_rate_grid_chooses_the_lowest_validation_loss_and_resumes() {
             .unwrap();
         assert_eq!(sel.chosen.of(stage), best.1, "{stage:?}: {grid:?}");
     }
-    // Validation data only: nothing was scored on a test or retention set.
-    assert!(
-        log.0
-            .iter()
-            .filter(|s| s.starts_with("scoring"))
-            .all(|s| !s.contains("english") && !s.contains("prose")),
-        "{:?}",
-        log.0
-    );
+    assert_validation_only(&log.0);
     let written: LrSelection =
         serde_json::from_str(&std::fs::read_to_string(opts.out.join("lr_selection.json")).unwrap())
             .unwrap();
@@ -293,6 +298,53 @@ fn the_learning_rate_grid_chooses_the_lowest_validation_loss_and_resumes() {
         mode_demo::select_learning_rates(&opts, &mut again).unwrap(),
         sel
     );
+    assert!(
+        again
+            .0
+            .iter()
+            .all(|s| !s.starts_with("training") && !s.starts_with("composing")),
+        "{:?}",
+        again.0
+    );
+}
+
+#[test]
+fn the_recipe_grid_chooses_by_the_rule_on_validation_and_resumes() {
+    let Some((_tmp, opts)) = tiny(Preset::Quick) else {
+        return;
+    };
+    let mut log = Quiet(Vec::new());
+    let sel = mode_demo::select_recipe(&opts, &mut log).unwrap();
+    assert!(sel.is_selected());
+    assert_validation_only(&log.0);
+    let grid = select_recipe::grid();
+    assert_eq!(
+        sel.scores.iter().map(|s| s.recipe).collect::<Vec<_>>(),
+        grid
+    );
+    assert!(sel
+        .scores
+        .iter()
+        .all(|s| s.math.is_finite() && s.prose.is_finite()));
+    assert_eq!(
+        Some(sel.chosen),
+        select_recipe::choose(&sel.scores, sel.backbone_prose)
+    );
+    // The preserving recipes' experts are residual and start as the backbone.
+    let file = opts
+        .out
+        .join("experts")
+        .join("math_pres.expert.safetensors");
+    let expert = mode_core::ExpertFile::load(&file, &candle_core::Device::Cpu).unwrap();
+    assert_eq!(expert.meta.form, mode_core::ExpertForm::Residual);
+    assert_eq!(expert.meta.training.init, "preserve");
+    let written: RecipeSelection = serde_json::from_str(
+        &std::fs::read_to_string(opts.out.join("recipe_selection.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(written, sel);
+    let mut again = Quiet(Vec::new());
+    assert_eq!(mode_demo::select_recipe(&opts, &mut again).unwrap(), sel);
     assert!(
         again
             .0

@@ -23,11 +23,12 @@ use super::training::TrainProgress;
     mode demo --full          # longer training, 3 seeds, every MoDE variant (runs/demo-full)\n  \
     mode demo --tradeoff      # also 256 and 512 steps: target gain against forgetting\n  \
     mode demo --scaling       # also accuracy against added parameters and examples\n  \
-    mode demo --select-lr     # the learning-rate grid on validation (runs/select-lr)"
+    mode demo --select-lr     # the learning-rate grid on validation (runs/select-lr)\n  \
+    mode demo --select-recipe # the retention-aware recipe on validation (runs/select-recipe)"
 )]
 pub struct Args {
     /// Output folder [default: runs/demo; runs/demo-full with --full, runs/select-lr with
-    /// --select-lr]
+    /// --select-lr, runs/select-recipe with --select-recipe]
     #[arg(long)]
     out: Option<PathBuf>,
     /// A smoke run of a few minutes
@@ -65,6 +66,15 @@ pub struct Args {
     /// crates/demo/lr_selection.json to make it the demo's rates)
     #[arg(long, conflicts_with_all = ["scaling", "tradeoff"])]
     select_lr: bool,
+    /// Choose composed MoDE's retention-aware recipe on validation data instead: the paper's
+    /// recipe against a share of general prose in training, the function-preserving expert
+    /// start, the backbone prior kept in composition and a faster gate, each trained at the
+    /// budget and scored on the Math, Code and prose validation splits; the best Math+Code
+    /// among recipes within 0.3 points of the backbone's prose wins. Writes
+    /// OUT/recipe_selection.json (commit it as crates/demo/recipe_selection.json to add the
+    /// recipe's rows to the demo)
+    #[arg(long, conflicts_with_all = ["scaling", "tradeoff", "select_lr"])]
+    select_recipe: bool,
 }
 
 /// Shows stages as lines and training as a progress bar.
@@ -110,6 +120,8 @@ pub fn run(args: Args) -> Result<()> {
     let out = args.out.unwrap_or_else(|| {
         PathBuf::from(if args.select_lr {
             "runs/select-lr"
+        } else if args.select_recipe {
+            "runs/select-recipe"
         } else if args.full {
             "runs/demo-full"
         } else {
@@ -138,10 +150,21 @@ pub fn run(args: Args) -> Result<()> {
         );
         return Ok(());
     }
+    if args.select_recipe {
+        let selection = mode_demo::select_recipe(&opts, &mut reporter)?;
+        reporter.stage("done");
+        print!("{}", selection.text());
+        println!(
+            "wrote {}; copy it to crates/demo/recipe_selection.json to add this recipe's rows to the demo",
+            out.join("recipe_selection.json").display()
+        );
+        return Ok(());
+    }
     let results = mode_demo::run(&opts, &mut reporter)?;
     reporter.stage("done");
     println!("Learning rates:");
     print!("{}", results.lr_selection.text());
+    print!("{}", results.recipe_selection.text());
     println!("{}", mode_demo::report::table(&results));
     print!("{}", mode_demo::report::claims_text(&results));
     println!(

@@ -60,6 +60,7 @@ pub fn html(results: &Results) -> String {
         results.total_seconds
     );
     learning_rates(&mut h, results);
+    recipes(&mut h, results);
     h.push_str("<h2>Accuracy (%)</h2><table><tr><th>method</th>");
     for (head, _) in columns() {
         let _ = write!(h, "<th>{head}</th>");
@@ -197,6 +198,46 @@ fn learning_rates(h: &mut String, results: &Results) {
             "<tr><td>{}</td><td>{chosen:e}</td><td>{}</td></tr>",
             stage.name(),
             grid.join(", ")
+        );
+    }
+    h.push_str("</table>");
+}
+
+fn recipes(h: &mut String, results: &Results) {
+    let sel = &results.recipe_selection;
+    h.push_str("<h2>Retention-aware recipe</h2>");
+    if !sel.is_selected() {
+        h.push_str(
+            "<p>Not selected on validation data: run <code>mode demo --select-recipe</code>.</p>",
+        );
+        return;
+    }
+    let _ = write!(
+        h,
+        "<p>Chosen by <code>mode demo --select-recipe</code>: composed MoDE trained {} steps of          {} tokens under each recipe, scored on {} windows spread over the validation splits of          Math, Code and prose. Among the recipes within {} points of the backbone's validation          prose accuracy ({:.2}%), the best Math+Code average wins. No test data is used.</p>",
+        sel.steps,
+        sel.batch_tokens,
+        sel.windows,
+        crate::select_recipe::RETENTION_MARGIN,
+        sel.backbone_prose
+    );
+    h.push_str(
+        "<table><tr><th>recipe</th><th>Math</th><th>Code</th><th>prose</th><th>prose vs backbone</th></tr>",
+    );
+    for s in &sel.scores {
+        let name = escape(&s.recipe.describe());
+        let name = if s.recipe == sel.chosen {
+            format!("<b>{name} (chosen)</b>")
+        } else {
+            name
+        };
+        let _ = write!(
+            h,
+            "<tr><td>{name}</td><td>{:.2}</td><td>{:.2}</td><td>{:.2}</td><td>{:+.2}</td></tr>",
+            s.math,
+            s.code,
+            s.prose,
+            s.prose - sel.backbone_prose
         );
     }
     h.push_str("</table>");

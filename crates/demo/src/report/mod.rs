@@ -260,6 +260,33 @@ mod tests {
     }
 
     #[test]
+    fn a_retention_aware_row_gets_its_claims_against_the_backbone_and_full_ft() {
+        let mut runs = table_runs();
+        let recipe = crate::method::Recipe {
+            general_percent: 10,
+            preserve_start: true,
+            ..crate::method::Recipe::PAPER
+        };
+        // Prose 44.9 against the backbone's 45: within 0.3 points on every window.
+        let aware = spec(COMPOSED).with_recipe(recipe);
+        runs.push(run(aware, [49.0, 59.0, 34.9, 44.9], 0.0));
+        let r = results(runs);
+        let names: Vec<&str> = r.rows.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names.last(), Some(&"mode_composed_g10_pres"));
+        let claim = |text: &str| r.claims.iter().find(|c| c.text == text).unwrap();
+        let kept = claim("Retention-aware MoDE prose >= backbone prose - 0.3");
+        assert_eq!(
+            (kept.mode.as_str(), kept.other.as_str()),
+            ("mode_composed_g10_pres", "backbone")
+        );
+        assert_eq!(kept.verdict, Verdict::Holds);
+        // Math+Code 54 against full FT's 55 on every window: does not hold.
+        let target = claim("Retention-aware MoDE Math+Code >= full fine-tuning Math+Code");
+        assert_eq!(target.verdict, Verdict::DoesNotHold);
+        assert_eq!(r.claims.len(), 5 + 3);
+    }
+
+    #[test]
     fn seeds_pool_into_one_row() {
         let b = Budget::preset(Preset::Default);
         let mut runs = table_runs();
