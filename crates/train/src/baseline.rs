@@ -2,7 +2,9 @@
 
 use std::path::Path;
 
-use mode_core::baseline::{save_baseline, BaselineManifest, LoraSpec, BASELINE_FORMAT_VERSION};
+use mode_core::baseline::{
+    load_baseline, save_baseline, BaselineManifest, LoraSpec, BASELINE_FORMAT_VERSION,
+};
 use mode_core::file::TrainingSummary;
 use mode_data::DataMix;
 use mode_engine::model::Trainable;
@@ -22,32 +24,50 @@ pub enum BaselineKind {
 }
 
 /// Fine-tunes `backbone` as `kind` on `data` and writes the folder `out` (a checkpoint folder
-/// and a metrics file live next to it; an existing checkpoint is resumed). Returns the
+/// and a metrics file live next to it; an existing checkpoint is resumed). With `start`, the
+/// training continues a baseline folder of the same kind over the same backbone (sequential
+/// fine-tuning, one domain after another) instead of starting from the backbone. Returns the
 /// manifest once the run is complete.
 #[allow(clippy::too_many_arguments)]
 pub fn train_baseline(
-    mut backbone: Backbone,
+    backbone: Backbone,
     backbone_source: &str,
     tokenizer_fingerprint: &str,
     data: &DataMix,
     kind: BaselineKind,
     cfg: &TrainConfig,
     out: &Path,
+    start: Option<&Path>,
     on_event: impl FnMut(Event) -> bool,
 ) -> Result<(Option<BaselineManifest>, TrainReport), Error> {
     check_tokenizer(data, tokenizer_fingerprint, backbone_source)?;
-    // Before training: full fine-tuning changes the weights in place.
+    // Before training (full fine-tuning changes the weights in place) and before loading a
+    // start: the folder belongs to the backbone it was first fine-tuned from.
     let fingerprint = backbone.fingerprint()?;
     let layers = backbone.layers.len();
+    if let BaselineKind::Lora(spec) = kind {
+        if spec.rank == 0 {
+            return Err(Error::Data("LoRA needs --rank >= 1".into()));
+        }
+    }
+    let backbone = match start {
+        Some(dir) => continued(backbone, dir, kind)?,
+        None => {
+            let mut backbone = backbone;
+            if let BaselineKind::Lora(spec) = kind {
+                backbone.attach_lora(
+                    spec.rank,
+                    spec.alpha,
+                    spec.targets.projections(),
+                    cfg.seed,
+                )?;
+            }
+            backbone
+        }
+    };
     let trainable = match kind {
         BaselineKind::Full => Trainable::all(layers),
-        BaselineKind::Lora(spec) => {
-            if spec.rank == 0 {
-                return Err(Error::Data("LoRA needs --rank >= 1".into()));
-            }
-            backbone.attach_lora(spec.rank, spec.alpha, spec.targets.projections(), cfg.seed)?;
-            Trainable::lora(layers)
-        }
+        BaselineKind::Lora(_) => Trainable::lora(layers),
     };
     let (ckpt, metrics) = side_paths(out);
     let method = BackboneTraining {
@@ -80,11 +100,37 @@ pub fn train_baseline(
             final_val_accuracy: report.final_val_accuracy,
             data_fingerprint: Some(data.fingerprint()),
             seed: cfg.seed,
-            init: "backbone".into(),
+            init: match start {
+                Some(dir) => format!("continued from {}", dir.display()),
+                None => "backbone".into(),
+            },
         },
         tool_version: env!("CARGO_PKG_VERSION").to_string(),
     };
     save_baseline(out, &manifest, &backbone)?;
     let _ = mode_io::atomic::remove_dir(&ckpt);
     Ok((Some(manifest), report))
+}
+
+/// `backbone` with the baseline folder `dir` loaded onto it, which must be of `kind` (for LoRA,
+/// the same shape).
+fn continued(backbone: Backbone, dir: &Path, kind: BaselineKind) -> Result<Backbone, Error> {
+    let (backbone, manifest) = load_baseline(dir, backbone)?;
+    let wanted = match kind {
+        BaselineKind::Full => None,
+        BaselineKind::Lora(spec) => Some(spec),
+    };
+    if manifest.lora != wanted {
+        let what = |l: Option<LoraSpec>| match l {
+            None => "full fine-tuning".to_string(),
+            Some(s) => format!("LoRA rank {} alpha {} on {:?}", s.rank, s.alpha, s.targets),
+        };
+        return Err(Error::Data(format!(
+            "{}: holds {}, and this run trains {}; continue a folder of the same kind",
+            dir.display(),
+            what(manifest.lora),
+            what(wanted)
+        )));
+    }
+    Ok(backbone)
 }

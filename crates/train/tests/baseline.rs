@@ -81,6 +81,7 @@ fn full_and_lora_folders_load_back_to_the_trained_model() {
             kind,
             &cfg(),
             &out,
+            None,
             |_| true,
         )
         .unwrap();
@@ -109,6 +110,80 @@ fn full_and_lora_folders_load_back_to_the_trained_model() {
         let e = load_baseline(&out, backbone(2)).err().unwrap().to_string();
         assert!(e.contains("different backbone"), "{e}");
     }
+}
+
+#[test]
+fn a_baseline_continues_from_a_folder_of_its_kind() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = data(tmp.path());
+    let original = backbone(1).fingerprint().unwrap();
+    let lora = LoraSpec {
+        rank: 4,
+        alpha: 8.0,
+        targets: LoraTargets::Attn,
+    };
+    let tok = Tokenizer::byte_level().fingerprint();
+    for kind in [BaselineKind::Full, BaselineKind::Lora(lora)] {
+        let name = format!("{kind:?}").to_lowercase();
+        let first = tmp.path().join(format!("{name}-1"));
+        let train = |out: &Path, start: Option<&Path>| {
+            train_baseline(
+                backbone(1),
+                "tiny",
+                &tok,
+                &data,
+                kind,
+                &cfg(),
+                out,
+                start,
+                |_| true,
+            )
+            .unwrap()
+            .0
+            .unwrap()
+        };
+        train(&first, None);
+        let second = tmp.path().join(format!("{name}-2"));
+        let manifest = train(&second, Some(&first));
+        // Still the folder of the original backbone, and it says what it continued.
+        assert_eq!(manifest.backbone_fingerprint, original);
+        assert!(manifest.training.init.contains(&format!("{name}-1")));
+        // The second run trained on from the first: its weights differ from the first's.
+        let (a, _) = load_baseline(&first, backbone(1)).unwrap();
+        let (b, _) = load_baseline(&second, backbone(1)).unwrap();
+        let values = |m: &mode_model::Backbone| -> Vec<f32> {
+            let t = match kind {
+                BaselineKind::Full => m.named_tensors(),
+                BaselineKind::Lora(_) => m.lora_tensors(),
+            };
+            t.iter()
+                .flat_map(|(_, t)| t.flatten_all().unwrap().to_vec1::<f32>().unwrap())
+                .collect()
+        };
+        assert_ne!(values(&a), values(&b));
+        // Runs are deterministic (a fresh run repeats the first exactly), so the difference is
+        // the continuation's.
+        let fresh = tmp.path().join(format!("{name}-fresh"));
+        train(&fresh, None);
+        let (c, _) = load_baseline(&fresh, backbone(1)).unwrap();
+        assert_eq!(values(&a), values(&c));
+    }
+    // The wrong kind is refused, naming the folder.
+    let e = train_baseline(
+        backbone(1),
+        "tiny",
+        &tok,
+        &data,
+        BaselineKind::Lora(lora),
+        &cfg(),
+        &tmp.path().join("mixed"),
+        Some(&tmp.path().join("full-1")),
+        |_| true,
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(e.contains("full-1") && e.contains("same kind"), "{e}");
 }
 
 fn read_params(dir: &Path) -> usize {

@@ -42,6 +42,10 @@ struct Common {
     /// The model folder to write
     #[arg(long)]
     out: PathBuf,
+    /// Continue training a model folder of the same kind (from `mode baseline`) instead of
+    /// starting from the backbone: sequential fine-tuning, one domain after another
+    #[arg(long, value_name = "DIR")]
+    continue_from: Option<PathBuf>,
     #[command(flatten)]
     train: TrainFlags,
 }
@@ -75,6 +79,9 @@ pub fn run(args: Args) -> Result<()> {
         ),
     };
     check_out_folder(&common.out)?;
+    if let Some(dir) = &common.continue_from {
+        super::check_input(dir)?;
+    }
     if kind == BaselineKind::Full && common.backbone.weight_dtype != DType::F32 {
         bail!("full fine-tuning updates the backbone's weights: use --weight-dtype f32");
     }
@@ -110,6 +117,7 @@ pub fn run(args: Args) -> Result<()> {
         kind,
         &train,
         &common.out,
+        common.continue_from.as_deref(),
         |e| progress.on_event(e),
     )?;
     progress.finish();

@@ -24,11 +24,12 @@ use super::training::TrainProgress;
     mode demo --tradeoff      # also 256 and 512 steps: target gain against forgetting\n  \
     mode demo --scaling       # also accuracy against added parameters and examples\n  \
     mode demo --select-lr     # the learning-rate grid on validation (runs/select-lr)\n  \
-    mode demo --select-recipe # the retention-aware recipe on validation (runs/select-recipe)"
+    mode demo --select-recipe # the retention-aware recipe on validation (runs/select-recipe)\n  \
+    mode demo --continual     # domains added one at a time (runs/continual)"
 )]
 pub struct Args {
     /// Output folder [default: runs/demo; runs/demo-full with --full, runs/select-lr with
-    /// --select-lr, runs/select-recipe with --select-recipe]
+    /// --select-lr, runs/select-recipe with --select-recipe, runs/continual with --continual]
     #[arg(long)]
     out: Option<PathBuf>,
     /// A smoke run of a few minutes
@@ -45,7 +46,7 @@ pub struct Args {
     /// Backbone: `smollm2-135m` (fetched on first use), or a .gguf file or Hugging Face folder
     #[arg(long, default_value = mode_io::fetch::DEFAULT_BACKBONE)]
     backbone: String,
-    /// Use this data folder (with math/, code/, english/) instead of fetching
+    /// Use this data folder (with math/, code/, c/, english/, prose/) instead of fetching
     #[arg(long)]
     data_dir: Option<PathBuf>,
     /// Discard the results of an earlier demo in --out (its prepared data is kept)
@@ -75,6 +76,13 @@ pub struct Args {
     /// recipe's rows to the demo)
     #[arg(long, conflicts_with_all = ["scaling", "tradeoff", "select_lr"])]
     select_recipe: bool,
+    /// Add domains one at a time instead (Math, then Code, then C): full fine-tuning and LoRA
+    /// continued on each new domain, with and without a replay buffer of the earlier ones,
+    /// against MoDE adding one expert per domain (hot-added, or with its gates re-tuned); scores
+    /// every domain and the retention sets after each addition and reads forgetting from paired
+    /// intervals. Writes OUT/continual.json and OUT/report.html
+    #[arg(long, conflicts_with_all = ["scaling", "tradeoff", "select_lr", "select_recipe"])]
+    continual: bool,
 }
 
 /// Shows stages as lines and training as a progress bar.
@@ -122,6 +130,8 @@ pub fn run(args: Args) -> Result<()> {
             "runs/select-lr"
         } else if args.select_recipe {
             "runs/select-recipe"
+        } else if args.continual {
+            "runs/continual"
         } else if args.full {
             "runs/demo-full"
         } else {
@@ -147,6 +157,17 @@ pub fn run(args: Args) -> Result<()> {
         println!(
             "wrote {}; copy it to crates/demo/lr_selection.json to make these the demo's rates",
             out.join("lr_selection.json").display()
+        );
+        return Ok(());
+    }
+    if args.continual {
+        let results = mode_demo::continual(&opts, &mut reporter)?;
+        reporter.stage("done");
+        print!("{}", mode_demo::report::continual::text(&results));
+        println!(
+            "wrote {} and {}",
+            out.join("continual.json").display(),
+            out.join("report.html").display()
         );
         return Ok(());
     }

@@ -3,6 +3,7 @@
 use std::fmt::Write;
 use std::path::Path;
 
+pub mod continual;
 mod html;
 
 use mode_eval::stats::Interval;
