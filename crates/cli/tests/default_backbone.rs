@@ -287,3 +287,54 @@ fn tokenizer_json_round_trip() {
     assert_eq!(loaded.bos_id(), Some(1));
     assert_eq!(loaded.chat_template(), tokenizer.chat_template());
 }
+
+#[test]
+fn a_preserving_expert_start_is_the_real_backbone_at_step_0() {
+    use mode_core::{BlockLayout, Expert, ExpertInit, Gate, ModeModel};
+    use mode_model::CausalLm;
+    let Some((reference, tokenizer)) = model() else {
+        return;
+    };
+    let ids = tokenizer
+        .encode("def add(a, b):\n    return a + b\n\nThe capital of France is")
+        .unwrap();
+    let ids = Tensor::new(ids.as_slice(), &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let want = reference.forward(&ids, None).unwrap();
+    let path = backbone_path().unwrap();
+    let (bb, _) = Backbone::open(&path, DType::F32, &Device::Cpu).unwrap();
+    let layout = BlockLayout::even(bb.layers.len(), 3, 2).unwrap();
+    let hidden = bb.config.hidden_size;
+    let experts: Vec<Expert> = (0..2)
+        .map(|j| Expert::new(&format!("e{j}"), &bb, &layout, ExpertInit::Preserve, j).unwrap())
+        .collect();
+    // Gates that send most of every token to the experts: still the backbone at step 0.
+    let gates = (0..3)
+        .map(|b| Gate {
+            weight: (Tensor::arange(0f32, (3 * hidden) as f32, &Device::Cpu)
+                .unwrap()
+                .affine(0.37, b as f64)
+                .unwrap()
+                .sin()
+                .unwrap()
+                * 0.05)
+                .unwrap()
+                .reshape((3, hidden))
+                .unwrap(),
+            bias: Tensor::new(&[-2f32, 1.0 + b as f32, 0.5], &Device::Cpu).unwrap(),
+        })
+        .collect();
+    let m = ModeModel::new(bb, layout, experts, gates).unwrap();
+    let got = CausalLm::logits(&m, &m.hidden_states(&ids, None).unwrap()).unwrap();
+    let d: f32 = (&got - &want)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar()
+        .unwrap();
+    assert!(d <= 1e-5, "max abs logit difference {d}");
+}

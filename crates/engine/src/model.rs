@@ -85,6 +85,10 @@ pub struct Block<'a> {
     pub experts: Vec<&'a [DecoderLayer]>,
     /// Per expert: its branch outputs `B(x) + L(x) - x` (the backbone block's output plus what
     /// the expert's layers add to the block input) instead of `L(x)`.
+    ///
+    /// The block computes its mix as `B(x) + sum_j w_j D_j` with `D_j = L_j(x) - x` (residual)
+    /// or `L_j(x) - B(x)`: equal to `sum_j w_j branch_j` for weights that sum to one (a softmax
+    /// gate, or a fixed mix that does), and exactly `B(x)` where every `D_j` is zero.
     pub residual: Vec<bool>,
     pub mix: Mix<'a>,
     pub train_experts: Vec<bool>,
@@ -171,7 +175,8 @@ struct BlockSaved {
     x: Tensor,
     /// Per branch (backbone first): activations of each layer, when the branch runs backward.
     acts: Vec<Option<Vec<LayerActivations>>>,
-    /// Per branch: output `[n, h]`.
+    /// The backbone branch's output `B(x)`, then each expert's difference `D_j` from it
+    /// (`[n, h]` each).
     outputs: Vec<Tensor>,
     /// Mixing weights `[n, branches]`.
     weights: Tensor,
@@ -423,14 +428,13 @@ fn block_forward(
     }
     let x2d = x.reshape((b * t, h))?;
     for (j, &residual) in block.residual.iter().enumerate() {
-        if residual {
-            outputs[j + 1] = ((&outputs[j + 1] + &outputs[0])? - &x2d)?;
-        }
+        let base = if residual { &x2d } else { &outputs[0] };
+        outputs[j + 1] = (&outputs[j + 1] - base)?;
     }
     let weights = mix_weights(&block.mix, &x2d, outputs.len())?;
-    let mut y = outputs[0].broadcast_mul(&weights.narrow(1, 0, 1)?)?;
-    for (j, out) in outputs.iter().enumerate().skip(1) {
-        y = (y + out.broadcast_mul(&weights.narrow(1, j, 1)?)?)?;
+    let mut y = outputs[0].clone();
+    for (j, delta) in outputs.iter().enumerate().skip(1) {
+        y = (y + delta.broadcast_mul(&weights.narrow(1, j, 1)?)?)?;
     }
     Ok((
         y.reshape((b, t, h))?,
@@ -499,23 +503,33 @@ fn block_backward(
         });
         Ok(())
     };
-    // A residual expert's branch `B(x) + L(x) - x` passes its weight on to the backbone
-    // branch and, negated, to the block input.
-    let mut residual_weight: Option<Tensor> = None;
-    for (j, _) in block.residual.iter().enumerate().filter(|(_, &r)| r) {
-        let w = s.weights.narrow(1, j + 1, 1)?;
-        residual_weight = Some(match residual_weight.take() {
-            Some(acc) => (acc + w)?,
-            None => w,
-        });
-    }
+    // `y = B + sum_j w_j D_j`: the backbone branch gets `1 - sum of the replacing experts'
+    // weights`; a residual expert's `- x` sends its weight, negated, to the block input.
+    let sum_of = |residual: bool| -> Result<Option<Tensor>> {
+        let mut acc: Option<Tensor> = None;
+        for (j, _) in block
+            .residual
+            .iter()
+            .enumerate()
+            .filter(|(_, &r)| r == residual)
+        {
+            let w = s.weights.narrow(1, j + 1, 1)?;
+            acc = Some(match acc.take() {
+                Some(a) => (a + w)?,
+                None => w,
+            });
+        }
+        Ok(acc)
+    };
+    let (replacing, residual) = (sum_of(false)?, sum_of(true)?);
     for (j, acts) in s.acts.iter().enumerate() {
         let Some(acts) = acts else { continue };
-        let mut w = s.weights.narrow(1, j, 1)?;
-        if let (0, Some(r)) = (j, &residual_weight) {
-            w = (w + r)?;
-        }
-        let mut d = dy2d.broadcast_mul(&w)?.reshape((b, t, h))?;
+        let d = match (j, &replacing) {
+            (0, Some(r)) => dy2d.broadcast_mul(&r.affine(-1.0, 1.0)?)?,
+            (0, None) => dy2d.clone(),
+            _ => dy2d.broadcast_mul(&s.weights.narrow(1, j, 1)?)?,
+        };
+        let mut d = d.reshape((b, t, h))?;
         let (layers, names): (Vec<&DecoderLayer>, Vec<(String, LayerTraining)>) = if j == 0 {
             block
                 .layers
@@ -555,17 +569,17 @@ fn block_backward(
             add(d)?;
         }
     }
-    if let (true, Some(r)) = (upstream, &residual_weight) {
+    if let (true, Some(r)) = (upstream, &residual) {
         add(dy2d.broadcast_mul(r)?.neg()?.reshape((b, t, h))?)?;
     }
     if let Mix::Gate { weight, .. } = &block.mix {
         if block.train_gate || upstream {
-            // d weight_j = <dy, y_j> per token; then through the softmax.
-            let da: Vec<Tensor> = s
-                .outputs
-                .iter()
-                .map(|y| (&dy2d * y)?.sum_keepdim(D::Minus1))
-                .collect::<Result<_>>()?;
+            // d weight_j = <dy, D_j> per token (the backbone's weight does not appear in the
+            // mix); then through the softmax.
+            let mut da = vec![s.outputs[0].narrow(1, 0, 1)?.zeros_like()?];
+            for delta in &s.outputs[1..] {
+                da.push((&dy2d * delta)?.sum_keepdim(D::Minus1)?);
+            }
             let da = Tensor::cat(&da, 1)?;
             let row = (&da * &s.weights)?.sum_keepdim(D::Minus1)?;
             let dlogits = (&s.weights * da.broadcast_sub(&row)?)?;

@@ -374,8 +374,10 @@ impl ModeModel {
                     cache.as_mut().map(|c| &mut c.layers[i]),
                 )?;
             }
+            // `B + sum_j g_j D_j` (see `mode_engine::model::Block::residual`): exactly the
+            // backbone where every expert's difference is zero.
             let block_out = y;
-            let mut mixed = block_out.broadcast_mul(&probs.i((.., .., 0..1))?)?;
+            let mut mixed = block_out.clone();
             for (j, e) in self.experts.iter().enumerate() {
                 if !runs[j] {
                     continue;
@@ -390,10 +392,11 @@ impl ModeModel {
                         cache.as_mut().map(|c| &mut c.layers[base + l]),
                     )?;
                 }
-                if e.form == ExpertForm::Residual {
-                    y = ((y + &block_out)? - &x)?;
-                }
-                mixed = (mixed + y.broadcast_mul(&probs.i((.., .., j + 1..j + 2))?)?)?;
+                let delta = match e.form {
+                    ExpertForm::Residual => (y - &x)?,
+                    ExpertForm::Replace => (y - &block_out)?,
+                };
+                mixed = (mixed + delta.broadcast_mul(&probs.i((.., .., j + 1..j + 2))?)?)?;
             }
             if let Some(trace) = trace.as_mut() {
                 trace.push(probs);
