@@ -52,8 +52,20 @@ fn start() -> SocketAddr {
 /// A stage-1 expert file named `domain` for `bb`, over `blocks` blocks, saved under `dir`. Its
 /// gates lean towards the expert so that it changes what the model says.
 fn expert_file(bb: &Backbone, domain: &str, seed: u64, blocks: usize, dir: &Path) -> PathBuf {
+    started_expert_file(bb, domain, seed, blocks, dir, ExpertInit::Random)
+}
+
+/// [`expert_file`] with the expert started as `init` says.
+fn started_expert_file(
+    bb: &Backbone,
+    domain: &str,
+    seed: u64,
+    blocks: usize,
+    dir: &Path,
+    init: ExpertInit,
+) -> PathBuf {
     let layout = BlockLayout::even(bb.config.num_hidden_layers, blocks, 1).unwrap();
-    let expert = Expert::new(domain, bb, &layout, ExpertInit::Random, seed).unwrap();
+    let expert = Expert::new(domain, bb, &layout, init, seed).unwrap();
     let meta = ExpertMeta {
         format_version: mode_core::file::FORMAT_VERSION,
         domain: domain.into(),
@@ -387,6 +399,23 @@ fn requests_choose_their_experts() {
     );
     assert_eq!(status, 400, "{text}");
     assert!(text.contains("loaded experts: none"), "{text}");
+}
+
+#[test]
+fn a_hot_added_preserving_expert_changes_no_answer_until_it_is_trained() {
+    let allowed = tempfile::tempdir().unwrap();
+    let bb = backbone(3);
+    let start = started_expert_file(&bb, "fresh", 1, 2, allowed.path(), ExpertInit::Preserve);
+    let file = ExpertFile::load(&start, &Device::Cpu).unwrap();
+    assert_eq!(file.meta.form, mode_core::ExpertForm::Residual);
+    let addr = serve(ModeModel::bare(backbone(3)).unwrap(), &[allowed.path()]);
+    let before = sampled(addr, "");
+    let body = serde_json::json!({"path": start}).to_string();
+    let (status, _, text) = request(addr, "POST", "/v1/experts", &body);
+    assert_eq!(status, 201, "{text}");
+    // Its gates lean towards it, and still every sampled token is the backbone's.
+    assert_eq!(sampled(addr, ""), before);
+    assert_eq!(sampled(addr, r#", "experts": ["fresh"]"#), before);
 }
 
 #[test]
