@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use candle_core::Device;
-use mode_core::baseline::{LoraSpec, LoraTargets};
+use mode_core::baseline::{BaselineManifest, LoraSpec, LoraTargets};
 use mode_core::{LoadedExpertFile, LoadedModel, ModeModel};
 use mode_data::{DataMix, PreparedData};
 use mode_eval::stats::{self, Interval, Verdict};
@@ -185,6 +185,61 @@ impl Runner<'_> {
         self.expert(&spec)
     }
 
+    /// The model folder of a fine-tuning track after `step`: trained now, on from the folder
+    /// of the step before (itself trained again first if it is gone, as after a restore of the
+    /// results alone), unless it is already there.
+    fn baseline_folder(
+        &mut self,
+        track: Track,
+        step: usize,
+        recipe: Recipe,
+    ) -> Result<(PathBuf, BaselineManifest)> {
+        let b = self.budget.clone();
+        let name = track.step_name(step);
+        let out = self.path(&["continual", "models", &name]);
+        if let Ok(manifest) = mode_core::baseline::read_manifest(&out) {
+            return Ok((out, manifest));
+        }
+        let start = match step {
+            1 => None,
+            _ => Some(self.baseline_folder(track, step - 1, recipe)?.0),
+        };
+        let (kind, stage) = match track.learner {
+            Learner::FullFt => (BaselineKind::Full, Stage::FullFt),
+            _ => (
+                BaselineKind::Lora(LoraSpec {
+                    rank: b.lora_rank,
+                    alpha: b.lora_alpha,
+                    targets: LoraTargets::Attn,
+                }),
+                Stage::Lora,
+            ),
+        };
+        let lr = b.lr.of(stage);
+        let domain = Domain::SEQUENCE[step - 1];
+        self.reporter.stage(&format!(
+            "continual {name}: training on {} (learning rate {lr:e})",
+            domain.name()
+        ));
+        let data = self.continual_data(track, domain, &Domain::SEQUENCE[..step - 1], &recipe)?;
+        let cfg = b.train_config(b.steps, lr, b.seed);
+        let (backbone, source, fp) = self.training_inputs()?;
+        let reporter = &mut self.reporter;
+        let (manifest, _) = train_baseline(
+            backbone,
+            &source,
+            &fp,
+            &data,
+            kind,
+            &cfg,
+            &out,
+            start.as_deref(),
+            |e| reporter.train(e),
+        )?;
+        let manifest = manifest.ok_or_else(|| Error::Step(format!("{name}: training stopped")))?;
+        Ok((out, manifest))
+    }
+
     /// Trains (or reads back) `track` through every step and scores each.
     fn continual_track(&mut self, track: Track, recipe: Recipe) -> Result<Vec<StepResult>> {
         let mut out = Vec::new();
@@ -241,49 +296,15 @@ impl Runner<'_> {
         let name = track.step_name(step);
         match track.learner {
             Learner::FullFt | Learner::Lora => {
-                let (kind, stage) = match track.learner {
-                    Learner::FullFt => (BaselineKind::Full, Stage::FullFt),
-                    _ => (
-                        BaselineKind::Lora(LoraSpec {
-                            rank: b.lora_rank,
-                            alpha: b.lora_alpha,
-                            targets: LoraTargets::Attn,
-                        }),
-                        Stage::Lora,
-                    ),
-                };
-                let lr = b.lr.of(stage);
-                self.reporter.stage(&format!(
-                    "continual {name}: training on {} (learning rate {lr:e})",
-                    domain.name()
-                ));
-                let data = self.continual_data(track, domain, earlier, &recipe)?;
-                let out = self.path(&["continual", "models", &name]);
-                let start = (step > 1)
-                    .then(|| self.path(&["continual", "models", &track.step_name(step - 1)]));
-                let cfg = b.train_config(b.steps, lr, b.seed);
-                let (backbone, source, fp) = self.training_inputs()?;
-                let reporter = &mut self.reporter;
-                let (manifest, report) = train_baseline(
-                    backbone,
-                    &source,
-                    &fp,
-                    &data,
-                    kind,
-                    &cfg,
-                    &out,
-                    start.as_deref(),
-                    |e| reporter.train(e),
-                )?;
-                let manifest =
-                    manifest.ok_or_else(|| Error::Step(format!("{name}: training stopped")))?;
+                let (out, manifest) = self.baseline_folder(track, step, recipe)?;
                 let (model, _) = mode_core::loaded::load_folder(&out, self.backbone()?)?;
+                let tokens = manifest.training.tokens;
                 let result = RunResult {
                     trainable_parameters: manifest.trainable_parameters,
-                    tokens: report.tokens,
+                    tokens,
                     ..Default::default()
                 };
-                Ok((model, result, report.tokens))
+                Ok((model, result, tokens))
             }
             Learner::ModeHotAdd | Learner::ModeRetuned => {
                 let mut files = Vec::new();

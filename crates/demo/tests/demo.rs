@@ -415,4 +415,20 @@ fn a_tiny_continual_study_adds_domains_in_order_and_resumes() {
         "{:?}",
         again.0
     );
+    // Results restored without their models (scripts/evidence.sh): the step still to do
+    // trains the folders it continues from again first.
+    let continual = opts.out.join("continual");
+    std::fs::remove_file(continual.join("full_ft_3.json")).unwrap();
+    for step in [2, 3] {
+        std::fs::remove_dir_all(models.join(format!("full_ft_{step}"))).unwrap();
+    }
+    let mut restored = Quiet(Vec::new());
+    mode_demo::continual(&opts, &mut restored).unwrap();
+    let trained: Vec<&String> = restored
+        .0
+        .iter()
+        .filter(|s| s.contains("training"))
+        .collect();
+    assert_eq!(trained.len(), 2, "{trained:?}");
+    assert!(trained[0].contains("full_ft_2") && trained[1].contains("full_ft_3"));
 }

@@ -78,7 +78,7 @@ pub fn run(args: Args) -> Result<()> {
             ADAPTER_LR,
         ),
     };
-    check_out_folder(&common.out)?;
+    check_out_folder(&common.out, common.train.force)?;
     if let Some(dir) = &common.continue_from {
         super::check_input(dir)?;
     }

@@ -53,7 +53,7 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    check_out_folder(&args.out)?;
+    check_out_folder(&args.out, args.train.force)?;
     super::check_range(
         "--gate-lr-scale",
         args.gate_lr_scale,

@@ -28,6 +28,9 @@ pub struct Args {
     /// Write the HTML page here
     #[arg(long, value_name = "FILE.html")]
     html: Option<PathBuf>,
+    /// Replace the --html file if it already exists
+    #[arg(long)]
+    force: bool,
     /// Show at most this many tokens, from the start of the data
     #[arg(long, default_value_t = 2000)]
     max_tokens: usize,
@@ -42,6 +45,14 @@ pub fn run(args: Args) -> Result<()> {
     }
     super::check_range("--seq-len", args.seq_len, 1, super::MAX_TOKENS)?;
     super::check_input(&args.data)?;
+    if let Some(html) = &args.html {
+        if html.exists() && !args.force {
+            bail!(
+                "{}: already exists; pass --force to replace it",
+                html.display()
+            );
+        }
+    }
     let (model, tokenizer) = args.model.load()?;
     let LoadedModel::Mode(mode) = &model else {
         bail!(

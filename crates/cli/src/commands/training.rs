@@ -45,6 +45,10 @@ pub struct TrainFlags {
     /// Start over even if a checkpoint exists
     #[arg(long)]
     pub restart: bool,
+    /// Replace --out if it already exists (without it, an existing --out is refused and left
+    /// as it is)
+    #[arg(long)]
+    pub force: bool,
     /// Tokens per forward/backward pass; each step accumulates gradients over
     /// --batch-tokens / this many passes (less memory, same step) [default: one pass per step]
     #[arg(long)]
@@ -148,11 +152,23 @@ impl TrainFlags {
 }
 
 /// Refuses an `--out` that is an existing file where a model folder is to be written (it would
-/// be replaced only after the whole run).
-pub fn check_out_folder(out: &Path) -> Result<()> {
+/// be replaced only after the whole run), and an existing folder without `force`.
+pub fn check_out_folder(out: &Path, force: bool) -> Result<()> {
     if out.exists() && !out.is_dir() {
         bail!(
             "{}: is a file; --out names the model folder to write",
+            out.display()
+        );
+    }
+    check_not_there(out, force)
+}
+
+/// Refuses to write over an existing `out` unless `force`: a finished run is never replaced by
+/// accident (an unfinished one resumes from its checkpoint, beside `out`).
+pub fn check_not_there(out: &Path, force: bool) -> Result<()> {
+    if out.exists() && !force {
+        bail!(
+            "{}: already exists; pass --force to replace it, or choose another --out",
             out.display()
         );
     }

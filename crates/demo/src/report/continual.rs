@@ -30,14 +30,27 @@ fn accuracy(results: &ContinualResults, track: Track, step: usize, set: &str) ->
         .map_or(f64::NAN, |s| s.accuracy)
 }
 
-/// Every track after every step: accuracy per set with the step's training cost, then
-/// forgetting and the goals.
+/// `estimate ±half-width` of the 95% interval over windows of `track` after `step` on `set`.
+fn cell(results: &ContinualResults, track: Track, step: usize, set: &str) -> String {
+    let windows = results
+        .at(track, step)
+        .map(|s| s.result.windows(set, false))
+        .unwrap_or_default();
+    if windows.is_empty() {
+        return "-".into();
+    }
+    let i = mode_eval::stats::accuracy_interval(&windows, 0x00c0_7a11);
+    format!("{:.2} ±{:.2}", i.estimate, i.half_width())
+}
+
+/// Every track after every step: accuracy per set (with the half-width of its 95% interval
+/// over windows) and the step's training cost, then forgetting and the goals.
 pub fn text(results: &ContinualResults) -> String {
     let mut out = String::new();
     let names = sets();
     let _ = write!(out, "{:<20} {:<4}", "track", "step");
     for n in &names {
-        let _ = write!(out, " {n:>8}");
+        let _ = write!(out, " {n:>13}");
     }
     let _ = writeln!(out, " {:>9} {:>8}", "tokens", "seconds");
     for track in Track::ALL {
@@ -47,7 +60,7 @@ pub fn text(results: &ContinualResults) -> String {
             };
             let _ = write!(out, "{:<20} +{:<3}", track.name(), s.domain.name());
             for n in &names {
-                let _ = write!(out, " {:>8.2}", accuracy(results, track, step, n));
+                let _ = write!(out, " {:>13}", cell(results, track, step, n));
             }
             let _ = writeln!(out, " {:>9} {:>8.0}", s.step_tokens, s.step_seconds);
         }
