@@ -137,6 +137,7 @@ fn outputs_are_replaced_only_with_force() {
     .chain(flags)
     .collect();
     let html = s("gates.html");
+    let sample = s("src/m0.py");
     let gates: Vec<&str> = [
         "gates",
         "--model",
@@ -144,7 +145,7 @@ fn outputs_are_replaced_only_with_force() {
         "--backbone",
         &tiny,
         "--data",
-        &s("src/m0.py"),
+        &sample,
         "--html",
         &html,
         "--seq-len",
