@@ -138,7 +138,7 @@ pub enum Error {
     File { path: PathBuf, msg: String },
     #[error("{0}")]
     Data(String),
-    #[error("training stopped at step {step}: {what} is not finite; the weights were not updated with it and the last good checkpoint is kept (lower --lr, or check the data)")]
+    #[error("training stopped at step {step}: {what} is not finite; no model was written and the last good checkpoint is kept (lower --lr, or check the data)")]
     NonFinite { step: usize, what: String },
     #[error("tensor computation failed: {0}")]
     Candle(#[from] candle_core::Error),
@@ -455,6 +455,20 @@ pub fn train(
         if !go_on {
             break;
         }
+    }
+    // The last update is checked like a checkpoint's: a run never ends "done" with weights or
+    // a validation loss that are not finite (the caller writes its artifact on success).
+    if let Some((name, _)) = params.iter().find(|(_, t)| !all_finite(t)) {
+        return Err(Error::NonFinite {
+            step: report.steps,
+            what: format!("parameter `{name}` after the update"),
+        });
+    }
+    if let Some(loss) = report.final_val_loss.filter(|l| !l.is_finite()) {
+        return Err(Error::NonFinite {
+            step: report.steps,
+            what: format!("the validation loss ({loss})"),
+        });
     }
     report.seconds = start.elapsed().as_secs_f64();
     Ok(report)

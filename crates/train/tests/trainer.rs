@@ -327,3 +327,36 @@ fn a_gate_learning_rate_scale_of_zero_leaves_the_gates_bit_identical() {
     assert_eq!(moved[0], 0.0, "gates moved at scale 0");
     assert!(moved[2] > moved[1] && moved[1] > 0.0, "{moved:?}");
 }
+
+#[test]
+fn a_last_update_that_overflows_is_an_error_not_a_finished_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = data(tmp.path());
+    let m = model();
+    let method = ModeTraining {
+        model: &m,
+        experts: true,
+        gates: true,
+        gate_lr_scale: 1.0,
+    };
+    // One step at a rate beyond f32: the loss of the step is finite, its update is not.
+    let cfg = TrainConfig {
+        steps: 1,
+        lr: 1e39,
+        lr_warmup_steps: 0,
+        val_every: 0,
+        checkpoint_every: 0,
+        ..config()
+    };
+    let e = train(
+        &method,
+        &data,
+        &cfg,
+        &tmp.path().join("x.ckpt"),
+        &tmp.path().join("x.jsonl"),
+        |_| true,
+    )
+    .expect_err("an overflowing update must not end as a finished run")
+    .to_string();
+    assert!(e.contains("not finite"), "{e}");
+}
