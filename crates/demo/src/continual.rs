@@ -272,11 +272,7 @@ impl Runner<'_> {
                 step_tokens: tokens,
                 result,
             };
-            let json = serde_json::to_vec_pretty(&r).expect("result serialises");
-            mode_io::atomic::write_file(&saved, &json).map_err(|e| Error::Io {
-                path: saved.clone(),
-                source: e,
-            })?;
+            crate::save_json(&saved, &r)?;
             out.push(r);
         }
         Ok(out)

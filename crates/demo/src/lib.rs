@@ -243,8 +243,7 @@ fn claim_output(opts: &DemoOptions) -> Result<()> {
         }
     }
     std::fs::create_dir_all(opts.out.join("runs")).map_err(io(&opts.out))?;
-    let json = serde_json::to_vec_pretty(&key).expect("key serialises");
-    mode_io::atomic::write_file(&path, &json).map_err(io(&path))
+    save_json(&path, &key)
 }
 
 /// Progress of a demo, for the caller to show.
@@ -421,14 +420,21 @@ pub fn continual(
     Ok(results)
 }
 
+/// Writes `value` as pretty JSON to `path`, atomically.
+pub(crate) fn save_json(path: &Path, value: &impl Serialize) -> Result<()> {
+    let json = serde_json::to_vec_pretty(value).expect("demo records serialise");
+    mode_io::atomic::write_file(path, &json).map_err(|e| Error::Io {
+        path: path.to_path_buf(),
+        source: e,
+    })
+}
+
 /// Runs (or resumes) the recipe grid ([`select_recipe`]) in `opts.out` and writes its outcome
 /// to `recipe_selection.json` there.
 pub fn select_recipe(opts: &DemoOptions, reporter: &mut dyn Reporter) -> Result<RecipeSelection> {
     let (mut runner, _) = setup(opts, reporter)?;
     let selection = select_recipe::select(&mut runner, &opts.backbone)?;
-    let path = opts.out.join("recipe_selection.json");
-    let json = serde_json::to_vec_pretty(&selection).expect("selection serialises");
-    mode_io::atomic::write_file(&path, &json).map_err(|e| Error::Io { path, source: e })?;
+    save_json(&opts.out.join("recipe_selection.json"), &selection)?;
     Ok(selection)
 }
 
@@ -440,8 +446,6 @@ pub fn select_learning_rates(
 ) -> Result<LrSelection> {
     let (mut runner, _) = setup(opts, reporter)?;
     let selection = select_lr::select(&mut runner, &opts.backbone)?;
-    let path = opts.out.join("lr_selection.json");
-    let json = serde_json::to_vec_pretty(&selection).expect("selection serialises");
-    mode_io::atomic::write_file(&path, &json).map_err(|e| Error::Io { path, source: e })?;
+    save_json(&opts.out.join("lr_selection.json"), &selection)?;
     Ok(selection)
 }

@@ -103,11 +103,7 @@ impl Runner<'_> {
             result.train_seconds += t.elapsed().as_secs_f64();
         }
         self.score(spec, &name, &model, scoring, &mut result)?;
-        let json = serde_json::to_vec_pretty(&result).expect("result serialises");
-        mode_io::atomic::write_file(&saved, &json).map_err(|e| Error::Io {
-            path: saved.clone(),
-            source: e,
-        })?;
+        crate::save_json(&saved, &result)?;
         Ok(result)
     }
 
