@@ -449,7 +449,7 @@ fn tradeoff(rows: &[Row], runs: &BTreeMap<String, RunResult>, b: &Budget) -> Vec
         .filter(|s| base.accuracy.contains_key(*s))
         .collect();
     rows.iter()
-        .filter(|r| r.spec.documents.is_none() && r.spec.lr.is_none())
+        .filter(|r| r.spec.documents.is_none() && r.spec.lr.is_none() && r.spec.recipe.is_paper())
         .filter(|r| {
             matches!(
                 r.spec.method,

@@ -6,7 +6,7 @@
 
 use std::path::Path;
 
-use mode_demo::method::Stage;
+use mode_demo::method::{Method, RunSpec, Stage};
 use mode_demo::select_lr::{self, LrSelection};
 use mode_demo::select_recipe::{self, RecipeSelection};
 use mode_demo::{Budget, DemoOptions, Preset, Reporter};
@@ -134,20 +134,37 @@ fn a_tiny_demo_runs_every_method_and_writes_the_report() {
         .iter()
         .map(|r| r["name"].as_str().unwrap())
         .collect();
-    assert_eq!(
-        rows,
-        [
-            "backbone",
-            "full_ft",
-            "lora",
-            "lora_r4",
-            "mode_math_expert",
-            "mode_code_expert",
-            "mode_composed",
-            "mode_frozen_experts",
-            "mode_fresh_mix"
-        ]
-    );
+    // With a committed retention-aware recipe, its rows follow their paper-recipe twins.
+    let selection = RecipeSelection::committed();
+    let aware =
+        (selection.is_selected() && !selection.chosen.is_paper()).then_some(selection.chosen);
+    let twin = |method: Method| -> Vec<String> {
+        aware
+            .map(|r| {
+                RunSpec::new(method, &budget)
+                    .with_recipe(r)
+                    .row_name(&budget)
+            })
+            .into_iter()
+            .collect()
+    };
+    let composed_method = Method::Composed {
+        freeze_experts: false,
+    };
+    let mut expected: Vec<String> = vec!["backbone".into(), "full_ft".into()];
+    expected.extend(twin(Method::FullFt));
+    expected.extend(["lora".into(), "lora_r4".into()]);
+    expected.extend(twin(Method::Lora {
+        rank: budget.lora_rank,
+    }));
+    expected.extend([
+        "mode_math_expert".into(),
+        "mode_code_expert".into(),
+        "mode_composed".into(),
+    ]);
+    expected.extend(twin(composed_method));
+    expected.extend(["mode_frozen_experts".into(), "mode_fresh_mix".into()]);
+    assert_eq!(rows, expected);
     for (name, run) in json["runs"].as_object().unwrap() {
         for set in ["math", "code", "english", "prose"] {
             let s = &run["sets"][set];
@@ -176,7 +193,8 @@ fn a_tiny_demo_runs_every_method_and_writes_the_report() {
     let run = &results.runs["mode_composed"];
     assert_eq!(run.branches, ["backbone", "math", "code"]);
     assert_eq!(run.gate_weights["code"].len(), budget.blocks);
-    assert_eq!(results.claims.len(), 5, "{:?}", results.claims);
+    let claims = if aware.is_some() { 5 + 3 } else { 5 };
+    assert_eq!(results.claims.len(), claims, "{:?}", results.claims);
     assert_eq!(results.row("backbone").unwrap().tokens, 0);
     assert_eq!(
         results.lr_selection,
