@@ -68,7 +68,8 @@ pub type Result<T> = std::result::Result<T, Error>;
 pub enum Preset {
     /// A smoke run of a few minutes; the numbers mean nothing.
     Quick,
-    /// Under 30 minutes on a 2-core machine: the headline methods, one seed.
+    /// About 30 minutes on a 2-core machine: the headline methods (and composed MoDE under the
+    /// committed retention-aware recipe), one seed.
     Default,
     /// Longer training, three seeds of the headline methods, every MoDE variant, more
     /// evaluation windows.

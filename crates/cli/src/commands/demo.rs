@@ -18,7 +18,7 @@ use super::training::TrainProgress;
     intervals, and each of the paper's claims is read from a paired bootstrap interval as holds, \
     does not hold or inconclusive. Prints the table and writes OUT/results.json (every window's \
     counts) and OUT/report.html. A stopped demo resumes where it was when run again.\n\n\
-    Examples:\n  mode demo                 # under 30 minutes on 2 cores\n  \
+    Examples:\n  mode demo                 # about 30 minutes on 2 cores\n  \
     mode demo --quick         # a smoke run of a few minutes; numbers mean nothing\n  \
     mode demo --full          # longer training, 3 seeds, every MoDE variant (runs/demo-full)\n  \
     mode demo --tradeoff      # also 256 and 512 steps: target gain against forgetting\n  \
