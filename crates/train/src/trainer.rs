@@ -442,12 +442,7 @@ pub fn train(
             report.final_val_accuracy = Some(accuracy);
         }
         if !last && cfg.checkpoint_every > 0 && (step + 1) % cfg.checkpoint_every == 0 {
-            if let Some((name, _)) = params.iter().find(|(_, t)| !all_finite(t)) {
-                return Err(Error::NonFinite {
-                    step: step + 1,
-                    what: format!("parameter `{name}`"),
-                });
-            }
+            check_finite(&params, step + 1)?;
             save_checkpoint(checkpoint_dir, step + 1, &params, &optimizer)?;
             go_on &= on_event(Event::Checkpoint(checkpoint_dir));
         }
@@ -458,12 +453,7 @@ pub fn train(
     }
     // The last update is checked like a checkpoint's: a run never ends "done" with weights or
     // a validation loss that are not finite (the caller writes its artifact on success).
-    if let Some((name, _)) = params.iter().find(|(_, t)| !all_finite(t)) {
-        return Err(Error::NonFinite {
-            step: report.steps,
-            what: format!("parameter `{name}` after the update"),
-        });
-    }
+    check_finite(&params, report.steps)?;
     if let Some(loss) = report.final_val_loss.filter(|l| !l.is_finite()) {
         return Err(Error::NonFinite {
             step: report.steps,
@@ -472,6 +462,17 @@ pub fn train(
     }
     report.seconds = start.elapsed().as_secs_f64();
     Ok(report)
+}
+
+/// An error naming the first parameter that holds a value that is not finite at `step`.
+fn check_finite(params: &[(String, &Tensor)], step: usize) -> Result<(), Error> {
+    match params.iter().find(|(_, t)| !all_finite(t)) {
+        Some((name, _)) => Err(Error::NonFinite {
+            step,
+            what: format!("parameter `{name}`"),
+        }),
+        None => Ok(()),
+    }
 }
 
 /// Whether every value of `t` is finite (a tensor that cannot be read counts as not finite).
