@@ -5,6 +5,7 @@
 
 pub mod baseline;
 pub mod bench;
+pub mod checkpoint;
 pub mod compose;
 pub mod grads;
 pub mod memory;
