@@ -9,7 +9,11 @@
    (its deltas must join to the whole answer: greedy, temperature 0), the same chat with
    extra_body={"experts": []} (the backbone alone: the same answer again when no expert is
    loaded, else the answer of {"gate_top_k": 0}), and malformed requests
-   that must raise openai.BadRequestError; one chat completion through `curl`.
+   that must raise openai.BadRequestError (among them a field the server does not implement,
+   `logit_bias`); `stop` (the completion cut before a piece of its own text, finish_reason
+   "stop"), `n=2` (two choices, indexed); the server runs with --api-key (through
+   MODE_API_KEY), so a client with a wrong key must get openai.AuthenticationError (401);
+   one chat completion through `curl` with the key.
 4. Load: --clients threads (default 32) send small chat requests (max_tokens 8) in a loop for
    --seconds (default 60); reports requests done, failures, p50/p95 latency, and that the
    server is still alive and answering.
@@ -20,6 +24,7 @@ Exits non-zero on any failure. Not run by CI (it needs the real backbone and a m
 import argparse
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -32,6 +37,8 @@ from pathlib import Path
 
 OPENAI_PIN = "openai==3.57.0"
 ROOT = Path(__file__).resolve().parent.parent
+# The key the server under test requires (given through MODE_API_KEY, as operators should).
+API_KEY = "sk-check-" + secrets.token_hex(8)
 
 
 def mode_home() -> Path:
@@ -85,7 +92,10 @@ class Server:
         self.log_file = open(log_path, "w")
         cmd = [str(binary), "serve", "--port", str(port), *extra]
         log(f"starting {' '.join(cmd)} (log: {log_path})")
-        self.proc = subprocess.Popen(cmd, stdout=self.log_file, stderr=subprocess.STDOUT)
+        env = dict(os.environ, MODE_API_KEY=API_KEY)
+        self.proc = subprocess.Popen(
+            cmd, stdout=self.log_file, stderr=subprocess.STDOUT, env=env
+        )
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"
@@ -152,8 +162,13 @@ def api_checks(server: Server, checks: Checks) -> str:
     import openai
 
     client = openai.OpenAI(
-        base_url=server.url("/v1"), api_key="unused", max_retries=0, timeout=300
+        base_url=server.url("/v1"), api_key=API_KEY, max_retries=0, timeout=300
     )
+    try:
+        openai.OpenAI(base_url=server.url("/v1"), api_key="wrong", max_retries=0).models.list()
+        checks.check(False, "a wrong API key refused", "it was answered")
+    except openai.AuthenticationError as e:
+        checks.check(e.status_code == 401, f"a wrong API key: 401 {e.message!r}")
     models = [m.id for m in client.models.list().data]
     checks.check(len(models) >= 1, f"models.list: {models}")
     model = models[0]
@@ -168,7 +183,31 @@ def api_checks(server: Server, checks: Checks) -> str:
         f"{c.choices[0].finish_reason})",
     )
 
+    # stop: cut before the first occurrence of a piece of the answer's own text.
+    stop = text.strip()[2:5] if len(text.strip()) >= 5 else None
+    if stop:
+        c = client.completions.create(
+            model=model, prompt="The capital of France is", max_tokens=16, temperature=0,
+            stop=[stop, "\u0001"],
+        )
+        want = text[: text.find(stop)]
+        checks.check(
+            c.choices[0].text == want and c.choices[0].finish_reason == "stop",
+            f"stop={stop!r}: {c.choices[0].text!r} ({c.choices[0].finish_reason})",
+            f"want {want!r}",
+        )
+    else:
+        checks.check(False, "stop", f"the completion {text!r} is too short to cut")
+
     messages = [{"role": "user", "content": "What is the capital of France?"}]
+    two = client.chat.completions.create(
+        model=model, messages=messages, max_tokens=8, temperature=0.8, seed=1, n=2
+    )
+    checks.check(
+        [c.index for c in two.choices] == [0, 1]
+        and all(c.message.content is not None for c in two.choices),
+        f"n=2: {[c.message.content for c in two.choices]!r}",
+    )
     chat = client.chat.completions.create(
         model=model, messages=messages, max_tokens=32, temperature=0
     )
@@ -219,6 +258,7 @@ def api_checks(server: Server, checks: Checks) -> str:
         "temperature 5": dict(messages=messages, temperature=5),
         "max_tokens 0": dict(messages=messages, max_tokens=0),
         "an unknown expert": dict(messages=messages, extra_body={"experts": ["no-such-expert"]}),
+        "logit_bias, not implemented": dict(messages=messages, logit_bias={"42": 50}),
     }
     for what, kwargs in bad_requests.items():
         try:
@@ -231,7 +271,8 @@ def api_checks(server: Server, checks: Checks) -> str:
 
     body = json.dumps({"model": model, "messages": messages, "max_tokens": 32, "temperature": 0})
     out = subprocess.run(
-        ["curl", "-sS", "--fail-with-body", "-H", "Content-Type: application/json", "-d", body,
+        ["curl", "-sS", "--fail-with-body", "-H", "Content-Type: application/json",
+         "-H", f"Authorization: Bearer {API_KEY}", "-d", body,
          server.url("/v1/chat/completions")],
         capture_output=True,
         text=True,

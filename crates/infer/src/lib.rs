@@ -2,10 +2,12 @@
 
 pub mod generate;
 pub mod sampling;
+pub mod stop;
 
 pub use generate::{generate, GenerationStats, TextStream};
 pub use mode_io::chat::{ChatMessage, ChatTemplate};
 pub use sampling::{Sampler, SamplingParams};
+pub use stop::StopText;
 
 /// Errors from generation and templating.
 #[derive(Debug, thiserror::Error)]

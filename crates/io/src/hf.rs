@@ -135,7 +135,15 @@ fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
         let mut names: Vec<&str> = map.values().filter_map(|v| v.as_str()).collect();
         names.sort_unstable();
         names.dedup();
-        return Ok(names.into_iter().map(|n| dir.join(n)).collect());
+        return names
+            .into_iter()
+            .map(|n| {
+                crate::input::inside(dir, n).map_err(|e| Error::Config {
+                    path: index_path.clone(),
+                    msg: format!("weight_map: {e}"),
+                })
+            })
+            .collect();
     }
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .map_err(|e| Error::io(dir, e))?

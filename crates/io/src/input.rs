@@ -91,6 +91,38 @@ pub fn read_to_string(path: impl AsRef<Path>) -> Result<String> {
     Ok(text)
 }
 
+/// `rel`, a path read from a file inside `dir` (a manifest, a shard index), resolved under
+/// `dir`: refused unless it is relative, has no `..`, and (symbolic links followed, when it
+/// exists) stays inside `dir`. Files a manifest names thus cannot reach the rest of the disk.
+pub fn inside(dir: &Path, rel: &str) -> Result<std::path::PathBuf> {
+    use std::path::Component;
+    let escape = |why: &str| {
+        Error::new(
+            ErrorKind::InvalidInput,
+            format!(
+                "`{}` {why}; it must name a file inside {}",
+                crate::term::printable(rel),
+                dir.display()
+            ),
+        )
+    };
+    let path = Path::new(rel);
+    if rel.is_empty()
+        || !path
+            .components()
+            .all(|c| matches!(c, Component::Normal(_) | Component::CurDir))
+    {
+        return Err(escape("is absolute, empty or climbs with `..`"));
+    }
+    let joined = dir.join(path);
+    if let (Ok(real), Ok(real_dir)) = (std::fs::canonicalize(&joined), std::fs::canonicalize(dir)) {
+        if !real.starts_with(&real_dir) {
+            return Err(escape("leads outside its folder through a symbolic link"));
+        }
+    }
+    Ok(joined)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -122,5 +154,24 @@ mod tests {
         check(&file).unwrap();
         check(dir.path()).unwrap();
         check(dir.path().join("missing")).unwrap();
+    }
+
+    #[test]
+    fn inside_keeps_paths_in_their_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::create_dir(d.join("sub")).unwrap();
+        std::fs::write(d.join("sub/a"), "x").unwrap();
+        assert_eq!(inside(d, "sub/a").unwrap(), d.join("sub/a"));
+        assert_eq!(inside(d, "not-yet").unwrap(), d.join("not-yet"));
+        for bad in ["", "../a", "sub/../../a", "/etc/passwd"] {
+            let e = inside(d, bad).unwrap_err().to_string();
+            assert!(e.contains("must name a file inside"), "{bad}: {e}");
+        }
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("b"), "y").unwrap();
+        std::os::unix::fs::symlink(outside.path().join("b"), d.join("link")).unwrap();
+        let e = inside(d, "link").unwrap_err().to_string();
+        assert!(e.contains("symbolic link"), "{e}");
     }
 }

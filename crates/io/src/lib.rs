@@ -12,6 +12,7 @@ pub mod guard;
 pub mod hf;
 pub mod input;
 pub mod memory;
+pub mod names;
 pub mod term;
 pub mod tokenizer;
 

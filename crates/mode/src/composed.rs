@@ -99,6 +99,8 @@ pub fn save_composed(
     let mut manifest = manifest.clone();
     manifest.experts.clear();
     for (expert, source) in model.experts.iter().zip(sources) {
+        // Names were checked where they entered; checked again as they become file names.
+        mode_io::names::check_name(&expert.name).map_err(err)?;
         let rel = format!("experts/{}.expert.safetensors", expert.name);
         let path = tmp.path().join(&rel);
         source.file.with_layers(expert).save(&path)?;
@@ -203,8 +205,15 @@ pub fn load_composed(dir: &Path, backbone: Backbone) -> Result<(ModeModel, Compo
     }
     let dims = ExpertDims::of(&backbone.config);
     let mut experts = Vec::with_capacity(manifest.experts.len());
+    let manifest_path = dir.join(MANIFEST_FILE);
+    let in_manifest = |msg: String| Error::File {
+        path: manifest_path.clone(),
+        msg,
+    };
     for e in &manifest.experts {
-        let path = dir.join(&e.file);
+        mode_io::names::check_name(&e.name)
+            .map_err(|m| in_manifest(format!("expert name: {m}")))?;
+        let path = mode_io::input::inside(dir, &e.file).map_err(|m| in_manifest(m.to_string()))?;
         let loaded = LoadedExpertFile::load(&path, backbone.device())?;
         if loaded.sha256 != e.sha256 {
             return Err(Error::File {
@@ -222,7 +231,8 @@ pub fn load_composed(dir: &Path, backbone: Backbone) -> Result<(ModeModel, Compo
         expert.name = e.name.clone();
         experts.push(expert);
     }
-    let gates_path = dir.join(&manifest.gates_file);
+    let gates_path = mode_io::input::inside(dir, &manifest.gates_file)
+        .map_err(|m| in_manifest(m.to_string()))?;
     let gates_err = |msg: String| Error::File {
         path: gates_path.clone(),
         msg,

@@ -168,6 +168,9 @@ impl ExpertFile {
             .ok_or_else(|| err(format!("no `{META_KEY}` metadata: not an expert file")))?;
         let meta: ExpertMeta =
             serde_json::from_str(json).map_err(|e| err(format!("bad expert header: {e}")))?;
+        // The domain names files, URLs and model ids: a hostile file must not pick a path.
+        mode_io::names::check_name(&meta.domain)
+            .map_err(|e| err(format!("bad expert header: the domain {e}")))?;
         if !(1..=FORMAT_VERSION).contains(&meta.format_version) {
             return Err(err(format!(
                 "expert format {} is not one this version reads (1 to {FORMAT_VERSION}); a newer mode wrote it",

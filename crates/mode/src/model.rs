@@ -115,6 +115,10 @@ impl ModeModel {
         file.check_compatible(path, backbone_fingerprint, &dims, layout)?;
         let mut expert = file.expert(&self.backbone, path)?;
         if let Some(name) = name {
+            mode_io::names::check_name(name).map_err(|msg| Error::File {
+                path: path.to_path_buf(),
+                msg: format!("the expert's name: {msg}"),
+            })?;
             expert.name = name.to_string();
         }
         let name = expert.name.clone();

@@ -1,6 +1,6 @@
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use mode_serve::{Limits, RoutingDefaults, Served};
 
 use super::{ModelArgs, RoutingArgs};
@@ -9,8 +9,10 @@ use super::{ModelArgs, RoutingArgs};
 #[derive(clap::Args, Debug)]
 #[command(
     after_help = "Endpoints: POST /v1/completions, POST /v1/chat/completions (\"stream\": true \
-    for server-sent events), GET /v1/models, GET /health. Requests run one at a time in arrival \
-    order.\n\n\
+    for server-sent events), GET /v1/models (with the per-request limits), GET /health. Requests \
+    run one at a time in arrival order. \"stop\" (a string or up to 4) and \"n\" work as in \
+    OpenAI's API; fields the server does not implement (logit_bias, logprobs, tools...) are \
+    refused with 400 naming the field, unless they ask for nothing.\n\n\
     Experts per request: a completion request may add \"experts\": [\"code\"] (\"[]\" runs the \
     backbone alone), \"gate_top_k\" and \"gate_threshold\"; the --active-experts, --gate-top-k \
     and --gate-threshold flags are the defaults. \"model\": \"NAME/EXPERT\", as GET /v1/models \
@@ -49,6 +51,14 @@ pub struct Args {
     /// Largest max_tokens a request may ask for
     #[arg(long, default_value_t = 1024)]
     max_tokens: usize,
+    /// Largest n (answers per request, generated one after another) a request may ask for
+    #[arg(long, default_value_t = 8)]
+    max_n: usize,
+    /// Require `Authorization: Bearer KEY` on every request but GET /health (401 otherwise).
+    /// Set it whenever --host is not loopback. Prefer the environment variable: a flag shows
+    /// in the process list
+    #[arg(long, env = "MODE_API_KEY", hide_env_values = true, value_name = "KEY")]
+    api_key: Option<String>,
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -59,6 +69,13 @@ pub fn run(args: Args) -> Result<()> {
         1,
         super::MAX_TOKENS,
     )?;
+    super::check_range("--max-n", args.max_n, 1, 128)?;
+    if let Some(key) = &args.api_key {
+        let printable = key.bytes().all(|b| b.is_ascii_graphic());
+        if key.is_empty() || !printable {
+            bail!("--api-key: use a non-empty key of printable ASCII without spaces");
+        }
+    }
     let (model, tokenizer) = args.model.load()?;
     let name = args.name.clone().unwrap_or_else(|| {
         // One expert names the model; several, like none, leave it the backbone's name.
@@ -93,7 +110,9 @@ pub fn run(args: Args) -> Result<()> {
     served.limits = Limits {
         max_prompt_tokens: args.max_prompt_tokens,
         max_new_tokens: args.max_tokens,
+        max_choices: args.max_n,
     };
+    served.api_key = args.api_key.clone();
     served.routing = RoutingDefaults {
         experts: args.routing.active_experts.clone(),
         top_k: routing.top_k,
@@ -103,8 +122,11 @@ pub fn run(args: Args) -> Result<()> {
         served.allow_expert_dir(dir).context("--allow-expert-dir")?;
     }
     let addr = std::net::SocketAddr::new(args.host, args.port);
-    if !args.host.is_loopback() {
-        eprintln!("mode: warning: binding {addr} exposes the model beyond this machine");
+    if !args.host.is_loopback() && args.api_key.is_none() {
+        eprintln!(
+            "mode: warning: binding {addr} exposes the model beyond this machine to anyone; \
+             set --api-key (or MODE_API_KEY) to require a key"
+        );
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

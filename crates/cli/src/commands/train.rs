@@ -91,6 +91,7 @@ pub fn run(args: Args) -> Result<()> {
             .collect::<Vec<_>>()
             .join("+")
     });
+    mode_io::names::check_name(&domain).map_err(|e| anyhow::anyhow!("--domain: {e}"))?;
     eprintln!(
         "mode: training expert `{}` on {}",
         mode_io::term::printable(&domain),

@@ -1,0 +1,297 @@
+//! Running a job: in turn on the engine, its pieces sent back through a channel, and answered
+//! whole or as server-sent events in OpenAI's wire format.
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use mode_core::{ModeModel, Routing};
+use mode_infer::{Sampler, SamplingParams, StopText};
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::StreamExt;
+
+use crate::error::{bad, internal, ApiError};
+use crate::experts::{unknown_expert, ExpertSet};
+use crate::request::{Endpoint, Job};
+use crate::AppState;
+
+/// What the generation task sends back. Choices run one after another.
+enum Piece {
+    /// New text of choice `choice`, already cut at its stop sequences.
+    Text {
+        choice: usize,
+        text: String,
+    },
+    /// Choice `choice` is complete.
+    Finished {
+        choice: usize,
+        finish_reason: &'static str,
+    },
+    /// Every choice is complete: the token counts of them all.
+    Done(Usage),
+    Failed(ApiError),
+}
+
+/// The routing of `job` on `model` as it is now; names unknown by now answer 400.
+fn job_routing(model: &ModeModel, set: &ExpertSet, job: &Job) -> Result<Routing, ApiError> {
+    let loaded = model.expert_names();
+    let experts = match job.experts.as_ref().or(set.default.as_ref()) {
+        None => None,
+        Some(names) => Some(
+            names
+                .iter()
+                .map(|n| {
+                    loaded
+                        .iter()
+                        .position(|e| e == n)
+                        .ok_or_else(|| unknown_expert(n, &loaded))
+                })
+                .collect::<Result<Vec<_>, _>>()?,
+        ),
+    };
+    let routing = Routing {
+        experts,
+        top_k: job.top_k,
+        threshold: job.threshold,
+    };
+    routing
+        .check(loaded.len())
+        .map_err(|e| bad(e.to_string()))?;
+    Ok(routing)
+}
+
+/// Runs a job in turn (FIFO) on a blocking thread, streaming pieces through a channel. A
+/// closed channel (the client went away) stops it.
+fn spawn_generation(s: Arc<AppState>, job: Job) -> mpsc::Receiver<Piece> {
+    let (tx, rx) = mpsc::channel(64);
+    tokio::spawn(async move {
+        let guard = s.engine.clone().lock_owned().await;
+        let _ = tokio::task::spawn_blocking(move || {
+            let (model, tokenizer) = &*guard;
+            let fail = |e: ApiError| {
+                let _ = tx.blocking_send(Piece::Failed(e));
+            };
+            let routing = match job_routing(model, &s.expert_set(), &job) {
+                Ok(r) => r,
+                Err(e) => return fail(e),
+            };
+            let lm = match model.routed(routing) {
+                Ok(lm) => lm,
+                Err(e) => return fail(bad(e.to_string())),
+            };
+            let ids = match tokenizer.encode(&job.prompt) {
+                Ok(ids) => ids,
+                Err(e) => return fail(bad(format!("cannot tokenise: {e}"))),
+            };
+            let limits = s.limits;
+            if ids.is_empty() || ids.len() > limits.max_prompt_tokens {
+                return fail(
+                    bad(format!(
+                        "the prompt has {} tokens; it must have between 1 and {}",
+                        ids.len(),
+                        limits.max_prompt_tokens
+                    ))
+                    .param("prompt"),
+                );
+            }
+            let mut usage = Usage {
+                prompt_tokens: ids.len(),
+                completion_tokens: 0,
+            };
+            for choice in 0..job.choices {
+                let send = |text: String| {
+                    text.is_empty() || tx.blocking_send(Piece::Text { choice, text }).is_ok()
+                };
+                let mut stop = StopText::new(job.stop.iter().cloned());
+                let mut client_here = true;
+                let mut sampler = Sampler::new(SamplingParams {
+                    seed: job.params.seed.wrapping_add(choice as u64),
+                    ..job.params.clone()
+                });
+                let result = mode_infer::generate(
+                    &lm,
+                    tokenizer,
+                    &ids,
+                    job.max_new_tokens,
+                    &mut sampler,
+                    |t| {
+                        client_here = send(stop.push(t));
+                        client_here && !stop.stopped()
+                    },
+                );
+                let piece = match result {
+                    Ok((out, stats)) => {
+                        client_here = client_here && send(stop.finish());
+                        usage.completion_tokens += out.len();
+                        Piece::Finished {
+                            choice,
+                            finish_reason: if stats.ended_at_eos || stop.stopped() {
+                                "stop"
+                            } else {
+                                "length"
+                            },
+                        }
+                    }
+                    Err(e) => Piece::Failed(internal(e.to_string())),
+                };
+                let failed = matches!(piece, Piece::Failed(_));
+                if !client_here || tx.blocking_send(piece).is_err() || failed {
+                    return;
+                }
+            }
+            let _ = tx.blocking_send(Piece::Done(usage));
+        })
+        .await;
+    });
+    rx
+}
+
+/// Token counts over all choices (the prompt counted once, as OpenAI does).
+#[derive(Debug, Clone, Copy)]
+struct Usage {
+    prompt_tokens: usize,
+    completion_tokens: usize,
+}
+
+impl Usage {
+    fn json(&self) -> Value {
+        json!({
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+        })
+    }
+}
+
+/// Generates `job` and answers it, whole or streamed.
+pub(crate) async fn run(s: Arc<AppState>, job: Job, endpoint: Endpoint) -> Response {
+    let chat = endpoint == Endpoint::Chat;
+    let id = format!("{}-{}", if chat { "chatcmpl" } else { "cmpl" }, now_nanos());
+    let created = now();
+    let (stream, include_usage, model, choices) = (
+        job.stream,
+        job.include_usage,
+        job.model.clone(),
+        job.choices,
+    );
+    let mut rx = spawn_generation(s, job);
+    if !stream {
+        let mut texts = vec![String::new(); choices];
+        let mut finish = vec![None; choices];
+        let mut usage = None;
+        while let Some(piece) = rx.recv().await {
+            match piece {
+                Piece::Text { choice, text } => texts[choice].push_str(&text),
+                Piece::Failed(e) => return e.into_response(),
+                Piece::Finished {
+                    choice,
+                    finish_reason,
+                } => finish[choice] = Some(finish_reason),
+                Piece::Done(u) => usage = Some(u),
+            }
+        }
+        let Some(usage) = usage.filter(|_| finish.iter().all(Option::is_some)) else {
+            return internal("generation ended unexpectedly").into_response();
+        };
+        let answers: Vec<Value> = texts
+            .into_iter()
+            .zip(finish)
+            .enumerate()
+            .map(|(index, (text, finish_reason))| {
+                if chat {
+                    json!({"index": index, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason, "logprobs": null})
+                } else {
+                    json!({"index": index, "text": text, "finish_reason": finish_reason, "logprobs": null})
+                }
+            })
+            .collect();
+        return Json(json!({
+            "id": id,
+            "object": if chat { "chat.completion" } else { "text_completion" },
+            "created": created,
+            "model": model,
+            "choices": answers,
+            "usage": usage.json(),
+        }))
+        .into_response();
+    }
+    // Streaming: the first piece decides between an error status and a 200 event stream.
+    let first = match rx.recv().await {
+        Some(Piece::Failed(e)) => return e.into_response(),
+        Some(p) => p,
+        None => return internal("generation ended unexpectedly").into_response(),
+    };
+    let object = if chat {
+        "chat.completion.chunk"
+    } else {
+        "text_completion"
+    };
+    let event = move |choices: Value, usage: Option<Value>| -> Event {
+        let mut body = json!({"id": id, "object": object, "created": created, "model": model, "choices": choices});
+        if let Some(u) = usage {
+            body["usage"] = u;
+        }
+        Event::default().data(body.to_string())
+    };
+    let chunk = move |choice: usize, delta: Option<&str>, finish: Option<&str>, first: bool| {
+        if chat {
+            let mut d = serde_json::Map::new();
+            if first {
+                d.insert("role".into(), "assistant".into());
+            }
+            if let Some(t) = delta {
+                d.insert("content".into(), t.into());
+            }
+            json!([{"index": choice, "delta": d, "finish_reason": finish, "logprobs": null}])
+        } else {
+            json!([{"index": choice, "text": delta.unwrap_or(""), "finish_reason": finish, "logprobs": null}])
+        }
+    };
+    let mut started = vec![false; choices];
+    let events = tokio_stream::iter(std::iter::once(first))
+        .chain(ReceiverStream::new(rx))
+        .filter_map(move |piece| {
+            let event = match piece {
+                Piece::Text { choice, text } => {
+                    let first = !std::mem::replace(&mut started[choice], true);
+                    event(chunk(choice, Some(&text), None, first), None)
+                }
+                Piece::Finished {
+                    choice,
+                    finish_reason,
+                } => {
+                    let first = !std::mem::replace(&mut started[choice], true);
+                    event(chunk(choice, None, Some(finish_reason), first), None)
+                }
+                Piece::Done(usage) if include_usage => event(json!([]), Some(usage.json())),
+                Piece::Done(_) => return None,
+                Piece::Failed(_) => Event::default().data(
+                    json!({"error": {"message": "generation failed", "type": "server_error"}})
+                        .to_string(),
+                ),
+            };
+            Some(Ok::<_, std::convert::Infallible>(event))
+        })
+        .chain(tokio_stream::iter(std::iter::once(Ok(
+            Event::default().data("[DONE]")
+        ))));
+    Sse::new(events).into_response()
+}
+
+pub(crate) fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn now_nanos() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
+}
