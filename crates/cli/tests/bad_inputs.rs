@@ -34,16 +34,52 @@ enum Expect {
     QuietOnClosedPipe,
 }
 
+/// What kind of bad input a case is, for the count per class the run prints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+enum Class {
+    /// Damaged or wrong files: backbones, experts, composed models, checkpoints.
+    #[default]
+    BrokenFile,
+    /// Data that cannot be prepared, trained or evaluated on.
+    BadData,
+    /// Flags and config files that make no sense.
+    BadFlag,
+    /// Paths that do not exist.
+    Missing,
+    /// Flag and config values that used to panic, overflow or be quietly ignored.
+    WasPanicOrIgnored,
+    /// Named pipes and devices given as inputs (they used to hang).
+    WouldHang,
+    /// Output into a closed pipe.
+    ClosedPipe,
+    /// Control characters from files reaching the terminal.
+    TerminalEscape,
+    /// Names and paths from files that would lead out of their folder.
+    PathEscape,
+    /// Requests for results that would not be finite or well-defined.
+    NonFinite,
+}
+
 struct Case {
     name: String,
     args: Vec<String>,
     expect: Expect,
+    class: Class,
 }
 
 #[derive(Default)]
-struct Cases(Vec<Case>);
+struct Cases {
+    list: Vec<Case>,
+    /// The class of the cases pushed from now on.
+    class: Class,
+}
 
 impl Cases {
+    /// Files the cases pushed from now on under `class`.
+    fn class(&mut self, class: Class) {
+        self.class = class;
+    }
+
     fn fail(&mut self, name: &str, args: &[&str], stderr: &[&str]) {
         self.push(name, args, Expect::Fails(owned(stderr)));
     }
@@ -62,13 +98,14 @@ impl Cases {
 
     fn push(&mut self, name: &str, args: &[&str], expect: Expect) {
         assert!(
-            self.0.iter().all(|c| c.name != name),
+            self.list.iter().all(|c| c.name != name),
             "two cases named {name}"
         );
-        self.0.push(Case {
+        self.list.push(Case {
             name: name.into(),
             args: owned(args),
             expect,
+            class: self.class,
         });
     }
 }
@@ -573,6 +610,7 @@ fn bad_inputs_fail_cleanly() {
     );
 
     // --- GGUF backbones (committed). -------------------------------------------------------
+    cases.class(Class::BrokenFile);
     let gguf_cases: &[(&str, &[&str])] = &[
         ("empty", &["not a valid GGUF"]),
         ("stub", &["not a valid GGUF"]),
@@ -1502,6 +1540,7 @@ fn bad_inputs_fail_cleanly() {
     );
 
     // --- Data: `mode data prepare`. --------------------------------------------------------
+    cases.class(Class::BadData);
     let prep = |cases: &mut Cases, name: &str, inputs: &[&str], extra: &[&str], want: &[&str]| {
         let out = s(&format!("out/{}", name.replace(' ', "_")));
         let mut a = vec![
@@ -1953,6 +1992,7 @@ fn bad_inputs_fail_cleanly() {
     );
 
     // --- Checkpoints of an interrupted run. ------------------------------------------------
+    cases.class(Class::BrokenFile);
     let long_run = |out: &str, blocks: &'static str| -> Vec<String> {
         let mut a = owned(&[
             "train",
@@ -2085,6 +2125,7 @@ fn bad_inputs_fail_cleanly() {
     );
 
     // --- Flags. ----------------------------------------------------------------------------
+    cases.class(Class::BadFlag);
     let train_with = |cases: &mut Cases, name: &str, extra: &[&str], want: &[&str]| {
         let out = s("bad-train/flags.expert.safetensors");
         let mut a = vec!["train", "--backbone", tiny.as_str(), "--data", &data_code];
@@ -2432,6 +2473,7 @@ fn bad_inputs_fail_cleanly() {
     );
 
     // --- Paths that do not exist. ----------------------------------------------------------
+    cases.class(Class::Missing);
     cases.fail(
         "paths: --backbone",
         &["eval", "--backbone", &s("nope.gguf"), "--data", &held],
@@ -2488,6 +2530,7 @@ fn bad_inputs_fail_cleanly() {
     );
 
     // --- Config files. ---------------------------------------------------------------------
+    cases.class(Class::BadFlag);
     let with_config = |cases: &mut Cases, name: &str, file: &str, want: &[&str]| {
         let out = s("bad-train/config.expert.safetensors");
         cases.fail(
@@ -2538,6 +2581,7 @@ fn bad_inputs_fail_cleanly() {
     );
 
     // --- A closed pipe (`mode ... | head -1`): a quiet end, no "failed printing" panic. ----
+    cases.class(Class::ClosedPipe);
     let data_code_2 = s("out/pipe-prepare");
     let closed: &[(&str, Vec<&str>)] = &[
         (
@@ -2599,6 +2643,7 @@ fn bad_inputs_fail_cleanly() {
     }
 
     // --- Flag and config values that panicked, overflowed or were quietly ignored. ---------
+    cases.class(Class::WasPanicOrIgnored);
     let eval_tiny = |cases: &mut Cases, name: &str, extra: &[&str], want: &[&str]| {
         let mut a = vec!["eval", "--backbone", tiny.as_str(), "--data", &held];
         a.extend(extra);
@@ -2790,6 +2835,7 @@ fn bad_inputs_fail_cleanly() {
     }
 
     // --- Named pipes and devices given as inputs: refused by name, never waited on. --------
+    cases.class(Class::WouldHang);
     let fifo = |name: &str| -> String {
         let path = tp(name);
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
@@ -2925,6 +2971,7 @@ fn bad_inputs_fail_cleanly() {
     );
 
     // --- Escape sequences in file metadata reach the terminal escaped. ---------------------
+    cases.class(Class::TerminalEscape);
     let evil_domain = "evil\u{1b}[31mred\u{1b}]0;title\u{7}\u{9b}2J";
     let evil = bad_expert(
         "evil_domain",
@@ -2932,8 +2979,10 @@ fn bad_inputs_fail_cleanly() {
         &keep_tensors,
     );
     let shown = "evil\\x1b[31mred\\x1b]0;title\\x07\\u{9b}2J";
-    cases.escaped("escapes: inspect", &["inspect", &evil], &[shown]);
-    cases.escaped(
+    // Such a domain is refused as a name, and the refusal shows it escaped.
+    let refused = [shown, "evil_domain.expert.safetensors", "not a valid name"];
+    cases.fail("escapes: inspect", &["inspect", &evil], &refused);
+    cases.fail(
         "escapes: eval --expert",
         &[
             "eval",
@@ -2944,9 +2993,9 @@ fn bad_inputs_fail_cleanly() {
             "--data",
             &held,
         ],
-        &[shown],
+        &refused,
     );
-    cases.escaped(
+    cases.fail(
         "escapes: gates --expert",
         &[
             "gates",
@@ -2957,22 +3006,7 @@ fn bad_inputs_fail_cleanly() {
             "--data",
             &held,
         ],
-        &[shown],
-    );
-    cases.fail(
-        "escapes: an error naming the expert",
-        &[
-            "eval",
-            "--backbone",
-            &tiny,
-            "--expert",
-            &evil,
-            "--data",
-            &held,
-            "--active-experts",
-            "poetry",
-        ],
-        &["poetry", shown],
+        &refused,
     );
     // A file name is text from the input too: an empty file is listed as skipped.
     let evil_dir = tp("evil-names");
@@ -2999,6 +3033,7 @@ fn bad_inputs_fail_cleanly() {
     );
 
     // --- A temperature too small for f32 is greedy, not empty text. ------------------------
+    cases.class(Class::NonFinite);
     let greedy = |temperature: &str| {
         let run = run_mode(
             &owned(&[
@@ -3035,13 +3070,220 @@ fn bad_inputs_fail_cleanly() {
         &[&text],
     );
 
+    // A learning rate that makes the parameters overflow: an error, and nothing written.
+    let diverged = |what: &str| s(&format!("diverged/{what}"));
+    let huge_lr = [
+        "--lr",
+        "1e30",
+        "--steps",
+        "2",
+        "--seq-len",
+        "32",
+        "--batch-tokens",
+        "64",
+    ];
+    let no_artifacts = [
+        diverged("x.expert.safetensors"),
+        diverged("composed"),
+        diverged("full"),
+        diverged("lora"),
+    ];
+    let runs: [(&str, Vec<&str>); 4] = [
+        (
+            "train",
+            vec!["train", "--data", &data_code, "--out", &no_artifacts[0]],
+        ),
+        (
+            "compose",
+            vec![
+                "compose",
+                "--expert",
+                &code,
+                "--expert",
+                &prose,
+                "--data",
+                &data_code,
+                "--out",
+                &no_artifacts[1],
+            ],
+        ),
+        (
+            "baseline full",
+            vec![
+                "baseline",
+                "full",
+                "--data",
+                &data_code,
+                "--out",
+                &no_artifacts[2],
+            ],
+        ),
+        (
+            "baseline lora",
+            vec![
+                "baseline",
+                "lora",
+                "--data",
+                &data_code,
+                "--out",
+                &no_artifacts[3],
+            ],
+        ),
+    ];
+    for (what, mut args) in runs {
+        args.extend([
+            "--backbone",
+            tiny.as_str(),
+            "--val-every",
+            "0",
+            "--warmup",
+            "0",
+        ]);
+        args.extend(huge_lr);
+        cases.fail(
+            &format!("non-finite: {what} --lr 1e30"),
+            &args,
+            &["is not finite", "no model was written", "lower --lr"],
+        );
+    }
+
+    // --- Names and paths from files that would lead out of their folder. -------------------
+    cases.class(Class::PathEscape);
+    for (what, domain) in [
+        ("climbs", "../../outside"),
+        ("absolute", "/tmp/outside"),
+        ("a slash", "a/b"),
+        ("dot-dot", ".."),
+        ("empty", ""),
+    ] {
+        let f = bad_expert(
+            &format!("domain_{}", what.replace(' ', "_")),
+            &|m| m["domain"] = serde_json::json!(domain),
+            &keep_tensors,
+        );
+        let name_refused = [f.as_str(), "not a valid name"];
+        cases.fail(
+            &format!("path: an expert's domain {what}: compose"),
+            &[
+                "compose",
+                "--backbone",
+                &tiny,
+                "--expert",
+                &f,
+                "--expert",
+                &prose,
+                "--data",
+                &data_code,
+                "--out",
+                &s(&format!("escape-out/{what}")),
+                "--steps",
+                "1",
+            ],
+            &name_refused,
+        );
+        cases.fail(
+            &format!("path: an expert's domain {what}: inspect"),
+            &["inspect", &f],
+            &name_refused,
+        );
+    }
+    cases.fail(
+        "path: train --domain with a slash",
+        &[
+            "train",
+            "--backbone",
+            &tiny,
+            "--data",
+            &data_code,
+            "--out",
+            &s("escape-out/slash.expert.safetensors"),
+            "--domain",
+            "../up",
+            "--steps",
+            "1",
+        ],
+        &["--domain", "not a valid name"],
+    );
+    let edit_manifest = |name: &str, edit: &dyn Fn(&mut serde_json::Value)| -> String {
+        model_variant(name, &|d| {
+            let path = d.join("model.json");
+            let mut m: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+            edit(&mut m);
+            std::fs::write(path, m.to_string()).unwrap();
+        })
+    };
+    // A real expert file outside the folder: the manifest must not reach it, even with the
+    // right hash.
+    let outside_sha = mode_io::atomic::sha256_hex(&std::fs::read(&code).unwrap());
+    for (what, file) in [
+        (
+            "climbs",
+            "../../../experts/code.expert.safetensors".to_string(),
+        ),
+        ("absolute", code.clone()),
+    ] {
+        let sha = outside_sha.clone();
+        let d = edit_manifest(&format!("expert_path_{what}"), &|m| {
+            m["experts"][0]["file"] = serde_json::json!(file);
+            m["experts"][0]["sha256"] = serde_json::json!(sha);
+        });
+        eval_model(
+            &mut cases,
+            &format!("an expert path that {what}"),
+            &d,
+            &["model.json", "must name a file inside"],
+        );
+    }
+    let d = edit_manifest("gates_path_climbs", &|m| {
+        m["gates_file"] = serde_json::json!("../pair/gates.safetensors")
+    });
+    eval_model(
+        &mut cases,
+        "a gates path that climbs",
+        &d,
+        &["gates_path_climbs/model.json", "climbs"],
+    );
+    let d = edit_manifest("expert_name_climbs", &|m| {
+        m["experts"][0]["name"] = serde_json::json!("../x")
+    });
+    eval_model(
+        &mut cases,
+        "an expert name that climbs",
+        &d,
+        &["expert_name_climbs/model.json", "not a valid name"],
+    );
+    let d = model_variant("expert_symlink_out", &|d| {
+        let inside = d.join("experts/code.expert.safetensors");
+        std::fs::remove_file(&inside).unwrap();
+        std::os::unix::fs::symlink(&code, &inside).unwrap();
+    });
+    eval_model(
+        &mut cases,
+        "an expert file linked to one outside",
+        &d,
+        &["expert_symlink_out", "symbolic link"],
+    );
+    hf(
+        &mut cases,
+        "index_shard_outside",
+        &|d| {
+            let index = serde_json::json!({
+                "metadata": {},
+                "weight_map": {"model.embed_tokens.weight": "../tiny/model.safetensors"}
+            });
+            std::fs::write(d.join("model.safetensors.index.json"), index.to_string()).unwrap();
+        },
+        &["index_shard_outside/model.safetensors.index.json", "climbs"],
+    );
+
     // --- Run them all. ---------------------------------------------------------------------
     let start = Instant::now();
     let mut failures = Vec::new();
     let mut slowest = (0.0, String::new());
     // MODE_SHOW_BAD_INPUTS=1 prints what every case said, to review the messages.
     let show = std::env::var_os("MODE_SHOW_BAD_INPUTS").is_some();
-    for case in &cases.0 {
+    for case in &cases.list {
         let closed = matches!(case.expect, Expect::QuietOnClosedPipe);
         let run = run_mode_with(&case.args, &home, closed);
         if show {
@@ -3066,24 +3308,38 @@ fn bad_inputs_fail_cleanly() {
             ));
         }
     }
+    for path in &no_artifacts {
+        if Path::new(path).exists() {
+            failures.push(format!("- non-finite: {path} was written"));
+        }
+    }
     let controls = cases
-        .0
+        .list
         .iter()
         .filter(|c| matches!(c.expect, Expect::Succeeds(_)))
         .count();
     eprintln!(
         "bad inputs: ran {} cases ({} bad inputs, {controls} controls) in {:.1}s; slowest {:.1}s ({})",
-        cases.0.len(),
-        cases.0.len() - controls,
+        cases.list.len(),
+        cases.list.len() - controls,
         start.elapsed().as_secs_f64(),
         slowest.0,
         slowest.1
     );
+    let mut per_class: std::collections::BTreeMap<Class, usize> = Default::default();
+    for case in &cases.list {
+        *per_class.entry(case.class).or_default() += 1;
+    }
+    let counts: Vec<String> = per_class
+        .iter()
+        .map(|(c, n)| format!("{c:?} {n}"))
+        .collect();
+    eprintln!("bad inputs per class: {}", counts.join(", "));
     assert!(
         failures.is_empty(),
         "{} of {} cases misbehaved:\n{}",
         failures.len(),
-        cases.0.len(),
+        cases.list.len(),
         failures.join("\n")
     );
 }

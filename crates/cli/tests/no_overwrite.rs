@@ -1,6 +1,7 @@
 //! No user file is replaced without `--force`: a second `mode train`, `compose`, `baseline` or
 //! `gates --html` onto an existing output is refused, names the path and `--force`, and leaves
-//! the output byte for byte as it was; with `--force` it is replaced.
+//! the output byte for byte as it was; with `--force` it is replaced. An output that is, lies
+//! inside or holds an input of the same run is refused even with `--force`.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -173,5 +174,94 @@ fn outputs_are_replaced_only_with_force() {
         let forced: Vec<&str> = args.iter().copied().chain(["--force"]).collect();
         let (ok, err) = mode(&home, &forced);
         assert!(ok, "mode {} --force: {err}", args[0]);
+    }
+
+    // An output that is, lies inside or holds an input of the same run: refused even with
+    // --force, every input left byte for byte as it was.
+    let src = s("src");
+    let with = |args: &[&str], out: &str| -> Vec<String> {
+        let mut v: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        let at = v
+            .iter()
+            .position(|a| a == "--out" || a == "--html")
+            .unwrap();
+        v[at + 1] = out.to_string();
+        v.push("--force".into());
+        v
+    };
+    let prepare = [
+        "data",
+        "prepare",
+        "--backbone",
+        &tiny,
+        "--input",
+        &src,
+        "--out",
+        "",
+    ];
+    let src_inner = s("src/prepared");
+    let data_inner = s("data/expert.expert.safetensors");
+    let expert_dir = s("");
+    let tiny_inner = s("tiny/x.expert.safetensors");
+    let data_lora = s("data/lora");
+    let gates_onto_expert = with(
+        &[
+            "gates",
+            "--backbone",
+            &tiny,
+            "--expert",
+            &expert,
+            "--data",
+            &sample,
+            "--html",
+            "",
+            "--seq-len",
+            "32",
+        ],
+        &expert,
+    );
+    let cases: Vec<(Vec<String>, Vec<String>)> = vec![
+        (with(&prepare, &src), vec![src.clone()]),
+        (with(&prepare, &src_inner), vec![src.clone()]),
+        (with(&train, &data_inner), vec![data.clone()]),
+        (with(&train, &tiny_inner), vec![tiny.clone()]),
+        (
+            with(&compose, &expert_dir),
+            vec![expert.clone(), data.clone()],
+        ),
+        (with(&compose, &expert), vec![expert.clone()]),
+        (with(&baseline, &data), vec![data.clone()]),
+        (
+            with(
+                &[
+                    "baseline",
+                    "lora",
+                    "--backbone",
+                    &tiny,
+                    "--data",
+                    &data,
+                    "--out",
+                    "",
+                ],
+                &data_lora,
+            ),
+            vec![data.clone()],
+        ),
+        (gates_onto_expert, vec![expert.clone()]),
+        (with(&gates, &sample), vec![sample.clone()]),
+    ];
+    for (args, protected) in cases {
+        let before: Vec<_> = protected.iter().map(|p| snapshot(Path::new(p))).collect();
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (ok, err) = mode(&home, &argv);
+        assert!(!ok, "`mode {}` ran onto its own input", argv.join(" "));
+        assert!(err.contains("the input"), "mode {}: {err}", argv.join(" "));
+        let after: Vec<_> = protected.iter().map(|p| snapshot(Path::new(p))).collect();
+        assert!(
+            after == before,
+            "mode {} changed {protected:?}",
+            argv.join(" ")
+        );
+        assert!(!Path::new(&src_inner).exists() && !Path::new(&data_lora).exists());
     }
 }

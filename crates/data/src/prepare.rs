@@ -124,6 +124,8 @@ pub fn prepare(
             opts.val_fraction, opts.test_fraction
         )));
     }
+    let inputs: Vec<&Path> = opts.inputs.iter().map(|p| p.as_path()).collect();
+    mode_io::input::check_apart(out, &inputs).map_err(bad)?;
     if out.exists() && !opts.force {
         return Err(bad("already exists; pass --force to replace it".into()));
     }

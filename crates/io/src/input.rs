@@ -123,6 +123,52 @@ pub fn inside(dir: &Path, rel: &str) -> Result<std::path::PathBuf> {
     Ok(joined)
 }
 
+/// Refuses an output `out` that is one of `inputs`, lies inside one, or holds one: writing it
+/// (even with `--force`) would replace or delete an input of the same run, or read its own
+/// output back. Paths are compared resolved (symbolic links and `..` followed, as far as they
+/// exist). The message names the input; the caller names `out`.
+pub fn check_apart(out: &Path, inputs: &[&Path]) -> std::result::Result<(), String> {
+    let o = resolved(out);
+    for input in inputs {
+        let i = resolved(input);
+        let relation = if o == i {
+            "is"
+        } else if o.starts_with(&i) {
+            "lies inside"
+        } else if i.starts_with(&o) {
+            "holds"
+        } else {
+            continue;
+        };
+        return Err(format!(
+            "{relation} the input {}: writing it would replace or mix with what this run \
+             reads; choose another output path",
+            input.display()
+        ));
+    }
+    Ok(())
+}
+
+/// `path` made absolute with its existing part's links resolved; the part that does not exist
+/// yet is appended as written.
+fn resolved(path: &Path) -> std::path::PathBuf {
+    let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    let mut rest = Vec::new();
+    let mut base = abs.as_path();
+    loop {
+        if let Ok(real) = std::fs::canonicalize(base) {
+            return rest.iter().rev().fold(real, |p, c| p.join(c));
+        }
+        match (base.parent(), base.file_name()) {
+            (Some(parent), Some(name)) => {
+                rest.push(name.to_os_string());
+                base = parent;
+            }
+            _ => return abs,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -173,5 +219,32 @@ mod tests {
         std::os::unix::fs::symlink(outside.path().join("b"), d.join("link")).unwrap();
         let e = inside(d, "link").unwrap_err().to_string();
         assert!(e.contains("symbolic link"), "{e}");
+    }
+
+    #[test]
+    fn outputs_must_stay_apart_from_inputs() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::create_dir_all(d.join("src/sub")).unwrap();
+        std::fs::write(d.join("src/sub/a.txt"), "x").unwrap();
+        let src = d.join("src");
+        let file = d.join("src/sub/a.txt");
+        assert!(check_apart(&d.join("out"), &[&src]).is_ok());
+        assert!(check_apart(&d.join("srcx"), &[&src]).is_ok());
+        for (out, says) in [
+            (src.clone(), "is the input"),
+            (d.join("src/sub/./new"), "lies inside"),
+            (d.join("src/../src/out"), "lies inside"),
+            (d.to_path_buf(), "holds"),
+        ] {
+            let e = check_apart(&out, &[&d.join("other"), &src]).unwrap_err();
+            assert!(e.contains(says), "{}: {e}", out.display());
+        }
+        // A file input: its folder as the output holds it.
+        let e = check_apart(&d.join("src/sub"), &[&file]).unwrap_err();
+        assert!(e.contains("holds"), "{e}");
+        // Through a symbolic link.
+        std::os::unix::fs::symlink(&src, d.join("alias")).unwrap();
+        assert!(check_apart(&d.join("alias/new"), &[&src]).is_err());
     }
 }

@@ -7,7 +7,7 @@ use mode_train::baseline::BaselineKind;
 use mode_train::stage1::side_paths;
 
 use super::training::{
-    check_out_folder, summary, TrainFlags, TrainProgress, ADAPTER_LR, FULL_FT_LR,
+    check_out_apart, check_out_folder, summary, TrainFlags, TrainProgress, ADAPTER_LR, FULL_FT_LR,
 };
 use super::BackboneArgs;
 
@@ -78,6 +78,9 @@ pub fn run(args: Args) -> Result<()> {
             ADAPTER_LR,
         ),
     };
+    let continued: Vec<&std::path::Path> =
+        common.continue_from.iter().map(|p| p.as_path()).collect();
+    check_out_apart(&common.out, &common.data, &common.backbone, &continued)?;
     check_out_folder(&common.out, common.train.force)?;
     if let Some(dir) = &common.continue_from {
         super::check_input(dir)?;

@@ -1,4 +1,4 @@
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use candle_core::Device;
@@ -6,7 +6,9 @@ use mode_core::LoadedExpertFile;
 use mode_train::compose::{ComposeOptions, GateInit};
 use mode_train::stage1::side_paths;
 
-use super::training::{check_out_folder, summary, TrainFlags, TrainProgress, ADAPTER_LR};
+use super::training::{
+    check_out_apart, check_out_folder, summary, TrainFlags, TrainProgress, ADAPTER_LR,
+};
 use super::BackboneArgs;
 
 /// Stage 2: put several experts in one model and tune gates (and experts) on mixed data.
@@ -53,6 +55,8 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<()> {
+    let experts: Vec<&Path> = args.expert.iter().map(|p| p.as_path()).collect();
+    check_out_apart(&args.out, &args.data, &args.backbone, &experts)?;
     check_out_folder(&args.out, args.train.force)?;
     super::check_range(
         "--gate-lr-scale",

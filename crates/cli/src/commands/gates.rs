@@ -46,6 +46,18 @@ pub fn run(args: Args) -> Result<()> {
     super::check_range("--seq-len", args.seq_len, 1, super::MAX_TOKENS)?;
     super::check_input(&args.data)?;
     if let Some(html) = &args.html {
+        let mut inputs: Vec<&std::path::Path> = vec![&args.data];
+        inputs.extend(args.model.model.as_deref());
+        inputs.extend(args.model.expert.iter().map(|p| p.as_path()));
+        let backbone = args
+            .model
+            .backbone
+            .backbone
+            .as_deref()
+            .map(std::path::Path::new);
+        inputs.extend(backbone.filter(|p| p.exists()));
+        mode_io::input::check_apart(html, &inputs)
+            .map_err(|m| anyhow::anyhow!("--html {}: {m}", html.display()))?;
         if html.exists() && !args.force {
             bail!(
                 "{}: already exists; pass --force to replace it",

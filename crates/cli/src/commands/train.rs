@@ -65,6 +65,7 @@ pub fn run(args: Args) -> Result<()> {
             args.out.display()
         );
     }
+    super::training::check_out_apart(&args.out, &args.data, &args.backbone, &[])?;
     super::training::check_not_there(&args.out, args.train.force)?;
     // Zero is refused by the block layout, which says why.
     super::check_range(

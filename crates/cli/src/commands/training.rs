@@ -1,6 +1,6 @@
 //! What every training command shares: schedule flags, data mixtures and the progress display.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -161,6 +161,31 @@ pub fn check_out_folder(out: &Path, force: bool) -> Result<()> {
         );
     }
     check_not_there(out, force)
+}
+
+/// Refuses an `out` that is, lies inside or holds one of the run's inputs: the `--data`
+/// folders, the backbone when given as a path, and `others` (expert files, model folders).
+/// Not even `--force` replaces an input.
+pub fn check_out_apart(
+    out: &Path,
+    data: &[String],
+    backbone: &super::BackboneArgs,
+    others: &[&Path],
+) -> Result<()> {
+    let mut inputs: Vec<PathBuf> = data
+        .iter()
+        .filter_map(|spec| mode_data::parse_mix_spec(spec).ok().map(|(path, _)| path))
+        .collect();
+    inputs.extend(
+        backbone
+            .backbone
+            .iter()
+            .map(PathBuf::from)
+            .filter(|p| p.exists()),
+    );
+    inputs.extend(others.iter().map(|p| p.to_path_buf()));
+    let inputs: Vec<&Path> = inputs.iter().map(PathBuf::as_path).collect();
+    mode_io::input::check_apart(out, &inputs).map_err(|m| anyhow::anyhow!("{}: {m}", out.display()))
 }
 
 /// Refuses to write over an existing `out` unless `force`: a finished run is never replaced by
