@@ -298,7 +298,7 @@ def load(server: Server, model: str, clients: int, seconds: float, checks: Check
 
     def client_loop(i: int) -> None:
         client = openai.OpenAI(
-            base_url=server.url("/v1"), api_key="unused", max_retries=0, timeout=600
+            base_url=server.url("/v1"), api_key=API_KEY, max_retries=0, timeout=600
         )
         n = 0
         while time.monotonic() < deadline:

@@ -58,6 +58,9 @@ enum Class {
     PathEscape,
     /// Requests for results that would not be finite or well-defined.
     NonFinite,
+    /// Outputs onto existing results or onto the run's own inputs: refused, the files kept
+    /// byte for byte.
+    DataLoss,
 }
 
 struct Case {
@@ -65,6 +68,8 @@ struct Case {
     args: Vec<String>,
     expect: Expect,
     class: Class,
+    /// Files and folders the run must leave byte for byte as they were.
+    protected: Vec<String>,
 }
 
 #[derive(Default)]
@@ -82,6 +87,14 @@ impl Cases {
 
     fn fail(&mut self, name: &str, args: &[&str], stderr: &[&str]) {
         self.push(name, args, Expect::Fails(owned(stderr)));
+    }
+
+    /// A failing case that must also leave every path in `protected` as it was.
+    fn fail_keeping(&mut self, name: &str, args: &[&str], stderr: &[&str], protected: &[&str]) {
+        self.fail(name, args, stderr);
+        if let Some(case) = self.list.last_mut() {
+            case.protected = owned(protected);
+        }
     }
 
     fn ok(&mut self, name: &str, args: &[&str], stdout: &[&str]) {
@@ -106,8 +119,23 @@ impl Cases {
             args: owned(args),
             expect,
             class: self.class,
+            protected: Vec::new(),
         });
     }
+}
+
+/// Every file under `path` (or the file itself) with its bytes, in path order; nothing for a
+/// path that does not exist.
+fn snapshot(path: &Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
+    if path.is_file() {
+        return vec![(path.to_path_buf(), std::fs::read(path).unwrap())];
+    }
+    let Ok(entries) = std::fs::read_dir(path) else {
+        return Vec::new();
+    };
+    let mut entries: Vec<_> = entries.map(|e| e.unwrap().path()).collect();
+    entries.sort();
+    entries.iter().flat_map(|e| snapshot(e)).collect()
 }
 
 fn owned(v: &[&str]) -> Vec<String> {
@@ -3277,6 +3305,237 @@ fn bad_inputs_fail_cleanly() {
         &["index_shard_outside/model.safetensors.index.json", "climbs"],
     );
 
+    // --- Outputs onto finished results or onto the run's own inputs. -----------------------
+    cases.class(Class::DataLoss);
+    let html = s("gates.html");
+    std::fs::write(&html, "<p>an earlier report</p>").unwrap();
+    let step = [
+        "--steps",
+        "1",
+        "--seq-len",
+        "32",
+        "--batch-tokens",
+        "64",
+        "--val-every",
+        "0",
+    ];
+    let keep = |cases: &mut Cases, name: &str, args: &[&str], says: &[&str], protected: &[&str]| {
+        let mut a = args.to_vec();
+        if ["train", "compose", "baseline"].contains(&a[0]) {
+            a.extend(step);
+        }
+        cases.fail_keeping(&format!("data loss: {name}"), &a, says, protected);
+    };
+    // Finished results, without --force.
+    let again = ["already exists", "--force"];
+    keep(
+        &mut cases,
+        "train onto a finished expert",
+        &[
+            "train",
+            "--backbone",
+            &tiny,
+            "--data",
+            &data_code,
+            "--out",
+            &code,
+            "--domain",
+            "code",
+        ],
+        &again,
+        &[&code],
+    );
+    keep(
+        &mut cases,
+        "compose onto a composed model",
+        &[
+            "compose",
+            "--backbone",
+            &tiny,
+            "--expert",
+            &code,
+            "--data",
+            &data_code,
+            "--out",
+            &model,
+        ],
+        &again,
+        &[&model],
+    );
+    keep(
+        &mut cases,
+        "baseline onto a composed model",
+        &[
+            "baseline",
+            "lora",
+            "--backbone",
+            &tiny,
+            "--data",
+            &data_code,
+            "--out",
+            &model,
+        ],
+        &again,
+        &[&model],
+    );
+    keep(
+        &mut cases,
+        "prepare onto prepared data",
+        &[
+            "data",
+            "prepare",
+            "--backbone",
+            &tiny,
+            "--input",
+            &s("src"),
+            "--out",
+            &data_code,
+        ],
+        &again,
+        &[&data_code],
+    );
+    keep(
+        &mut cases,
+        "gates --html onto a file",
+        &[
+            "gates",
+            "--backbone",
+            &tiny,
+            "--model",
+            &model,
+            "--data",
+            &held,
+            "--html",
+            &html,
+        ],
+        &again,
+        &[&html],
+    );
+    // The run's own inputs, even with --force.
+    let own = ["the input", "choose another output path"];
+    let src = s("src");
+    keep(
+        &mut cases,
+        "prepare --out = --input, forced",
+        &[
+            "data",
+            "prepare",
+            "--backbone",
+            &tiny,
+            "--input",
+            &src,
+            "--out",
+            &src,
+            "--force",
+        ],
+        &own,
+        &[&src],
+    );
+    keep(
+        &mut cases,
+        "prepare --out inside --input",
+        &[
+            "data",
+            "prepare",
+            "--backbone",
+            &tiny,
+            "--input",
+            &src,
+            "--out",
+            &s("src/prepared"),
+            "--force",
+        ],
+        &own,
+        &[&src],
+    );
+    keep(
+        &mut cases,
+        "train into a data folder, forced",
+        &[
+            "train",
+            "--backbone",
+            &tiny,
+            "--data",
+            &data_code,
+            "--out",
+            &s("data/code/manifest.json"),
+            "--force",
+        ],
+        &own,
+        &[&data_code],
+    );
+    keep(
+        &mut cases,
+        "train into the backbone folder, forced",
+        &[
+            "train",
+            "--backbone",
+            &tiny,
+            "--data",
+            &data_code,
+            "--out",
+            &s("tiny/model.safetensors"),
+            "--force",
+        ],
+        &own,
+        &[&tiny],
+    );
+    keep(
+        &mut cases,
+        "compose into the folder of its experts, forced",
+        &[
+            "compose",
+            "--backbone",
+            &tiny,
+            "--expert",
+            &code,
+            "--expert",
+            &prose,
+            "--data",
+            &data_code,
+            "--out",
+            &s("experts"),
+            "--force",
+        ],
+        &own,
+        &[&s("experts")],
+    );
+    keep(
+        &mut cases,
+        "baseline onto its data, forced",
+        &[
+            "baseline",
+            "full",
+            "--backbone",
+            &tiny,
+            "--data",
+            &data_code,
+            "--out",
+            &data_code,
+            "--force",
+        ],
+        &own,
+        &[&data_code],
+    );
+    keep(
+        &mut cases,
+        "gates --html onto its expert, forced",
+        &[
+            "gates",
+            "--backbone",
+            &tiny,
+            "--expert",
+            &code,
+            "--data",
+            &held,
+            "--html",
+            &code,
+            "--force",
+        ],
+        &own,
+        &[&code],
+    );
+
     // --- Run them all. ---------------------------------------------------------------------
     let start = Instant::now();
     let mut failures = Vec::new();
@@ -3285,7 +3544,22 @@ fn bad_inputs_fail_cleanly() {
     let show = std::env::var_os("MODE_SHOW_BAD_INPUTS").is_some();
     for case in &cases.list {
         let closed = matches!(case.expect, Expect::QuietOnClosedPipe);
+        let kept: Vec<_> = case
+            .protected
+            .iter()
+            .map(|p| snapshot(Path::new(p)))
+            .collect();
+        assert!(
+            kept.iter().all(|k| !k.is_empty()),
+            "{}: a protected path is missing or empty before the run",
+            case.name
+        );
         let run = run_mode_with(&case.args, &home, closed);
+        for (path, before) in case.protected.iter().zip(&kept) {
+            if &snapshot(Path::new(path)) != before {
+                failures.push(format!("- {}: changed {path}", case.name));
+            }
+        }
         if show {
             eprintln!(
                 "## {} (exit {:?}, {:.2}s)\n{}",
