@@ -92,7 +92,12 @@ pub fn run(args: Args) -> Result<()> {
             .collect::<Vec<_>>()
             .join("+")
     });
-    mode_io::names::check_name(&domain).map_err(|e| anyhow::anyhow!("--domain: {e}"))?;
+    mode_io::names::check_name(&domain).map_err(|e| match args.domain {
+        Some(_) => anyhow::anyhow!("--domain: {e}"),
+        None => anyhow::anyhow!(
+            "the expert's name, made from the --data folders' names: {e}; pass --domain NAME"
+        ),
+    })?;
     eprintln!(
         "mode: training expert `{}` on {}",
         mode_io::term::printable(&domain),
