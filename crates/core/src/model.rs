@@ -174,9 +174,10 @@ impl ModeModel {
                 for (b, layers) in e.blocks.iter().enumerate() {
                     for (l, layer) in layers.iter().enumerate() {
                         out.extend(
-                            layer.named_tensors().into_iter().map(|(n, t)| {
-                                (format!("blocks.{b}.experts.{j}.layers.{l}.{n}"), t)
-                            }),
+                            layer
+                                .named_tensors()
+                                .into_iter()
+                                .map(|(n, t)| (mode_engine::names::expert_tensor(b, j, l, &n), t)),
                         );
                     }
                 }
@@ -184,8 +185,8 @@ impl ModeModel {
         }
         if gates {
             for (b, g) in self.gates.iter().enumerate() {
-                out.push((format!("blocks.{b}.gate.weight"), &g.weight));
-                out.push((format!("blocks.{b}.gate.bias"), &g.bias));
+                out.push((mode_engine::names::gate_weight(b), &g.weight));
+                out.push((mode_engine::names::gate_bias(b), &g.bias));
             }
         }
         out
@@ -193,9 +194,7 @@ impl ModeModel {
 
     /// Whether `name`, as [`Self::trainable_tensors`] names tensors, is a gate's.
     pub fn is_gate_tensor(name: &str) -> bool {
-        name.strip_prefix("blocks.")
-            .and_then(|rest| rest.split_once('.'))
-            .is_some_and(|(_, rest)| rest.starts_with("gate."))
+        mode_engine::names::is_gate(name)
     }
 
     /// Mean gate probability per block and branch over the tokens seen since the last call,

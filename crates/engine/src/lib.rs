@@ -9,4 +9,5 @@
 pub mod kernels;
 pub mod layer;
 pub mod model;
+pub mod names;
 pub mod ops;

@@ -153,7 +153,7 @@ pub struct BatchGrads {
     pub count: usize,
     pub correct: usize,
     /// Gradients of the mean loss: backbone parameters under Hugging Face names, block
-    /// parameters as `blocks.{b}.experts.{e}.layers.{l}.{name}` and `blocks.{b}.gate.{weight,bias}`.
+    /// parameters under the names of [`crate::names`].
     pub grads: Vec<(String, Tensor)>,
 }
 
@@ -549,7 +549,7 @@ fn block_backward(
                     (
                         layer,
                         (
-                            format!("blocks.{bi}.experts.{}.layers.{l}", j - 1),
+                            crate::names::expert_layer(bi, j - 1, l),
                             LayerTraining {
                                 weights: block.train_experts[j - 1],
                                 lora: false,
@@ -586,8 +586,8 @@ fn block_backward(
             if block.train_gate {
                 let dw = ops::linear_backward_weight(&dlogits, &s.x)?;
                 let db = ops::linear_backward_bias(&dlogits)?;
-                grads.push((format!("blocks.{bi}.gate.weight"), dw));
-                grads.push((format!("blocks.{bi}.gate.bias"), db));
+                grads.push((crate::names::gate_weight(bi), dw));
+                grads.push((crate::names::gate_bias(bi), db));
             }
             if upstream {
                 add(ops::linear_backward_input(&dlogits, weight)?.reshape((b, t, h))?)?;

@@ -107,7 +107,7 @@ pub fn run(model: &mut Backbone, cfg: &BenchConfig) -> Result<BenchResult> {
                     layer
                         .named_tensors()
                         .into_iter()
-                        .map(move |(n, t)| (format!("blocks.0.experts.0.layers.{l}.{n}"), t))
+                        .map(move |(n, t)| (mode_engine::names::expert_tensor(0, 0, l, &n), t))
                 })
                 .collect();
             let plan = Plan {

@@ -83,13 +83,21 @@ impl AdamW {
             decay: 0.0,
         };
         for (name, param) in params {
-            let Some(grad) = grads.get(*name) else {
-                continue;
-            };
             let lr = lr(name);
             if lr == 0.0 {
                 continue;
             }
+            // A trainable tensor without a gradient is a naming mismatch between the model and
+            // the engine; skipping it would quietly stop it training.
+            let Some(grad) = grads.get(*name) else {
+                let mut known: Vec<&String> = grads.keys().collect();
+                known.sort();
+                known.truncate(4);
+                candle_core::bail!(
+                    "{name}: a trainable parameter received no gradient (gradients are named \
+                     like {known:?}); its name and the engine's do not match"
+                );
+            };
             if grad.dims() != param.dims() {
                 candle_core::bail!(
                     "{name}: gradient shape {:?} != parameter shape {:?}",

@@ -38,10 +38,11 @@ fn adamw_matches_the_textbook_update() {
                 .reshape((2, 2))
                 .unwrap(),
         )]);
+        let rate = |name: &str| if name == "frozen" { 0.0 } else { lr };
         opt.update(
             &[("w", &w), ("frozen", &frozen)],
             &grads,
-            |_| lr,
+            rate,
             scale,
             |_| true,
         )
@@ -65,11 +66,24 @@ fn adamw_matches_the_textbook_update() {
             );
         }
     }
-    // The parameter without a gradient did not move and holds no state.
+    // The parameter at rate 0 did not move and holds no state.
     assert_eq!(frozen.to_vec1::<f64>().unwrap(), vec![1.0, 2.0]);
     assert!(!opt.state.contains_key("frozen"));
     assert_eq!(opt.state.len(), 1);
     assert_eq!(opt.state_bytes(), 2 * 4 * 4);
+}
+
+#[test]
+fn a_trainable_parameter_without_a_gradient_is_an_error() {
+    let w = Tensor::new(&[1.0f32, 2.0], &Device::Cpu).unwrap();
+    let grads = HashMap::from([("w".to_string(), w.ones_like().unwrap())]);
+    let mut opt = AdamW::new(AdamWConfig::default());
+    let e = opt
+        .update(&[("w_misnamed", &w)], &grads, |_| 0.1, 1.0, |_| true)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("w_misnamed") && e.contains("no gradient"), "{e}");
+    assert_eq!(w.to_vec1::<f32>().unwrap(), vec![1.0, 2.0]);
 }
 
 #[test]

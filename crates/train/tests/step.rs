@@ -26,7 +26,7 @@ fn branch_params(expert: &[DecoderLayer]) -> Vec<(String, &Tensor)> {
     expert[0]
         .named_tensors()
         .into_iter()
-        .map(|(n, t)| (format!("blocks.0.experts.0.layers.0.{n}"), t))
+        .map(|(n, t)| (mode_engine::names::expert_tensor(0, 0, 0, &n), t))
         .collect()
 }
 
@@ -172,4 +172,37 @@ fn accumulated_micro_batches_make_the_same_step_as_the_whole_batch() {
             .fold(0f64, f64::max);
         assert!(worst < 1e-9, "micro {micro} recompute {recompute}: {worst}");
     }
+}
+
+#[test]
+fn a_misnamed_trainable_parameter_is_caught() {
+    let model = tiny_model(52, DType::F32);
+    let expert = branch(&model);
+    // The spelling of a second place that names parameters, off by one letter.
+    let params: Vec<(String, &Tensor)> = expert[0]
+        .named_tensors()
+        .into_iter()
+        .map(|(n, t)| (format!("blocks.0.expert.0.layers.0.{n}"), t))
+        .collect();
+    let plan = branch_plan(&expert, false);
+    let ids = Tensor::new(&[[1u32, 2, 3, 4, 5, 6, 7, 8]], &Device::Cpu).unwrap();
+    let batch = Batch::next_token(ids).unwrap();
+    let mut opt = AdamW::new(AdamWConfig::default());
+    let step = train_step(
+        &model,
+        &plan,
+        &params,
+        &mut opt,
+        &batch,
+        settings(0),
+        &|_| 1.0,
+    );
+    let Err(e) = step else {
+        panic!("a parameter the engine gives no gradient must stop the step");
+    };
+    let e = e.to_string();
+    assert!(
+        e.contains("blocks.0.expert.0.layers.0.") && e.contains("no gradient"),
+        "{e}"
+    );
 }
