@@ -3,7 +3,10 @@
 //! A frozen backbone is cut into blocks ([`BlockLayout`]). An [`Expert`] holds a few decoder
 //! layers per block that run beside the backbone's layers of that block, reading the same block
 //! input. A per-block, per-token [`Gate`] mixes backbone and experts:
-//! `[a_bb, a_1..a_N] = softmax(W x + b)`, `y = a_bb * backbone_block(x) + sum_j a_j * expert_j(x)`.
+//! `[a_bb, a_1..a_N] = softmax(W x + b)`, `y = B(x) + sum_j a_j * D_j(x)`, where `B` is the
+//! backbone's block and `D_j` expert `j`'s difference from it: `E_j(x) - B(x)` for a replacing
+//! expert (so the mix is the softmax-weighted average), `E_j(x) - x` for a residual one
+//! ([`ExpertForm`]).
 //! [`ModeModel`] runs that forward (with KV caches, for evaluation and generation) and builds the
 //! training plan the engine differentiates.
 

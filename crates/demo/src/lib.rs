@@ -89,7 +89,8 @@ pub struct Budget {
     pub expert_layers_per_block: usize,
     pub lora_rank: usize,
     pub lora_alpha: f64,
-    /// Extra LoRA ranks trained and evaluated (`--full`).
+    /// Extra LoRA ranks trained and evaluated among the `--full` variants; every preset leaves
+    /// it empty (`--scaling` sweeps LoRA ranks on its own).
     pub lora_sweep: Vec<usize>,
     /// Learning rate per stage (from `crates/demo/lr_selection.json`).
     pub lr: LearningRates,

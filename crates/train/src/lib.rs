@@ -1,7 +1,10 @@
-//! Training: the optimizer (AdamW with decoupled weight decay and bias correction), the
-//! learning-rate schedule (linear warm-up, cosine decay), global-norm gradient clipping and
-//! gradient accumulation. Parameters are candle tensors updated in place; only parameters that
-//! receive gradients ever get optimizer state, so a frozen backbone costs nothing here.
+//! Training: one loop for every method (`trainer`: mixtures, validation, checkpoints and
+//! resume, metrics, non-finite checks), the methods that plug into it (`stage1`, `compose`,
+//! `baseline`), the optimizer (AdamW with decoupled weight decay and bias correction), the
+//! learning-rate schedule (linear warm-up, cosine decay), global-norm gradient clipping,
+//! accumulation over micro-batches, the memory estimate and `bench train`. Parameters are
+//! candle tensors updated in place; only trainable ones get optimizer state, so a frozen
+//! backbone costs nothing here.
 
 pub mod baseline;
 pub mod bench;

@@ -98,7 +98,7 @@ pub fn train_expert(
         form: opts.init.form(),
     };
     if report.steps < opts.train.steps {
-        // Stopped early: the checkpoint stays for --resume; no expert file yet.
+        // Stopped early: the checkpoint stays for a rerun to resume; no expert file yet.
         return Ok((meta, report));
     }
     ExpertFile::from_expert(meta.clone(), &model.experts[0], &model.gates).save(out)?;

@@ -106,7 +106,7 @@ impl BackboneArgs {
 pub struct ModelArgs {
     #[command(flatten)]
     pub backbone: BackboneArgs,
-    /// A composed model folder (from `mode compose`): its experts and gates
+    /// A model folder: from `mode compose` (its experts and gates) or `mode baseline`
     #[arg(long, conflicts_with = "expert")]
     pub model: Option<PathBuf>,
     /// An expert file to run beside the backbone, with its stage-1 gates; repeat it to run
