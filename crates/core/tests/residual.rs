@@ -6,30 +6,9 @@
 use candle_core::{DType, Device, Tensor, D};
 mod common;
 
-use common::{backbone, ids, max_diff, meta};
+use common::{backbone, ids, max_diff, meta, random_gates};
 use mode_core::{BlockLayout, Expert, ExpertFile, ExpertForm, ExpertInit, Gate, ModeModel};
 use mode_model::CausalLm;
-
-/// Gates with pseudo-random weights and biases from `seed`: every token mixes the branches
-/// differently.
-fn random_gates(hidden: usize, experts: usize, seed: u64) -> Vec<Gate> {
-    let values = |n: usize, salt: f32, scale: f32| -> Vec<f32> {
-        (0..n)
-            .map(|i| ((i as f32 * 0.731 + salt).sin() * 43758.547).fract() * scale)
-            .collect()
-    };
-    (0..2)
-        .map(|b| {
-            let salt = (seed * 10 + b) as f32;
-            let n = experts + 1;
-            Gate {
-                weight: Tensor::from_vec(values(n * hidden, salt, 1.0), (n, hidden), &Device::Cpu)
-                    .unwrap(),
-                bias: Tensor::from_vec(values(n, salt + 0.5, 2.0), n, &Device::Cpu).unwrap(),
-            }
-        })
-        .collect()
-}
 
 /// A model over backbone `seed` whose experts are `forms`, with random (non-identity) layers
 /// and random gates.

@@ -238,42 +238,13 @@ pub fn loss_and_grads(
     };
 
     let flat_ids = ids.flatten_all()?;
-    let mut x = model
+    let embedded = model
         .embed_tokens
         .index_select(&flat_ids, 0)?
         .reshape((b, t, h))?;
-    let mut saved = Vec::with_capacity(stages.len());
-    for (k, stage) in stages.iter().enumerate() {
-        let backward = needs_backward(k);
-        let (y, s) = match stage {
-            Stage::Layer(i) if backward && plan.recompute_activations => (
-                forward_only(&model.layers[*i], &x, &cos, &sin)?,
-                Saved::Input(x.clone()),
-            ),
-            Stage::Block(bi) if plan.recompute_activations => {
-                let block = &plan.blocks[*bi];
-                // The block's activations are dropped as soon as its output is known.
-                let (y, _) = block_forward(model, tr, block, &x, &cos, &sin, upstream[k])?;
-                (y, Saved::Input(x.clone()))
-            }
-            Stage::Layer(i) => {
-                let l = &model.layers[*i];
-                if backward {
-                    let (y, acts) = layer::forward(l, &x, &cos, &sin)?;
-                    (y, Saved::Layer(acts))
-                } else {
-                    (forward_only(l, &x, &cos, &sin)?, Saved::None)
-                }
-            }
-            Stage::Block(bi) => {
-                let block = &plan.blocks[*bi];
-                let (y, s) = block_forward(model, tr, block, &x, &cos, &sin, upstream[k])?;
-                (y, Saved::Block(s))
-            }
-        };
-        x = y;
-        saved.push(s);
-    }
+    let backward: Vec<bool> = (0..stages.len()).map(needs_backward).collect();
+    let rope = (&cos, &sin);
+    let (x, saved) = forward_stages(model, plan, &stages, &upstream, &backward, embedded, rope)?;
 
     let x2d = x.reshape((b * t, h))?;
     let (hn, rstd) = ops::rms_norm(&x2d, &model.norm.weight, model.norm.eps as f64)?;
@@ -382,6 +353,75 @@ pub fn loss_and_grads(
         correct: ce.correct,
         grads,
     })
+}
+
+/// Runs `stages` forward from the embedded input `x`, keeping for each stage what its backward
+/// pass needs (`backward[k]`), or nothing.
+fn forward_stages(
+    model: &Backbone,
+    plan: &Plan,
+    stages: &[Stage],
+    upstream: &[bool],
+    backward: &[bool],
+    mut x: Tensor,
+    (cos, sin): (&Tensor, &Tensor),
+) -> Result<(Tensor, Vec<Saved>)> {
+    let tr = &plan.backbone;
+    let mut saved = Vec::with_capacity(stages.len());
+    for (k, stage) in stages.iter().enumerate() {
+        let (y, s) = match stage {
+            Stage::Layer(i) if backward[k] && plan.recompute_activations => (
+                forward_only(&model.layers[*i], &x, cos, sin)?,
+                Saved::Input(x.clone()),
+            ),
+            Stage::Block(bi) if plan.recompute_activations => {
+                let block = &plan.blocks[*bi];
+                // The block's activations are dropped as soon as its output is known.
+                let (y, _) = block_forward(model, tr, block, &x, cos, sin, upstream[k])?;
+                (y, Saved::Input(x.clone()))
+            }
+            Stage::Layer(i) => {
+                let l = &model.layers[*i];
+                if backward[k] {
+                    let (y, acts) = layer::forward(l, &x, cos, sin)?;
+                    (y, Saved::Layer(acts))
+                } else {
+                    (forward_only(l, &x, cos, sin)?, Saved::None)
+                }
+            }
+            Stage::Block(bi) => {
+                let block = &plan.blocks[*bi];
+                let (y, s) = block_forward(model, tr, block, &x, cos, sin, upstream[k])?;
+                (y, Saved::Block(s))
+            }
+        };
+        x = y;
+        saved.push(s);
+    }
+    Ok((x, saved))
+}
+
+/// The logits `[b, t, vocab]` of `ids: [b, t]` through the same forward [`loss_and_grads`]
+/// differentiates (nothing kept for a backward pass): what the parity tests hold the inference
+/// forward to.
+pub fn logits(model: &Backbone, plan: &Plan, ids: &Tensor) -> Result<Tensor> {
+    let (b, t) = ids.dims2()?;
+    let h = model.config.hidden_size;
+    let (cos, sin) = model
+        .rope
+        .tables_as(0, t, model.embed_tokens.dtype(), ids.device())
+        .map_err(candle_core::Error::wrap)?;
+    let stages = stages(plan, model.layers.len());
+    let none = vec![false; stages.len()];
+    let x = model
+        .embed_tokens
+        .index_select(&ids.flatten_all()?, 0)?
+        .reshape((b, t, h))?;
+    let (x, _) = forward_stages(model, plan, &stages, &none, &none, x, (&cos, &sin))?;
+    let x2d = x.reshape((b * t, h))?;
+    let (hn, _) = ops::rms_norm(&x2d, &model.norm.weight, model.norm.eps as f64)?;
+    hn.matmul(&model.lm_head.weight.t()?)?
+        .reshape((b, t, model.config.vocab_size))
 }
 
 fn forward_only(l: &DecoderLayer, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {

@@ -1,9 +1,10 @@
 //! What the MoDE tests share: a tiny random backbone, a token sequence, a tensor distance and
-//! expert-file metadata.
+//! expert-file metadata, gates.
+#![allow(dead_code)] // each test file uses its own part of this
 
 use candle_core::{DType, Device, Tensor};
 use mode_core::file::{ExpertDims, TrainingSummary};
-use mode_core::{BlockLayout, ExpertMeta};
+use mode_core::{BlockLayout, ExpertMeta, Gate};
 use mode_model::{Architecture, Backbone, Config};
 
 /// A 4-layer tiny Llama with random weights from `seed`.
@@ -41,4 +42,25 @@ pub fn meta(bb: &Backbone, layout: &BlockLayout, domain: &str) -> ExpertMeta {
         tool_version: "test".into(),
         form: mode_core::ExpertForm::Replace,
     }
+}
+
+/// Gates with pseudo-random weights and biases from `seed`: every token mixes the branches
+/// differently.
+pub fn random_gates(hidden: usize, experts: usize, seed: u64) -> Vec<Gate> {
+    let values = |n: usize, salt: f32, scale: f32| -> Vec<f32> {
+        (0..n)
+            .map(|i| ((i as f32 * 0.731 + salt).sin() * 43758.547).fract() * scale)
+            .collect()
+    };
+    (0..2)
+        .map(|b| {
+            let salt = (seed * 10 + b) as f32;
+            let n = experts + 1;
+            Gate {
+                weight: Tensor::from_vec(values(n * hidden, salt, 1.0), (n, hidden), &Device::Cpu)
+                    .unwrap(),
+                bias: Tensor::from_vec(values(n, salt + 0.5, 2.0), n, &Device::Cpu).unwrap(),
+            }
+        })
+        .collect()
 }
