@@ -3,6 +3,8 @@
 
 use std::fmt::Write;
 
+use mode_eval::gates::escape;
+
 const W: f64 = 640.0;
 const H: f64 = 360.0;
 const LEFT: f64 = 64.0;
@@ -19,12 +21,6 @@ pub const PALETTE: [&str; 8] = [
 pub struct Series {
     pub name: String,
     pub points: Vec<(f64, f64)>,
-}
-
-fn escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
 }
 
 /// A linear axis over `[lo, hi]` with "nice" ticks.

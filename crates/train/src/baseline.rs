@@ -5,7 +5,6 @@ use std::path::Path;
 use mode_core::baseline::{
     load_baseline, save_baseline, BaselineManifest, LoraSpec, BASELINE_FORMAT_VERSION,
 };
-use mode_core::file::TrainingSummary;
 use mode_data::DataMix;
 use mode_engine::model::Trainable;
 use mode_model::Backbone;
@@ -92,19 +91,14 @@ pub fn train_baseline(
         backbone_source: backbone_source.to_string(),
         backbone_fingerprint: fingerprint,
         trainable_parameters,
-        training: TrainingSummary {
-            steps: report.steps,
-            tokens: report.tokens,
-            final_train_loss: report.final_train_loss,
-            final_val_loss: report.final_val_loss,
-            final_val_accuracy: report.final_val_accuracy,
-            data_fingerprint: Some(data.fingerprint()),
-            seed: cfg.seed,
-            init: match start {
+        training: report.summary(
+            data,
+            cfg.seed,
+            match start {
                 Some(dir) => format!("continued from {}", dir.display()),
                 None => "backbone".into(),
             },
-        },
+        ),
         tool_version: env!("CARGO_PKG_VERSION").to_string(),
     };
     save_baseline(out, &manifest, &backbone)?;

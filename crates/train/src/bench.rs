@@ -5,23 +5,13 @@
 use std::time::Instant;
 
 use candle_core::{DType, Device, Result, Tensor};
+use mode_core::baseline::LoraTargets;
 use mode_engine::model::{Batch, Block, Mix, Plan, Trainable};
 use mode_model::Backbone;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 
 use crate::{train_step, AdamW, AdamWConfig};
-
-/// The projections LoRA adapts: all seven linear kinds.
-pub const LORA_TARGETS: [&str; 7] = [
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-];
 
 /// What trains.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -73,7 +63,7 @@ pub struct BenchResult {
 pub fn run(model: &mut Backbone, cfg: &BenchConfig) -> Result<BenchResult> {
     if cfg.mode == BenchMode::Lora {
         model
-            .attach_lora(16, 32.0, &LORA_TARGETS, cfg.seed)
+            .attach_lora(16, 32.0, LoraTargets::AttnMlp.projections(), cfg.seed)
             .map_err(candle_core::Error::wrap)?;
     }
     let model = &*model;

@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use mode_core::composed::{ComposedManifest, COMPOSED_FORMAT_VERSION};
-use mode_core::file::{ExpertDims, TrainingSummary};
+use mode_core::file::ExpertDims;
 use mode_core::{Gate, LoadedExpertFile, ModeModel};
 use mode_data::DataMix;
 use mode_model::Backbone;
@@ -139,20 +139,15 @@ pub fn compose(
             (GateInit::Stage1, true) => "stage1-kept-prior".into(),
             (init, _) => format!("{init:?}").to_lowercase(),
         },
-        training: TrainingSummary {
-            steps: report.steps,
-            tokens: report.tokens,
-            final_train_loss: report.final_train_loss,
-            final_val_loss: report.final_val_loss,
-            final_val_accuracy: report.final_val_accuracy,
-            data_fingerprint: Some(data.fingerprint()),
-            seed: opts.train.seed,
-            init: if opts.freeze_experts {
-                "frozen-experts".into()
+        training: report.summary(
+            data,
+            opts.train.seed,
+            if opts.freeze_experts {
+                "frozen-experts"
             } else {
-                "tuned-experts".into()
+                "tuned-experts"
             },
-        },
+        ),
         tool_version: env!("CARGO_PKG_VERSION").to_string(),
     };
     let manifest =

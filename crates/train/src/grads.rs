@@ -1,6 +1,5 @@
-//! Gradient bookkeeping: global norm (for clipping) and accumulation over micro-batches.
-
-use std::collections::HashMap;
+//! Gradient bookkeeping: the global norm and the factor that clips it (accumulation over
+//! micro-batches is in [`crate::train_step`]).
 
 use candle_core::{Result, Tensor};
 
@@ -23,41 +22,5 @@ pub fn clip_scale(norm: f64, max_norm: f64) -> f64 {
         max_norm / (norm + 1e-6)
     } else {
         1.0
-    }
-}
-
-/// Sums gradients of several micro-batches, each weighted by its share of the tokens, so the
-/// result is the gradient of the mean loss over all of them.
-#[derive(Default)]
-pub struct GradAccumulator {
-    sums: HashMap<String, Tensor>,
-    tokens: usize,
-}
-
-impl GradAccumulator {
-    /// Adds the gradients of a micro-batch's mean loss over `tokens` targets.
-    pub fn add(&mut self, grads: Vec<(String, Tensor)>, tokens: usize) -> Result<()> {
-        let w = tokens as f64;
-        for (name, g) in grads {
-            let g = (g * w)?;
-            let sum = match self.sums.remove(&name) {
-                Some(s) => (s + g)?,
-                None => g,
-            };
-            self.sums.insert(name, sum);
-        }
-        self.tokens += tokens;
-        Ok(())
-    }
-
-    /// The gradients of the mean loss over every token added, and the token count.
-    pub fn finish(self) -> Result<(HashMap<String, Tensor>, usize)> {
-        let scale = 1.0 / self.tokens.max(1) as f64;
-        let grads = self
-            .sums
-            .into_iter()
-            .map(|(k, v)| Ok((k, (v * scale)?)))
-            .collect::<Result<HashMap<_, _>>>()?;
-        Ok((grads, self.tokens))
     }
 }

@@ -19,7 +19,7 @@ pub mod stage1;
 pub mod step;
 pub mod trainer;
 
-pub use grads::{global_norm, GradAccumulator};
+pub use grads::global_norm;
 pub use optim::{AdamW, AdamWConfig};
 pub use schedule::LrSchedule;
 pub use step::{train_step, StepSettings, StepStats};

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use mode_core::file::{ExpertDims, TrainingSummary};
+use mode_core::file::ExpertDims;
 use mode_core::{BlockLayout, Expert, ExpertFile, ExpertInit, ExpertMeta, Gate, ModeModel};
 use mode_data::DataMix;
 use mode_model::Backbone;
@@ -84,16 +84,7 @@ pub fn train_expert(
         backbone_source: backbone_source.to_string(),
         layout,
         dims,
-        training: TrainingSummary {
-            steps: report.steps,
-            tokens: report.tokens,
-            final_train_loss: report.final_train_loss,
-            final_val_loss: report.final_val_loss,
-            final_val_accuracy: report.final_val_accuracy,
-            data_fingerprint: Some(data.fingerprint()),
-            seed: opts.train.seed,
-            init: opts.init.name().to_string(),
-        },
+        training: report.summary(data, opts.train.seed, opts.init.name()),
         tool_version: env!("CARGO_PKG_VERSION").to_string(),
         form: opts.init.form(),
     };

@@ -132,6 +132,28 @@ pub struct TrainReport {
     pub seconds: f64,
 }
 
+impl TrainReport {
+    /// What a trained artifact records about its run: this report, the data it saw, the
+    /// `seed` and how it started (`init`).
+    pub fn summary(
+        &self,
+        data: &DataMix,
+        seed: u64,
+        init: impl Into<String>,
+    ) -> mode_core::file::TrainingSummary {
+        mode_core::file::TrainingSummary {
+            steps: self.steps,
+            tokens: self.tokens,
+            final_train_loss: self.final_train_loss,
+            final_val_loss: self.final_val_loss,
+            final_val_accuracy: self.final_val_accuracy,
+            data_fingerprint: Some(data.fingerprint()),
+            seed,
+            init: init.into(),
+        }
+    }
+}
+
 /// Errors of the training loop.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
