@@ -70,9 +70,9 @@ struct DecodeArgs {
     Compare with the PyTorch peer: make bench-train."
 )]
 struct TrainArgs {
-    /// full, lora, branch, or all (each in a child process)
-    #[arg(long, default_value = "all")]
-    mode: String,
+    /// What trains: full, lora, branch, or all (each in a child process)
+    #[arg(long, value_enum, default_value_t = TrainBenchMode::All)]
+    mode: TrainBenchMode,
     /// A .gguf file or HF folder; default: SmolLM2-135M (cached weights, or random of its shape)
     #[arg(long)]
     backbone: Option<String>,
@@ -89,6 +89,15 @@ struct TrainArgs {
     /// Recompute activations in the backward pass (trades compute for peak memory)
     #[arg(long)]
     recompute_activations: bool,
+}
+
+/// `mode bench train --mode`: one of the library's modes, or each in turn.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum TrainBenchMode {
+    All,
+    Full,
+    Lora,
+    Branch,
 }
 
 #[derive(clap::Args, Debug)]
@@ -436,41 +445,14 @@ fn decode(args: DecodeArgs) -> Result<()> {
 
 fn train(args: TrainArgs) -> Result<()> {
     use mode_train::bench::{BenchConfig, BenchMode};
-    if args.mode == "all" {
-        // One child process per mode, so each reports its own peak RSS.
-        for mode in ["branch", "full", "lora"] {
-            let mut cmd = std::process::Command::new(std::env::current_exe()?);
-            cmd.args(["bench", "train", "--mode", mode])
-                .args([
-                    "--seq-len",
-                    &args.seq_len.to_string(),
-                    "--batch",
-                    &args.batch.to_string(),
-                ])
-                .args([
-                    "--steps",
-                    &args.steps.to_string(),
-                    "--warmup",
-                    &args.warmup.to_string(),
-                ]);
-            if let Some(b) = &args.backbone {
-                cmd.args(["--backbone", b]);
-            }
-            if args.recompute_activations {
-                cmd.arg("--recompute-activations");
-            }
-            let status = cmd.status()?;
-            if !status.success() {
-                eprintln!("mode: bench train --mode {mode} failed ({status})");
-            }
+    let mode = match args.mode {
+        TrainBenchMode::Full => BenchMode::Full,
+        TrainBenchMode::Lora => BenchMode::Lora,
+        TrainBenchMode::Branch => BenchMode::Branch,
+        TrainBenchMode::All => {
+            // One child process per mode, so each reports its own peak RSS.
+            return train_each_in_a_process(&args);
         }
-        return Ok(());
-    }
-    let mode = match args.mode.as_str() {
-        "full" => BenchMode::Full,
-        "lora" => BenchMode::Lora,
-        "branch" => BenchMode::Branch,
-        other => bail!("--mode must be full, lora, branch or all, got `{other}`"),
     };
     if args.seq_len < 2 || args.batch == 0 || args.steps == 0 {
         bail!("--seq-len must be >= 2, --batch and --steps positive");
@@ -515,5 +497,36 @@ fn train(args: TrainArgs) -> Result<()> {
     let mut json = serde_json::to_value(&result)?;
     json["weights"] = serde_json::Value::String(weights);
     println!("{json}");
+    Ok(())
+}
+
+/// `mode bench train --mode all`: each mode in its own child process (its own peak RSS).
+fn train_each_in_a_process(args: &TrainArgs) -> Result<()> {
+    for mode in ["branch", "full", "lora"] {
+        let mut cmd = std::process::Command::new(std::env::current_exe()?);
+        cmd.args(["bench", "train", "--mode", mode])
+            .args([
+                "--seq-len",
+                &args.seq_len.to_string(),
+                "--batch",
+                &args.batch.to_string(),
+            ])
+            .args([
+                "--steps",
+                &args.steps.to_string(),
+                "--warmup",
+                &args.warmup.to_string(),
+            ]);
+        if let Some(b) = &args.backbone {
+            cmd.args(["--backbone", b]);
+        }
+        if args.recompute_activations {
+            cmd.arg("--recompute-activations");
+        }
+        let status = cmd.status()?;
+        if !status.success() {
+            eprintln!("mode: bench train --mode {mode} failed ({status})");
+        }
+    }
     Ok(())
 }
