@@ -6,6 +6,7 @@
 //! computes weight gradients even for frozen weights. Here a frozen linear computes dX only, and
 //! layers before the first trainable parameter run forward only.
 
+mod block;
 pub mod kernels;
 pub mod layer;
 pub mod model;
