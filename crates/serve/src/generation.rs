@@ -9,13 +9,14 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use mode_core::{ModeModel, Routing};
 use mode_infer::{Sampler, SamplingParams, StopText};
-use serde_json::{json, Value};
+use serde_json::json;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 
 use crate::error::{bad, internal, ApiError};
 use crate::experts::{unknown_expert, ExpertSet};
+use crate::openai::{Choice, Completion, Message, Output, Usage};
 use crate::request::{Endpoint, Job};
 use crate::AppState;
 
@@ -98,10 +99,7 @@ fn spawn_generation(s: Arc<AppState>, job: Job) -> mpsc::Receiver<Piece> {
                     .param("prompt"),
                 );
             }
-            let mut usage = Usage {
-                prompt_tokens: ids.len(),
-                completion_tokens: 0,
-            };
+            let mut completion_tokens = 0;
             for choice in 0..job.choices {
                 let send = |text: String| {
                     text.is_empty() || tx.blocking_send(Piece::Text { choice, text }).is_ok()
@@ -126,7 +124,7 @@ fn spawn_generation(s: Arc<AppState>, job: Job) -> mpsc::Receiver<Piece> {
                 let piece = match result {
                     Ok((out, stats)) => {
                         client_here = client_here && send(stop.finish());
-                        usage.completion_tokens += out.len();
+                        completion_tokens += out.len();
                         Piece::Finished {
                             choice,
                             finish_reason: if stats.ended_at_eos || stop.stopped() {
@@ -143,28 +141,11 @@ fn spawn_generation(s: Arc<AppState>, job: Job) -> mpsc::Receiver<Piece> {
                     return;
                 }
             }
-            let _ = tx.blocking_send(Piece::Done(usage));
+            let _ = tx.blocking_send(Piece::Done(Usage::new(ids.len(), completion_tokens)));
         })
         .await;
     });
     rx
-}
-
-/// Token counts over all choices (the prompt counted once, as OpenAI does).
-#[derive(Debug, Clone, Copy)]
-struct Usage {
-    prompt_tokens: usize,
-    completion_tokens: usize,
-}
-
-impl Usage {
-    fn json(&self) -> Value {
-        json!({
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "total_tokens": self.prompt_tokens + self.completion_tokens,
-        })
-    }
 }
 
 /// Generates `job` and answers it, whole or streamed.
@@ -197,26 +178,34 @@ pub(crate) async fn run(s: Arc<AppState>, job: Job, endpoint: Endpoint) -> Respo
         let Some(usage) = usage.filter(|_| finish.iter().all(Option::is_some)) else {
             return internal("generation ended unexpectedly").into_response();
         };
-        let answers: Vec<Value> = texts
+        let answers = texts
             .into_iter()
             .zip(finish)
             .enumerate()
             .map(|(index, (text, finish_reason))| {
-                if chat {
-                    json!({"index": index, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason, "logprobs": null})
+                let output = if chat {
+                    Output::Message(Message {
+                        role: Some("assistant"),
+                        content: Some(text),
+                    })
                 } else {
-                    json!({"index": index, "text": text, "finish_reason": finish_reason, "logprobs": null})
-                }
+                    Output::Text(text)
+                };
+                Choice::new(index, output, finish_reason)
             })
             .collect();
-        return Json(json!({
-            "id": id,
-            "object": if chat { "chat.completion" } else { "text_completion" },
-            "created": created,
-            "model": model,
-            "choices": answers,
-            "usage": usage.json(),
-        }))
+        return Json(Completion {
+            id: &id,
+            object: if chat {
+                "chat.completion"
+            } else {
+                "text_completion"
+            },
+            created,
+            model: &model,
+            choices: answers,
+            usage: Some(usage),
+        })
         .into_response();
     }
     // Streaming: the first piece decides between an error status and a 200 event stream.
@@ -230,27 +219,29 @@ pub(crate) async fn run(s: Arc<AppState>, job: Job, endpoint: Endpoint) -> Respo
     } else {
         "text_completion"
     };
-    let event = move |choices: Value, usage: Option<Value>| -> Event {
-        let mut body = json!({"id": id, "object": object, "created": created, "model": model, "choices": choices});
-        if let Some(u) = usage {
-            body["usage"] = u;
-        }
-        Event::default().data(body.to_string())
+    let event = move |choices: Vec<Choice>, usage: Option<Usage>| -> Event {
+        let chunk = Completion {
+            id: &id,
+            object,
+            created,
+            model: &model,
+            choices,
+            usage,
+        };
+        Event::default().data(serde_json::to_string(&chunk).unwrap_or_default())
     };
-    let chunk = move |choice: usize, delta: Option<&str>, finish: Option<&str>, first: bool| {
-        if chat {
-            let mut d = serde_json::Map::new();
-            if first {
-                d.insert("role".into(), "assistant".into());
-            }
-            if let Some(t) = delta {
-                d.insert("content".into(), t.into());
-            }
-            json!([{"index": choice, "delta": d, "finish_reason": finish, "logprobs": null}])
-        } else {
-            json!([{"index": choice, "text": delta.unwrap_or(""), "finish_reason": finish, "logprobs": null}])
-        }
-    };
+    let chunk =
+        move |choice: usize, text: Option<String>, finish: Option<&'static str>, first: bool| {
+            let output = if chat {
+                Output::Delta(Message {
+                    role: first.then_some("assistant"),
+                    content: text,
+                })
+            } else {
+                Output::Text(text.unwrap_or_default())
+            };
+            vec![Choice::new(choice, output, finish)]
+        };
     let mut started = vec![false; choices];
     let events = tokio_stream::iter(std::iter::once(first))
         .chain(ReceiverStream::new(rx))
@@ -258,7 +249,7 @@ pub(crate) async fn run(s: Arc<AppState>, job: Job, endpoint: Endpoint) -> Respo
             let event = match piece {
                 Piece::Text { choice, text } => {
                     let first = !std::mem::replace(&mut started[choice], true);
-                    event(chunk(choice, Some(&text), None, first), None)
+                    event(chunk(choice, Some(text), None, first), None)
                 }
                 Piece::Finished {
                     choice,
@@ -267,7 +258,7 @@ pub(crate) async fn run(s: Arc<AppState>, job: Job, endpoint: Endpoint) -> Respo
                     let first = !std::mem::replace(&mut started[choice], true);
                     event(chunk(choice, None, Some(finish_reason), first), None)
                 }
-                Piece::Done(usage) if include_usage => event(json!([]), Some(usage.json())),
+                Piece::Done(usage) if include_usage => event(Vec::new(), Some(usage)),
                 Piece::Done(_) => return None,
                 Piece::Failed(_) => Event::default().data(
                     json!({"error": {"message": "generation failed", "type": "server_error"}})

@@ -20,11 +20,13 @@
 //! token (401 otherwise).
 //!
 //! Files: `request.rs` reads and checks requests, `generation.rs` runs them and writes the
-//! answers, `experts.rs` serves the expert endpoints, `error.rs` shapes errors.
+//! answers (typed in `openai.rs`), `experts.rs` serves the expert endpoints, `error.rs` shapes
+//! errors.
 
 mod error;
 mod experts;
 mod generation;
+mod openai;
 mod request;
 
 use std::path::{Path, PathBuf};
