@@ -1,6 +1,7 @@
 //! Inference: sampling, streaming generation with a KV cache, and stop sequences (chat
 //! templates live in `mode_io::chat` and are re-exported here).
 
+pub mod bench;
 pub mod generate;
 pub mod sampling;
 pub mod stop;

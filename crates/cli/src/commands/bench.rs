@@ -1,9 +1,8 @@
 use std::time::Instant;
 
 use anyhow::{bail, Result};
-use candle_core::{IndexOp, Tensor};
+use mode_infer::bench::{self, median};
 use mode_model::{Backbone, CausalLm};
-use mode_train::bench::median;
 
 use super::BackboneArgs;
 
@@ -123,16 +122,6 @@ struct InferArgs {
     json: bool,
 }
 
-/// Public-domain text (the opening of Moby-Dick) used as benchmark input.
-const TEXT: &str = "Call me Ishmael. Some years ago—never mind how long precisely—having little or no money \
-in my purse, and nothing particular to interest me on shore, I thought I would sail about a little and see \
-the watery part of the world. It is a way I have of driving off the spleen and regulating the circulation. \
-Whenever I find myself growing grim about the mouth; whenever it is a damp, drizzly November in my soul; \
-whenever I find myself involuntarily pausing before coffin warehouses, and bringing up the rear of every \
-funeral I meet; and especially whenever my hypos get such an upper hand of me, that it requires a strong \
-moral principle to prevent me from deliberately stepping into the street, and methodically knocking \
-people's hats off—then, I account it high time to get to sea as soon as I can. ";
-
 pub fn run(args: Args) -> Result<()> {
     match args.what {
         What::Infer(a) => infer(a),
@@ -158,16 +147,12 @@ fn infer(args: InferArgs) -> Result<()> {
         super::check_range(flag, n, 1, super::MAX_TOKENS)?;
     }
     let (model, tokenizer, path) = args.backbone.load()?;
-    let mut ids = Vec::new();
-    let text_ids = tokenizer.encode(TEXT)?;
-    while ids.len() < args.prompt_tokens.max(args.eval_tokens) {
-        ids.extend_from_slice(&text_ids);
-    }
+    let ids = bench::text_ids(&tokenizer, args.prompt_tokens.max(args.eval_tokens))?;
     let threads = candle_core::utils::get_num_threads();
 
     let (mut prefill, mut decode, mut eval) = (Vec::new(), Vec::new(), Vec::new());
     for run in 0..=args.runs {
-        let g = greedy(&model, &ids[..args.prompt_tokens], args.new_tokens)?;
+        let g = bench::time_greedy(&model, &ids[..args.prompt_tokens], args.new_tokens)?;
         let (p, d) = (g.prefill_tokens_per_sec, g.decode_tokens_per_sec);
         let start = Instant::now();
         mode_eval::evaluate_ids(
@@ -225,42 +210,6 @@ fn infer(args: InferArgs) -> Result<()> {
         );
     }
     Ok(())
-}
-
-/// One greedy generation that never stops early.
-struct Generation {
-    prefill_tokens_per_sec: f64,
-    /// Prompt in, first new token out.
-    first_token_secs: f64,
-    decode_tokens_per_sec: f64,
-}
-
-fn greedy(model: &dyn CausalLm, prompt: &[u32], new_tokens: usize) -> Result<Generation> {
-    let device = model.device();
-    let mut cache = model.new_cache();
-    let argmax_last = |hidden: &Tensor| -> Result<u32> {
-        let t = hidden.dims()[1];
-        let last = hidden.i((0, t - 1..t, ..))?.contiguous()?;
-        Ok(model
-            .logits(&last)?
-            .flatten_all()?
-            .argmax(0)?
-            .to_scalar::<u32>()?)
-    };
-    let start = Instant::now();
-    let ids = Tensor::new(prompt, device)?.unsqueeze(0)?;
-    let mut next = argmax_last(&model.hidden_states(&ids, Some(&mut cache))?)?;
-    let first_token_secs = start.elapsed().as_secs_f64();
-    let start = Instant::now();
-    for _ in 0..new_tokens {
-        let ids = Tensor::new(&[next], device)?.unsqueeze(0)?;
-        next = argmax_last(&model.hidden_states(&ids, Some(&mut cache))?)?;
-    }
-    Ok(Generation {
-        prefill_tokens_per_sec: prompt.len() as f64 / first_token_secs,
-        first_token_secs,
-        decode_tokens_per_sec: new_tokens as f64 / start.elapsed().as_secs_f64(),
-    })
 }
 
 /// The model `bench decode` measures: given experts, or made-up ones over `backbone`.
@@ -339,71 +288,51 @@ fn decode(args: DecodeArgs) -> Result<()> {
         super::train::MAX_EXPERT_LAYERS,
     )?;
     let (model, tokenizer, what) = decode_model(&args)?;
-    let tokenizer_ids = tokenizer.encode(TEXT)?;
-    let mut prompt = Vec::new();
-    while prompt.len() < args.prompt_tokens {
-        prompt.extend_from_slice(&tokenizer_ids);
-    }
-    prompt.truncate(args.prompt_tokens);
+    let prompt = bench::text_ids(&tokenizer, args.prompt_tokens)?;
     let only = |experts: Vec<usize>| Routing {
         experts: Some(experts),
         ..Default::default()
     };
-    // `None`: the backbone's own forward, the reference (not the MoDE forward without experts).
-    let configs: Vec<(&str, Option<Routing>)> = vec![
-        ("backbone", None),
-        ("+1 expert", Some(only(vec![0]))),
-        ("+2 experts", Some(Routing::default())),
+    let routings = [
+        ("+1 expert", only(vec![0])),
+        ("+2 experts", Routing::default()),
         (
             "+2 experts, top-1",
-            Some(Routing {
+            Routing {
                 top_k: Some(1),
                 ..Default::default()
-            }),
+            },
         ),
         (
             "+2 experts, threshold 0.1",
-            Some(Routing {
+            Routing {
                 threshold: Some(0.1),
                 ..Default::default()
-            }),
+            },
         ),
     ];
+    let routed = routings
+        .iter()
+        .map(|(name, r)| Ok((*name, model.routed(r.clone())?)))
+        .collect::<Result<Vec<_>>>()?;
+    // The reference is the backbone's own forward, not the MoDE forward without experts.
+    let mut configs: Vec<(&str, &dyn CausalLm)> = vec![("backbone", &model.backbone)];
+    configs.extend(routed.iter().map(|(name, m)| (*name, m as &dyn CausalLm)));
     let threads = candle_core::utils::get_num_threads();
-    let mut results: Vec<Vec<Generation>> = configs.iter().map(|_| Vec::new()).collect();
-    for run in 0..=args.runs {
-        for (i, (name, routing)) in configs.iter().enumerate() {
-            let g = match routing {
-                None => greedy(&model.backbone, &prompt, args.new_tokens)?,
-                Some(r) => greedy(&model.routed(r.clone())?, &prompt, args.new_tokens)?,
-            };
+    let rows = bench::round_robin(
+        &configs,
+        &prompt,
+        args.new_tokens,
+        args.runs,
+        |run, name, g| {
             eprintln!(
                 "mode: run {run}{} {name}: first token {:.3}s, decode {:.1} tokens/s",
                 if run == 0 { " (warm-up)" } else { "" },
                 g.first_token_secs,
                 g.decode_tokens_per_sec
             );
-            if run > 0 {
-                results[i].push(g);
-            }
-        }
-    }
-    let med =
-        |i: usize, f: fn(&Generation) -> f64| median(&results[i].iter().map(f).collect::<Vec<_>>());
-    let base = med(0, |g| g.decode_tokens_per_sec);
-    let rows: Vec<serde_json::Value> = configs
-        .iter()
-        .enumerate()
-        .map(|(i, (name, _))| {
-            serde_json::json!({
-                "config": name,
-                "first_token_secs": med(i, |g| g.first_token_secs),
-                "prefill_tokens_per_sec": med(i, |g| g.prefill_tokens_per_sec),
-                "decode_tokens_per_sec": med(i, |g| g.decode_tokens_per_sec),
-                "decode_vs_backbone": med(i, |g| g.decode_tokens_per_sec) / base,
-            })
-        })
-        .collect();
+        },
+    )?;
     if args.json {
         println!(
             "{}",
@@ -414,7 +343,7 @@ fn decode(args: DecodeArgs) -> Result<()> {
                 "new_tokens": args.new_tokens,
                 "runs": args.runs,
                 "configs": rows,
-                "ratio_2experts": rows[2]["decode_vs_backbone"],
+                "ratio_2experts": rows[2].decode_vs_reference,
             })
         );
         return Ok(());
@@ -433,11 +362,11 @@ fn decode(args: DecodeArgs) -> Result<()> {
     for r in &rows {
         println!(
             "  {:<28} {:>12.3} {:>12.1} {:>12.1} {:>9.2}x",
-            r["config"].as_str().unwrap_or(""),
-            r["first_token_secs"].as_f64().unwrap_or(f64::NAN),
-            r["prefill_tokens_per_sec"].as_f64().unwrap_or(f64::NAN),
-            r["decode_tokens_per_sec"].as_f64().unwrap_or(f64::NAN),
-            r["decode_vs_backbone"].as_f64().unwrap_or(f64::NAN),
+            r.config,
+            r.first_token_secs,
+            r.prefill_tokens_per_sec,
+            r.decode_tokens_per_sec,
+            r.decode_vs_reference,
         );
     }
     Ok(())
