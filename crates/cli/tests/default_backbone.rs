@@ -1,8 +1,10 @@
 //! Integration tests on the real default backbone (SmolLM2-135M-Instruct, Q4_1 GGUF), checked
 //! against fixtures written by Hugging Face `transformers` (scripts/reference/).
 //!
-//! The backbone is fetched through pip when `MODE_REQUIRE_BACKBONE=1` (as `.ci/run` sets);
-//! otherwise these tests are skipped, with a message, when it is not already cached.
+//! Every test here is `#[ignore]`d, so a plain `cargo test` lists them as ignored rather than
+//! passing them unrun; `make test` runs them with `--include-ignored`. When run, a test fetches
+//! the backbone through pip if it is not cached (failing if it cannot), and the test on sample
+//! texts needs `scripts/fetch_sample_data.sh` to have run (`make test` runs it first).
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -15,39 +17,24 @@ fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
 }
 
-fn backbone_path() -> Option<PathBuf> {
-    let path = mode_io::fetch::default_backbone_path();
-    if path.exists() {
-        return Some(path);
-    }
-    if std::env::var("MODE_REQUIRE_BACKBONE").is_ok_and(|v| v == "1") {
-        return Some(
-            mode_io::fetch::resolve_backbone(mode_io::fetch::DEFAULT_BACKBONE)
-                .expect("fetching the default backbone"),
-        );
-    }
-    eprintln!("skipped: default backbone not cached (set MODE_REQUIRE_BACKBONE=1 to fetch it)");
-    None
+/// The default backbone, fetched through pip when it is not cached; panics if it cannot be.
+fn backbone_path() -> PathBuf {
+    mode_io::fetch::resolve_backbone(mode_io::fetch::DEFAULT_BACKBONE)
+        .expect("fetching the default backbone through pip")
 }
 
-fn model() -> Option<&'static (Backbone, Tokenizer)> {
-    static MODEL: OnceLock<Option<(Backbone, Tokenizer)>> = OnceLock::new();
-    MODEL
-        .get_or_init(|| {
-            let path = backbone_path()?;
-            Some(
-                Backbone::open(&path, DType::F32, &Device::Cpu)
-                    .expect("loading the default backbone"),
-            )
-        })
-        .as_ref()
+fn model() -> &'static (Backbone, Tokenizer) {
+    static MODEL: OnceLock<(Backbone, Tokenizer)> = OnceLock::new();
+    MODEL.get_or_init(|| {
+        Backbone::open(&backbone_path(), DType::F32, &Device::Cpu)
+            .expect("loading the default backbone")
+    })
 }
 
 #[test]
+#[ignore = "needs the real default backbone (fetched through pip); make test runs it"]
 fn tokenizer_from_gguf_matches_transformers() {
-    let Some((_, tokenizer)) = model() else {
-        return;
-    };
+    let (_, tokenizer) = model();
     let text = std::fs::read_to_string(fixtures().join("smollm2_tokenization.json")).unwrap();
     let cases: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap();
     assert!(cases.len() >= 10);
@@ -64,8 +51,9 @@ fn tokenizer_from_gguf_matches_transformers() {
 }
 
 #[test]
+#[ignore = "needs the real default backbone (fetched through pip); make test runs it"]
 fn logits_match_transformers() {
-    let Some((model, _)) = model() else { return };
+    let (model, _) = model();
     let fixture =
         candle_core::safetensors::load(fixtures().join("smollm2_logits.safetensors"), &Device::Cpu)
             .unwrap();
@@ -128,10 +116,9 @@ fn logits_match_transformers() {
 }
 
 #[test]
+#[ignore = "needs the real default backbone (fetched through pip); make test runs it"]
 fn greedy_chat_answers_paris() {
-    if model().is_none() {
-        return;
-    }
+    backbone_path(); // fetched here, so that a failure to fetch it names itself
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_mode"))
         .args([
             "generate",
@@ -163,10 +150,9 @@ fn fixture_metadata() -> std::collections::HashMap<String, String> {
 }
 
 #[test]
+#[ignore = "needs the real default backbone (fetched through pip); make test runs it"]
 fn chat_template_and_greedy_tokens_match_transformers() {
-    let Some((model, tokenizer)) = model() else {
-        return;
-    };
+    let (model, tokenizer) = model();
     let meta = fixture_metadata();
     let template = mode_infer::ChatTemplate::new(tokenizer.chat_template(), "", "");
     let rendered = template
@@ -202,20 +188,18 @@ fn chat_template_and_greedy_tokens_match_transformers() {
 /// `requests/models.py` from `requests==2.32.3`, fetched by scripts/fetch_sample_data.sh) agrees
 /// with transformers on the same weights.
 #[test]
+#[ignore = "needs the real default backbone and the sample texts of scripts/fetch_sample_data.sh; make test runs both"]
 fn eval_matches_transformers_on_sample_texts() {
-    if model().is_none() {
-        return;
-    }
     let samples = mode_io::mode_home().join("data/samples");
     let files = [samples.join("english.txt"), samples.join("code.py")];
-    if !files.iter().all(|f| f.exists()) {
+    for f in &files {
         assert!(
-            std::env::var("MODE_REQUIRE_BACKBONE").is_err(),
-            "sample texts missing: run scripts/fetch_sample_data.sh"
+            f.exists(),
+            "{} missing: run scripts/fetch_sample_data.sh (make test runs it)",
+            f.display()
         );
-        eprintln!("skipped: sample texts not fetched");
-        return;
     }
+    backbone_path();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_mode"))
         .args(["eval", "--json", "--seq-len", "512"])
         .args(
@@ -257,10 +241,9 @@ fn eval_matches_transformers_on_sample_texts() {
 /// The Hugging Face path: the tokenizer saved as `tokenizer.json` (+ `tokenizer_config.json`)
 /// loads back with the same ids, end-of-turn tokens and chat template.
 #[test]
+#[ignore = "needs the real default backbone (fetched through pip); make test runs it"]
 fn tokenizer_json_round_trip() {
-    let Some((_, tokenizer)) = model() else {
-        return;
-    };
+    let (_, tokenizer) = model();
     let dir = tempfile::tempdir().unwrap();
     tokenizer
         .inner()
@@ -289,12 +272,11 @@ fn tokenizer_json_round_trip() {
 }
 
 #[test]
+#[ignore = "needs the real default backbone (fetched through pip); make test runs it"]
 fn a_preserving_expert_start_is_the_real_backbone_at_step_0() {
     use mode_core::{BlockLayout, Expert, ExpertInit, Gate, ModeModel};
     use mode_model::CausalLm;
-    let Some((reference, tokenizer)) = model() else {
-        return;
-    };
+    let (reference, tokenizer) = model();
     let ids = tokenizer
         .encode("def add(a, b):\n    return a + b\n\nThe capital of France is")
         .unwrap();
@@ -303,7 +285,7 @@ fn a_preserving_expert_start_is_the_real_backbone_at_step_0() {
         .unsqueeze(0)
         .unwrap();
     let want = reference.forward(&ids, None).unwrap();
-    let path = backbone_path().unwrap();
+    let path = backbone_path();
     let (bb, _) = Backbone::open(&path, DType::F32, &Device::Cpu).unwrap();
     let layout = BlockLayout::even(bb.layers.len(), 3, 2).unwrap();
     let hidden = bb.config.hidden_size;

