@@ -562,8 +562,45 @@ fn bad_inputs_fail_cleanly() {
         ],
     );
     let held = s("held_out.py");
+    let lora_model = s("models/lora");
+    setup(
+        &home,
+        &[
+            "baseline",
+            "lora",
+            "--backbone",
+            &tiny,
+            "--data",
+            &data_code,
+            "--out",
+            &lora_model,
+            "--rank",
+            "2",
+            "--steps",
+            "1",
+            "--seq-len",
+            "32",
+            "--batch-tokens",
+            "64",
+            "--val-every",
+            "0",
+            "--val-windows",
+            "1",
+            "--warmup",
+            "0",
+        ],
+    );
 
     // Controls: the fixtures work, so the cases below fail for their own reasons.
+    cases.ok(
+        "control: inspect a LoRA baseline folder",
+        &["inspect", &lora_model],
+        &[
+            "LoRA baseline: rank 2",
+            "trainable",
+            "training          1 steps",
+        ],
+    );
     cases.ok(
         "control: eval the tiny backbone",
         &[
