@@ -14,6 +14,8 @@ pub(crate) struct ApiError {
     pub param: Option<String>,
     /// OpenAI's machine-readable code, where it has one (`invalid_api_key`).
     pub code: Option<&'static str>,
+    /// Seconds a client should wait before trying again (`Retry-After`), for a 503.
+    pub retry_after_secs: Option<u64>,
 }
 
 impl ApiError {
@@ -23,6 +25,7 @@ impl ApiError {
             message: message.into(),
             param: None,
             code: None,
+            retry_after_secs: None,
         }
     }
 
@@ -46,7 +49,13 @@ impl IntoResponse for ApiError {
             "param": self.param,
             "code": self.code,
         }});
-        (self.status, Json(body)).into_response()
+        let mut response = (self.status, Json(body)).into_response();
+        if let Some(secs) = self.retry_after_secs {
+            response
+                .headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, secs.into());
+        }
+        response
     }
 }
 

@@ -14,6 +14,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 
+use crate::admission::Ticket;
 use crate::error::{bad, internal, ApiError};
 use crate::experts::{unknown_expert, ExpertSet};
 use crate::openai::{Choice, Completion, Message, Output, Usage};
@@ -67,9 +68,11 @@ fn job_routing(model: &ModeModel, set: &ExpertSet, job: &Job) -> Result<Routing,
 
 /// Runs a job in turn (FIFO) on a blocking thread, streaming pieces through a channel. A
 /// closed channel (the client went away) stops it.
-fn spawn_generation(s: Arc<AppState>, job: Job) -> mpsc::Receiver<Piece> {
+fn spawn_generation(s: Arc<AppState>, job: Job, ticket: Ticket) -> mpsc::Receiver<Piece> {
     let (tx, rx) = mpsc::channel(64);
     tokio::spawn(async move {
+        // The job holds its place in the server until it ends, waiting included.
+        let _ticket = ticket;
         let guard = s.engine.clone().lock_owned().await;
         let _ = tokio::task::spawn_blocking(move || {
             let (model, tokenizer) = &*guard;
@@ -149,7 +152,12 @@ fn spawn_generation(s: Arc<AppState>, job: Job) -> mpsc::Receiver<Piece> {
 }
 
 /// Generates `job` and answers it, whole or streamed.
-pub(crate) async fn run(s: Arc<AppState>, job: Job, endpoint: Endpoint) -> Response {
+pub(crate) async fn run(
+    s: Arc<AppState>,
+    job: Job,
+    endpoint: Endpoint,
+    ticket: Ticket,
+) -> Response {
     let chat = endpoint == Endpoint::Chat;
     let id = format!("{}-{}", if chat { "chatcmpl" } else { "cmpl" }, now_nanos());
     let created = now();
@@ -159,7 +167,7 @@ pub(crate) async fn run(s: Arc<AppState>, job: Job, endpoint: Endpoint) -> Respo
         job.model.clone(),
         job.choices,
     );
-    let mut rx = spawn_generation(s, job);
+    let mut rx = spawn_generation(s, job, ticket);
     if !stream {
         let mut texts = vec![String::new(); choices];
         let mut finish = vec![None; choices];

@@ -12,7 +12,9 @@
 //! Generation is CPU-bound and uses every core, so requests run one at a time in arrival order
 //! (a FIFO lock): concurrent clients queue fairly instead of slowing each other down. Adding and
 //! removing experts take the same lock, so they never change the model under a running request.
-//! A client that disconnects stops its generation. Bad requests are answered with 4xx and an
+//! A client that disconnects stops its generation. At most `Limits::max_queue` generation
+//! requests are in the server at once (running or waiting); more get 503 with `Retry-After`
+//! (`admission.rs`). Bad requests are answered with 4xx and an
 //! OpenAI-style error body naming the field at fault; a field the server does not act on
 //! (`logit_bias`, `logprobs`, tools) is refused unless its value asks for nothing. `stop`
 //! (a string or up to four) and `n` (answers generated one after another, choice `i` with
@@ -23,6 +25,7 @@
 //! answers (typed in `openai.rs`), `experts.rs` serves the expert endpoints, `error.rs` shapes
 //! errors.
 
+mod admission;
 mod error;
 mod experts;
 mod generation;
@@ -61,6 +64,9 @@ pub struct Limits {
     pub max_new_tokens: usize,
     /// Largest `n` (answers per request) a request may ask for.
     pub max_choices: usize,
+    /// Most generation requests in the server at once, running or waiting for the engine;
+    /// more are refused with 503 and `Retry-After`.
+    pub max_queue: usize,
 }
 
 impl Default for Limits {
@@ -69,6 +75,7 @@ impl Default for Limits {
             max_prompt_tokens: 4096,
             max_new_tokens: 1024,
             max_choices: 8,
+            max_queue: 64,
         }
     }
 }
@@ -150,6 +157,8 @@ struct AppState {
     device: Device,
     expert_dirs: Vec<(PathBuf, PathBuf)>,
     experts: std::sync::Mutex<ExpertSet>,
+    /// Places for generation jobs (`Limits::max_queue`).
+    admission: Arc<admission::Admission>,
     /// The model and tokenizer; the lock is FIFO-fair, so requests run in arrival order.
     engine: Arc<Mutex<(ModeModel, Tokenizer)>>,
 }
@@ -186,6 +195,7 @@ pub fn router(served: Served) -> Router {
         device: served.model.backbone.device().clone(),
         expert_dirs: served.expert_dirs,
         experts: std::sync::Mutex::new(experts),
+        admission: Arc::new(admission::Admission::new(served.limits.max_queue)),
         engine: Arc::new(Mutex::new((served.model, served.tokenizer))),
     });
     Router::new()
@@ -247,9 +257,23 @@ async fn chat_completions(State(s): State<Arc<AppState>>, body: Bytes) -> Respon
 }
 
 async fn generate(s: Arc<AppState>, endpoint: Endpoint, body: Bytes) -> Response {
-    match request::job(&s, endpoint, &body) {
-        Ok(job) => generation::run(s, job, endpoint).await,
-        Err(e) => e.into_response(),
+    let job = match request::job(&s, endpoint, &body) {
+        Ok(job) => job,
+        Err(e) => return e.into_response(),
+    };
+    match s.admission.try_admit() {
+        Ok(ticket) => generation::run(s, job, endpoint, ticket).await,
+        Err(retry_after_secs) => {
+            let mut e = ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "the server is full ({} requests in it); retry after {retry_after_secs} s",
+                    s.limits.max_queue
+                ),
+            );
+            e.retry_after_secs = Some(retry_after_secs);
+            e.into_response()
+        }
     }
 }
 
@@ -261,6 +285,7 @@ async fn models(State(s): State<Arc<AppState>>) -> Json<Value> {
         "max_prompt_tokens": s.limits.max_prompt_tokens,
         "max_tokens": s.limits.max_new_tokens,
         "max_n": s.limits.max_choices,
+        "max_queue": s.limits.max_queue,
         "max_stop_sequences": MAX_STOPS,
     });
     let mut data = vec![

@@ -54,6 +54,10 @@ pub struct Args {
     /// Largest n (answers per request, generated one after another) a request may ask for
     #[arg(long, default_value_t = 8)]
     max_n: usize,
+    /// Most completion requests in the server at once (running or waiting their turn); more
+    /// are answered 503 with Retry-After
+    #[arg(long, default_value_t = 64)]
+    max_queue: usize,
     /// Require `Authorization: Bearer KEY` on every request but GET /health (401 otherwise).
     /// Set it whenever --host is not loopback. Prefer the environment variable: a flag shows
     /// in the process list
@@ -70,6 +74,7 @@ pub fn run(args: Args) -> Result<()> {
         super::MAX_TOKENS,
     )?;
     super::check_range("--max-n", args.max_n, 1, 128)?;
+    super::check_range("--max-queue", args.max_queue, 1, 1 << 20)?;
     if let Some(key) = &args.api_key {
         let printable = key.bytes().all(|b| b.is_ascii_graphic());
         if key.is_empty() || !printable {
@@ -111,6 +116,7 @@ pub fn run(args: Args) -> Result<()> {
         max_prompt_tokens: args.max_prompt_tokens,
         max_new_tokens: args.max_tokens,
         max_choices: args.max_n,
+        max_queue: args.max_queue,
     };
     served.api_key = args.api_key.clone();
     served.routing = RoutingDefaults {

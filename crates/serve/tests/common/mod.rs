@@ -37,6 +37,7 @@ pub fn serve_with(
         max_prompt_tokens: 64,
         max_new_tokens: 16,
         max_choices: 3,
+        ..Limits::default()
     };
     for dir in allowed {
         served.allow_expert_dir(dir).unwrap();
@@ -126,6 +127,35 @@ pub fn request_with(
     body: &str,
     headers: &str,
 ) -> (u16, String, String) {
+    let (status, head, body) = exchange(addr, method, path, body, headers);
+    let content_type = head
+        .lines()
+        .find_map(|l| {
+            l.to_lowercase()
+                .strip_prefix("content-type: ")
+                .map(String::from)
+        })
+        .unwrap_or_default();
+    (status, content_type, body)
+}
+
+/// One HTTP/1.1 request; returns (status, response head with its headers, body).
+pub fn request_with_headers(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> (u16, String, String) {
+    exchange(addr, method, path, body, "")
+}
+
+fn exchange(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: &str,
+    headers: &str,
+) -> (u16, String, String) {
     let mut s = TcpStream::connect(addr).unwrap();
     write!(
         s,
@@ -138,21 +168,13 @@ pub fn request_with(
     let text = String::from_utf8_lossy(&raw).into_owned();
     let (head, rest) = text.split_once("\r\n\r\n").unwrap();
     let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
-    let content_type = head
-        .lines()
-        .find_map(|l| {
-            l.to_lowercase()
-                .strip_prefix("content-type: ")
-                .map(String::from)
-        })
-        .unwrap_or_default();
     // Chunked bodies: keep the data lines, drop the chunk sizes.
     let body = if head.to_lowercase().contains("transfer-encoding: chunked") {
         dechunk(rest)
     } else {
         rest.to_string()
     };
-    (status, content_type, body)
+    (status, head.to_string(), body)
 }
 
 pub fn dechunk(mut s: &str) -> String {
