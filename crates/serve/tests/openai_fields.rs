@@ -224,4 +224,7 @@ fn an_api_key_guards_every_endpoint_but_health() {
     assert_eq!(status, 200, "{text}");
     let (status, _, _) = request_with(addr, "GET", "/v1/models", "", key);
     assert_eq!(status, 200);
+    let lowercase_scheme = "Authorization: bearer s3cret-key\r\n";
+    let (status, _, _) = request_with(addr, "GET", "/v1/models", "", lowercase_scheme);
+    assert_eq!(status, 200);
 }
