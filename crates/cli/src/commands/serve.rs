@@ -140,8 +140,14 @@ pub fn run(args: Args) -> Result<()> {
         .build()
         .context("starting the async runtime")?;
     eprintln!(
-        "mode: serving `{}` on http://{addr} (Ctrl-C stops)",
-        mode_io::term::printable(&name)
+        "mode: serving `{}` on http://{addr} ({}; up to {} requests in the server; Ctrl-C stops)",
+        mode_io::term::printable(&name),
+        if args.api_key.is_some() {
+            "API key required"
+        } else {
+            "no API key"
+        },
+        args.max_queue
     );
     runtime
         .block_on(mode_serve::serve(served, addr))
