@@ -3119,6 +3119,33 @@ fn bad_inputs_fail_cleanly() {
     };
     let text = greedy("0");
     assert!(!text.trim().is_empty(), "greedy text is empty");
+    // --stop cuts the same greedy text before the first occurrence of a piece of it.
+    let chars: Vec<char> = text.trim_end_matches('\n').chars().collect();
+    assert!(chars.len() >= 4, "greedy text too short to cut: {text:?}");
+    let stop: String = chars[2..4].iter().collect();
+    let cut = &text[..text.find(&stop).unwrap()];
+    let run = run_mode(
+        &owned(&[
+            "generate",
+            "--backbone",
+            &tiny,
+            "--prompt",
+            "def f(x):",
+            "--max-new-tokens",
+            "12",
+            "--temperature",
+            "0",
+            "--stop",
+            &stop,
+        ]),
+        &home,
+    );
+    assert_eq!(run.code, Some(0), "generate --stop: {}", run.stderr);
+    assert_eq!(
+        run.stdout,
+        format!("{cut}\n"),
+        "--stop {stop:?} on {text:?}"
+    );
     cases.ok(
         "control: generate --temperature 1e-300 is greedy",
         &[

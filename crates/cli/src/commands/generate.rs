@@ -1,7 +1,7 @@
 use std::io::Write;
 
 use anyhow::{bail, Context, Result};
-use mode_infer::{ChatMessage, ChatTemplate, Sampler, SamplingParams};
+use mode_infer::{ChatMessage, ChatTemplate, Sampler, SamplingParams, StopText};
 
 use super::{ModelArgs, RoutingArgs};
 
@@ -37,6 +37,9 @@ pub struct Args {
     /// Random seed for sampling
     #[arg(long, default_value_t = 42)]
     seed: u64,
+    /// Stop before the first occurrence of this text (repeatable; not printed)
+    #[arg(long, value_name = "TEXT")]
+    stop: Vec<String>,
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -45,6 +48,9 @@ pub fn run(args: Args) -> Result<()> {
     }
     if !(args.top_p > 0.0 && args.top_p <= 1.0) {
         bail!("--top-p must be in (0, 1], got {}", args.top_p);
+    }
+    if args.stop.iter().any(String::is_empty) {
+        bail!("--stop needs a non-empty text");
     }
     super::check_range(
         "--max-new-tokens",
@@ -75,17 +81,19 @@ pub fn run(args: Args) -> Result<()> {
         seed: args.seed,
     });
     let mut stdout = std::io::stdout().lock();
+    let mut stop = StopText::new(args.stop.iter().cloned());
+    // A closed stdout (`| head`) ends generation.
+    let mut print =
+        |text: &str| stdout.write_all(text.as_bytes()).is_ok() && stdout.flush().is_ok();
     let (_, stats) = mode_infer::generate(
         lm.as_ref(),
         &tokenizer,
         &prompt,
         args.max_new_tokens,
         &mut sampler,
-        |piece| {
-            // A closed stdout (`| head`) ends generation.
-            stdout.write_all(piece.as_bytes()).is_ok() && stdout.flush().is_ok()
-        },
+        |piece| print(&stop.push(piece)) && !stop.stopped(),
     )?;
+    print(&stop.finish());
     writeln!(stdout)?;
     eprintln!(
         "mode: prompt {} tokens at {:.1} tokens/s; generated {} tokens at {:.1} tokens/s",
