@@ -161,12 +161,9 @@ pub(crate) async fn run(
     let chat = endpoint == Endpoint::Chat;
     let id = format!("{}-{}", if chat { "chatcmpl" } else { "cmpl" }, now_nanos());
     let created = now();
-    let (stream, include_usage, model, choices) = (
-        job.stream,
-        job.include_usage,
-        job.model.clone(),
-        job.choices,
-    );
+    // Answers name the model as the server calls it, whatever alias the request used.
+    let model = s.name.clone();
+    let (stream, include_usage, choices) = (job.stream, job.include_usage, job.choices);
     let mut rx = spawn_generation(s, job, ticket);
     if !stream {
         let mut texts = vec![String::new(); choices];

@@ -42,7 +42,6 @@ pub(crate) struct Job {
     pub stream: bool,
     /// Streaming: end with a chunk that carries the token counts (`stream_options`).
     pub include_usage: bool,
-    pub model: String,
     /// Experts by name; `None` runs the server's default set, read when the job starts.
     pub experts: Option<Vec<String>>,
     pub top_k: Option<usize>,
@@ -175,7 +174,6 @@ pub(crate) fn job(s: &AppState, endpoint: Endpoint, body: &Bytes) -> Result<Job,
         stop,
         stream,
         include_usage,
-        model: s.name.clone(),
         experts,
         top_k: field::<usize>(&fields, "gate_top_k")?.or(s.top_k),
         threshold,
