@@ -7,6 +7,7 @@ use std::time::Instant;
 use candle_core::{DType, Device, Result, Tensor};
 use mode_core::baseline::LoraTargets;
 use mode_engine::model::{Batch, Block, Mix, Plan, Trainable};
+use mode_infer::bench::median;
 use mode_model::Backbone;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
@@ -181,13 +182,6 @@ pub fn run(model: &mut Backbone, cfg: &BenchConfig) -> Result<BenchResult> {
         loss_last: *losses.last().expect("at least one step"),
         steps: cfg.steps,
     })
-}
-
-/// Median of `xs` (NaN when empty).
-pub fn median(xs: &[f64]) -> f64 {
-    let mut v = xs.to_vec();
-    v.sort_by(|a, b| a.total_cmp(b));
-    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 /// Matmul FLOPs of one step as this engine runs it: the forward pass, input gradients through
