@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Next-token evaluation of the default backbone with Hugging Face transformers (the reference protocol).
+"""Next-token evaluation of a GGUF backbone with Hugging Face transformers (the reference protocol).
 
     scripts/reference/.venv/bin/python scripts/reference/hf_eval.py \
         --gguf PATH.gguf --data english.txt --data code.py --seq-len 512 --json [--out FILE]
@@ -9,7 +9,9 @@ Protocol (the Rust evaluator implements the same one):
   2. Tokenize the whole text at once, no BOS/EOS added.
   3. Cut the tokens into consecutive non-overlapping windows of --seq-len tokens; a last shorter window is kept
      if it has >= 2 tokens.
-  4. In each window, position t predicts token t+1: a window of n tokens gives n-1 predictions.
+  4. In each window, position t predicts token t+1: a window of n tokens gives n-1 predictions. A model whose
+     tokenizer adds a BOS (`tokenizer.ggml.add_bos_token`, e.g. Gemma) gets its BOS fed before every window;
+     the BOS's own prediction is not scored, so the scored predictions are the same either way.
   5. Per file: next_token_accuracy = fraction of predictions whose argmax (over the full vocabulary) equals the
      next token; loss = mean cross-entropy in nats over all predictions; perplexity = exp(loss);
      tokens = number of tokens in the file; predictions = number of predictions.
@@ -31,10 +33,10 @@ import time
 import torch
 import torch.nn.functional as F
 import transformers
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from smollm_tokenizer import use_original_pretokenizer  # noqa: E402
+from gguf_tokenizer import gguf_tokenizer  # noqa: E402
 
 
 def sha256_file(path):
@@ -62,7 +64,7 @@ def windows(ids, seq_len):
     return [w for w in out if len(w) >= 2]
 
 
-def evaluate(model, ids, seq_len, batch):
+def evaluate(model, ids, seq_len, batch, bos):
     wins = windows(ids, seq_len)
     total_nll = 0.0  # float64 accumulation
     correct = 0
@@ -73,7 +75,11 @@ def evaluate(model, ids, seq_len, batch):
     groups = [full[i:i + batch] for i in range(0, len(full), batch)] + [[w] for w in rest]
     for group in groups:
         x = torch.tensor(group, dtype=torch.long)  # [B, n]
-        logits = model(input_ids=x).logits.float()  # [B, n, V]
+        if bos is None:
+            logits = model(input_ids=x).logits.float()  # [B, n, V]
+        else:
+            with_bos = torch.cat([torch.full((x.shape[0], 1), bos, dtype=torch.long), x], dim=1)
+            logits = model(input_ids=with_bos).logits.float()[:, 1:, :]  # [B, n, V], BOS's own dropped
         pred_logits = logits[:, :-1, :]
         target = x[:, 1:]
         nll = F.cross_entropy(pred_logits.reshape(-1, pred_logits.shape[-1]), target.reshape(-1), reduction="none")
@@ -106,7 +112,7 @@ def main():
     gdir, gname = os.path.split(gguf_path)
     log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
 
-    tokenizer = use_original_pretokenizer(AutoTokenizer.from_pretrained(gdir, gguf_file=gname))
+    tokenizer, bos = gguf_tokenizer(gguf_path)
     model = AutoModelForCausalLM.from_pretrained(gdir, gguf_file=gname, dtype=torch.float32)
     model.eval()
 
@@ -114,7 +120,9 @@ def main():
     meta = {
         "seq_len": args.seq_len,
         "protocol": "whole file tokenized without BOS/EOS; non-overlapping windows of seq_len, last shorter "
-                    "window kept if >= 2 tokens; position t predicts t+1; argmax accuracy; mean CE in nats",
+                    "window kept if >= 2 tokens; the tokenizer's BOS (if it adds one) fed before every window and "
+                    "not scored; position t predicts t+1; argmax accuracy; mean CE in nats",
+        "bos": bos,
         "gguf_file": gname,
         "gguf_sha256": sha256_file(gguf_path),
         "data_sha256": {},
@@ -131,7 +139,7 @@ def main():
             text = read_text(path)
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]
             t0 = time.time()
-            r = evaluate(model, ids, args.seq_len, args.batch)
+            r = evaluate(model, ids, args.seq_len, args.batch, bos)
             dt = time.time() - t0
             results[name] = r
             meta["data_sha256"][name] = sha256_file(path)

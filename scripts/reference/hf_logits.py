@@ -37,7 +37,7 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from smollm_tokenizer import use_original_pretokenizer  # noqa: E402
+from gguf_tokenizer import use_original_pretokenizer  # noqa: E402
 
 SYSTEM_PROMPT = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 EXPECTED_CHAT_PROMPT = (

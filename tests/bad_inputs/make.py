@@ -187,7 +187,7 @@ def make_gguf(w):
         (n, [HIDDEN, HIDDEN] if n == "blk.0.ffn_gate.weight" else s, d, b)
         for n, s, d, b in tiny_tensors()]))
     w("gguf/missing_tensor.gguf", gguf(tensors=without(tiny_tensors(), "blk.0.ffn_up.weight")))
-    w("gguf/unsupported_arch.gguf", gguf(metadata=tiny_metadata("gemma3")))
+    w("gguf/unsupported_arch.gguf", gguf(metadata=tiny_metadata("phi3")))
     # Metadata string lengths that lie: longer than the file, and absurdly long.
     kv = tiny_metadata()
     first = gguf_string(kv[0][0]) + struct.pack("<I", STRING) + gguf_string(kv[0][2], 1 << 20)
@@ -206,8 +206,10 @@ def make_gguf(w):
     w("gguf/zero_heads.gguf", gguf(metadata=replace_meta("llama.attention.head_count", U32, 0)))
     w("gguf/zero_layers.gguf", gguf(metadata=replace_meta("llama.block_count", U32, 0)))
     w("gguf/no_tokenizer.gguf", gguf(metadata=[x for x in kv if not x[0].startswith("tokenizer.")]))
-    w("gguf/sentencepiece_tokenizer.gguf",
+    w("gguf/sentencepiece_without_scores.gguf",
       gguf(metadata=replace_meta("tokenizer.ggml.model", STRING, "llama")))
+    w("gguf/wordpiece_tokenizer.gguf",
+      gguf(metadata=replace_meta("tokenizer.ggml.model", STRING, "bert")))
     w("gguf/tokens_not_strings.gguf",
       gguf(metadata=replace_meta("tokenizer.ggml.tokens", ARRAY, (U32, list(range(257))))))
     w("gguf/merge_without_space.gguf",
@@ -300,8 +302,8 @@ def make_hf(w):
       b'  "num_attention_heads": 4 "num_key_value_heads": 2}\n')
     w("hf/config_missing_fields.json",
       json.dumps({"architectures": ["LlamaForCausalLM"], "num_attention_heads": 4}).encode())
-    w("hf/config_gemma3.json", json.dumps({
-        "architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3", "hidden_size": 64,
+    w("hf/config_phi3.json", json.dumps({
+        "architectures": ["Phi3ForCausalLM"], "model_type": "phi3", "hidden_size": 64,
         "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
         "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 257}).encode())
     w("hf/config_no_architecture.json", json.dumps({"hidden_size": 64}).encode())

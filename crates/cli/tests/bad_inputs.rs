@@ -710,7 +710,7 @@ fn bad_inputs_fail_cleanly() {
             "missing_tensor",
             &["tensor `blk.0.ffn_up.weight` is missing"],
         ),
-        ("unsupported_arch", &["unsupported architecture `gemma3`"]),
+        ("unsupported_arch", &["unsupported architecture `phi3`"]),
         ("string_length_lies", &["not a valid GGUF", "string length"]),
         ("string_length_huge", &["not a valid GGUF", "string length"]),
         ("key_length_lies", &["not a valid GGUF", "string length"]),
@@ -730,8 +730,12 @@ fn bad_inputs_fail_cleanly() {
             &["metadata `tokenizer.ggml.model`: missing"],
         ),
         (
-            "sentencepiece_tokenizer",
-            &["tokenizer.ggml.model `llama` is not supported"],
+            "sentencepiece_without_scores",
+            &["metadata `tokenizer.ggml.scores`: missing"],
+        ),
+        (
+            "wordpiece_tokenizer",
+            &["tokenizer.ggml.model `bert` is not supported"],
         ),
         ("tokens_not_strings", &["metadata `tokenizer.ggml.tokens`"]),
         ("merge_without_space", &["merge 0 `ab` has no space"]),
@@ -1002,11 +1006,11 @@ fn bad_inputs_fail_cleanly() {
     );
     hf(
         &mut cases,
-        "config_gemma3",
-        &replace("config.json", c("hf/config_gemma3.json")),
+        "config_phi3",
+        &replace("config.json", c("hf/config_phi3.json")),
         &[
-            "config_gemma3/config.json",
-            "unsupported architecture `Gemma3ForCausalLM`",
+            "config_phi3/config.json",
+            "unsupported architecture `Phi3ForCausalLM`",
         ],
     );
     hf(

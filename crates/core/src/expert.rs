@@ -71,6 +71,13 @@ pub struct Expert {
     pub form: ExpertForm,
 }
 
+/// The backbone layer that expert layer `l` of block `b` mirrors: the one it is copied from, and
+/// whose kind of attention (global or sliding window) it has.
+fn mirrored_layer(layout: &BlockLayout, b: usize, l: usize) -> usize {
+    let block = layout.block(b);
+    block.start + l.min(block.len() - 1)
+}
+
 impl Expert {
     /// A new expert for `layout` over `backbone`, deterministic in `seed`.
     pub fn new(
@@ -88,7 +95,7 @@ impl Expert {
             for l in 0..layout.expert_layers_per_block {
                 let layer = match init {
                     ExpertInit::Copy | ExpertInit::Preserve => {
-                        let src = layout.block(b).start + l.min(layout.block(b).len() - 1);
+                        let src = mirrored_layer(layout, b, l);
                         let mut layer = backbone.layers[src].deep_copy()?;
                         if init == ExpertInit::Preserve {
                             layer.zero_output_projections()?;
@@ -102,7 +109,8 @@ impl Expert {
                             &config,
                             seed.wrapping_mul(1000).wrapping_add((b * 100 + l) as u64),
                         );
-                        DecoderLayer::load(&config, &w, "model.layers.0", dtype, device)?
+                        let window = backbone.config.layer_window(mirrored_layer(layout, b, l));
+                        DecoderLayer::load(&config, &w, "model.layers.0", window, dtype, device)?
                     }
                 };
                 layers.push(layer);
@@ -161,8 +169,10 @@ impl Expert {
                 };
                 let mut config = backbone.config.clone();
                 config.num_hidden_layers = 1;
+                let window = backbone.config.layer_window(mirrored_layer(layout, b, l));
+                let device = backbone.device();
                 let layer =
-                    DecoderLayer::load(&config, &w, "model.layers.0", dtype, backbone.device())
+                    DecoderLayer::load(&config, &w, "model.layers.0", window, dtype, device)
                         .map_err(|e| file_names(e, &prefix))?;
                 layers.push(layer);
             }

@@ -339,7 +339,7 @@ impl ModeModel {
         let bb = &self.backbone;
         let (b, t) = ids.dims2()?;
         let start = cache.as_ref().map_or(0, |c| c.len());
-        let (cos, sin) = bb.rope.tables(start, t, bb.device())?;
+        let rope = bb.rope.tables(start, t, bb.device())?;
         let mut x = bb.embed(ids)?;
         let mut stats = Vec::with_capacity(self.layout.num_blocks());
         for blk in 0..self.layout.num_blocks() {
@@ -370,12 +370,7 @@ impl ModeModel {
             );
             let mut y = x.clone();
             for i in self.layout.block(blk) {
-                y = bb.layers[i].forward(
-                    &y,
-                    &cos,
-                    &sin,
-                    cache.as_mut().map(|c| &mut c.layers[i]),
-                )?;
+                y = bb.layers[i].forward(&y, &rope, cache.as_mut().map(|c| &mut c.layers[i]))?;
             }
             // `B + sum_j g_j D_j` (see `mode_engine::model::Block::residual`): exactly the
             // backbone where every expert's difference is zero.
@@ -390,8 +385,7 @@ impl ModeModel {
                 for (l, layer) in e.blocks[blk].iter().enumerate() {
                     y = layer.forward(
                         &y,
-                        &cos,
-                        &sin,
+                        &rope,
                         cache.as_mut().map(|c| &mut c.layers[base + l]),
                     )?;
                 }

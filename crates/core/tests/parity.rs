@@ -94,6 +94,7 @@ fn inference_and_training_forwards_agree_dense_and_routed() {
         Architecture::Llama,
         Architecture::Qwen2,
         Architecture::Qwen3,
+        Architecture::Gemma3,
     ] {
         let hidden = backbone(arch, 1).config.hidden_size;
         let gates = random_gates(hidden, 2, 3);

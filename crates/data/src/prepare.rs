@@ -56,6 +56,11 @@ pub struct Manifest {
     pub format_version: u32,
     pub tokenizer_fingerprint: String,
     pub eos_id: u32,
+    /// The BOS the model expects before every sequence (its tokenizer's `add_bos_token`):
+    /// training rows and validation windows are fed with it in front, its own prediction not
+    /// counted. Absent for models without one (SmolLM2), as in folders written before it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bos_id: Option<u32>,
     pub seed: u64,
     pub val_fraction: f64,
     pub test_fraction: f64,
@@ -238,6 +243,7 @@ pub fn prepare(
         format_version: FORMAT_VERSION,
         tokenizer_fingerprint: tokenizer.fingerprint(),
         eos_id: eos,
+        bos_id: tokenizer.leading_bos(),
         seed: opts.seed,
         val_fraction: opts.val_fraction,
         test_fraction: opts.test_fraction,

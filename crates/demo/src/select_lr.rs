@@ -78,6 +78,19 @@ impl LrSelection {
         serde_json::from_str(COMMITTED).expect("crates/demo/lr_selection.json is valid")
     }
 
+    /// A warning when the rates were chosen on another backbone than `backbone` (a name such
+    /// as `gemma3-270m` or the path of a file), or None when they were chosen on it.
+    pub fn other_backbone_note(&self, backbone: &str) -> Option<String> {
+        let here = backbone.contains(&format!("/{}/", self.backbone)) || backbone == self.backbone;
+        (!here).then(|| {
+            format!(
+                "these rates were chosen on {}'s validation data, not on this backbone's: run \
+                 `mode demo --select-lr --backbone ...` to choose its own",
+                self.backbone
+            )
+        })
+    }
+
     /// Whether the rates come from a grid on validation data.
     pub fn is_selected(&self) -> bool {
         !self.losses.is_empty()
@@ -264,6 +277,18 @@ pub(crate) fn select(runner: &mut Runner, backbone: &str) -> Result<LrSelection>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rates_chosen_on_another_backbone_say_so() {
+        let s = LrSelection::committed();
+        let path = format!("/home/u/.cache/mode/backbones/{}/model.gguf", s.backbone);
+        assert_eq!(s.other_backbone_note(&path), None);
+        assert_eq!(s.other_backbone_note(&s.backbone), None);
+        let note = s
+            .other_backbone_note("/x/backbones/gemma3-270m/g.gguf")
+            .unwrap();
+        assert!(note.contains(&s.backbone), "{note}");
+    }
 
     #[test]
     fn rates_step_by_half_decades() {

@@ -5,7 +5,7 @@
 //! gradients of the experts, the gate and, when something before trains, the block input.
 
 use candle_core::{Result, Tensor, D};
-use mode_model::{Backbone, DecoderLayer};
+use mode_model::{Backbone, DecoderLayer, RopeTables};
 
 use crate::layer::{self, LayerActivations, LayerTraining};
 use crate::model::{forward_only, Block, Mix, Trainable};
@@ -30,8 +30,7 @@ pub(crate) fn block_forward(
     tr: &Trainable,
     block: &Block,
     x: &Tensor,
-    cos: &Tensor,
-    sin: &Tensor,
+    rope: &RopeTables,
     upstream: bool,
 ) -> Result<(Tensor, BlockSaved)> {
     let (b, t, h) = x.dims3()?;
@@ -49,14 +48,14 @@ pub(crate) fn block_forward(
         if backward {
             let mut saved = Vec::new();
             for l in layers {
-                let (next, a) = layer::forward(l, &y, cos, sin)?;
+                let (next, a) = layer::forward(l, &y, rope)?;
                 saved.push(a);
                 y = next;
             }
             acts.push(Some(saved));
         } else {
             for l in layers {
-                y = forward_only(l, &y, cos, sin)?;
+                y = forward_only(l, &y, rope)?;
             }
             acts.push(None);
         }
@@ -108,8 +107,7 @@ pub(crate) struct BlockContext<'a> {
     pub trainable: &'a Trainable,
     pub index: usize,
     pub block: &'a Block<'a>,
-    pub cos: &'a Tensor,
-    pub sin: &'a Tensor,
+    pub rope: &'a RopeTables,
     /// Something before the block trains: its input gradient is needed.
     pub upstream: bool,
 }
@@ -127,8 +125,7 @@ pub(crate) fn block_backward(
         trainable,
         index: bi,
         block,
-        cos,
-        sin,
+        rope,
         upstream,
     } = *ctx;
     let (b, t, h) = dy.dims3()?;
@@ -199,7 +196,7 @@ pub(crate) fn block_backward(
         };
         for (l, a) in acts.iter().enumerate().rev() {
             let (prefix, trains) = &names[l];
-            let (next, g) = layer::backward(layers[l], a, &d, cos, sin, *trains)?;
+            let (next, g) = layer::backward(layers[l], a, &d, rope, *trains)?;
             grads.extend(g.into_iter().map(|(n, g)| (format!("{prefix}.{n}"), g)));
             d = next;
         }

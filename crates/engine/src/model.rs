@@ -8,7 +8,7 @@
 use std::ops::Range;
 
 use candle_core::{Result, Tensor};
-use mode_model::{Backbone, DecoderLayer};
+use mode_model::{Backbone, DecoderLayer, RopeTables};
 
 use crate::block::{block_backward, block_forward, BlockContext, BlockSaved};
 use crate::layer::{self, LayerActivations, LayerTraining};
@@ -203,7 +203,7 @@ pub fn loss_and_grads(
     let (b, t) = ids.dims2()?;
     let h = model.config.hidden_size;
     let dtype = model.embed_tokens.dtype();
-    let (cos, sin) = model
+    let rope = model
         .rope
         .tables_as(0, t, dtype, ids.device())
         .map_err(candle_core::Error::wrap)?;
@@ -228,16 +228,13 @@ pub fn loss_and_grads(
     };
 
     let flat_ids = ids.flatten_all()?;
-    let embedded = model
-        .embed_tokens
-        .index_select(&flat_ids, 0)?
-        .reshape((b, t, h))?;
+    let embedded = embed(model, ids)?;
     let backward: Vec<bool> = (0..stages.len()).map(needs_backward).collect();
-    let rope = (&cos, &sin);
-    let (x, saved) = forward_stages(model, plan, &stages, &upstream, &backward, embedded, rope)?;
+    let (x, saved) = forward_stages(model, plan, &stages, &upstream, &backward, embedded, &rope)?;
 
     let x2d = x.reshape((b * t, h))?;
-    let (hn, rstd) = ops::rms_norm(&x2d, &model.norm.weight, model.norm.eps as f64)?;
+    let norm_scale = model.norm.scale()?;
+    let (hn, rstd) = ops::rms_norm(&x2d, &norm_scale, model.norm.eps as f64)?;
     let count = targets.iter().filter(|&&x| x != ops::IGNORE).count();
     let tied = model.lm_head_tied;
     let head_trains = if tied { tr.embeddings } else { tr.lm_head };
@@ -258,7 +255,7 @@ pub fn loss_and_grads(
     }
     let any_backward = (0..stages.len()).any(needs_backward) || tr.embeddings;
     if tr.final_norm || any_backward {
-        let (dx, dw_norm) = ops::rms_norm_backward(&ce.d_hidden, &x2d, &model.norm.weight, &rstd)?;
+        let (dx, dw_norm) = ops::rms_norm_backward(&ce.d_hidden, &x2d, &norm_scale, &rstd)?;
         if tr.final_norm {
             grads.push(("model.norm.weight".to_string(), dw_norm));
         }
@@ -273,19 +270,10 @@ pub fn loss_and_grads(
                 Saved::Input(x) => {
                     recomputed = match stage {
                         Stage::Layer(i) => {
-                            Saved::Layer(layer::forward(&model.layers[*i], x, &cos, &sin)?.1)
+                            Saved::Layer(layer::forward(&model.layers[*i], x, &rope)?.1)
                         }
                         Stage::Block(bi) => Saved::Block(
-                            block_forward(
-                                model,
-                                tr,
-                                &plan.blocks[*bi],
-                                x,
-                                &cos,
-                                &sin,
-                                upstream[k],
-                            )?
-                            .1,
+                            block_forward(model, tr, &plan.blocks[*bi], x, &rope, upstream[k])?.1,
                         ),
                     };
                     &recomputed
@@ -294,14 +282,8 @@ pub fn loss_and_grads(
             };
             dx = match (stage, s) {
                 (Stage::Layer(i), Saved::Layer(acts)) => {
-                    let (d, g) = layer::backward(
-                        &model.layers[*i],
-                        acts,
-                        &dy,
-                        &cos,
-                        &sin,
-                        tr.layer(model, *i),
-                    )?;
+                    let (d, g) =
+                        layer::backward(&model.layers[*i], acts, &dy, &rope, tr.layer(model, *i))?;
                     grads.extend(
                         g.into_iter()
                             .map(|(n, g)| (format!("model.layers.{i}.{n}"), g)),
@@ -315,8 +297,7 @@ pub fn loss_and_grads(
                         trainable: tr,
                         index: *bi,
                         block,
-                        cos: &cos,
-                        sin: &sin,
+                        rope: &rope,
                         upstream: upstream[k],
                     };
                     block_backward(&ctx, s, &dy, &mut grads)?
@@ -326,6 +307,10 @@ pub fn loss_and_grads(
         }
         if tr.embeddings {
             let dx = dx.expect("embeddings train, so the input gradient was kept");
+            let dx = match embedding_scale(model) {
+                Some(scale) => (dx * scale)?,
+                None => dx,
+            };
             let mut de = ops::embedding_backward(
                 &flat_ids,
                 &dx.reshape((b * t, h))?,
@@ -354,34 +339,34 @@ fn forward_stages(
     upstream: &[bool],
     backward: &[bool],
     mut x: Tensor,
-    (cos, sin): (&Tensor, &Tensor),
+    rope: &RopeTables,
 ) -> Result<(Tensor, Vec<Saved>)> {
     let tr = &plan.backbone;
     let mut saved = Vec::with_capacity(stages.len());
     for (k, stage) in stages.iter().enumerate() {
         let (y, s) = match stage {
             Stage::Layer(i) if backward[k] && plan.recompute_activations => (
-                forward_only(&model.layers[*i], &x, cos, sin)?,
+                forward_only(&model.layers[*i], &x, rope)?,
                 Saved::Input(x.clone()),
             ),
             Stage::Block(bi) if plan.recompute_activations => {
                 let block = &plan.blocks[*bi];
                 // The block's activations are dropped as soon as its output is known.
-                let (y, _) = block_forward(model, tr, block, &x, cos, sin, upstream[k])?;
+                let (y, _) = block_forward(model, tr, block, &x, rope, upstream[k])?;
                 (y, Saved::Input(x.clone()))
             }
             Stage::Layer(i) => {
                 let l = &model.layers[*i];
                 if backward[k] {
-                    let (y, acts) = layer::forward(l, &x, cos, sin)?;
+                    let (y, acts) = layer::forward(l, &x, rope)?;
                     (y, Saved::Layer(acts))
                 } else {
-                    (forward_only(l, &x, cos, sin)?, Saved::None)
+                    (forward_only(l, &x, rope)?, Saved::None)
                 }
             }
             Stage::Block(bi) => {
                 let block = &plan.blocks[*bi];
-                let (y, s) = block_forward(model, tr, block, &x, cos, sin, upstream[k])?;
+                let (y, s) = block_forward(model, tr, block, &x, rope, upstream[k])?;
                 (y, Saved::Block(s))
             }
         };
@@ -397,29 +382,43 @@ fn forward_stages(
 pub fn logits(model: &Backbone, plan: &Plan, ids: &Tensor) -> Result<Tensor> {
     let (b, t) = ids.dims2()?;
     let h = model.config.hidden_size;
-    let (cos, sin) = model
+    let rope = model
         .rope
         .tables_as(0, t, model.embed_tokens.dtype(), ids.device())
         .map_err(candle_core::Error::wrap)?;
     let stages = stages(plan, model.layers.len());
     let none = vec![false; stages.len()];
-    let x = model
-        .embed_tokens
-        .index_select(&ids.flatten_all()?, 0)?
-        .reshape((b, t, h))?;
-    let (x, _) = forward_stages(model, plan, &stages, &none, &none, x, (&cos, &sin))?;
+    let x = embed(model, ids)?;
+    let (x, _) = forward_stages(model, plan, &stages, &none, &none, x, &rope)?;
     let x2d = x.reshape((b * t, h))?;
-    let (hn, _) = ops::rms_norm(&x2d, &model.norm.weight, model.norm.eps as f64)?;
+    let (hn, _) = ops::rms_norm(&x2d, &model.norm.scale()?, model.norm.eps as f64)?;
     hn.matmul(&model.lm_head.weight.t()?)?
         .reshape((b, t, model.config.vocab_size))
 }
 
-pub(crate) fn forward_only(
-    l: &DecoderLayer,
-    x: &Tensor,
-    cos: &Tensor,
-    sin: &Tensor,
-) -> Result<Tensor> {
-    l.forward(x, cos, sin, None)
-        .map_err(candle_core::Error::wrap)
+pub(crate) fn forward_only(l: &DecoderLayer, x: &Tensor, rope: &RopeTables) -> Result<Tensor> {
+    l.forward(x, rope, None).map_err(candle_core::Error::wrap)
+}
+
+/// The factor embeddings are scaled by on the way in, in the embeddings' dtype, if any.
+fn embedding_scale(model: &Backbone) -> Option<f64> {
+    let dtype = model.embed_tokens.dtype();
+    model
+        .config
+        .embedding_scale()
+        .map(|s| mode_model::backbone::round_to(s, dtype))
+}
+
+/// Token embeddings `[b, t, h]` of `ids: [b, t]`, scaled where the architecture scales them
+/// (the inference forward's [`Backbone::embed`], in the embeddings' own dtype).
+fn embed(model: &Backbone, ids: &Tensor) -> Result<Tensor> {
+    let (b, t) = ids.dims2()?;
+    let x = model
+        .embed_tokens
+        .index_select(&ids.flatten_all()?, 0)?
+        .reshape((b, t, model.config.hidden_size))?;
+    match embedding_scale(model) {
+        Some(scale) => x * scale,
+        None => Ok(x),
+    }
 }

@@ -2,6 +2,7 @@
 //! `h` for features. All ops work in f32 and f64 (the finite-difference checks run in f64).
 
 use candle_core::{DType, Result, Tensor};
+use mode_model::Activation;
 
 use crate::kernels::{self, Float};
 
@@ -70,16 +71,22 @@ pub fn rope_backward(dy: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> 
 }
 
 /// Causal grouped-query attention core. `q: [b, nh, t, d]`, `k`, `v: [b, nkv, t, d]` (RoPE
-/// already applied). Returns the output `[b, nh, t, d]` and the attention probabilities
+/// already applied); with a `window`, each position sees only the last `window` positions
+/// (itself included). Returns the output `[b, nh, t, d]` and the attention probabilities
 /// `[b, nkv, rep * t, t]` (query heads sharing a kv head folded into the row axis, so no key or
 /// value is copied), which the backward pass reuses.
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    window: Option<usize>,
+) -> Result<(Tensor, Tensor)> {
     let (b, nh, t, d) = q.dims4()?;
     let nkv = k.dim(1)?;
     let rep = nh / nkv;
     let scale = 1.0 / (d as f64).sqrt();
     let qf = q.reshape((b, nkv, rep * t, d))?;
-    let probs = kernels::causal_softmax(&qf.matmul(&k.t()?)?, scale, t)?;
+    let probs = kernels::causal_softmax(&qf.matmul(&k.t()?)?, scale, t, window)?;
     let out = probs.matmul(v)?.reshape((b, nh, t, d))?;
     Ok((out, probs))
 }
@@ -108,14 +115,20 @@ pub fn attention_backward(
     Ok((dq, dk, dv))
 }
 
-/// SwiGLU activation `silu(g) * u`.
-pub fn swiglu(g: &Tensor, u: &Tensor) -> Result<Tensor> {
-    kernels::swiglu(g, u)
+/// Gated unit `act(g) * u`: SwiGLU (`silu`) or GeGLU (tanh-approximated GELU).
+pub fn glu(act: Activation, g: &Tensor, u: &Tensor) -> Result<Tensor> {
+    kernels::glu(act, g, u)
 }
 
-/// Backward of [`swiglu`]: `(dg, du)` with `silu'(g) = s (1 + g (1 - s))`, `s = sigmoid(g)`.
-pub fn swiglu_backward(dh: &Tensor, g: &Tensor, u: &Tensor) -> Result<(Tensor, Tensor)> {
-    kernels::swiglu_backward(dh, g, u)
+/// Backward of [`glu`]: `(dg, du)`; for SwiGLU `silu'(g) = s (1 + g (1 - s))`,
+/// `s = sigmoid(g)`.
+pub fn glu_backward(
+    act: Activation,
+    dh: &Tensor,
+    g: &Tensor,
+    u: &Tensor,
+) -> Result<(Tensor, Tensor)> {
+    kernels::glu_backward(act, dh, g, u)
 }
 
 /// Gradient of an embedding lookup: rows of `dx: [n, h]` added into a `[vocab, h]` matrix.

@@ -8,6 +8,7 @@
 use candle_core::{DType, Device, Tensor};
 use mode_engine::kernels::{self, exp_f32};
 use mode_engine::ops;
+use mode_model::Activation;
 use rand::{Rng, SeedableRng};
 
 fn randn(shape: &[usize], seed: u64, scale: f64) -> Tensor {
@@ -101,20 +102,23 @@ fn rms_norm_and_its_backward() {
 }
 
 #[test]
-fn swiglu_and_its_backward() {
+fn gated_units_and_their_backward() {
     // Wide enough that large |g| exercises both ends of the exponential.
     let (g, u, dh) = (
         randn(&[3, 21], 4, 30.0),
         randn(&[3, 21], 5, 1.0),
         randn(&[3, 21], 6, 1.0),
     );
-    let y64 = ops::swiglu(&g, &u).unwrap();
-    let y32 = ops::swiglu(&f32(&g), &f32(&u)).unwrap();
-    assert_close("swiglu", &y32, &y64);
-    let (dg64, du64) = ops::swiglu_backward(&dh, &g, &u).unwrap();
-    let (dg32, du32) = ops::swiglu_backward(&f32(&dh), &f32(&g), &f32(&u)).unwrap();
-    assert_close("swiglu dg", &dg32, &dg64);
-    assert_close("swiglu du", &du32, &du64);
+    for act in [Activation::Silu, Activation::GeluTanh] {
+        let name = |what: &str| format!("{act:?} {what}");
+        let y64 = ops::glu(act, &g, &u).unwrap();
+        let y32 = ops::glu(act, &f32(&g), &f32(&u)).unwrap();
+        assert_close(&name("y"), &y32, &y64);
+        let (dg64, du64) = ops::glu_backward(act, &dh, &g, &u).unwrap();
+        let (dg32, du32) = ops::glu_backward(act, &f32(&dh), &f32(&g), &f32(&u)).unwrap();
+        assert_close(&name("dg"), &dg32, &dg64);
+        assert_close(&name("du"), &du32, &du64);
+    }
 }
 
 #[test]
@@ -138,15 +142,20 @@ fn attention_and_its_backward() {
         randn(&[2, 2, 11, 6], 11, 1.0),
         randn(&[2, 4, 11, 6], 12, 1.0),
     );
-    let (o64, p64) = ops::attention(&q, &k, &v).unwrap();
-    let (o32, p32) = ops::attention(&f32(&q), &f32(&k), &f32(&v)).unwrap();
-    assert_close("attention out", &o32, &o64);
-    assert_close("attention probs", &p32, &p64);
-    let g64 = ops::attention_backward(&d_out, &q, &k, &v, &p64).unwrap();
-    let g32 = ops::attention_backward(&f32(&d_out), &f32(&q), &f32(&k), &f32(&v), &p32).unwrap();
-    assert_close("attention dq", &g32.0, &g64.0);
-    assert_close("attention dk", &g32.1, &g64.1);
-    assert_close("attention dv", &g32.2, &g64.2);
+    // Causal, and with a window of 4 that masks from the fifth position on.
+    for window in [None, Some(4)] {
+        let name = |what: &str| format!("attention {what} (window {window:?})");
+        let (o64, p64) = ops::attention(&q, &k, &v, window).unwrap();
+        let (o32, p32) = ops::attention(&f32(&q), &f32(&k), &f32(&v), window).unwrap();
+        assert_close(&name("out"), &o32, &o64);
+        assert_close(&name("probs"), &p32, &p64);
+        let g64 = ops::attention_backward(&d_out, &q, &k, &v, &p64).unwrap();
+        let (d, q32, k32, v32) = (f32(&d_out), f32(&q), f32(&k), f32(&v));
+        let g32 = ops::attention_backward(&d, &q32, &k32, &v32, &p32).unwrap();
+        assert_close(&name("dq"), &g32.0, &g64.0);
+        assert_close(&name("dk"), &g32.1, &g64.1);
+        assert_close(&name("dv"), &g32.2, &g64.2);
+    }
 }
 
 #[test]

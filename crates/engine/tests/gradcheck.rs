@@ -6,6 +6,7 @@
 
 use candle_core::{DType, Device, Tensor};
 use mode_engine::ops;
+use mode_model::Activation;
 use rand::{Rng, SeedableRng};
 
 fn randn(shape: &[usize], seed: u64) -> Tensor {
@@ -130,17 +131,52 @@ fn attention_gradients() {
         randn(&[1, 2, 3, 2], 15),
     );
     let r = randn(&[1, 4, 3, 2], 16);
-    let (_, probs) = ops::attention(&q, &k, &v).unwrap();
-    let (dq, dk, dv) = ops::attention_backward(&r, &q, &k, &v, &probs).unwrap();
-    check("attention dq", &q, &dq, |q| {
-        dot(&ops::attention(q, &k, &v).unwrap().0, &r)
-    });
-    check("attention dk", &k, &dk, |k| {
-        dot(&ops::attention(&q, k, &v).unwrap().0, &r)
-    });
-    check("attention dv", &v, &dv, |v| {
-        dot(&ops::attention(&q, &k, v).unwrap().0, &r)
-    });
+    // A window of 2 over 3 positions: the last query no longer sees the first key.
+    for window in [None, Some(2)] {
+        let attn = |q: &Tensor, k: &Tensor, v: &Tensor| {
+            dot(&ops::attention(q, k, v, window).unwrap().0, &r)
+        };
+        let (_, probs) = ops::attention(&q, &k, &v, window).unwrap();
+        let (dq, dk, dv) = ops::attention_backward(&r, &q, &k, &v, &probs).unwrap();
+        check("attention dq", &q, &dq, |q| attn(q, &k, &v));
+        check("attention dk", &k, &dk, |k| attn(&q, k, &v));
+        check("attention dv", &v, &dv, |v| attn(&q, &k, v));
+    }
+}
+
+#[test]
+fn a_window_hides_keys_that_fell_out_of_it() {
+    let (q, k, v) = (
+        randn(&[1, 2, 5, 2], 30),
+        randn(&[1, 1, 5, 2], 31),
+        randn(&[1, 1, 5, 2], 32),
+    );
+    // With a window of 3, position 3 sees keys 1..=3 and position 4 sees 2..=4: changing key and
+    // value 0 changes positions 0..=2 only.
+    let replace_first = |t: &Tensor, first: [f64; 2]| {
+        let first = Tensor::new(&[[[first]]], &Device::Cpu).unwrap();
+        Tensor::cat(&[&first, &t.narrow(2, 1, 4).unwrap()], 2).unwrap()
+    };
+    let k2 = replace_first(&k, [5.0, -3.0]);
+    let v2 = replace_first(&v, [-7.0, 2.0]);
+    let (a, _) = ops::attention(&q, &k, &v, Some(3)).unwrap();
+    let (b, _) = ops::attention(&q, &k2, &v2, Some(3)).unwrap();
+    let diff = |from: usize, len: usize| -> f64 {
+        (a.narrow(2, from, len).unwrap() - b.narrow(2, from, len).unwrap())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    };
+    assert!(diff(0, 3) > 1e-3, "positions inside the window must change");
+    assert!(
+        diff(3, 2) < 1e-12,
+        "positions past the window changed by {}",
+        diff(3, 2)
+    );
 }
 
 #[test]
@@ -150,11 +186,11 @@ fn attention_is_causal() {
         randn(&[1, 1, 4, 2], 18),
         randn(&[1, 1, 4, 2], 19),
     );
-    let (probs_first, _) = ops::attention(&q, &k, &v).unwrap();
+    let (probs_first, _) = ops::attention(&q, &k, &v, None).unwrap();
     // Changing the last key and value leaves the first three outputs unchanged.
     let k2 = Tensor::cat(&[&k.narrow(2, 0, 3).unwrap(), &randn(&[1, 1, 1, 2], 20)], 2).unwrap();
     let v2 = Tensor::cat(&[&v.narrow(2, 0, 3).unwrap(), &randn(&[1, 1, 1, 2], 21)], 2).unwrap();
-    let (out2, _) = ops::attention(&q, &k2, &v2).unwrap();
+    let (out2, _) = ops::attention(&q, &k2, &v2, None).unwrap();
     let early = |t: &Tensor| t.narrow(2, 0, 3).unwrap();
     let diff: f64 = (early(&probs_first) - early(&out2))
         .unwrap()
@@ -168,16 +204,36 @@ fn attention_is_causal() {
 }
 
 #[test]
-fn swiglu_gradients() {
+fn gated_unit_gradients() {
     let (g, u) = (randn(&[3, 5], 22), randn(&[3, 5], 23));
     let r = randn(&[3, 5], 24);
-    let (dg, du) = ops::swiglu_backward(&r, &g, &u).unwrap();
-    check("swiglu dg", &g, &dg, |g| {
-        dot(&ops::swiglu(g, &u).unwrap(), &r)
-    });
-    check("swiglu du", &u, &du, |u| {
-        dot(&ops::swiglu(&g, u).unwrap(), &r)
-    });
+    for act in [Activation::Silu, Activation::GeluTanh] {
+        let (dg, du) = ops::glu_backward(act, &r, &g, &u).unwrap();
+        check(&format!("{act:?} dg"), &g, &dg, |g| {
+            dot(&ops::glu(act, g, &u).unwrap(), &r)
+        });
+        check(&format!("{act:?} du"), &u, &du, |u| {
+            dot(&ops::glu(act, &g, u).unwrap(), &r)
+        });
+    }
+}
+
+#[test]
+fn gelu_tanh_matches_its_definition() {
+    // 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), written out here independently.
+    let g = randn(&[4, 6], 33);
+    let u = Tensor::ones((4, 6), DType::F64, &Device::Cpu).unwrap();
+    let ours: Vec<Vec<f64>> = ops::glu(Activation::GeluTanh, &g, &u)
+        .unwrap()
+        .to_vec2()
+        .unwrap();
+    for (row, grow) in ours.iter().zip(g.to_vec2::<f64>().unwrap()) {
+        for (y, x) in row.iter().zip(grow) {
+            let k = (2.0 / std::f64::consts::PI).sqrt();
+            let want = 0.5 * x * (1.0 + (k * (x + 0.044715 * x.powi(3))).tanh());
+            assert!((y - want).abs() < 1e-14, "gelu({x}) = {y}, want {want}");
+        }
+    }
 }
 
 #[test]

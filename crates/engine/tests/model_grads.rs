@@ -8,10 +8,11 @@ use mode_engine::model::{loss_and_grads, Plan, Trainable};
 use mode_engine::ops::IGNORE;
 use mode_model::{random_weights, Architecture, Backbone, Config, Weights};
 
-const ARCHES: [Architecture; 3] = [
+const ARCHES: [Architecture; 4] = [
     Architecture::Llama,
     Architecture::Qwen2,
     Architecture::Qwen3,
+    Architecture::Gemma3,
 ];
 
 fn batch() -> (Tensor, Vec<u32>) {
@@ -62,7 +63,8 @@ fn full_model_gradients_match_finite_differences() {
         let base = tensors(&random_weights(&config, 31));
         let model = load(&config, base.clone());
         let (ids, targets) = batch();
-        let r = loss_and_grads(&model, &Plan::backbone(Trainable::all(2)), &ids, &targets).unwrap();
+        let all = Trainable::all(config.num_hidden_layers);
+        let r = loss_and_grads(&model, &Plan::backbone(all), &ids, &targets).unwrap();
         let grads: HashMap<String, Tensor> = r.grads.into_iter().collect();
         // Every parameter of the model got a gradient of its own shape.
         assert_eq!(

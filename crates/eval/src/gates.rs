@@ -33,8 +33,9 @@ pub struct GateTrace {
 }
 
 /// Runs `model` under `routing` over `ids` in consecutive windows of `seq_len` tokens, each with
-/// a fresh context as in evaluation, and records the weights each block's gate used for every
-/// token. `progress` is called with the windows done and their total.
+/// a fresh context as in evaluation (the tokenizer's BOS before each, not traced), and records
+/// the weights each block's gate used for every token. `progress` is called with the windows
+/// done and their total.
 pub fn trace(
     model: &ModeModel,
     routing: &Routing,
@@ -47,12 +48,15 @@ pub fn trace(
     let blocks = model.layout.num_blocks();
     let mut weights = vec![Vec::with_capacity(ids.len()); blocks];
     let windows: Vec<&[u32]> = ids.chunks(seq_len.max(1)).collect();
+    let bos = tokenizer.leading_bos();
     for (done, window) in windows.iter().enumerate() {
-        let input = Tensor::new(*window, model.backbone.device())?.unsqueeze(0)?;
+        let fed: Vec<u32> = bos.iter().copied().chain(window.iter().copied()).collect();
+        let input = Tensor::new(fed.as_slice(), model.backbone.device())?.unsqueeze(0)?;
         let mut per_block = Vec::with_capacity(blocks);
         model.forward_routed(&input, None, routing, Some(&mut per_block))?;
         for (b, probs) in per_block.into_iter().enumerate() {
-            weights[b].extend(probs.squeeze(0)?.to_dtype(DType::F32)?.to_vec2::<f32>()?);
+            let rows = probs.squeeze(0)?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+            weights[b].extend(rows.into_iter().skip(usize::from(bos.is_some())));
         }
         progress(done + 1, windows.len());
     }

@@ -5,7 +5,11 @@
 //!   no BOS/EOS added;
 //! - the ids are cut into consecutive non-overlapping windows of `seq_len` tokens, keeping a last
 //!   shorter window if it has at least 2 tokens;
-//! - in each window, position t predicts token t + 1.
+//! - in each window, position t predicts token t + 1;
+//! - for a model whose tokenizer asks for a BOS at the start of every sequence (Gemma:
+//!   `add_bos_token`), each window is fed with that BOS in front; the BOS's own prediction (of
+//!   the window's first token) is not scored, so the scored predictions are the same with or
+//!   without it. Models without it (SmolLM2) see the windows as they are.
 
 pub mod gates;
 pub mod stats;
@@ -213,12 +217,23 @@ pub struct EvalSet {
     /// `answer[i]`: token `i` belongs to an answer (a completion or assistant turn of prepared
     /// data, without the end-of-document token). `None` when the set has no prompts.
     pub answer: Option<Vec<bool>>,
+    /// Fed before every window and not scored (the tokenizer's [`Tokenizer::leading_bos`]).
+    pub bos: Option<u32>,
 }
 
 impl EvalSet {
-    /// Plain ids, no answers.
+    /// Plain ids, no answers, no BOS.
     pub fn plain(ids: Vec<u32>) -> Self {
-        Self { ids, answer: None }
+        Self {
+            ids,
+            answer: None,
+            bos: None,
+        }
+    }
+
+    /// The same set with `bos` fed before every window.
+    pub fn with_bos(self, bos: Option<u32>) -> Self {
+        Self { bos, ..self }
     }
 }
 
@@ -257,15 +272,21 @@ fn score_batch(
     batch: &[Range<usize>],
 ) -> Result<Vec<WindowScore>> {
     let (b, t) = (batch.len(), batch[0].len());
+    let lead = set.bos.is_some() as usize;
     let flat: Vec<u32> = batch
         .iter()
-        .flat_map(|r| set.ids[r.clone()].iter().copied())
+        .flat_map(|r| {
+            set.bos
+                .into_iter()
+                .chain(set.ids[r.clone()].iter().copied())
+        })
         .collect();
-    let ids = Tensor::from_vec(flat, (b, t), model.device())?;
+    let ids = Tensor::from_vec(flat, (b, lead + t), model.device())?;
     let hidden = model.hidden_states(&ids, None)?;
     let h = hidden.dims()[2];
-    // Positions 0..t-1 of each window predict the next token; the last position predicts nothing.
-    let hidden = hidden.narrow(1, 0, t - 1)?.reshape((b * (t - 1), h))?;
+    // Positions 0..t-1 of each window predict the next token; the last position predicts
+    // nothing, and a leading BOS's prediction is not scored.
+    let hidden = hidden.narrow(1, lead, t - 1)?.reshape((b * (t - 1), h))?;
     // (window, target index in the set) of every prediction, in row order.
     let targets: Vec<(usize, usize)> = batch
         .iter()
@@ -347,6 +368,7 @@ pub fn eval_set(path: &Path, tokenizer: &Tokenizer, split: Split) -> Result<Eval
         return Ok(EvalSet {
             ids: part.tokens().to_vec(),
             answer,
+            bos: tokenizer.leading_bos(),
         });
     }
     let text = read_eval_text(path)?;
@@ -361,7 +383,7 @@ pub fn eval_set(path: &Path, tokenizer: &Tokenizer, split: Split) -> Result<Eval
             ),
         });
     }
-    Ok(EvalSet::plain(tokenizer.encode(&text)?))
+    Ok(EvalSet::plain(tokenizer.encode(&text)?).with_bos(tokenizer.leading_bos()))
 }
 
 /// Evaluates a file or prepared folder (see [`eval_set`]; a folder's `split`), on at most

@@ -126,6 +126,32 @@ impl GgufFile {
             .collect()
     }
 
+    /// An array of numbers (f32, f64 or integers), as f64.
+    pub fn get_f64_array(&self, key: &str) -> Result<Vec<f64>> {
+        let values = self
+            .required(key)?
+            .to_vec()
+            .map_err(|e| self.metadata_err(key, e.to_string()))?;
+        values
+            .iter()
+            .map(|v| match v {
+                Value::F32(x) => Some(*x as f64),
+                Value::F64(x) => Some(*x),
+                v => value_to_u64(v).map(|x| x as f64),
+            })
+            .map(|v| v.ok_or_else(|| self.metadata_err(key, "array element is not a number")))
+            .collect()
+    }
+
+    /// An optional boolean metadata value.
+    pub fn opt_bool(&self, key: &str) -> Result<Option<bool>> {
+        match self.metadata(key) {
+            None => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(*b)),
+            Some(_) => Err(self.metadata_err(key, "not true or false")),
+        }
+    }
+
     /// Names of all tensors in the file.
     pub fn tensor_names(&self) -> impl Iterator<Item = &str> {
         self.content.tensor_infos.keys().map(|s| s.as_str())

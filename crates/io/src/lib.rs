@@ -15,6 +15,7 @@ pub mod hf;
 pub mod input;
 pub mod memory;
 pub mod names;
+pub mod spm;
 pub mod term;
 pub mod tokenizer;
 

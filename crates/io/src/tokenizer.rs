@@ -33,6 +33,8 @@ pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     source: PathBuf,
     bos_id: Option<u32>,
+    /// The model expects every sequence to begin with `bos_id` (Gemma, Llama 2).
+    add_bos: bool,
     eos_ids: Vec<u32>,
     chat_template: Option<String>,
 }
@@ -78,12 +80,19 @@ impl Tokenizer {
             .and_then(|c| c.get("chat_template"))
             .and_then(|t| t.as_str())
             .map(str::to_string);
-        Ok(Self::finish(inner, path, bos_id, eos_ids, chat_template))
+        let add_bos = config
+            .as_ref()
+            .and_then(|c| c.get("add_bos_token"))
+            .and_then(|v| v.as_bool())
+            .unwrap_or(false);
+        let mut tokenizer = Self::finish(inner, path, bos_id, eos_ids, chat_template);
+        tokenizer.add_bos = add_bos && tokenizer.bos_id.is_some();
+        Ok(tokenizer)
     }
 
     /// Rebuilds the tokenizer stored in GGUF metadata (`tokenizer.ggml.*`). Supports byte-level
     /// BPE (`tokenizer.ggml.model = gpt2`) with the pre-tokenizers of SmolLM, GPT-2, Llama 3 and
-    /// Qwen2.
+    /// Qwen2, and SentencePiece-style BPE (`llama`: Gemma, Llama 2) from pieces and scores.
     pub fn from_gguf(gguf: &GgufFile) -> Result<Self> {
         let path = gguf.path().to_path_buf();
         let err = |msg: String| Error::Tokenizer {
@@ -91,12 +100,50 @@ impl Tokenizer {
             msg,
         };
         let model = gguf.get_str("tokenizer.ggml.model")?;
-        if model != "gpt2" {
-            return Err(err(format!(
-                "tokenizer.ggml.model `{model}` is not supported yet (only byte-level BPE, `gpt2`); \
-                 use a Hugging Face folder with tokenizer.json instead"
-            )));
-        }
+        let inner = match model {
+            "gpt2" => byte_level_from_gguf(gguf)?,
+            "llama" => {
+                let pieces = gguf.get_str_array("tokenizer.ggml.tokens")?;
+                let scores = gguf.get_f64_array("tokenizer.ggml.scores")?;
+                let types = gguf.get_u64_array("tokenizer.ggml.token_type")?;
+                let space_prefix = gguf
+                    .opt_bool("tokenizer.ggml.add_space_prefix")?
+                    .unwrap_or(true);
+                crate::spm::tokenizer(&pieces, &scores, &types, space_prefix).map_err(err)?
+            }
+            other => {
+                return Err(err(format!(
+                    "tokenizer.ggml.model `{other}` is not supported yet (supported: byte-level \
+                     BPE `gpt2`, SentencePiece BPE `llama`); use a Hugging Face folder with \
+                     tokenizer.json instead"
+                )))
+            }
+        };
+        let id = |key: &str| -> Result<Option<u32>> { Ok(gguf.opt_u64(key)?.map(|v| v as u32)) };
+        let bos_id = id("tokenizer.ggml.bos_token_id")?;
+        let eos_ids = id("tokenizer.ggml.eos_token_id")?.into_iter().collect();
+        let chat_template = gguf
+            .metadata("tokenizer.chat_template")
+            .and_then(|v| v.to_string().ok())
+            .cloned();
+        // llama.cpp's default: SentencePiece models add BOS unless the file says otherwise.
+        let add_bos = gguf
+            .opt_bool("tokenizer.ggml.add_bos_token")?
+            .unwrap_or(model == "llama");
+        let mut tokenizer = Self::finish(inner, path, bos_id, eos_ids, chat_template);
+        tokenizer.add_bos = add_bos && tokenizer.bos_id.is_some();
+        Ok(tokenizer)
+    }
+}
+
+/// The byte-level BPE tokenizer (`tokenizer.ggml.model = gpt2`) of a GGUF file.
+fn byte_level_from_gguf(gguf: &GgufFile) -> Result<tokenizers::Tokenizer> {
+    let path = gguf.path().to_path_buf();
+    let err = |msg: String| Error::Tokenizer {
+        path: path.clone(),
+        msg,
+    };
+    {
         let tokens = gguf.get_str_array("tokenizer.ggml.tokens")?;
         let merges = gguf.get_str_array("tokenizer.ggml.merges")?;
         let token_types = if gguf.metadata("tokenizer.ggml.token_type").is_some() {
@@ -172,17 +219,11 @@ impl Tokenizer {
         }
         inner.add_special_tokens(&special);
         inner.add_tokens(&added);
-
-        let id = |key: &str| -> Result<Option<u32>> { Ok(gguf.opt_u64(key)?.map(|v| v as u32)) };
-        let bos_id = id("tokenizer.ggml.bos_token_id")?;
-        let eos_ids = id("tokenizer.ggml.eos_token_id")?.into_iter().collect();
-        let chat_template = gguf
-            .metadata("tokenizer.chat_template")
-            .and_then(|v| v.to_string().ok())
-            .cloned();
-        Ok(Self::finish(inner, path, bos_id, eos_ids, chat_template))
+        Ok(inner)
     }
+}
 
+impl Tokenizer {
     /// A real byte-level BPE tokenizer with no merges: one token per byte (256) plus
     /// `<|endoftext|>` (id 256). For tests and tiny models; needs no files.
     pub fn byte_level() -> Self {
@@ -222,6 +263,7 @@ impl Tokenizer {
             inner,
             source,
             bos_id,
+            add_bos: false,
             eos_ids,
             chat_template,
         }
@@ -237,6 +279,17 @@ impl Tokenizer {
                 path: self.source.clone(),
                 msg: e.to_string(),
             })
+    }
+
+    /// Encodes a prompt for generation: [`Self::encode`], with the model's BOS in front where its
+    /// tokenizer asks for one ([`Self::leading_bos`]) and the text does not already begin with
+    /// it (a chat template that writes `bos_token`).
+    pub fn encode_prompt(&self, text: &str) -> Result<Vec<u32>> {
+        let ids = self.encode(text)?;
+        Ok(match self.leading_bos() {
+            Some(bos) if ids.first() != Some(&bos) => std::iter::once(bos).chain(ids).collect(),
+            _ => ids,
+        })
     }
 
     /// Decodes ids to text, keeping special tokens out.
@@ -266,6 +319,13 @@ impl Tokenizer {
 
     pub fn bos_id(&self) -> Option<u32> {
         self.bos_id
+    }
+
+    /// The BOS id when the model expects every sequence to start with it (the tokenizer's
+    /// `add_bos_token`), else `None`: what evaluation windows, training rows and prompts begin
+    /// with.
+    pub fn leading_bos(&self) -> Option<u32> {
+        self.bos_id.filter(|_| self.add_bos)
     }
 
     /// Ids that end generation: the model's EOS and the end-of-turn tokens of known templates.

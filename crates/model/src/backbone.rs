@@ -7,7 +7,8 @@ use candle_core::{DType, Device, IndexOp, Module, Tensor};
 use mode_io::{GgufFile, HfFolder, Tokenizer};
 use rand::{Rng, SeedableRng};
 
-use crate::layers::{Linear, RmsNorm, Rope};
+use crate::layers::{Linear, RmsNorm};
+use crate::rope::Rope;
 use crate::{Config, DecoderLayer, LayerCache, Result, Weights};
 
 /// Key/value caches of every layer, for incremental decoding.
@@ -87,6 +88,7 @@ impl Backbone {
                     &config,
                     weights,
                     &format!("model.layers.{i}"),
+                    config.layer_window(i),
                     dtype,
                     device,
                 )
@@ -101,9 +103,11 @@ impl Backbone {
                 device,
             )?,
             eps: config.rms_norm_eps as f32,
+            offset: config.norm_weight_offset() as f32,
         };
         // Some "tied" checkpoints still ship lm_head.weight; use it when it is there.
-        let lm_head_tied = config.tie_word_embeddings && !weights.contains("lm_head.weight");
+        let lm_head_tied =
+            config.tie_word_embeddings && !weights.contains(&config, "lm_head.weight");
         let lm_head = if !lm_head_tied {
             Linear::new(
                 weights.get(
@@ -201,13 +205,19 @@ impl Backbone {
     }
 
     /// Token embeddings for `ids` (`[batch, seq]`), as `[batch, seq, hidden]` in f32 (f64 for
-    /// an f64 model).
+    /// an f64 model), scaled where the architecture scales them.
     pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         let x = self.embed_tokens.index_select(&ids.flatten_all()?, 0)?;
         let dtype = crate::layers::small_dtype(x.dtype());
-        Ok(x.to_dtype(dtype)?
-            .reshape((b, t, self.config.hidden_size))?)
+        let x = x
+            .to_dtype(dtype)?
+            .reshape((b, t, self.config.hidden_size))?;
+        Ok(match self.config.embedding_scale() {
+            // Rounded to the activation dtype first, as Hugging Face does.
+            Some(scale) => (x * round_to(scale, dtype))?,
+            None => x,
+        })
     }
 
     /// Runs the layers on `ids` (`[batch, seq]`) and returns the final-normed hidden states
@@ -215,11 +225,11 @@ impl Backbone {
     pub fn forward_hidden(&self, ids: &Tensor, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
         let (_, t) = ids.dims2()?;
         let start = cache.as_ref().map_or(0, |c| c.len());
-        let (cos, sin) = self.rope.tables(start, t, &self.device)?;
+        let rope = self.rope.tables(start, t, &self.device)?;
         let mut x = self.embed(ids)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let layer_cache = cache.as_mut().map(|c| &mut c.layers[i]);
-            x = layer.forward(&x, &cos, &sin, layer_cache)?;
+            x = layer.forward(&x, &rope, layer_cache)?;
         }
         Ok(self.norm.forward(&x)?)
     }
@@ -370,6 +380,15 @@ impl Backbone {
     }
 }
 
+/// `v` rounded to `dtype` (f32 or f64) and back.
+pub fn round_to(v: f64, dtype: DType) -> f64 {
+    if dtype == DType::F32 {
+        v as f32 as f64
+    } else {
+        v
+    }
+}
+
 /// Refuses to load `path` when [`Backbone::load_bytes`] exceeds the `available` bytes.
 pub fn check_load_memory(
     path: &Path,
@@ -418,12 +437,14 @@ pub fn random_weights(config: &Config, seed: u64) -> Weights {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut tensors = HashMap::new();
     let bound = 0.02f32 * 3f32.sqrt();
+    // Norm scales near 1: stored as they are, or as scale - 1 where the norm adds one.
+    let norm_base = 1.0 - config.norm_weight_offset() as f32;
     let mut add = |name: String, shape: Vec<usize>, around_one: bool| {
         let n: usize = shape.iter().product();
         let data: Vec<f32> = (0..n)
             .map(|_| {
                 if around_one {
-                    1.0 + rng.random_range(-0.1f32..0.1)
+                    norm_base + rng.random_range(-0.1f32..0.1)
                 } else {
                     rng.random_range(-bound..bound)
                 }
@@ -443,12 +464,9 @@ pub fn random_weights(config: &Config, seed: u64) -> Weights {
     );
     for i in 0..config.num_hidden_layers {
         let p = format!("model.layers.{i}");
-        add(format!("{p}.input_layernorm.weight"), vec![h], true);
-        add(
-            format!("{p}.post_attention_layernorm.weight"),
-            vec![h],
-            true,
-        );
+        for norm in crate::layers::hidden_norm_names(config) {
+            add(format!("{p}.{norm}.weight"), vec![h], true);
+        }
         add(format!("{p}.self_attn.q_proj.weight"), vec![q, h], false);
         add(format!("{p}.self_attn.k_proj.weight"), vec![kv, h], false);
         add(format!("{p}.self_attn.v_proj.weight"), vec![kv, h], false);

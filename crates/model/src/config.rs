@@ -7,6 +7,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::{Error, Result};
 
+mod gemma3;
+
 /// The model families we can load. They share one decoder layer; the differences are flags in
 /// [`Config`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -15,6 +17,28 @@ pub enum Architecture {
     Llama,
     Qwen2,
     Qwen3,
+    /// Gemma 3 (text): sandwich norms with a `1 + weight` scale, GELU-tanh MLP, embeddings scaled
+    /// by `sqrt(hidden)`, q/k norm, interleaved sliding-window attention ([`SlidingWindow`]).
+    Gemma3,
+}
+
+/// How an MLP squashes its gate before multiplying by the up projection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// `silu(g) * u` (SwiGLU: Llama, Qwen).
+    Silu,
+    /// `gelu_tanh(g) * u` (GeGLU with the tanh approximation: Gemma).
+    GeluTanh,
+}
+
+/// Interleaved local and global attention (Gemma 3): every `global_every`-th layer attends to
+/// the whole context with RoPE base `rope_theta`; the others see the last `size` positions
+/// (themselves included) with RoPE base `local_rope_theta`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SlidingWindow {
+    pub size: usize,
+    pub global_every: usize,
+    pub local_rope_theta: f64,
 }
 
 /// Where a [`Config`] was read from, for the key names in errors.
@@ -31,6 +55,7 @@ impl Architecture {
             Architecture::Llama => "llama",
             Architecture::Qwen2 => "qwen2",
             Architecture::Qwen3 => "qwen3",
+            Architecture::Gemma3 => "gemma3",
         }
     }
 }
@@ -40,8 +65,8 @@ fn present(v: Option<&serde_json::Value>) -> Option<&serde_json::Value> {
     v.filter(|v| !v.is_null())
 }
 
-const SUPPORTED: &str =
-    "LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM (GGUF: llama, qwen2, qwen3)";
+const SUPPORTED: &str = "LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Gemma3ForCausalLM \
+     (GGUF: llama, qwen2, qwen3, gemma3)";
 
 /// Llama 3.x frequency-dependent RoPE scaling (`rope_type = "llama3"`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -70,8 +95,13 @@ pub struct Config {
     pub tie_word_embeddings: bool,
     /// q/k/v projections carry a bias (Qwen2).
     pub attention_bias: bool,
-    /// RMSNorm over each head of q and k before RoPE (Qwen3).
+    /// RMSNorm over each head of q and k before RoPE (Qwen3, Gemma 3).
     pub qk_norm: bool,
+    /// Interleaved sliding-window attention (Gemma 3); `None`: every layer attends globally.
+    /// Left out of the serialised form when `None`, so the fingerprints of configurations that
+    /// predate it do not change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sliding_window: Option<SlidingWindow>,
 }
 
 impl Config {
@@ -93,17 +123,21 @@ impl Config {
             tie_word_embeddings: true,
             attention_bias: false,
             qk_norm: false,
+            sliding_window: None,
         }
     }
 
-    /// A tiny model of the given architecture for tests: 2 layers, hidden 64, GQA 4/2.
+    /// A tiny model of the given architecture for tests: 2 layers, hidden 64, GQA 4/2. Gemma 3
+    /// gets 3 layers, a window of 4 positions and a global layer every third, so that tests see
+    /// both kinds of layer and a window that masks.
     pub fn tiny(architecture: Architecture) -> Self {
+        let gemma = architecture == Architecture::Gemma3;
         Self {
             architecture,
             vocab_size: 256,
             hidden_size: 64,
             intermediate_size: 128,
-            num_hidden_layers: 2,
+            num_hidden_layers: if gemma { 3 } else { 2 },
             num_attention_heads: 4,
             num_key_value_heads: 2,
             head_dim: 16,
@@ -113,8 +147,53 @@ impl Config {
             max_position_embeddings: 512,
             tie_word_embeddings: architecture != Architecture::Qwen2,
             attention_bias: architecture == Architecture::Qwen2,
-            qk_norm: architecture == Architecture::Qwen3,
+            qk_norm: matches!(architecture, Architecture::Qwen3 | Architecture::Gemma3),
+            sliding_window: gemma.then_some(SlidingWindow {
+                size: 4,
+                global_every: 3,
+                local_rope_theta: 100.0,
+            }),
         }
+    }
+
+    /// The MLP's activation.
+    pub fn activation(&self) -> Activation {
+        match self.architecture {
+            Architecture::Gemma3 => Activation::GeluTanh,
+            _ => Activation::Silu,
+        }
+    }
+
+    /// What RMSNorm adds to its stored weight before scaling: Gemma stores `weight` and scales by
+    /// `1 + weight` (Hugging Face convention; GGUF files store `1 + weight`, undone at load).
+    pub fn norm_weight_offset(&self) -> f64 {
+        match self.architecture {
+            Architecture::Gemma3 => 1.0,
+            _ => 0.0,
+        }
+    }
+
+    /// The factor token embeddings are multiplied by on the way in (`sqrt(hidden)` for Gemma).
+    pub fn embedding_scale(&self) -> Option<f64> {
+        match self.architecture {
+            Architecture::Gemma3 => Some((self.hidden_size as f64).sqrt()),
+            _ => None,
+        }
+    }
+
+    /// Whether attention and MLP outputs are normed again before the residual add (Gemma's
+    /// "sandwich" norms: four norms per layer instead of two).
+    pub fn sandwich_norms(&self) -> bool {
+        self.architecture == Architecture::Gemma3
+    }
+
+    /// The attention window of layer `layer`: `Some(size)` for a sliding-window layer, `None`
+    /// for a global one.
+    pub fn layer_window(&self, layer: usize) -> Option<usize> {
+        self.sliding_window
+            .as_ref()
+            .filter(|w| !(layer + 1).is_multiple_of(w.global_every))
+            .map(|w| w.size)
     }
 
     /// Reads a Hugging Face `config.json` (already parsed by [`HfFolder`]).
@@ -128,6 +207,7 @@ impl Config {
             Architecture::Llama => "LlamaForCausalLM",
             Architecture::Qwen2 => "Qwen2ForCausalLM",
             Architecture::Qwen3 => "Qwen3ForCausalLM",
+            Architecture::Gemma3 => "Gemma3ForCausalLM",
         };
         let mut json = serde_json::json!({
             "architectures": [arch],
@@ -152,6 +232,7 @@ impl Config {
                 "original_max_position_embeddings": r.original_max_position_embeddings,
             });
         }
+        gemma3::hf_json_extras(self, &mut json);
         json
     }
 
@@ -167,18 +248,25 @@ impl Config {
             .and_then(|a| a.as_str())
             .or_else(|| json.get("model_type").and_then(|m| m.as_str()))
             .ok_or_else(|| err("neither `architectures` nor `model_type` is set".into()))?;
-        let architecture = match arch_name {
-            "LlamaForCausalLM" | "llama" => Architecture::Llama,
-            "Qwen2ForCausalLM" | "qwen2" => Architecture::Qwen2,
-            "Qwen3ForCausalLM" | "qwen3" => Architecture::Qwen3,
-            other => {
-                return Err(Error::UnsupportedArchitecture {
-                    path: path.to_path_buf(),
-                    arch: other.to_string(),
-                    supported: SUPPORTED,
-                })
-            }
-        };
+        let architecture =
+            match arch_name {
+                "LlamaForCausalLM" | "llama" => Architecture::Llama,
+                "Qwen2ForCausalLM" | "qwen2" => Architecture::Qwen2,
+                "Qwen3ForCausalLM" | "qwen3" => Architecture::Qwen3,
+                "Gemma3ForCausalLM" | "gemma3_text" => Architecture::Gemma3,
+                "Gemma3ForConditionalGeneration" | "gemma3" => return Err(err(
+                    "this is the multimodal Gemma 3 (`Gemma3ForConditionalGeneration`); save its \
+                     language model alone (`Gemma3ForCausalLM`) and load that"
+                        .into(),
+                )),
+                other => {
+                    return Err(Error::UnsupportedArchitecture {
+                        path: path.to_path_buf(),
+                        arch: other.to_string(),
+                        supported: SUPPORTED,
+                    })
+                }
+            };
         // Typed fields: an absent (or null) key takes its default, but a value of the wrong
         // type (`"hidden_size": "576"`) is an error naming the key, never a silent default.
         let typed = |key: &str, v: Option<&serde_json::Value>, want: &str| {
@@ -275,7 +363,12 @@ impl Config {
                 _ => bool_field("attention_bias", false)?,
             },
             qk_norm: architecture == Architecture::Qwen3,
+            sliding_window: None,
         };
+        let mut config = config;
+        if architecture == Architecture::Gemma3 {
+            gemma3::complete_from_hf(&mut config, json).map_err(err)?;
+        }
         config.validate(path, Source::Hf)?;
         Ok(config)
     }
@@ -288,6 +381,7 @@ impl Config {
             "llama" => Architecture::Llama,
             "qwen2" => Architecture::Qwen2,
             "qwen3" => Architecture::Qwen3,
+            "gemma3" => Architecture::Gemma3,
             other => {
                 return Err(Error::UnsupportedArchitecture {
                     path: path.to_path_buf(),
@@ -344,7 +438,15 @@ impl Config {
             tie_word_embeddings: !gguf.has_tensor("output.weight"),
             attention_bias: gguf.has_tensor("blk.0.attn_q.bias"),
             qk_norm: gguf.has_tensor("blk.0.attn_q_norm.weight"),
+            sliding_window: None,
         };
+        let mut config = config;
+        if architecture == Architecture::Gemma3 {
+            gemma3::complete_from_gguf(&mut config, gguf).map_err(|msg| Error::Config {
+                path: path.to_path_buf(),
+                msg,
+            })?;
+        }
         config.validate(path, Source::Gguf)?;
         Ok(config)
     }
@@ -452,6 +554,19 @@ impl Config {
                 self.rms_norm_eps
             ));
         }
+        if let Some(w) = &self.sliding_window {
+            if w.size == 0 || w.global_every == 0 {
+                return err(format!(
+                    "a sliding window needs a positive size and layer period, got {w:?}"
+                ));
+            }
+            if !(w.local_rope_theta.is_finite() && w.local_rope_theta > 0.0) {
+                return err(format!(
+                    "the local RoPE base must be a positive number, got {}",
+                    w.local_rope_theta
+                ));
+            }
+        }
         if let Some(r) = &self.rope_scaling {
             let ok = |v: f64| v.is_finite() && v > 0.0;
             if !(ok(r.factor)
@@ -497,6 +612,9 @@ impl Config {
         }
         if self.qk_norm {
             layer = layer.checked_add(mul(2, self.head_dim)?)?;
+        }
+        if self.sandwich_norms() {
+            layer = layer.checked_add(mul(2, h)?)?;
         }
         let embed = mul(self.vocab_size, h)?;
         let head = if self.tie_word_embeddings { 0 } else { embed };

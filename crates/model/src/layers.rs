@@ -5,7 +5,8 @@
 
 use candle_core::{DType, Device, Module, Tensor};
 
-use crate::{Config, Result, Weights};
+pub use crate::rope::{Rope, RopeTables};
+use crate::{Activation, Config, Result, Weights};
 
 /// `y = x W^T (+ b)`. The weight may be stored in a compact dtype (f16/bf16); it is widened to
 /// the activation dtype at use.
@@ -96,92 +97,34 @@ impl Module for Linear {
     }
 }
 
-/// Root-mean-square layer norm with a learned scale.
+/// Root-mean-square layer norm with a learned scale `offset + weight` (`offset` is 1 for Gemma,
+/// whose checkpoints store the scale minus one, and 0 elsewhere).
 #[derive(Debug, Clone)]
 pub struct RmsNorm {
     pub weight: Tensor,
     pub eps: f32,
+    pub offset: f32,
+}
+
+impl RmsNorm {
+    /// The scale the normalised input is multiplied by: `offset + weight`.
+    pub fn scale(&self) -> candle_core::Result<Tensor> {
+        if self.offset == 0.0 {
+            Ok(self.weight.clone())
+        } else {
+            self.weight.affine(1.0, self.offset as f64)
+        }
+    }
 }
 
 impl Module for RmsNorm {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let w = self.weight.to_dtype(x.dtype())?;
+        let w = self.scale()?.to_dtype(x.dtype())?;
         if x.dtype() == DType::F64 {
             // The fused kernel has no f64 version; f64 models exist for gradient checks.
             return candle_nn::ops::rms_norm_slow(x, &w, self.eps);
         }
         candle_nn::ops::rms_norm(&x.contiguous()?, &w, self.eps)
-    }
-}
-
-/// Rotary position embedding: inverse frequencies (with Llama 3 scaling applied) and the
-/// cos/sin tables for a range of positions.
-#[derive(Debug, Clone)]
-pub struct Rope {
-    inv_freq: Vec<f64>,
-}
-
-impl Rope {
-    pub fn new(config: &Config, gguf_freq_factors: Option<&[f32]>) -> Self {
-        let d = config.head_dim;
-        let mut inv_freq: Vec<f64> = (0..d / 2)
-            .map(|i| 1.0 / config.rope_theta.powf(2.0 * i as f64 / d as f64))
-            .collect();
-        if let Some(s) = &config.rope_scaling {
-            let low_wavelen = s.original_max_position_embeddings as f64 / s.low_freq_factor;
-            let high_wavelen = s.original_max_position_embeddings as f64 / s.high_freq_factor;
-            for f in inv_freq.iter_mut() {
-                let wavelen = 2.0 * std::f64::consts::PI / *f;
-                *f = if wavelen < high_wavelen {
-                    *f
-                } else if wavelen > low_wavelen {
-                    *f / s.factor
-                } else {
-                    let smooth = (s.original_max_position_embeddings as f64 / wavelen
-                        - s.low_freq_factor)
-                        / (s.high_freq_factor - s.low_freq_factor);
-                    (1.0 - smooth) * *f / s.factor + smooth * *f
-                };
-            }
-        }
-        if let Some(factors) = gguf_freq_factors {
-            for (f, div) in inv_freq.iter_mut().zip(factors) {
-                *f /= *div as f64;
-            }
-        }
-        Self { inv_freq }
-    }
-
-    /// The inverse frequency of each rotary pair, scaling applied.
-    pub fn inv_freq(&self) -> &[f64] {
-        &self.inv_freq
-    }
-
-    /// cos and sin tables, each `[len, head_dim / 2]` in f32, for positions `start..start + len`.
-    pub fn tables(&self, start: usize, len: usize, device: &Device) -> Result<(Tensor, Tensor)> {
-        self.tables_as(start, len, DType::F32, device)
-    }
-
-    /// [`Self::tables`] in `dtype`; angles are computed in f64 before rounding.
-    pub fn tables_as(
-        &self,
-        start: usize,
-        len: usize,
-        dtype: DType,
-        device: &Device,
-    ) -> Result<(Tensor, Tensor)> {
-        let half = self.inv_freq.len();
-        let mut cos = Vec::with_capacity(len * half);
-        let mut sin = Vec::with_capacity(len * half);
-        for pos in start..start + len {
-            for f in &self.inv_freq {
-                let angle = pos as f64 * f;
-                cos.push(angle.cos());
-                sin.push(angle.sin());
-            }
-        }
-        let table = |v: Vec<f64>| Tensor::from_vec(v, (len, half), device)?.to_dtype(dtype);
-        Ok((table(cos)?, table(sin)?))
     }
 }
 
@@ -214,17 +157,20 @@ pub struct Attention {
     pub num_heads: usize,
     pub num_kv_heads: usize,
     pub head_dim: usize,
+    /// `Some(n)`: a sliding-window layer, each position sees the last `n` (itself included)
+    /// and uses the local RoPE tables; `None`: a global layer.
+    pub window: Option<usize>,
 }
 
 impl Attention {
-    /// `x`: `[batch, seq, hidden]`; `cos`/`sin` for the new positions; `cache` is extended.
+    /// `x`: `[batch, seq, hidden]`; `rope` for the new positions; `cache` is extended.
     pub fn forward(
         &self,
         x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
+        rope: &RopeTables,
         cache: Option<&mut LayerCache>,
     ) -> Result<Tensor> {
+        let (cos, sin) = rope.for_window(self.window);
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let mut q = self.q_proj.forward(x)?.reshape((b, t, nh, hd))?;
@@ -259,8 +205,10 @@ impl Attention {
         let scale = 1.0 / (hd as f64).sqrt();
         let q = (q * scale)?.reshape((b, nkv, rep * t, hd))?;
         let scores = q.matmul(&k.t()?)?; // [b, nkv, rep*t, s]
-        let scores = if t > 1 {
-            let mask = causal_mask(t, s, past, x.device())?.to_dtype(scores.dtype())?;
+        let windowed = self.window.is_some_and(|w| s > w);
+        let scores = if t > 1 || windowed {
+            let mask =
+                causal_mask(t, s, past, self.window, x.device())?.to_dtype(scores.dtype())?;
             scores
                 .reshape((b, nkv, rep, t, s))?
                 .broadcast_add(&mask)?
@@ -278,12 +226,20 @@ impl Attention {
     }
 }
 
-/// `[t, s]` additive mask: query i (at absolute position past + i) sees keys 0..=past + i.
-pub fn causal_mask(t: usize, s: usize, past: usize, device: &Device) -> Result<Tensor> {
+/// `[t, s]` additive mask: query i (at absolute position past + i) sees keys 0..=past + i, and
+/// with a window of `n` only the last `n` of them.
+pub fn causal_mask(
+    t: usize,
+    s: usize,
+    past: usize,
+    window: Option<usize>,
+    device: &Device,
+) -> Result<Tensor> {
     let mask: Vec<f32> = (0..t)
         .flat_map(|i| {
             (0..s).map(move |j| {
-                if j <= past + i {
+                let pos = past + i;
+                if j <= pos && window.is_none_or(|w| pos - j < w) {
                     0.0
                 } else {
                     f32::NEG_INFINITY
@@ -294,36 +250,90 @@ pub fn causal_mask(t: usize, s: usize, past: usize, device: &Device) -> Result<T
     Ok(Tensor::from_vec(mask, (t, s), device)?)
 }
 
-/// Gated MLP: `down(silu(gate(x)) * up(x))`.
+/// Gated MLP: `down(act(gate(x)) * up(x))`.
 #[derive(Debug, Clone)]
 pub struct Mlp {
     pub gate_proj: Linear,
     pub up_proj: Linear,
     pub down_proj: Linear,
+    pub activation: Activation,
 }
 
 impl Module for Mlp {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let gate = candle_nn::ops::silu(&self.gate_proj.forward(x)?)?;
+        let gate = self.gate_proj.forward(x)?;
+        let gate = match self.activation {
+            Activation::Silu => candle_nn::ops::silu(&gate)?,
+            // candle's `gelu` is the tanh approximation.
+            Activation::GeluTanh => gate.gelu()?,
+        };
         self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)
     }
 }
 
-/// One pre-norm transformer decoder layer.
+/// The Hugging Face names of a layer's norms, by role. Llama's second norm comes before the MLP
+/// and is called `post_attention_layernorm`; Gemma's of that name norms the attention output.
+struct NormNames {
+    attn: &'static str,
+    attn_out: Option<&'static str>,
+    mlp: &'static str,
+    mlp_out: Option<&'static str>,
+}
+
+const PRE_NORMS: NormNames = NormNames {
+    attn: "input_layernorm",
+    attn_out: None,
+    mlp: "post_attention_layernorm",
+    mlp_out: None,
+};
+
+const SANDWICH_NORMS: NormNames = NormNames {
+    attn: "input_layernorm",
+    attn_out: Some("post_attention_layernorm"),
+    mlp: "pre_feedforward_layernorm",
+    mlp_out: Some("post_feedforward_layernorm"),
+};
+
+fn norm_names(sandwich: bool) -> &'static NormNames {
+    if sandwich {
+        &SANDWICH_NORMS
+    } else {
+        &PRE_NORMS
+    }
+}
+
+/// The names (relative to the layer, without `.weight`) of the hidden-size norms of a layer of
+/// `config`'s architecture: the attention's, its output's, the MLP's, its output's.
+pub fn hidden_norm_names(config: &Config) -> Vec<&'static str> {
+    let n = norm_names(config.sandwich_norms());
+    [Some(n.attn), n.attn_out, Some(n.mlp), n.mlp_out]
+        .into_iter()
+        .flatten()
+        .collect()
+}
+
+/// One pre-norm transformer decoder layer: `x + [attn_out_norm](attn(attn_norm(x)))`, then
+/// `+ [mlp_out_norm](mlp(mlp_norm(.)))`; the bracketed norms exist in sandwich-norm models
+/// (Gemma) only.
 #[derive(Debug, Clone)]
 pub struct DecoderLayer {
-    pub input_layernorm: RmsNorm,
+    pub attn_norm: RmsNorm,
     pub self_attn: Attention,
-    pub post_attention_layernorm: RmsNorm,
+    pub attn_out_norm: Option<RmsNorm>,
+    pub mlp_norm: RmsNorm,
     pub mlp: Mlp,
+    pub mlp_out_norm: Option<RmsNorm>,
 }
 
 impl DecoderLayer {
-    /// Loads layer `index` under the Hugging Face prefix `model.layers.{index}`.
+    /// Loads the layer whose tensors are named `{prefix}.{name}` (Hugging Face names, e.g.
+    /// `model.layers.3`); `window` is its attention window ([`Config::layer_window`] of the
+    /// backbone layer it is or mirrors).
     pub fn load(
         config: &Config,
         weights: &Weights,
         prefix: &str,
+        window: Option<usize>,
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
@@ -337,8 +347,9 @@ impl DecoderLayer {
         let small = small_dtype(dtype);
         let norm = |name: &str, size: usize| -> Result<RmsNorm> {
             Ok(RmsNorm {
-                weight: get(name, &[size], small)?,
+                weight: get(&format!("{name}.weight"), &[size], small)?,
                 eps: config.rms_norm_eps as f32,
+                offset: config.norm_weight_offset() as f32,
             })
         };
         let linear = |name: &str, out: usize, inp: usize, bias: bool| -> Result<Linear> {
@@ -353,14 +364,15 @@ impl DecoderLayer {
         let bias = config.attention_bias;
         let (q_norm, k_norm) = if config.qk_norm {
             (
-                Some(norm("self_attn.q_norm.weight", config.head_dim)?),
-                Some(norm("self_attn.k_norm.weight", config.head_dim)?),
+                Some(norm("self_attn.q_norm", config.head_dim)?),
+                Some(norm("self_attn.k_norm", config.head_dim)?),
             )
         } else {
             (None, None)
         };
+        let names = norm_names(config.sandwich_norms());
         Ok(Self {
-            input_layernorm: norm("input_layernorm.weight", h)?,
+            attn_norm: norm(names.attn, h)?,
             self_attn: Attention {
                 q_proj: linear("self_attn.q_proj", q_dim, h, bias)?,
                 k_proj: linear("self_attn.k_proj", kv_dim, h, bias)?,
@@ -371,13 +383,17 @@ impl DecoderLayer {
                 num_heads: config.num_attention_heads,
                 num_kv_heads: config.num_key_value_heads,
                 head_dim: config.head_dim,
+                window,
             },
-            post_attention_layernorm: norm("post_attention_layernorm.weight", h)?,
+            attn_out_norm: names.attn_out.map(|n| norm(n, h)).transpose()?,
+            mlp_norm: norm(names.mlp, h)?,
             mlp: Mlp {
                 gate_proj: linear("mlp.gate_proj", config.intermediate_size, h, false)?,
                 up_proj: linear("mlp.up_proj", config.intermediate_size, h, false)?,
                 down_proj: linear("mlp.down_proj", h, config.intermediate_size, false)?,
+                activation: config.activation(),
             },
+            mlp_out_norm: names.mlp_out.map(|n| norm(n, h)).transpose()?,
         })
     }
 
@@ -409,6 +425,29 @@ impl DecoderLayer {
         ]
     }
 
+    /// The layer's norms with their tensor names relative to the layer
+    /// (`input_layernorm.weight`, ...), in a fixed order: attention, attention output, MLP, MLP
+    /// output, then q and k.
+    pub fn norms(&self) -> Vec<(String, &RmsNorm)> {
+        let names = norm_names(self.attn_out_norm.is_some());
+        let a = &self.self_attn;
+        let mut out = vec![(names.attn, &self.attn_norm)];
+        if let (Some(n), Some(name)) = (&self.attn_out_norm, names.attn_out) {
+            out.push((name, n));
+        }
+        out.push((names.mlp, &self.mlp_norm));
+        if let (Some(n), Some(name)) = (&self.mlp_out_norm, names.mlp_out) {
+            out.push((name, n));
+        }
+        if let (Some(q), Some(k)) = (&a.q_norm, &a.k_norm) {
+            out.push(("self_attn.q_norm", q));
+            out.push(("self_attn.k_norm", k));
+        }
+        out.into_iter()
+            .map(|(name, n)| (format!("{name}.weight"), n))
+            .collect()
+    }
+
     /// Whether any projection carries a LoRA adapter.
     pub fn has_lora(&self) -> bool {
         self.linears().iter().any(|(_, l)| l.lora.is_some())
@@ -429,27 +468,16 @@ impl DecoderLayer {
     /// Every tensor of the layer under its name relative to the layer
     /// (`self_attn.q_proj.weight`, ...).
     pub fn named_tensors(&self) -> Vec<(String, &Tensor)> {
-        let a = &self.self_attn;
-        let mut out = vec![
-            (
-                "input_layernorm.weight".to_string(),
-                &self.input_layernorm.weight,
-            ),
-            (
-                "post_attention_layernorm.weight".to_string(),
-                &self.post_attention_layernorm.weight,
-            ),
-        ];
+        let mut norms = self.norms().into_iter().map(|(n, norm)| (n, &norm.weight));
+        // The order is the one from before sandwich norms: two norms, projections, the rest.
+        let mut out: Vec<(String, &Tensor)> = norms.by_ref().take(2).collect();
         for (name, l) in self.linears() {
             out.push((format!("{name}.weight"), &l.weight));
             if let Some(b) = &l.bias {
                 out.push((format!("{name}.bias"), b));
             }
         }
-        if let (Some(q), Some(k)) = (&a.q_norm, &a.k_norm) {
-            out.push(("self_attn.q_norm.weight".to_string(), &q.weight));
-            out.push(("self_attn.k_norm.weight".to_string(), &k.weight));
-        }
+        out.extend(norms);
         out
     }
 
@@ -467,11 +495,12 @@ impl DecoderLayer {
             Ok(RmsNorm {
                 weight: copy(&n.weight)?,
                 eps: n.eps,
+                offset: n.offset,
             })
         };
         let a = &self.self_attn;
         Ok(Self {
-            input_layernorm: norm(&self.input_layernorm)?,
+            attn_norm: norm(&self.attn_norm)?,
             self_attn: Attention {
                 q_proj: lin(&a.q_proj)?,
                 k_proj: lin(&a.k_proj)?,
@@ -482,19 +511,23 @@ impl DecoderLayer {
                 num_heads: a.num_heads,
                 num_kv_heads: a.num_kv_heads,
                 head_dim: a.head_dim,
+                window: a.window,
             },
-            post_attention_layernorm: norm(&self.post_attention_layernorm)?,
+            attn_out_norm: self.attn_out_norm.as_ref().map(norm).transpose()?,
+            mlp_norm: norm(&self.mlp_norm)?,
             mlp: Mlp {
                 gate_proj: lin(&self.mlp.gate_proj)?,
                 up_proj: lin(&self.mlp.up_proj)?,
                 down_proj: lin(&self.mlp.down_proj)?,
+                activation: self.mlp.activation,
             },
+            mlp_out_norm: self.mlp_out_norm.as_ref().map(norm).transpose()?,
         })
     }
 
     /// Zeroes the attention's and the MLP's output projections (weights and biases): the layer
-    /// then adds nothing to its input, whatever its other weights, and still receives gradient
-    /// through them.
+    /// then adds nothing to its input, whatever its other weights (an output norm of zero is
+    /// zero), and still receives gradient through them.
     pub fn zero_output_projections(&mut self) -> Result<()> {
         for l in [&mut self.self_attn.o_proj, &mut self.mlp.down_proj] {
             l.weight = l.weight.zeros_like()?;
@@ -503,22 +536,26 @@ impl DecoderLayer {
         Ok(())
     }
 
-    /// `x + attn(norm(x))`, then `+ mlp(norm(.))`.
+    /// `x + attn(norm(x))`, then `+ mlp(norm(.))`, with the output norms where the layer has
+    /// them.
     pub fn forward(
         &self,
         x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
+        rope: &RopeTables,
         cache: Option<&mut LayerCache>,
     ) -> Result<Tensor> {
+        let out_norm = |n: &Option<RmsNorm>, h: Tensor| -> Result<Tensor> {
+            Ok(match n {
+                Some(n) => n.forward(&h)?,
+                None => h,
+            })
+        };
         let h = self
             .self_attn
-            .forward(&self.input_layernorm.forward(x)?, cos, sin, cache)?;
-        let x = (x + h)?;
-        let h = self
-            .mlp
-            .forward(&self.post_attention_layernorm.forward(&x)?)?;
-        Ok((x + h)?)
+            .forward(&self.attn_norm.forward(x)?, rope, cache)?;
+        let x = (x + out_norm(&self.attn_out_norm, h)?)?;
+        let h = self.mlp.forward(&self.mlp_norm.forward(&x)?)?;
+        Ok((x + out_norm(&self.mlp_out_norm, h)?)?)
     }
 }
 

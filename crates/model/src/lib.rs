@@ -1,7 +1,8 @@
-//! Decoder-only transformer backbones: Llama (SmolLM2, TinyLlama, Llama 3.x), Qwen2 and Qwen3.
+//! Decoder-only transformer backbones: Llama (SmolLM2, TinyLlama, Llama 3.x), Qwen2, Qwen3 and
+//! Gemma 3.
 //!
 //! One plain [`Config`], one [`DecoderLayer`] shared by every architecture (the differences are
-//! flags: attention bias, q/k norm, RoPE scaling), and a [`Backbone`] that owns embeddings, layers,
+//! flags: attention bias, q/k norm, RoPE scaling, sandwich norms, activation, sliding window), and a [`Backbone`] that owns embeddings, layers,
 //! final norm and LM head. Weights come from GGUF files, Hugging Face folders, or an in-memory map
 //! (tests, random initialisation), always under Hugging Face tensor names.
 
@@ -9,12 +10,14 @@ pub mod backbone;
 pub mod config;
 pub mod error;
 pub mod layers;
+pub mod rope;
 pub mod weights;
 
 pub use backbone::{random_weights, Backbone, KvCache};
-pub use config::{Architecture, Config, RopeScaling};
+pub use config::{Activation, Architecture, Config, RopeScaling, SlidingWindow};
 pub use error::{Error, Result};
 pub use layers::{DecoderLayer, LayerCache};
+pub use rope::{Rope, RopeTables};
 pub use weights::Weights;
 
 /// A causal language model the evaluator and the generator drive: hidden states for token ids

@@ -30,8 +30,9 @@ impl Weights {
 
     /// Loads `name` (a Hugging Face tensor name), checks it has `shape`, converts it to `dtype`.
     ///
-    /// GGUF files store llama Q/K projections with rows permuted for interleaved RoPE; they are
-    /// permuted back here so that every source yields the Hugging Face layout.
+    /// GGUF files store llama Q/K projections with rows permuted for interleaved RoPE, and Gemma
+    /// norm scales as `1 + weight`; both are undone here so that every source yields the Hugging
+    /// Face layout.
     pub fn get(
         &self,
         config: &Config,
@@ -42,16 +43,21 @@ impl Weights {
     ) -> Result<Tensor> {
         let (tensor, stored_name) = match self {
             Weights::Gguf(g) => {
-                let gguf_name = gguf_name(name);
+                let gguf_name = gguf_name(config.architecture, name);
                 let stored = g.tensor_shape(&gguf_name)?;
                 check_shape(g.path(), &gguf_name, shape, &stored)?;
                 let mut t = g.tensor(&gguf_name, dtype, device)?;
-                if config.architecture == Architecture::Llama {
-                    if name.ends_with("self_attn.q_proj.weight") {
+                match config.architecture {
+                    Architecture::Llama if name.ends_with("self_attn.q_proj.weight") => {
                         t = unpermute_rope_rows(&t, config.num_attention_heads)?;
-                    } else if name.ends_with("self_attn.k_proj.weight") {
+                    }
+                    Architecture::Llama if name.ends_with("self_attn.k_proj.weight") => {
                         t = unpermute_rope_rows(&t, config.num_key_value_heads)?;
                     }
+                    _ if name.ends_with("norm.weight") && config.norm_weight_offset() != 0.0 => {
+                        t = t.affine(1.0, -config.norm_weight_offset())?;
+                    }
+                    _ => {}
                 }
                 (t, gguf_name)
             }
@@ -84,9 +90,9 @@ impl Weights {
     }
 
     /// Whether a tensor of this Hugging Face name exists.
-    pub fn contains(&self, name: &str) -> bool {
+    pub fn contains(&self, config: &Config, name: &str) -> bool {
         match self {
-            Weights::Gguf(g) => g.has_tensor(&gguf_name(name)),
+            Weights::Gguf(g) => g.has_tensor(&gguf_name(config.architecture, name)),
             Weights::Hf(h) => h.has_tensor(name),
             Weights::Map { tensors, .. } => tensors.contains_key(name),
         }
@@ -116,8 +122,9 @@ fn check_shape(path: &Path, name: &str, expected: &[usize], got: &[usize]) -> Re
     Ok(())
 }
 
-/// The GGUF (llama.cpp) name of a Hugging Face tensor name.
-pub fn gguf_name(hf: &str) -> String {
+/// The GGUF (llama.cpp) name of a Hugging Face tensor name in a model of `arch`.
+pub fn gguf_name(arch: Architecture, hf: &str) -> String {
+    let gemma = arch == Architecture::Gemma3;
     match hf {
         "model.embed_tokens.weight" => return "token_embd.weight".into(),
         "model.norm.weight" => return "output_norm.weight".into(),
@@ -138,7 +145,10 @@ pub fn gguf_name(hf: &str) -> String {
                 "mlp.up_proj" => "ffn_up",
                 "mlp.down_proj" => "ffn_down",
                 "input_layernorm" => "attn_norm",
+                "post_attention_layernorm" if gemma => "post_attention_norm",
                 "post_attention_layernorm" => "ffn_norm",
+                "pre_feedforward_layernorm" => "ffn_norm",
+                "post_feedforward_layernorm" => "post_ffw_norm",
                 _ => return hf.to_string(),
             };
             return format!("blk.{layer}.{short}.{suffix}");
@@ -164,6 +174,7 @@ mod tests {
 
     #[test]
     fn gguf_names() {
+        let gguf_name = |hf| gguf_name(Architecture::Llama, hf);
         assert_eq!(
             gguf_name("model.layers.3.self_attn.q_proj.weight"),
             "blk.3.attn_q.weight"
@@ -181,6 +192,23 @@ mod tests {
             "blk.0.ffn_norm.weight"
         );
         assert_eq!(gguf_name("lm_head.weight"), "output.weight");
+        let gemma = |hf| super::gguf_name(Architecture::Gemma3, hf);
+        assert_eq!(
+            gemma("model.layers.0.post_attention_layernorm.weight"),
+            "blk.0.post_attention_norm.weight"
+        );
+        assert_eq!(
+            gemma("model.layers.4.pre_feedforward_layernorm.weight"),
+            "blk.4.ffn_norm.weight"
+        );
+        assert_eq!(
+            gemma("model.layers.17.post_feedforward_layernorm.weight"),
+            "blk.17.post_ffw_norm.weight"
+        );
+        assert_eq!(
+            gemma("model.layers.2.self_attn.q_norm.weight"),
+            "blk.2.attn_q_norm.weight"
+        );
     }
 
     #[test]

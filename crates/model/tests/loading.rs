@@ -67,6 +67,7 @@ fn hf_folders_single_and_sharded_load_the_same_model() {
         Architecture::Llama,
         Architecture::Qwen2,
         Architecture::Qwen3,
+        Architecture::Gemma3,
     ] {
         let config = Config::tiny(arch);
         let weights = random_weights(&config, 11);
@@ -121,16 +122,20 @@ fn write_gguf(path: &Path, config: &Config, weights: &Weights, dtype: GgmlDType,
                     .unwrap();
             }
         }
+        // llama.cpp's converter stores Gemma's norm scales as 1 + weight.
+        if name.ends_with("norm.weight") {
+            t = t.affine(1.0, config.norm_weight_offset()).unwrap();
+        }
         // Norms and biases stay f32, as in real files.
         let dt = if t.rank() == 2 { dtype } else { GgmlDType::F32 };
         tensors.push((
-            mode_model::weights::gguf_name(name),
+            mode_model::weights::gguf_name(config.architecture, name),
             QTensor::quantize(&t, dt).unwrap(),
         ));
     }
     use gguf_file::Value;
     let a = |k: &str| format!("{arch_name}.{k}");
-    let metadata: Vec<(String, Value)> = vec![
+    let mut metadata: Vec<(String, Value)> = vec![
         (
             "general.architecture".into(),
             Value::String(arch_name.into()),
@@ -166,6 +171,17 @@ fn write_gguf(path: &Path, config: &Config, weights: &Weights, dtype: GgmlDType,
             Value::U32(config.max_position_embeddings as u32),
         ),
     ];
+    if let Some(w) = &config.sliding_window {
+        metadata.push((a("attention.sliding_window"), Value::U32(w.size as u32)));
+        metadata.push((
+            a("attention.sliding_window_pattern"),
+            Value::U32(w.global_every as u32),
+        ));
+        metadata.push((
+            a("rope.freq_base_swa"),
+            Value::F32(w.local_rope_theta as f32),
+        ));
+    }
     let mut file = std::fs::File::create(path).unwrap();
     let md: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let ts: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
@@ -178,6 +194,7 @@ fn gguf_f32_loads_exactly_and_quantised_types_load_closely() {
         Architecture::Llama,
         Architecture::Qwen2,
         Architecture::Qwen3,
+        Architecture::Gemma3,
     ] {
         let config = Config::tiny(arch);
         let weights = random_weights(&config, 12);
@@ -200,6 +217,7 @@ fn gguf_f32_loads_exactly_and_quantised_types_load_closely() {
             assert_eq!(loaded.tie_word_embeddings, config.tie_word_embeddings);
             assert_eq!(loaded.attention_bias, config.attention_bias);
             assert_eq!(loaded.qk_norm, config.qk_norm);
+            assert_eq!(loaded.sliding_window, config.sliding_window);
             let model =
                 Backbone::load(loaded, &Weights::Gguf(gguf), DType::F32, &Device::Cpu).unwrap();
             let diff = max_abs_diff(&logits(&model), &reference);

@@ -4,10 +4,11 @@
 use candle_core::{DType, Device, IndexOp, Tensor};
 use mode_model::{random_weights, Architecture, Backbone, Config, Weights};
 
-const ARCHES: [Architecture; 3] = [
+const ARCHES: [Architecture; 4] = [
     Architecture::Llama,
     Architecture::Qwen2,
     Architecture::Qwen3,
+    Architecture::Gemma3,
 ];
 
 fn tiny(arch: Architecture, seed: u64) -> (Config, Weights, Backbone) {
@@ -166,10 +167,22 @@ mod reference {
             .collect()
     }
 
-    fn rms_norm(x: &[f64], w: &[f64], eps: f64) -> Vec<f64> {
+    /// Gemma's norms scale by `1 + w` (`Gemma3RMSNorm`), the others' by `w`.
+    fn rms_norm(c: &Config, x: &[f64], w: &[f64]) -> Vec<f64> {
+        let one = if c.architecture == Architecture::Gemma3 {
+            1.0
+        } else {
+            0.0
+        };
         let ms = x.iter().map(|v| v * v).sum::<f64>() / x.len() as f64;
-        let r = 1.0 / (ms + eps).sqrt();
-        x.iter().zip(w).map(|(v, w)| v * r * w).collect()
+        let r = 1.0 / (ms + c.rms_norm_eps).sqrt();
+        x.iter().zip(w).map(|(v, w)| v * r * (one + w)).collect()
+    }
+
+    /// `gelu_pytorch_tanh`
+    fn gelu_tanh(x: f64) -> f64 {
+        let k = (2.0 / std::f64::consts::PI).sqrt();
+        0.5 * x * (1.0 + (k * (x + 0.044715 * x * x * x)).tanh())
     }
 
     fn rope(x: &mut [f64], pos: usize, theta: f64) {
@@ -191,13 +204,31 @@ mod reference {
             c.num_attention_heads,
             c.num_key_value_heads,
         );
+        let gemma = c.architecture == Architecture::Gemma3;
+        // Gemma3TextScaledWordEmbedding: times sqrt(hidden), rounded to f32.
+        let embed_scale = if gemma {
+            (h as f64).sqrt() as f32 as f64
+        } else {
+            1.0
+        };
         let emb = w.get("model.embed_tokens.weight");
         let mut xs: Vec<Vec<f64>> = tokens
             .iter()
-            .map(|&t| emb[t as usize * h..(t as usize + 1) * h].to_vec())
+            .map(|&t| {
+                emb[t as usize * h..(t as usize + 1) * h]
+                    .iter()
+                    .map(|v| v * embed_scale)
+                    .collect()
+            })
             .collect();
         for l in 0..c.num_hidden_layers {
             let p = format!("model.layers.{l}");
+            // Gemma 3: layer_types, one global layer every `global_every`; local layers see the
+            // last `size` positions and rotate with their own base.
+            let (window, theta) = match &c.sliding_window {
+                Some(sw) if (l + 1) % sw.global_every != 0 => (sw.size, sw.local_rope_theta),
+                _ => (usize::MAX, c.rope_theta),
+            };
             let g = |n: &str| w.get(&format!("{p}.{n}"));
             let bias = |n: &str| {
                 let name = format!("{p}.{n}");
@@ -218,7 +249,7 @@ mod reference {
             let mut ks = Vec::new();
             let mut vs = Vec::new();
             for (pos, x) in xs.iter().enumerate() {
-                let n = rms_norm(x, &g("input_layernorm.weight"), c.rms_norm_eps);
+                let n = rms_norm(c, x, &g("input_layernorm.weight"));
                 let mut q = linear(&wq, bq.as_deref(), &n);
                 let mut k = linear(&wk, bk.as_deref(), &n);
                 for (heads, v, norm) in [
@@ -228,10 +259,10 @@ mod reference {
                     for head in 0..heads {
                         let slice = &mut v[head * hd..(head + 1) * hd];
                         if c.qk_norm {
-                            let normed = rms_norm(slice, &g(norm), c.rms_norm_eps);
+                            let normed = rms_norm(c, slice, &g(norm));
                             slice.copy_from_slice(&normed);
                         }
-                        rope(slice, pos, c.rope_theta);
+                        rope(slice, pos, theta);
                     }
                 }
                 qs.push(q);
@@ -244,7 +275,8 @@ mod reference {
                 for head in 0..nh {
                     let kvh = head / (nh / nkv);
                     let q = &qs[t][head * hd..(head + 1) * hd];
-                    let scores: Vec<f64> = (0..=t)
+                    let first = (t + 1).saturating_sub(window);
+                    let scores: Vec<f64> = (first..=t)
                         .map(|s| {
                             let k = &ks[s][kvh * hd..(kvh + 1) * hd];
                             q.iter().zip(k).map(|(a, b)| a * b).sum::<f64>() / (hd as f64).sqrt()
@@ -252,24 +284,43 @@ mod reference {
                         .collect();
                     let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                     let z: f64 = scores.iter().map(|s| (s - m).exp()).sum();
-                    for (s, score) in scores.iter().enumerate() {
+                    for (i, score) in scores.iter().enumerate() {
+                        let s = first + i;
                         let p = (score - m).exp() / z;
                         for d in 0..hd {
                             attn[head * hd + d] += p * vs[s][kvh * hd + d];
                         }
                     }
                 }
-                let o = linear(&wo, None, &attn);
+                let mut o = linear(&wo, None, &attn);
+                if gemma {
+                    o = rms_norm(c, &o, &g("post_attention_layernorm.weight"));
+                }
                 let x1: Vec<f64> = x.iter().zip(&o).map(|(a, b)| a + b).collect();
-                let n = rms_norm(&x1, &g("post_attention_layernorm.weight"), c.rms_norm_eps);
+                let pre_mlp = if gemma {
+                    "pre_feedforward_layernorm.weight"
+                } else {
+                    "post_attention_layernorm.weight"
+                };
+                let n = rms_norm(c, &x1, &g(pre_mlp));
                 let gate = linear(&g("mlp.gate_proj.weight"), None, &n);
                 let up = linear(&g("mlp.up_proj.weight"), None, &n);
                 let act: Vec<f64> = gate
                     .iter()
                     .zip(&up)
-                    .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
+                    .map(|(&g, u)| {
+                        let a = if gemma {
+                            gelu_tanh(g)
+                        } else {
+                            g / (1.0 + (-g).exp())
+                        };
+                        a * u
+                    })
                     .collect();
-                let down = linear(&g("mlp.down_proj.weight"), None, &act);
+                let mut down = linear(&g("mlp.down_proj.weight"), None, &act);
+                if gemma {
+                    down = rms_norm(c, &down, &g("post_feedforward_layernorm.weight"));
+                }
                 new_xs.push(x1.iter().zip(&down).map(|(a, b)| a + b).collect());
             }
             xs = new_xs;
@@ -280,13 +331,7 @@ mod reference {
             emb.clone()
         };
         xs.iter()
-            .map(|x| {
-                linear(
-                    &head,
-                    None,
-                    &rms_norm(x, &w.get("model.norm.weight"), c.rms_norm_eps),
-                )
-            })
+            .map(|x| linear(&head, None, &rms_norm(c, x, &w.get("model.norm.weight"))))
             .collect()
     }
 }

@@ -87,7 +87,7 @@ fn spawn_generation(s: Arc<AppState>, job: Job, ticket: Ticket) -> mpsc::Receive
                 Ok(lm) => lm,
                 Err(e) => return fail(bad(e.to_string())),
             };
-            let ids = match tokenizer.encode(&job.prompt) {
+            let ids = match tokenizer.encode_prompt(&job.prompt) {
                 Ok(ids) => ids,
                 Err(e) => return fail(bad(format!("cannot tokenise: {e}"))),
             };

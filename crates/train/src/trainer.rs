@@ -202,19 +202,39 @@ pub fn sample_batch(
             )));
         }
         let start = rng.random_range(0..=n - cfg.seq_len - 1);
-        ids.extend_from_slice(&split.tokens()[start..start + cfg.seq_len]);
-        for i in start + 1..start + cfg.seq_len + 1 {
-            targets.push(if split.mask()[i] == 1 {
-                split.tokens()[i]
-            } else {
-                IGNORE
-            });
-        }
+        let bos = source.data.manifest.bos_id;
+        push_row(split, start, cfg.seq_len, bos, &mut ids, &mut targets);
     }
+    let row_len = ids.len() / rows;
     Ok(Batch {
-        ids: Tensor::from_vec(ids, (rows, cfg.seq_len), device)?,
+        ids: Tensor::from_vec(ids, (rows, row_len), device)?,
         targets,
     })
+}
+
+/// Appends the row of `seq_len` tokens at `start` of `split` and its next-token targets
+/// ([`IGNORE`] where the loss mask leaves a token out); with a `bos`, the row begins with it
+/// and its prediction is not counted, as in evaluation (see `mode_eval`).
+fn push_row(
+    split: &mode_data::SplitData,
+    start: usize,
+    seq_len: usize,
+    bos: Option<u32>,
+    ids: &mut Vec<u32>,
+    targets: &mut Vec<u32>,
+) {
+    if let Some(bos) = bos {
+        ids.push(bos);
+        targets.push(IGNORE);
+    }
+    ids.extend_from_slice(&split.tokens()[start..start + seq_len]);
+    targets.extend((start + 1..start + seq_len + 1).map(|i| {
+        if split.mask()[i] == 1 {
+            split.tokens()[i]
+        } else {
+            IGNORE
+        }
+    }));
 }
 
 /// Loss and next-token accuracy on held-out data.
@@ -257,20 +277,11 @@ pub fn validate(
             if start + cfg.seq_len + 1 > tokens.len() {
                 break;
             }
-            let ids = Tensor::from_slice(
-                &tokens[start..start + cfg.seq_len],
-                (1, cfg.seq_len),
-                method.backbone().device(),
-            )?;
-            let targets: Vec<u32> = (start + 1..start + cfg.seq_len + 1)
-                .map(|i| {
-                    if split.mask()[i] == 1 {
-                        tokens[i]
-                    } else {
-                        IGNORE
-                    }
-                })
-                .collect();
+            let (mut ids, mut targets) = (Vec::new(), Vec::new());
+            let bos = source.data.manifest.bos_id;
+            push_row(split, start, cfg.seq_len, bos, &mut ids, &mut targets);
+            let shape = (1, ids.len());
+            let ids = Tensor::from_vec(ids, shape, method.backbone().device())?;
             let r = loss_and_grads(method.backbone(), &plan, &ids, &targets)?;
             loss += r.loss_sum;
             correct += r.correct;

@@ -157,7 +157,8 @@ fn infer(args: InferArgs) -> Result<()> {
         let start = Instant::now();
         mode_eval::evaluate_ids(
             &model,
-            &mode_eval::EvalSet::plain(ids[..args.eval_tokens].to_vec()),
+            &mode_eval::EvalSet::plain(ids[..args.eval_tokens].to_vec())
+                .with_bos(tokenizer.leading_bos()),
             args.seq_len,
             4,
             None,

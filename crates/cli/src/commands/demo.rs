@@ -185,6 +185,9 @@ pub fn run(args: Args) -> Result<()> {
     reporter.stage("done");
     println!("Learning rates:");
     print!("{}", results.lr_selection.text());
+    if let Some(note) = results.lr_selection.other_backbone_note(&results.backbone) {
+        println!("  note: {note}");
+    }
     print!("{}", results.recipe_selection.text());
     println!("{}", mode_demo::report::table(&results));
     print!("{}", mode_demo::report::claims_text(&results));

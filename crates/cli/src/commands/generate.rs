@@ -74,7 +74,7 @@ pub fn run(args: Args) -> Result<()> {
     } else {
         args.prompt.clone()
     };
-    let prompt = tokenizer.encode(&text)?;
+    let prompt = tokenizer.encode_prompt(&text)?;
     let mut sampler = Sampler::new(SamplingParams {
         temperature: args.temperature,
         top_p: args.top_p,

@@ -174,12 +174,18 @@ fn learning_rates(h: &mut String, results: &Results) {
     } else {
         let _ = write!(
             h,
-            "<p>Chosen per stage by <code>mode demo --select-lr</code>: each rate trained {} steps \
-             of {} tokens, scored on {} windows spread over the validation splits of Math and Code \
-             (an expert on its own domain); the lowest mean validation loss (nats/token) wins. No \
-             test or retention data is used.</p>",
-            sel.steps, sel.batch_tokens, sel.windows
+            "<p>Chosen per stage by <code>mode demo --select-lr</code> on <code>{}</code>: each \
+             rate trained {} steps of {} tokens, scored on {} windows spread over the validation \
+             splits of Math and Code (an expert on its own domain); the lowest mean validation \
+             loss (nats/token) wins. No test or retention data is used.</p>",
+            escape(&sel.backbone),
+            sel.steps,
+            sel.batch_tokens,
+            sel.windows
         );
+    }
+    if let Some(note) = sel.other_backbone_note(&results.backbone) {
+        let _ = write!(h, "<p><b>Note:</b> {}.</p>", escape(&note));
     }
     h.push_str("<table><tr><th>stage</th><th>chosen</th><th>validation loss per rate</th></tr>");
     for stage in crate::method::Stage::ALL {

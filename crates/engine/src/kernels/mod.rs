@@ -1,4 +1,4 @@
-//! Fused CPU kernels for the elementwise parts of the training ops (RMSNorm, RoPE, SwiGLU and
+//! Fused CPU kernels for the elementwise parts of the training ops (RMSNorm, RoPE, gated units and
 //! the softmax backward): one parallel pass each instead of a chain of candle ops, every one of
 //! which would allocate and sweep memory again. f32 and f64 (the gradient checks run in f64).
 //!
@@ -192,15 +192,15 @@ const MIN_ROWS_PER_TASK: usize = 8;
 /// Elements per parallel task of the elementwise kernels.
 const ELEMS_PER_TASK: usize = 1 << 14;
 
+mod glu;
 mod norm;
 mod rope;
 mod softmax;
-mod swiglu;
 
+pub use glu::{glu, glu_backward};
 pub use norm::{rms_norm, rms_norm_backward};
 pub use rope::{rope, rope_backward};
 pub use softmax::{causal_softmax, softmax_backward};
-pub use swiglu::{swiglu, swiglu_backward};
 
 // ---------------------------------------------------------------------------------------------
 // Reductions

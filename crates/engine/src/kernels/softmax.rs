@@ -10,6 +10,8 @@ struct CausalSoftmax {
     scale: f64,
     /// Query rows per kv head are `rep` groups of `t` positions.
     t: usize,
+    /// Keys visible to a query: at most this many, ending at its own position.
+    window: usize,
 }
 
 impl CustomOp1 for CausalSoftmax {
@@ -18,7 +20,7 @@ impl CustomOp1 for CausalSoftmax {
     }
 
     /// `scores [..., rep * t, t]` -> softmax over each row of `scale * scores` with keys after
-    /// the query's position masked out.
+    /// the query's position, and those `window` or more before it, masked out (probability 0).
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let t = self.t;
         by_dtype!(s, self.name(), |T| {
@@ -29,8 +31,9 @@ impl CustomOp1 for CausalSoftmax {
                 .enumerate()
                 .with_min_len(16)
                 .for_each(|(row, (o, x))| {
-                    let visible = row % t + 1;
-                    softmax_row(&x[..visible], T::of(self.scale), &mut o[..visible]);
+                    let end = row % t + 1;
+                    let start = end.saturating_sub(self.window);
+                    softmax_row(&x[start..end], T::of(self.scale), &mut o[start..end]);
                 });
             Ok((T::to_cpu_storage_owned(out), l.shape().clone()))
         })
@@ -51,11 +54,18 @@ fn softmax_row<T: Float>(x: &[T], scale: T, o: &mut [T]) {
     }
 }
 
-/// Softmax of `scale * scores` over keys, causal, for folded query rows (`rep` groups of `t`).
-pub fn causal_softmax(scores: &Tensor, scale: f64, t: usize) -> Result<Tensor> {
+/// Softmax of `scale * scores` over keys, causal (and within `window` when given), for folded
+/// query rows (`rep` groups of `t`).
+pub fn causal_softmax(
+    scores: &Tensor,
+    scale: f64,
+    t: usize,
+    window: Option<usize>,
+) -> Result<Tensor> {
+    let window = window.unwrap_or(usize::MAX);
     scores
         .contiguous()?
-        .apply_op1_no_bwd(&CausalSoftmax { scale, t })
+        .apply_op1_no_bwd(&CausalSoftmax { scale, t, window })
 }
 
 struct SoftmaxBwd {
