@@ -24,11 +24,14 @@ lint:
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --release --workspace --all-targets -- -D warnings
 
-# Ours next to Hugging Face generate on this machine (needs the reference venv; not run by CI).
+# Ours next to Hugging Face generate on this machine (needs the reference venv; not run by CI). Rounds
+# alternate ours and the peer; ends with a JSON line of median per-round ratios and their spread.
+# BACKBONE=gemma3-270m (default smollm2-135m), ROUNDS=5: see bench/infer.sh.
 bench-infer:
 	bench/infer.sh
 
-# Training speed, ours next to PyTorch per mode; ends with the ratio JSON line (not run by CI).
+# Training speed, ours next to PyTorch per mode, alternating rounds; ends with the ratio JSON line (not
+# run by CI). BACKBONE=gemma3-270m (default smollm2-135m), ROUNDS=3: see bench/train.sh.
 bench-train:
 	bench/train.sh
 

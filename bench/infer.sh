@@ -1,32 +1,71 @@
 #!/usr/bin/env bash
-# Inference speed of `mode` next to Hugging Face `generate` (PyTorch eager, f32) on the same machine,
-# run back to back with the same thread count. Not part of CI: the peer needs the 4.6 GiB venv of
-# scripts/reference/setup_venv.sh. Ends with one JSON line of ratios (ours / peer, medians).
+# Inference speed of `mode` next to Hugging Face `generate` (PyTorch eager, f32) on the same machine and the
+# same GGUF, with the same thread count. Not part of CI: the peer needs the 4.6 GiB venv of
+# scripts/reference/setup_venv.sh.
 #
-#   bench/infer.sh [THREADS]      # default 2
+# The two alternate: ROUNDS rounds, each `mode bench infer --runs 1` then `hf_generate.py --runs 1` (each a
+# fresh process: one warm-up run, then one timed run), so that load on the machine hits both alike. Every
+# round gives one ratio ours / peer per metric (prefill and decode tokens/s); the last line is one JSON
+# object with, per metric, the median of the per-round ratios and their spread (min, max), and the medians
+# of each side's own tokens/s.
+#
+#   bench/infer.sh [THREADS]                        # default 2; SmolLM2-135M, 5 rounds
+#   BACKBONE=gemma3-270m bench/infer.sh 2           # Gemma 3 270M (base model: plain-text prompt, BOS first)
+#   ROUNDS=9 NEW_TOKENS=64 bench/infer.sh           # defaults: ROUNDS=5, NEW_TOKENS=64
+#
+# BACKBONE: a name `mode` knows (smollm2-135m, the default; gemma3-270m) or a .gguf path; the peer loads the
+# GGUF that ours reports having loaded. Prompt: SmolLM2's GGUF has a chat template and the peer uses its
+# 37-token ChatML prompt; for a GGUF without one (Gemma 3 270M) the peer's prompt is PROMPT_TOKENS (default 37)
+# tokens: BOS + the text `mode bench infer` uses. Ours always decodes after a prompt of the same length
+# (`--prompt-tokens`). EVAL_TOKENS (unset: mode's default) only sizes ours' evaluation figure, which the
+# peer does not measure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 THREADS="${1:-2}"
+BACKBONE="${BACKBONE:-smollm2-135m}"
+ROUNDS="${ROUNDS:-5}"
+NEW_TOKENS="${NEW_TOKENS:-64}"
+PROMPT_TOKENS="${PROMPT_TOKENS:-37}"
 MODE="${CARGO_TARGET_DIR:-target}/release/mode"
-GGUF="$(scripts/fetch_backbone.sh)"
 PY=scripts/reference/.venv/bin/python
 [ -x "$PY" ] || scripts/reference/setup_venv.sh >&2
 
 cargo build --release --quiet
-# The peer's prompt is the 37-token chat prompt; ours decodes after a prompt of the same length.
-ours=$("$MODE" --threads "$THREADS" bench infer --prompt-tokens 37 --new-tokens 64 --runs 5 --json)
-echo "mode: $ours"
-peer=$(OMP_WAIT_POLICY=PASSIVE "$PY" bench/peer/hf_generate.py --gguf "$GGUF" --threads "$THREADS" \
-    --max-new-tokens 64 --runs 5 | tail -n 1)
-echo "peer: $peer"
-python3 - "$ours" "$peer" <<'PY'
+eval_flags=()
+[ -n "${EVAL_TOKENS:-}" ] && eval_flags=(--eval-tokens "$EVAL_TOKENS" --seq-len "$EVAL_TOKENS")
+rows=()
+GGUF=""
+for round in $(seq 1 "$ROUNDS"); do
+    ours=$("$MODE" --threads "$THREADS" bench infer --backbone "$BACKBONE" --prompt-tokens "$PROMPT_TOKENS" \
+        --new-tokens "$NEW_TOKENS" --runs 1 "${eval_flags[@]}" --json)
+    echo "round $round/$ROUNDS mode: $ours"
+    if [ -z "$GGUF" ]; then
+        GGUF=$(python3 -c 'import json, sys; print(json.loads(sys.argv[1])["backbone"])' "$ours")
+        case "$GGUF" in
+            *.gguf) ;;
+            *) echo "infer.sh: the peer needs a GGUF backbone, ours loaded $GGUF" >&2; exit 1 ;;
+        esac
+    fi
+    peer=$(OMP_WAIT_POLICY=PASSIVE "$PY" bench/peer/hf_generate.py --gguf "$GGUF" --threads "$THREADS" \
+        --prompt-tokens "$PROMPT_TOKENS" --max-new-tokens "$NEW_TOKENS" --runs 1 | tail -n 1)
+    echo "round $round/$ROUNDS peer: $peer"
+    rows+=("$ours" "$peer")
+done
+python3 - "$BACKBONE" "${rows[@]}" <<'PY'
 import json, sys
-ours, peer = json.loads(sys.argv[1]), json.loads(sys.argv[2])
-print(json.dumps({
-    "threads": ours["threads"],
-    "decode_tokens_per_sec": {"mode": round(ours["decode_tokens_per_sec"], 1), "hf": round(peer["decode_tokens_per_sec"], 1)},
-    "prefill_tokens_per_sec": {"mode": round(ours["prefill_tokens_per_sec"], 1), "hf": round(peer["prefill_tokens_per_sec"], 1)},
-    "ratio_decode": round(ours["decode_tokens_per_sec"] / peer["decode_tokens_per_sec"], 2),
-    "ratio_prefill": round(ours["prefill_tokens_per_sec"] / peer["prefill_tokens_per_sec"], 2),
-}))
+backbone, rows = sys.argv[1], [json.loads(a) for a in sys.argv[2:]]
+ours, peer = rows[0::2], rows[1::2]
+
+def median(xs):  # the upper one of an even count, as mode's own medians
+    return sorted(xs)[len(xs) // 2]
+
+out = {"backbone": backbone, "gguf": peer[0]["gguf"], "threads": ours[0]["threads"], "rounds": len(ours),
+       "prompt_tokens": ours[0]["prompt_tokens"], "new_tokens": ours[0]["new_tokens"]}
+for metric in ("decode", "prefill"):
+    key = f"{metric}_tokens_per_sec"
+    ratios = [o[key] / p[key] for o, p in zip(ours, peer)]
+    out[f"ratio_{metric}"] = {"median": round(median(ratios), 3), "min": round(min(ratios), 3),
+                              "max": round(max(ratios), 3), "rounds": [round(r, 3) for r in ratios]}
+    out[key] = {"mode": round(median([o[key] for o in ours]), 1), "hf": round(median([p[key] for p in peer]), 1)}
+print(json.dumps(out))
 PY

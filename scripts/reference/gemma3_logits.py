@@ -9,7 +9,8 @@ Run with the reference venv (scripts/reference/setup_venv.sh):
         --tokenization-out tests/fixtures/gemma3_tokenization.json
 
 transformers loads the GGUF (Q4_K / Q6_K tensors dequantized to float32; about 6 minutes on 2 cores) and
-builds its tokenizer from the GGUF metadata; an implementation independent of the Rust one. Every prompt
+the tokenizer is Google's SentencePiece library on the GGUF's pieces (see gguf_tokenizer.py for why not
+transformers'); implementations independent of the Rust one. Every prompt
 starts with the BOS the tokenizer adds (`tokenizer.ggml.add_bos_token`). Writes:
 
 * the logits safetensors file, per prompt i:
@@ -57,6 +58,7 @@ GEMMA_TEXTS = [
     "control \x07 bell, \x00 nul, and a rare glyph \U0001f9ff plus 𝔘𝔫𝔦𝔠𝔬𝔡𝔢",
     " leading space, trailing newline\n",
     "tabs\tand\t\tmore\ttabs",
+    "\n" + " " * 32 + "k.encode('utf-8'),\n" + " " * 40 + "x = 1" + " " * 17 + "# a comment",
 ]
 STRIDE = 64
 
@@ -77,9 +79,16 @@ def main():
     tokenizer, bos = gguf_tokenizer(gguf_path)
     assert bos is not None, "Gemma's GGUF should ask for a BOS"
 
+    from transformers import AutoTokenizer
+
+    converted = AutoTokenizer.from_pretrained(gdir, gguf_file=gname)
     entries = []
     for text in TOKENIZATION_TEXTS + GEMMA_TEXTS:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        theirs = converted(text, add_special_tokens=False)["input_ids"]
+        if theirs != ids:
+            log(f"NOTE: transformers' GGUF tokenizer differs from SentencePiece on {text!r}:\n"
+                f"  transformers  {theirs}\n  sentencepiece {ids}")
         back = tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
         assert back == text, f"{text!r} decodes back as {back!r}"
         entries.append({"text": text, "ids": ids})

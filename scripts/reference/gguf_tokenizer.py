@@ -7,6 +7,11 @@ applies for `tokenizer.ggml.pre = smollm`). The two differ only where a run of w
 a digit ("\\n        2-tuples": the converter splits off one space as its own token). The
 reference scripts restore the original pipeline so that both sides score the same token ids and
 the comparison is about the model.
+
+Gemma (a SentencePiece GGUF, `tokenizer.ggml.model = llama`): the converter splits runs of more
+than 16 spaces unlike SentencePiece (32 spaces then `k` give 16 + 16 + `k` instead of 31 + `▁k`;
+`requests/models.py` comes out 8797 tokens instead of 8795). The reference tokenizes with Google's
+SentencePiece library on the GGUF's own pieces instead (`spm_from_gguf.py`).
 """
 
 import os
@@ -26,7 +31,7 @@ def use_original_pretokenizer(tokenizer):
 
 def gguf_tokenizer(gguf_path):
     """(tokenizer, bos): transformers' tokenizer of the GGUF, with SmolLM2's pre-tokenizer restored
-    when `tokenizer.ggml.pre` is `smollm`; `bos` is the id fed before every sequence when the file
+    when `tokenizer.ggml.pre` is `smollm`, or SentencePiece's for a SentencePiece GGUF; `bos` is the id fed before every sequence when the file
     says `tokenizer.ggml.add_bos_token`, else None."""
     import gguf
     from transformers import AutoTokenizer
@@ -38,7 +43,12 @@ def gguf_tokenizer(gguf_path):
         return None if f is None else f.contents()
 
     gdir, gname = os.path.split(os.path.abspath(gguf_path))
-    tokenizer = AutoTokenizer.from_pretrained(gdir, gguf_file=gname)
+    if field("tokenizer.ggml.model") == "llama":
+        from spm_from_gguf import SentencePieceTokenizer
+
+        tokenizer = SentencePieceTokenizer(gguf_path)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(gdir, gguf_file=gname)
     if field("tokenizer.ggml.pre") == "smollm":
         tokenizer = use_original_pretokenizer(tokenizer)
     bos = field("tokenizer.ggml.bos_token_id") if field("tokenizer.ggml.add_bos_token") else None

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create scripts/reference/.venv (git-ignored): CPU-usable PyTorch + transformers + gguf + numpy + safetensors,
+# Create scripts/reference/.venv (git-ignored): CPU-usable PyTorch + transformers + gguf + numpy + safetensors + sentencepiece,
 # all versions pinned. Idempotent: a venv whose stamp matches this script and that imports cleanly is kept.
 #
 # Why the odd torch install: no CPU-only wheel index is reachable from here, and PyPI's Linux torch wheel links
@@ -57,6 +57,8 @@ PINS=(
     safetensors==0.8.0
     gguf==0.19.0
     numpy==2.4.6
+    sentencepiece==0.2.3
+    protobuf==7.36.2
     huggingface_hub==2.4.0
     # their dependencies
     annotated-doc==0.0.7

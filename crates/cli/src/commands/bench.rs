@@ -72,7 +72,8 @@ struct TrainArgs {
     /// What trains: full, lora, branch, or all (each in a child process)
     #[arg(long, value_enum, default_value_t = TrainBenchMode::All)]
     mode: TrainBenchMode,
-    /// A .gguf file or HF folder; default: SmolLM2-135M (cached weights, or random of its shape)
+    /// A known name (`smollm2-135m`, `gemma3-270m`: fetched on first use), a .gguf file or HF
+    /// folder; default: SmolLM2-135M (cached weights, or random of its shape)
     #[arg(long)]
     backbone: Option<String>,
     #[arg(long, default_value_t = 256)]
@@ -106,7 +107,7 @@ struct InferArgs {
     /// Timed runs per measurement (after one warm-up); medians are reported
     #[arg(long, default_value_t = 5)]
     runs: usize,
-    /// Prompt length for the prefill measurement
+    /// Prompt length for the prefill measurement (the tokenizer's BOS, if it adds one, counts)
     #[arg(long, default_value_t = 128)]
     prompt_tokens: usize,
     /// Tokens generated per decode run
@@ -148,11 +149,19 @@ fn infer(args: InferArgs) -> Result<()> {
     }
     let (model, tokenizer, path) = args.backbone.load()?;
     let ids = bench::text_ids(&tokenizer, args.prompt_tokens.max(args.eval_tokens))?;
+    // The prompt begins with the BOS where the tokenizer asks for one (Gemma), as a user's prompt
+    // would and as the peer's plain-text prompt does (bench/peer/hf_generate.py); then the text.
+    let prompt: Vec<u32> = tokenizer
+        .leading_bos()
+        .into_iter()
+        .chain(ids.iter().copied())
+        .take(args.prompt_tokens)
+        .collect();
     let threads = candle_core::utils::get_num_threads();
 
     let (mut prefill, mut decode, mut eval) = (Vec::new(), Vec::new(), Vec::new());
     for run in 0..=args.runs {
-        let g = bench::time_greedy(&model, &ids[..args.prompt_tokens], args.new_tokens)?;
+        let g = bench::time_greedy(&model, &prompt, args.new_tokens)?;
         let (p, d) = (g.prefill_tokens_per_sec, g.decode_tokens_per_sec);
         let start = Instant::now();
         mode_eval::evaluate_ids(
@@ -186,6 +195,7 @@ fn infer(args: InferArgs) -> Result<()> {
                 "decode_tokens_per_sec": d,
                 "eval_tokens_per_sec": e,
                 "prompt_tokens": args.prompt_tokens,
+                "prompt_bos": tokenizer.leading_bos(),
                 "new_tokens": args.new_tokens,
                 "eval_tokens": args.eval_tokens,
                 "runs": args.runs,
