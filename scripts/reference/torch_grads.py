@@ -1,22 +1,32 @@
 #!/usr/bin/env python3
-"""Reference parameter gradients of tiny random Llama / Qwen2 / Qwen3 models, from Hugging Face transformers.
+"""Reference parameter gradients of tiny random Llama / Qwen2 / Qwen3 / Gemma 3 models, from HF transformers.
 
 Run with the reference venv (scripts/reference/setup_venv.sh); no download, CPU, a few seconds:
 
     scripts/reference/.venv/bin/python scripts/reference/torch_grads.py [--out-dir tests/fixtures] [--arch llama ...]
 
-For each architecture (`llama`, `qwen2`, `qwen3`) a randomly initialised *ForCausalLM with
-vocab 256, hidden 64, intermediate 128, 2 layers, 4 query heads, 2 KV heads, head_dim 16, rms_norm_eps 1e-6,
-rope_theta 10000 (default RoPE, no scaling), eager attention, eval mode, float64:
+For each architecture (`llama`, `qwen2`, `qwen3`, `gemma3`) a randomly initialised *ForCausalLM with
+vocab 256, hidden 64, intermediate 128, 2 layers (gemma3: 3), 4 query heads, 2 KV heads, head_dim 16,
+rms_norm_eps 1e-6, rope_theta 10000 (default RoPE, no scaling), eager attention, eval mode, float64:
 
 * llama: tied embeddings, no biases;
 * qwen2: untied embeddings (separate lm_head.weight), biases on q/k/v projections;
-* qwen3: tied embeddings, no biases, q_norm/k_norm (RMSNorm over head_dim) before RoPE.
+* qwen3: tied embeddings, no biases, q_norm/k_norm (RMSNorm over head_dim) before RoPE;
+* gemma3 (Gemma3ForCausalLM, the text-only Gemma 3; mode's Config::tiny(Gemma3)): tied embeddings, no biases,
+  q_norm/k_norm, 3 layers with layer_types [sliding, sliding, full] (a global layer every 3rd), sliding_window 4
+  (a sliding layer's query sees the last 4 positions, itself included), RoPE theta 10000 on the full-attention
+  layer and 100 on the sliding ones, query_pre_attn_scalar 16 (scores scaled by 16**-0.5 = 1/sqrt(head_dim)),
+  GELU-tanh gated MLP (gelu_pytorch_tanh), embeddings multiplied by sqrt(64) = 8, four RMSNorms per layer
+  (input, post_attention, pre_feedforward, post_feedforward) that scale by (1 + weight), no attention or final
+  logit softcapping, pad_token_id None (so the embedding has no padding_idx row whose gradient torch would
+  drop).
 
 Initialisation: torch.manual_seed(0) before construction, then every parameter is re-drawn from a
-torch.Generator seeded with the architecture's seed (llama 1, qwen2 2, qwen3 3), in named_parameters() order:
-Linear/Embedding weights and all biases uniform(-0.0346, 0.0346) (std ~0.02), RMSNorm weights
-1 + uniform(-0.1, 0.1).
+torch.Generator seeded with the architecture's seed (llama 1, qwen2 2, qwen3 3, gemma3 4), in
+named_parameters() order: Linear/Embedding weights and all biases uniform(-0.0346, 0.0346) (std ~0.02), RMSNorm
+weights 1 + uniform(-0.1, 0.1). Gemma's RMSNorm weights are stored as offsets (the norm scales by 1 + weight,
+transformers initialises them to 0), so for gemma3 they are uniform(-0.1, 0.1): the same effective scales
+1 + uniform(-0.1, 0.1) as the others.
 
 Input: ids [2, 9] from torch.randint(0, 256, generator=torch.Generator().manual_seed(1)), the same for every
 architecture. Targets: targets[b, t] = ids[b, t + 1], -100 at the last position of each row and at position 0
@@ -25,13 +35,17 @@ reduction="mean") on model(input_ids=ids).logits (no attention mask, positions 0
 
 Float64 throughout: transformers 5 computes RMSNorm, the attention softmax and the RoPE cos/sin in float32 even
 in a float64 model. Those three steps are replaced here (same formulas, no dtype change; RoPE inv_freq
-recomputed in float64) so that the gradients are float64-exact; the script checks that the patched logits agree
-with the unpatched model's to float32 accuracy, and checks a few gradient entries by central finite differences
-(eps 1e-6; see fd_check for how entries are chosen).
+recomputed in float64, for gemma3 per layer type) so that the gradients are float64-exact; the attention mask
+transformers builds (causal, and for gemma3's sliding layers causal AND key > query - 4) is used unchanged. The
+script checks that the patched logits agree with the unpatched model's to float32 accuracy, for gemma3 that the
+masks reaching attention are exactly the expected causal / sliding-window patterns and that the window changes
+the logits (only at positions >= 4), and checks a few gradient entries by central finite differences (eps 1e-6;
+see fd_check for how entries are chosen).
 
 Writes tests/fixtures/grads_{arch}.safetensors:
     <name>        F64   every parameter under its Hugging Face name (named_parameters(); with tied embeddings
-                        only model.embed_tokens.weight, lm_head.weight exists only for qwen2)
+                        only model.embed_tokens.weight, lm_head.weight exists only for qwen2; gemma3 norm
+                        weights are the stored offsets, scale = 1 + weight)
     grad.<name>   F64   d loss / d <name> (tied: includes the LM-head contribution)
     input_ids     I64 [2, 9]
     targets       I64 [2, 9]   -100 = ignored
@@ -53,6 +67,8 @@ import torch.nn.functional as F
 import transformers
 from safetensors.torch import load_file, save_file
 from transformers import (
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     LlamaConfig,
     LlamaForCausalLM,
     Qwen2Config,
@@ -60,6 +76,7 @@ from transformers import (
     Qwen3Config,
     Qwen3ForCausalLM,
 )
+from transformers.models.gemma3 import modeling_gemma3
 from transformers.models.llama import modeling_llama
 from transformers.models.qwen2 import modeling_qwen2
 from transformers.models.qwen3 import modeling_qwen3
@@ -68,13 +85,14 @@ GENERATOR = "scripts/reference/torch_grads.py"
 DTYPE = torch.float64
 BATCH, SEQ = 2, 9
 INPUT_SEED = 1
-ARCH_SEEDS = {"llama": 1, "qwen2": 2, "qwen3": 3}
+ARCH_SEEDS = {"llama": 1, "qwen2": 2, "qwen3": 3, "gemma3": 4}
 WEIGHT_BOUND = 0.0346  # uniform(-a, a) has std a / sqrt(3) ~= 0.02
 NORM_BOUND = 0.1
 FD_EPS = 1e-6
 FD_TOL = 1e-6
 FD_MIN_GRAD = 1e-4  # see fd_check
 FD_ABS_FLOOR = 1e-10
+GEMMA_WINDOW = 4
 
 SIZES = dict(
     vocab_size=256,
@@ -117,6 +135,34 @@ ARCHS = {
         fd_params=["model.layers.0.self_attn.k_norm.weight", "model.layers.0.mlp.gate_proj.weight",
                    "model.embed_tokens.weight"],
     ),
+    # mode's Config::tiny(Architecture::Gemma3) (crates/model/src/config.rs): SIZES with 3 layers.
+    "gemma3": dict(
+        config_cls=Gemma3TextConfig,
+        model_cls=Gemma3ForCausalLM,
+        module=modeling_gemma3,
+        prefix="Gemma3",
+        kwargs=dict(
+            num_hidden_layers=3,
+            tie_word_embeddings=True,
+            attention_bias=False,
+            pad_token_id=None,
+            layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+            sliding_window=GEMMA_WINDOW,
+            rope_parameters={
+                "full_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+            },
+            query_pre_attn_scalar=16,
+            hidden_activation="gelu_pytorch_tanh",
+            attn_logit_softcapping=None,
+            final_logit_softcapping=None,
+            use_bidirectional_attention=False,
+        ),
+        drop=["rope_theta"],  # given per layer type in rope_parameters
+        norm_offset=True,  # RMSNorm scales by 1 + weight: weights are initialised around 0, not 1
+        fd_params=["model.layers.1.self_attn.q_norm.weight", "model.layers.2.post_feedforward_layernorm.weight",
+                   "model.layers.0.self_attn.k_proj.weight"],
+    ),
 }
 
 
@@ -132,6 +178,12 @@ def rmsnorm_forward_f64(self, hidden_states):
     return self.weight * (hidden_states * torch.rsqrt(variance + self.variance_epsilon))
 
 
+def gemma_rmsnorm_forward_f64(self, x):
+    """(x / sqrt(mean(x^2) + eps)) * (1 + weight), in the input's dtype (transformers upcasts to float32)."""
+    PATCH_HITS["rmsnorm"] += 1
+    return self._norm(x) * (1.0 + self.weight)
+
+
 def rope_forward_f64(self, x, position_ids):
     """cos/sin of position * inv_freq in float64 (transformers computes them in float32)."""
     PATCH_HITS["rope"] += 1
@@ -140,9 +192,27 @@ def rope_forward_f64(self, x, position_ids):
     return (emb.cos() * self.attention_scaling).to(x.dtype), (emb.sin() * self.attention_scaling).to(x.dtype)
 
 
+def gemma_rope_forward_f64(self, x, position_ids, layer_type):
+    """rope_forward_f64 with Gemma 3's per-layer-type inv_freq (full_attention / sliding_attention)."""
+    PATCH_HITS["rope"] += 1
+    inv_freq = getattr(self, f"{layer_type}_inv_freq").to(device=x.device, dtype=torch.float64)
+    scaling = getattr(self, f"{layer_type}_attention_scaling")
+    freqs = position_ids[..., None].to(torch.float64) * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return (emb.cos() * scaling).to(x.dtype), (emb.sin() * scaling).to(x.dtype)
+
+
+SEEN_MASKS = {}  # layer_idx -> the attention mask that layer's attention received (for gemma3's mask check)
+
+
 def eager_attention_f64(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
-    """Eager GQA attention with the softmax in the input dtype (transformers forces float32)."""
+    """Eager GQA attention with the softmax in the input dtype (transformers forces float32).
+
+    The additive mask is transformers' own (causal; for Gemma 3's sliding layers also the window), unchanged.
+    """
     PATCH_HITS["attention"] += 1
+    assert kwargs.get("softcap") is None, kwargs["softcap"]
+    SEEN_MASKS[getattr(module, "layer_idx", None)] = attention_mask
     groups = module.num_key_value_groups
     key = key.repeat_interleave(groups, dim=1)  # [B, Hkv, T, D] -> [B, H, T, D], head h uses kv head h // groups
     value = value.repeat_interleave(groups, dim=1)
@@ -155,17 +225,28 @@ def eager_attention_f64(module, query, key, value, attention_mask, scaling, drop
     return out, probs
 
 
+def f64_inv_freq(theta, head_dim):
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+
+
 def apply_f64_patches(spec, model):
     mod, prefix = spec["module"], spec["prefix"]
-    getattr(mod, f"{prefix}RMSNorm").forward = rmsnorm_forward_f64
-    getattr(mod, f"{prefix}RotaryEmbedding").forward = rope_forward_f64
+    gemma = spec.get("norm_offset", False)
+    getattr(mod, f"{prefix}RMSNorm").forward = gemma_rmsnorm_forward_f64 if gemma else rmsnorm_forward_f64
+    getattr(mod, f"{prefix}RotaryEmbedding").forward = gemma_rope_forward_f64 if gemma else rope_forward_f64
     mod.eager_attention_forward = eager_attention_f64
     rot = model.model.rotary_emb
     cfg = model.config
+    if gemma:
+        # One inv_freq buffer per layer type, each with its own theta.
+        assert sorted(rot.layer_types) == ["full_attention", "sliding_attention"], rot.layer_types
+        for lt in rot.layer_types:
+            assert rot.rope_type[lt] == "default" and getattr(rot, f"{lt}_attention_scaling") == 1.0, lt
+            setattr(rot, f"{lt}_inv_freq", f64_inv_freq(cfg.rope_parameters[lt]["rope_theta"], cfg.head_dim))
+        return
     assert rot.rope_type == "default" and rot.attention_scaling == 1.0, (rot.rope_type, rot.attention_scaling)
     theta = cfg.rope_parameters["rope_theta"]
-    inv_freq = 1.0 / (theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float64) / cfg.head_dim))
-    rot.inv_freq = inv_freq  # registered buffer: assignment keeps it a buffer
+    rot.inv_freq = f64_inv_freq(theta, cfg.head_dim)  # registered buffer: assignment keeps it a buffer
 
 
 # ---- model, data, loss ------------------------------------------------------------------------------------
@@ -173,7 +254,10 @@ def apply_f64_patches(spec, model):
 
 def build_model(arch):
     spec = ARCHS[arch]
-    config = spec["config_cls"](**SIZES, **spec["kwargs"])
+    kwargs = {**SIZES, **spec["kwargs"]}
+    for key in spec.get("drop", []):
+        del kwargs[key]
+    config = spec["config_cls"](**kwargs)
     config._attn_implementation = "eager"
     torch.manual_seed(0)
     model = spec["model_cls"](config).to(DTYPE)
@@ -189,10 +273,11 @@ def build_model(arch):
             linear_emb_ids.add(id(m.weight))
             if getattr(m, "bias", None) is not None:
                 linear_emb_ids.add(id(m.bias))
+    norm_base = 0.0 if spec.get("norm_offset", False) else 1.0
     with torch.no_grad():
         for name, p in model.named_parameters():
             if id(p) in norm_param_ids:
-                p.copy_(1.0 + torch.empty_like(p).uniform_(-NORM_BOUND, NORM_BOUND, generator=gen))
+                p.copy_(norm_base + torch.empty_like(p).uniform_(-NORM_BOUND, NORM_BOUND, generator=gen))
             elif id(p) in linear_emb_ids:
                 p.uniform_(-WEIGHT_BOUND, WEIGHT_BOUND, generator=gen)
             else:
@@ -218,6 +303,8 @@ def loss_fn(model, ids, targets):
 
 
 def check_config(arch, model):
+    if arch == "gemma3":
+        return check_config_gemma3(model)
     cfg = model.config
     print(f"--- {arch}: {type(model).__name__} config ---")
     print(cfg.to_json_string(use_diff=False))
@@ -245,6 +332,85 @@ def check_config(arch, model):
     print(f"in effect: rope_theta={rp['rope_theta']} rope_type={rp['rope_type']} rms_norm_eps={cfg.rms_norm_eps} "
           f"head_dim={cfg.head_dim} tie_word_embeddings={tied} attn={cfg._attn_implementation} "
           f"dtype={next(model.parameters()).dtype}")
+
+
+GEMMA_LAYER_TYPES = ["sliding_attention", "sliding_attention", "full_attention"]
+GEMMA_THETAS = {"full_attention": 10000.0, "sliding_attention": 100.0}
+
+
+def check_config_gemma3(model):
+    """The Gemma 3 model is mode's Config::tiny(Architecture::Gemma3) (crates/model/src/config.rs)."""
+    cfg = model.config
+    print(f"--- gemma3: {type(model).__name__} config ---")
+    print(cfg.to_json_string(use_diff=False))
+    assert type(model).__name__ == "Gemma3ForCausalLM" and cfg.model_type == "gemma3_text"
+    for key, want in SIZES.items():
+        if key == "rope_theta":
+            continue
+        want = 3 if key == "num_hidden_layers" else want
+        assert getattr(cfg, key) == want, (key, getattr(cfg, key), want)
+    assert cfg.layer_types == GEMMA_LAYER_TYPES, cfg.layer_types
+    assert cfg.sliding_window == GEMMA_WINDOW and not cfg.use_bidirectional_attention, cfg.sliding_window
+    rp = cfg.rope_parameters
+    assert set(rp) == set(GEMMA_THETAS), rp
+    for lt, theta in GEMMA_THETAS.items():
+        assert set(rp[lt]) <= {"rope_type", "rope_theta"}, f"unexpected rope parameters {rp}"
+        assert rp[lt]["rope_type"] == "default" and float(rp[lt]["rope_theta"]) == theta, rp
+    assert cfg.query_pre_attn_scalar == 16 and cfg.hidden_activation == "gelu_pytorch_tanh"
+    assert cfg.attn_logit_softcapping is None and cfg.final_logit_softcapping is None
+    assert cfg._attn_implementation == "eager", cfg._attn_implementation
+    assert cfg.tie_word_embeddings and model.lm_head.weight is model.model.embed_tokens.weight
+    emb = model.model.embed_tokens
+    assert emb.padding_idx is None and emb.scalar_embed_scale == 8.0 and emb.embed_scale.item() == 8.0
+    assert model.model.norm.eps == 1e-6
+    for i, layer in enumerate(model.model.layers):
+        attn = layer.self_attn
+        assert attn.head_dim == 16 and attn.num_key_value_groups == 2 and attn.scaling == 16**-0.5
+        assert attn.layer_type == GEMMA_LAYER_TYPES[i] and attn.is_causal
+        assert attn.sliding_window == (GEMMA_WINDOW if i < 2 else None), (i, attn.sliding_window)
+        assert all(getattr(attn, f"{n}_proj").bias is None for n in "qkvo")
+        assert all(getattr(layer.mlp, f"{n}_proj").bias is None for n in ("gate", "up", "down"))
+        assert type(layer.mlp.act_fn).__name__ == "GELUTanh"
+        for norm in [layer.input_layernorm, layer.post_attention_layernorm, layer.pre_feedforward_layernorm,
+                     layer.post_feedforward_layernorm, attn.q_norm, attn.k_norm]:
+            assert type(norm).__name__ == "Gemma3RMSNorm" and norm.eps == 1e-6
+    print(f"in effect: layer_types={cfg.layer_types} sliding_window={cfg.sliding_window} "
+          f"rope_theta full={rp['full_attention']['rope_theta']} sliding={rp['sliding_attention']['rope_theta']} "
+          f"scaling={model.model.layers[0].self_attn.scaling} rms_norm_eps={cfg.rms_norm_eps} "
+          f"head_dim={cfg.head_dim} tie_word_embeddings={cfg.tie_word_embeddings} "
+          f"attn={cfg._attn_implementation} dtype={next(model.parameters()).dtype}")
+
+
+def check_gemma3_window(model, ids, logits):
+    """The sliding window is in force: the masks reaching attention are exactly causal (layer 2) and causal with
+    key > query - GEMMA_WINDOW (layers 0, 1), and widening the window beyond the sequence changes the logits at
+    positions >= GEMMA_WINDOW only."""
+    q = torch.arange(SEQ)[:, None]
+    k = torch.arange(SEQ)[None, :]
+    causal = k <= q
+    window = causal & (k > q - GEMMA_WINDOW)
+    for i, lt in enumerate(model.config.layer_types):
+        mask = SEEN_MASKS[i]
+        assert mask is not None and mask.dtype == DTYPE and mask.shape[-2:] == (SEQ, SEQ), (i, mask)
+        allowed = (mask == 0).expand(BATCH, 1, SEQ, SEQ)
+        blocked = (mask == torch.finfo(DTYPE).min).expand(BATCH, 1, SEQ, SEQ)
+        assert bool((allowed | blocked).all()), f"layer {i}: mask has values other than 0 and min"
+        want = window if lt == "sliding_attention" else causal
+        assert torch.equal(allowed, want.expand(BATCH, 1, SEQ, SEQ)), f"layer {i} ({lt}): mask {allowed[0, 0]}"
+    model.config.sliding_window = 10**6
+    try:
+        with torch.no_grad():
+            wide = model(input_ids=ids).logits
+    finally:
+        model.config.sliding_window = GEMMA_WINDOW
+    head = (wide[:, :GEMMA_WINDOW] - logits[:, :GEMMA_WINDOW]).abs().max().item()
+    tail = (wide[:, GEMMA_WINDOW:] - logits[:, GEMMA_WINDOW:]).abs().amax(dim=-1).min().item()
+    print(f"gemma3: window {GEMMA_WINDOW} vs 10**6: max |logit change| at positions < {GEMMA_WINDOW} = {head:.1e}, "
+          f"smallest per-position max change at positions >= {GEMMA_WINDOW} = {tail:.1e}")
+    assert head < 1e-13 and tail > 1e-6, (head, tail)
+    with torch.no_grad():
+        again = model(input_ids=ids).logits
+    assert torch.equal(again, logits)
 
 
 def loss_change(z0, z, targets):
@@ -332,14 +498,20 @@ def run_arch(arch, out_dir):
     before = dict(PATCH_HITS)
     with torch.no_grad():
         logits_f64 = model(input_ids=ids).logits
-    n_layers = SIZES["num_hidden_layers"]
-    n_norms = (4 if arch == "qwen3" else 2) * n_layers + 1
+    n_layers = model.config.num_hidden_layers
+    # Per layer: input + post-attention norms, + q/k norms (qwen3, gemma3), + pre/post-feedforward (gemma3);
+    # then the final norm. RoPE: one call per forward, gemma3 one per layer type.
+    norms_per_layer = {"qwen3": 4, "gemma3": 6}.get(arch, 2)
+    n_norms = norms_per_layer * n_layers + 1
+    n_ropes = len(set(model.config.layer_types)) if arch == "gemma3" else 1
     assert PATCH_HITS["rmsnorm"] - before["rmsnorm"] == n_norms, PATCH_HITS
-    assert PATCH_HITS["rope"] - before["rope"] == 1, PATCH_HITS
+    assert PATCH_HITS["rope"] - before["rope"] == n_ropes, PATCH_HITS
     assert PATCH_HITS["attention"] - before["attention"] == n_layers, PATCH_HITS
     patch_diff = (logits_hf - logits_f64).abs().max().item()
     print(f"{arch}: max |logits(transformers, float32 islands) - logits(float64 patched)| = {patch_diff:.3e}")
     assert patch_diff < 1e-5, patch_diff
+    if arch == "gemma3":
+        check_gemma3_window(model, ids, logits_f64)
 
     model.zero_grad(set_to_none=True)
     loss = loss_fn(model, ids, targets)
@@ -373,7 +545,10 @@ def run_arch(arch, out_dir):
         "generator": GENERATOR,
         "seeds": json.dumps({"torch.manual_seed": 0, "init_generator": ARCH_SEEDS[arch], "input_generator": INPUT_SEED}),
         "init": f"Linear/Embedding weights and biases uniform(-{WEIGHT_BOUND}, {WEIGHT_BOUND}); "
-                f"RMSNorm weights 1 + uniform(-{NORM_BOUND}, {NORM_BOUND}); named_parameters() order",
+                + (f"RMSNorm weights (offsets: scale = 1 + weight) uniform(-{NORM_BOUND}, {NORM_BOUND}); "
+                   if spec.get("norm_offset", False) else
+                   f"RMSNorm weights 1 + uniform(-{NORM_BOUND}, {NORM_BOUND}); ")
+                + "named_parameters() order",
         "targets_rule": "targets[b,t] = input_ids[b,t+1]; -100 at t = T-1 and at (b=1, t=0)",
         "loss_rule": "F.cross_entropy(logits.reshape(-1,V), targets.reshape(-1), ignore_index=-100, reduction=mean)",
         "float64_patches": "RMSNorm, attention softmax and RoPE cos/sin computed in float64 "
@@ -392,7 +567,7 @@ def run_arch(arch, out_dir):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out-dir", default="tests/fixtures")
-    ap.add_argument("--arch", action="append", choices=list(ARCHS), help="default: all three")
+    ap.add_argument("--arch", action="append", choices=list(ARCHS), help="default: all four")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

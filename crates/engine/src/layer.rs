@@ -134,7 +134,7 @@ pub fn forward(
 }
 
 fn norm(n: &RmsNorm, x: &Tensor) -> Result<(Tensor, Tensor)> {
-    ops::rms_norm(x, &n.scale()?, n.eps as f64)
+    ops::rms_norm(x, &n.scale()?, n.eps)
 }
 
 fn norm_backward(n: &RmsNorm, dy: &Tensor, x: &Tensor, rstd: &Tensor) -> Result<(Tensor, Tensor)> {

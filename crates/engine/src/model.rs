@@ -234,7 +234,7 @@ pub fn loss_and_grads(
 
     let x2d = x.reshape((b * t, h))?;
     let norm_scale = model.norm.scale()?;
-    let (hn, rstd) = ops::rms_norm(&x2d, &norm_scale, model.norm.eps as f64)?;
+    let (hn, rstd) = ops::rms_norm(&x2d, &norm_scale, model.norm.eps)?;
     let count = targets.iter().filter(|&&x| x != ops::IGNORE).count();
     let tied = model.lm_head_tied;
     let head_trains = if tied { tr.embeddings } else { tr.lm_head };
@@ -391,7 +391,7 @@ pub fn logits(model: &Backbone, plan: &Plan, ids: &Tensor) -> Result<Tensor> {
     let x = embed(model, ids)?;
     let (x, _) = forward_stages(model, plan, &stages, &none, &none, x, &rope)?;
     let x2d = x.reshape((b * t, h))?;
-    let (hn, _) = ops::rms_norm(&x2d, &model.norm.scale()?, model.norm.eps as f64)?;
+    let (hn, _) = ops::rms_norm(&x2d, &model.norm.scale()?, model.norm.eps)?;
     hn.matmul(&model.lm_head.weight.t()?)?
         .reshape((b, t, model.config.vocab_size))
 }

@@ -102,7 +102,7 @@ impl Backbone {
                 crate::layers::small_dtype(dtype),
                 device,
             )?,
-            eps: config.rms_norm_eps as f32,
+            eps: config.rms_norm_eps,
             offset: config.norm_weight_offset() as f32,
         };
         // Some "tied" checkpoints still ship lm_head.weight; use it when it is there.

@@ -102,7 +102,7 @@ impl Module for Linear {
 #[derive(Debug, Clone)]
 pub struct RmsNorm {
     pub weight: Tensor,
-    pub eps: f32,
+    pub eps: f64,
     pub offset: f32,
 }
 
@@ -121,10 +121,13 @@ impl Module for RmsNorm {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let w = self.scale()?.to_dtype(x.dtype())?;
         if x.dtype() == DType::F64 {
-            // The fused kernel has no f64 version; f64 models exist for gradient checks.
-            return candle_nn::ops::rms_norm_slow(x, &w, self.eps);
+            // The fused kernel has no f64 version (and takes an f32 eps); f64 models exist for
+            // gradient checks, which want eps exactly.
+            let mean_square = x.sqr()?.mean_keepdim(candle_core::D::Minus1)?;
+            let rstd = (mean_square + self.eps)?.sqrt()?.recip()?;
+            return x.broadcast_mul(&rstd)?.broadcast_mul(&w);
         }
-        candle_nn::ops::rms_norm(&x.contiguous()?, &w, self.eps)
+        candle_nn::ops::rms_norm(&x.contiguous()?, &w, self.eps as f32)
     }
 }
 
@@ -348,7 +351,7 @@ impl DecoderLayer {
         let norm = |name: &str, size: usize| -> Result<RmsNorm> {
             Ok(RmsNorm {
                 weight: get(&format!("{name}.weight"), &[size], small)?,
-                eps: config.rms_norm_eps as f32,
+                eps: config.rms_norm_eps,
                 offset: config.norm_weight_offset() as f32,
             })
         };
