@@ -77,17 +77,7 @@ fn prepare(args: PrepareArgs) -> Result<()> {
     } else {
         Tokenizer::from_gguf(&GgufFile::open(&path)?)?
     };
-    let token = |id: Option<u32>| {
-        id.and_then(|i| tokenizer.id_to_token(i))
-            .unwrap_or_default()
-    };
-    let chat = tokenizer.chat_template().map(|t| {
-        ChatTemplate::new(
-            Some(t),
-            &token(tokenizer.bos_id()),
-            &token(tokenizer.eos_ids().first().copied()),
-        )
-    });
+    let chat = ChatTemplate::own(&tokenizer);
     let opts = PrepareOptions {
         inputs: args.input,
         out: args.out.clone(),
