@@ -43,7 +43,7 @@ pub struct Args {
     /// Override the preset's steps per method
     #[arg(long)]
     steps: Option<usize>,
-    /// Backbone: `smollm2-135m` (fetched on first use), or a .gguf file or Hugging Face folder
+    /// Backbone: `smollm2-135m` or `gemma3-270m` (fetched on first use), or a .gguf file or Hugging Face folder
     #[arg(long, default_value = mode_io::fetch::DEFAULT_BACKBONE)]
     backbone: String,
     /// Use this data folder (with math/, code/, c/, english/, prose/) instead of fetching

@@ -49,7 +49,7 @@ pub fn check_input(path: &std::path::Path) -> Result<()> {
 /// Which backbone to load and how to store its weights.
 #[derive(clap::Args, Debug, Clone)]
 pub struct BackboneArgs {
-    /// `smollm2-135m` (fetched on first use), or a path to a .gguf file or Hugging Face folder
+    /// `smollm2-135m` or `gemma3-270m` (fetched on first use), or a path to a .gguf file or Hugging Face folder
     /// [default: smollm2-135m, or the one a --model was composed over]
     #[arg(long)]
     pub backbone: Option<String>,
