@@ -92,7 +92,8 @@ pub struct Budget {
     /// Extra LoRA ranks trained and evaluated among the `--full` variants; every preset leaves
     /// it empty (`--scaling` sweeps LoRA ranks on its own).
     pub lora_sweep: Vec<usize>,
-    /// Learning rate per stage (from `crates/demo/lr_selection.json`).
+    /// Learning rate per stage (from `crates/demo/lr_selection*.json`, the one chosen on the
+    /// backbone when there is one).
     pub lr: LearningRates,
     /// The first seed (data order, adapter initialisation).
     pub seed: u64,
@@ -403,7 +404,8 @@ pub fn run(opts: &DemoOptions, reporter: &mut dyn Reporter) -> Result<Results> {
         let docs = data.split(mode_data::Split::Train).doc_offsets().len() - 1;
         train_documents.insert(domain.name().to_string(), docs);
     }
-    let mut results = Results::new(opts.preset, b, source, runs, LrSelection::committed());
+    let lr = LrSelection::committed_for(&opts.backbone);
+    let mut results = Results::new(opts.preset, b, source, runs, lr);
     results.total_seconds = start.elapsed().as_secs_f64();
     results.train_documents = train_documents;
     report::write(&opts.out, &results)?;

@@ -70,12 +70,29 @@ pub struct LrSelection {
     pub backbone: String,
 }
 
-const COMMITTED: &str = include_str!("../lr_selection.json");
+/// The selections committed with the code, one per backbone they were chosen on; the first is
+/// the default backbone's and serves any backbone without its own. A new backbone's grid
+/// (`mode demo --select-lr --backbone NAME`) goes in as `lr_selection.NAME.json` and a row here.
+const COMMITTED: &[&str] = &[include_str!("../lr_selection.json")];
 
 impl LrSelection {
-    /// The selection committed with the code: the demo's learning rates.
+    /// The default backbone's committed selection: the demo's learning rates.
     pub fn committed() -> Self {
-        serde_json::from_str(COMMITTED).expect("crates/demo/lr_selection.json is valid")
+        Self::parse(COMMITTED[0])
+    }
+
+    /// The committed selection chosen on `backbone` (a known name or a path under its name's
+    /// cache folder), else the default backbone's (see [`Self::other_backbone_note`]).
+    pub fn committed_for(backbone: &str) -> Self {
+        COMMITTED
+            .iter()
+            .map(|s| Self::parse(s))
+            .find(|s| s.other_backbone_note(backbone).is_none())
+            .unwrap_or_else(Self::committed)
+    }
+
+    fn parse(text: &str) -> Self {
+        serde_json::from_str(text).expect("a committed crates/demo/lr_selection*.json is valid")
     }
 
     /// A warning when the rates were chosen on another backbone than `backbone` (a name such
@@ -288,6 +305,11 @@ mod tests {
             .other_backbone_note("/x/backbones/gemma3-270m/g.gguf")
             .unwrap();
         assert!(note.contains(&s.backbone), "{note}");
+        // A backbone without its own grid falls back to the default's rates, and says so.
+        let other = LrSelection::committed_for("gemma3-270m");
+        assert_eq!(other.backbone, s.backbone);
+        assert!(other.other_backbone_note("gemma3-270m").is_some());
+        assert_eq!(LrSelection::committed_for(&s.backbone).backbone, s.backbone);
     }
 
     #[test]

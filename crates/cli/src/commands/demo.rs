@@ -120,6 +120,7 @@ pub fn run(args: Args) -> Result<()> {
         Preset::Default
     };
     let mut budget = Budget::preset(preset);
+    budget.lr = mode_demo::select_lr::LrSelection::committed_for(&args.backbone).chosen;
     if let Some(steps) = args.steps {
         anyhow::ensure!(steps >= 2, "--steps must be at least 2");
         budget.compose_steps = (budget.compose_steps * steps / budget.steps).max(1);
