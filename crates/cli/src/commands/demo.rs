@@ -64,7 +64,8 @@ pub struct Args {
     /// Choose each stage's learning rate on validation data instead: full FT {3e-5, 1e-4,
     /// 3e-4}, LoRA, experts and composition {3e-4, 1e-3, 3e-3}, each trained at the budget and
     /// scored on the Math and Code validation splits; writes OUT/lr_selection.json (commit it as
-    /// crates/demo/lr_selection.json to make it the demo's rates)
+    /// crates/demo/lr_selection.json, or lr_selection.NAME.json for another backbone, to make it
+    /// the demo's rates)
     #[arg(long, conflicts_with_all = ["scaling", "tradeoff"])]
     select_lr: bool,
     /// Choose composed MoDE's retention-aware recipe on validation data instead: the paper's
@@ -155,8 +156,17 @@ pub fn run(args: Args) -> Result<()> {
         reporter.stage("done");
         println!("Learning rates chosen on validation (mean Math+Code loss, nats/token):");
         print!("{}", selection.text());
+        let committed = mode_demo::select_lr::LrSelection::committed();
+        let target = if committed.other_backbone_note(&selection.backbone).is_none() {
+            "crates/demo/lr_selection.json".to_string()
+        } else {
+            format!(
+                "crates/demo/lr_selection.{}.json (and list it in select_lr.rs's COMMITTED)",
+                selection.backbone
+            )
+        };
         println!(
-            "wrote {}; copy it to crates/demo/lr_selection.json to make these the demo's rates",
+            "wrote {}; copy it to {target} to make these the demo's rates on this backbone",
             out.join("lr_selection.json").display()
         );
         return Ok(());
