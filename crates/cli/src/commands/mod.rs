@@ -88,7 +88,7 @@ impl BackboneArgs {
             Backbone::open
         };
         let (model, tokenizer) = open(&path, self.weight_dtype, &Device::Cpu)
-            .with_context(|| format!("loading backbone {}", path.display()))?;
+            .context("loading the backbone")?;
         eprintln!(
             "mode: loaded {} ({:?}, {} layers, {:.1}M parameters) in {:.2}s",
             path.display(),
