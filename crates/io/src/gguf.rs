@@ -95,52 +95,47 @@ impl GgufFile {
         self.metadata(key).map(|_| self.get_f64(key)).transpose()
     }
 
-    /// An array of strings.
-    pub fn get_str_array(&self, key: &str) -> Result<Vec<&str>> {
-        let values = self
-            .required(key)?
-            .to_vec()
-            .map_err(|e| self.metadata_err(key, e.to_string()))?;
+    /// An array whose every element `convert` accepts (`what` names the element type in
+    /// the error).
+    fn get_array<'a, T>(
+        &'a self,
+        key: &str,
+        what: &str,
+        convert: impl Fn(&'a Value) -> Option<T>,
+    ) -> Result<Vec<T>> {
+        let values = match self.required(key)? {
+            Value::Array(values) => values,
+            _ => return Err(self.metadata_err(key, "not an array")),
+        };
         values
             .iter()
             .map(|v| {
-                v.to_string()
-                    .map(|s| s.as_str())
-                    .map_err(|_| self.metadata_err(key, "array element is not a string"))
+                convert(v)
+                    .ok_or_else(|| self.metadata_err(key, format!("array element is not {what}")))
             })
             .collect()
+    }
+
+    /// An array of strings.
+    pub fn get_str_array(&self, key: &str) -> Result<Vec<&str>> {
+        self.get_array(key, "a string", |v| match v {
+            Value::String(s) => Some(s.as_str()),
+            _ => None,
+        })
     }
 
     /// An array of integers.
     pub fn get_u64_array(&self, key: &str) -> Result<Vec<u64>> {
-        let values = self
-            .required(key)?
-            .to_vec()
-            .map_err(|e| self.metadata_err(key, e.to_string()))?;
-        values
-            .iter()
-            .map(|v| {
-                value_to_u64(v)
-                    .ok_or_else(|| self.metadata_err(key, "array element is not an integer"))
-            })
-            .collect()
+        self.get_array(key, "an integer", value_to_u64)
     }
 
     /// An array of numbers (f32, f64 or integers), as f64.
     pub fn get_f64_array(&self, key: &str) -> Result<Vec<f64>> {
-        let values = self
-            .required(key)?
-            .to_vec()
-            .map_err(|e| self.metadata_err(key, e.to_string()))?;
-        values
-            .iter()
-            .map(|v| match v {
-                Value::F32(x) => Some(*x as f64),
-                Value::F64(x) => Some(*x),
-                v => value_to_u64(v).map(|x| x as f64),
-            })
-            .map(|v| v.ok_or_else(|| self.metadata_err(key, "array element is not a number")))
-            .collect()
+        self.get_array(key, "a number", |v| match v {
+            Value::F32(x) => Some(*x as f64),
+            Value::F64(x) => Some(*x),
+            v => value_to_u64(v).map(|x| x as f64),
+        })
     }
 
     /// An optional boolean metadata value.

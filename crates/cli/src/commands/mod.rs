@@ -87,8 +87,8 @@ impl BackboneArgs {
         } else {
             Backbone::open
         };
-        let (model, tokenizer) = open(&path, self.weight_dtype, &Device::Cpu)
-            .context("loading the backbone")?;
+        let (model, tokenizer) =
+            open(&path, self.weight_dtype, &Device::Cpu).context("loading the backbone")?;
         eprintln!(
             "mode: loaded {} ({:?}, {} layers, {:.1}M parameters) in {:.2}s",
             path.display(),
