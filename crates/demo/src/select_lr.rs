@@ -70,6 +70,12 @@ pub struct LrSelection {
     pub backbone: String,
 }
 
+/// Whether a choice made on `chosen_on` (a known backbone name) applies to `backbone` (that
+/// name, or a path under its cache folder `.../backbones/NAME/`).
+pub fn same_backbone(chosen_on: &str, backbone: &str) -> bool {
+    backbone == chosen_on || backbone.contains(&format!("/{chosen_on}/"))
+}
+
 /// The selections committed with the code, one per backbone they were chosen on; the first is
 /// the default backbone's and serves any backbone without its own. A new backbone's grid
 /// (`mode demo --select-lr --backbone NAME`) goes in as `lr_selection.NAME.json` and a row here.
@@ -98,8 +104,7 @@ impl LrSelection {
     /// A warning when the rates were chosen on another backbone than `backbone` (a name such
     /// as `gemma3-270m` or the path of a file), or None when they were chosen on it.
     pub fn other_backbone_note(&self, backbone: &str) -> Option<String> {
-        let here = backbone.contains(&format!("/{}/", self.backbone)) || backbone == self.backbone;
-        (!here).then(|| {
+        (!same_backbone(&self.backbone, backbone)).then(|| {
             format!(
                 "these rates were chosen on {}'s validation data, not on this backbone's: run \
                  `mode demo --select-lr --backbone ...` to choose its own",

@@ -103,6 +103,19 @@ impl RecipeSelection {
         !self.scores.is_empty()
     }
 
+    /// A warning when the recipe was chosen on another backbone than `backbone` (see
+    /// [`crate::select_lr::same_backbone`]), or None.
+    pub fn other_backbone_note(&self, backbone: &str) -> Option<String> {
+        (!crate::select_lr::same_backbone(&self.backbone, backbone)).then(|| {
+            format!(
+                "this recipe was chosen on {}'s validation data (its numbers above are that \
+                 backbone's), not on this backbone's: run `mode demo --select-recipe --backbone ...` \
+                 to choose its own",
+                self.backbone
+            )
+        })
+    }
+
     /// The grid as a text table, the chosen recipe marked.
     pub fn text(&self) -> String {
         let mut out = String::new();

@@ -200,6 +200,12 @@ pub fn run(args: Args) -> Result<()> {
         println!("  note: {note}");
     }
     print!("{}", results.recipe_selection.text());
+    if let Some(note) = results
+        .recipe_selection
+        .other_backbone_note(&results.backbone)
+    {
+        println!("  note: {note}");
+    }
     println!("{}", mode_demo::report::table(&results));
     print!("{}", mode_demo::report::claims_text(&results));
     println!(

@@ -227,6 +227,9 @@ fn recipes(h: &mut String, results: &Results) {
         crate::select_recipe::RETENTION_MARGIN,
         sel.backbone_prose
     );
+    if let Some(note) = sel.other_backbone_note(&results.backbone) {
+        let _ = write!(h, "<p><b>Note:</b> {}.</p>", escape(&note));
+    }
     h.push_str(
         "<table><tr><th>recipe</th><th>Math</th><th>Code</th><th>prose</th><th>prose vs backbone</th></tr>",
     );
