@@ -7,13 +7,15 @@
 //! backbone's block and `D_j` expert `j`'s difference from it: `E_j(x) - B(x)` for a replacing
 //! expert (so the mix is the softmax-weighted average), `E_j(x) - x` for a residual one
 //! ([`ExpertForm`]).
-//! [`ModeModel`] runs that forward (with KV caches, for evaluation and generation) and builds the
-//! training plan the engine differentiates.
+//! [`ModeModel`] runs that forward (`forward.rs`: with KV caches, for evaluation and generation,
+//! and batched over sequences for serving) and builds the training plan the engine
+//! differentiates.
 
 pub mod baseline;
 pub mod composed;
 pub mod expert;
 pub mod file;
+pub mod forward;
 pub mod layout;
 pub mod loaded;
 pub mod model;
@@ -22,9 +24,10 @@ pub mod routing;
 pub use composed::{load_composed, save_composed, ComposedManifest, LoadedExpertFile};
 pub use expert::{Expert, ExpertForm, ExpertInit, Gate};
 pub use file::{ExpertFile, ExpertMeta};
+pub use forward::Routed;
 pub use layout::BlockLayout;
 pub use loaded::LoadedModel;
-pub use model::{ModeModel, Routed};
+pub use model::ModeModel;
 pub use routing::Routing;
 
 /// Errors of the MoDE layer.

@@ -3,12 +3,12 @@
 use std::path::Path;
 use std::sync::Mutex;
 
-use candle_core::{Device, IndexOp, Module, Tensor};
+use candle_core::Tensor;
 use mode_engine::model::{Block, Mix, Plan, Trainable};
-use mode_model::{Backbone, CausalLm, KvCache};
+use mode_model::Backbone;
 
 use crate::file::ExpertDims;
-use crate::{BlockLayout, Error, Expert, ExpertFile, ExpertForm, Gate, Result, Routing};
+use crate::{BlockLayout, Error, Expert, ExpertFile, ExpertForm, Gate, Result};
 
 /// A backbone with experts and per-block gates.
 pub struct ModeModel {
@@ -19,7 +19,7 @@ pub struct ModeModel {
     pub gates: Vec<Gate>,
     /// Sums of gate probabilities per block and branch, and token count, since the last
     /// [`ModeModel::take_gate_stats`].
-    gate_sums: Mutex<(Vec<Vec<f64>>, usize)>,
+    pub(crate) gate_sums: Mutex<(Vec<Vec<f64>>, usize)>,
 }
 
 impl ModeModel {
@@ -317,154 +317,10 @@ impl ModeModel {
         )
     }
 
-    /// This model under `routing`, as a [`CausalLm`] for evaluation or generation.
-    pub fn routed(&self, routing: Routing) -> Result<Routed<'_>> {
-        routing.check(self.experts.len())?;
-        Ok(Routed {
-            model: self,
-            routing,
-        })
-    }
-
-    /// The forward pass under `routing`: normalised hidden states `[batch, seq, hidden]`. With
-    /// `trace`, the gate weights each block used (`[batch, seq, 1 + experts]`, after routing) are
-    /// pushed onto it, one tensor per block.
-    pub fn forward_routed(
-        &self,
-        ids: &Tensor,
-        mut cache: Option<&mut KvCache>,
-        routing: &Routing,
-        mut trace: Option<&mut Vec<Tensor>>,
-    ) -> mode_model::Result<Tensor> {
-        let bb = &self.backbone;
-        let (b, t) = ids.dims2()?;
-        let start = cache.as_ref().map_or(0, |c| c.len());
-        let rope = bb.rope.tables(start, t, bb.device())?;
-        let mut x = bb.embed(ids)?;
-        let mut stats = Vec::with_capacity(self.layout.num_blocks());
-        for blk in 0..self.layout.num_blocks() {
-            let gate = &self.gates[blk];
-            let lin = mode_model::layers::Linear::new(gate.weight.clone(), Some(gate.bias.clone()));
-            let mut probs = candle_nn::ops::softmax_last_dim(&lin.forward(&x)?)?; // [b, t, branches]
-            let mut runs = vec![true; self.experts.len()];
-            if !routing.is_dense() {
-                let branches = self.experts.len() + 1;
-                let mut p = probs
-                    .to_dtype(candle_core::DType::F32)?
-                    .flatten_all()?
-                    .to_vec1::<f32>()?;
-                runs.fill(false);
-                for token in p.chunks_mut(branches) {
-                    routing.apply(token);
-                    for (j, w) in token.iter().skip(1).enumerate() {
-                        runs[j] |= *w > 0.0;
-                    }
-                }
-                probs = Tensor::from_vec(p, (b, t, branches), x.device())?.to_dtype(x.dtype())?;
-            }
-            stats.push(
-                probs
-                    .sum((0, 1))?
-                    .to_dtype(candle_core::DType::F64)?
-                    .to_vec1::<f64>()?,
-            );
-            let mut y = x.clone();
-            for i in self.layout.block(blk) {
-                y = bb.layers[i].forward(&y, &rope, cache.as_mut().map(|c| &mut c.layers[i]))?;
-            }
-            // `B + sum_j g_j D_j` (see `mode_engine::model::Block::residual`): exactly the
-            // backbone where every expert's difference is zero.
-            let block_out = y;
-            let mut mixed = block_out.clone();
-            for (j, e) in self.experts.iter().enumerate() {
-                if !runs[j] {
-                    continue;
-                }
-                let mut y = x.clone();
-                let base = self.expert_cache_offset(j, blk);
-                for (l, layer) in e.blocks[blk].iter().enumerate() {
-                    y = layer.forward(
-                        &y,
-                        &rope,
-                        cache.as_mut().map(|c| &mut c.layers[base + l]),
-                    )?;
-                }
-                let delta = match e.form {
-                    ExpertForm::Residual => (y - &x)?,
-                    ExpertForm::Replace => (y - &block_out)?,
-                };
-                mixed = (mixed + delta.broadcast_mul(&probs.i((.., .., j + 1..j + 2))?)?)?;
-            }
-            if let Some(trace) = trace.as_mut() {
-                trace.push(probs);
-            }
-            x = mixed;
-        }
-        let mut g = self.gate_sums.lock().expect("gate stats lock");
-        for (row, s) in g.0.iter_mut().zip(stats) {
-            row.iter_mut().zip(s).for_each(|(a, b)| *a += b);
-        }
-        g.1 += b * t;
-        Ok(bb.norm.forward(&x)?)
-    }
-
-    fn expert_cache_offset(&self, expert: usize, block: usize) -> usize {
+    pub(crate) fn expert_cache_offset(&self, expert: usize, block: usize) -> usize {
         let per_expert = self.layout.num_blocks() * self.layout.expert_layers_per_block;
         self.backbone.layers.len()
             + expert * per_expert
             + block * self.layout.expert_layers_per_block
-    }
-}
-
-impl CausalLm for ModeModel {
-    fn hidden_states(
-        &self,
-        ids: &Tensor,
-        cache: Option<&mut KvCache>,
-    ) -> mode_model::Result<Tensor> {
-        self.forward_routed(ids, cache, &Routing::default(), None)
-    }
-
-    fn logits(&self, hidden: &Tensor) -> mode_model::Result<Tensor> {
-        self.backbone.logits(hidden)
-    }
-
-    fn new_cache(&self) -> KvCache {
-        let expert_layers =
-            self.experts.len() * self.layout.num_blocks() * self.layout.expert_layers_per_block;
-        KvCache::new(self.backbone.layers.len() + expert_layers)
-    }
-
-    fn device(&self) -> &Device {
-        self.backbone.device()
-    }
-}
-
-/// A [`ModeModel`] under a [`Routing`]: what generation and evaluation run when experts are
-/// chosen per request or gated sparsely.
-pub struct Routed<'a> {
-    pub model: &'a ModeModel,
-    pub routing: Routing,
-}
-
-impl CausalLm for Routed<'_> {
-    fn hidden_states(
-        &self,
-        ids: &Tensor,
-        cache: Option<&mut KvCache>,
-    ) -> mode_model::Result<Tensor> {
-        self.model.forward_routed(ids, cache, &self.routing, None)
-    }
-
-    fn logits(&self, hidden: &Tensor) -> mode_model::Result<Tensor> {
-        self.model.logits(hidden)
-    }
-
-    fn new_cache(&self) -> KvCache {
-        self.model.new_cache()
-    }
-
-    fn device(&self) -> &Device {
-        self.model.device()
     }
 }

@@ -146,6 +146,16 @@ impl LayerCache {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// Appends new keys and values (`[batch, kv_heads, seq, head_dim]`); returns all of them.
+    fn extend(&mut self, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
+        let (k, v) = match self.kv.take() {
+            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+            None => (k, v),
+        };
+        self.kv = Some((k.clone(), v.clone()));
+        Ok((k, v))
+    }
 }
 
 /// Causal self-attention with grouped key/value heads.
@@ -173,6 +183,47 @@ impl Attention {
         rope: &RopeTables,
         cache: Option<&mut LayerCache>,
     ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let (q, k, v) = self.project(x, rope)?;
+        let (k, v) = match cache {
+            Some(cache) => cache.extend(k, v)?,
+            None => (k, v),
+        };
+        let out = self.attend(&q, &k, &v)?;
+        Ok(self.o_proj.forward(&out.reshape((b, t, ()))?)?)
+    }
+
+    /// One new position for each of several sequences (a batched decode step): `x` is
+    /// `[rows, 1, hidden]`, `rope` has one table row per sequence (`[rows, 1, head_dim / 2]`,
+    /// see [`RopeTables::at_positions`]), and row `r` attends over, and extends, `caches[r]`.
+    /// The projections run on all rows at once; attention runs per row, as each sequence has
+    /// its own length. Row `r` gets what [`Self::forward`] gives it alone.
+    pub fn forward_rows(
+        &self,
+        x: &Tensor,
+        rope: &RopeTables,
+        caches: &mut [&mut LayerCache],
+    ) -> Result<Tensor> {
+        let (rows, t, _) = x.dims3()?;
+        if t != 1 || rows != caches.len() {
+            return Err(candle_core::Error::Msg(format!(
+                "a batched decode step takes one token for each of its {} caches, got [{rows}, {t}]",
+                caches.len()
+            ))
+            .into());
+        }
+        let (q, k, v) = self.project(x, rope)?;
+        let mut outs = Vec::with_capacity(rows);
+        for (r, cache) in caches.iter_mut().enumerate() {
+            let (k, v) = cache.extend(k.narrow(0, r, 1)?, v.narrow(0, r, 1)?)?;
+            outs.push(self.attend(&q.narrow(0, r, 1)?, &k, &v)?);
+        }
+        let out = Tensor::cat(&outs, 0)?;
+        Ok(self.o_proj.forward(&out.reshape((rows, 1, ()))?)?)
+    }
+
+    /// Queries, keys and values `[batch, heads, seq, head_dim]`, normed and rotated.
+    fn project(&self, x: &Tensor, rope: &RopeTables) -> Result<(Tensor, Tensor, Tensor)> {
         let (cos, sin) = rope.for_window(self.window);
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
@@ -187,18 +238,14 @@ impl Attention {
         let q = candle_nn::rotary_emb::rope(&q.transpose(1, 2)?.contiguous()?, &cos, &sin)?;
         let k = candle_nn::rotary_emb::rope(&k.transpose(1, 2)?.contiguous()?, &cos, &sin)?;
         let v = v.transpose(1, 2)?.contiguous()?;
+        Ok((q, k, v))
+    }
 
-        let (k, v) = match cache {
-            Some(cache) => {
-                let (k, v) = match cache.kv.take() {
-                    Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
-                    None => (k, v),
-                };
-                cache.kv = Some((k.clone(), v.clone()));
-                (k, v)
-            }
-            None => (k, v),
-        };
+    /// Causal attention of `q` (`[b, heads, t, hd]`, the last `t` positions) over `k`, `v`
+    /// (`[b, kv_heads, s, hd]`, every position so far): `[b, t, heads, hd]`.
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        let (b, _, t, _) = q.dims4()?;
+        let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let s = k.dims()[2];
         let past = s - t;
         let rep = nh / nkv;
@@ -211,7 +258,7 @@ impl Attention {
         let windowed = self.window.is_some_and(|w| s > w);
         let scores = if t > 1 || windowed {
             let mask =
-                causal_mask(t, s, past, self.window, x.device())?.to_dtype(scores.dtype())?;
+                causal_mask(t, s, past, self.window, q.device())?.to_dtype(scores.dtype())?;
             scores
                 .reshape((b, nkv, rep, t, s))?
                 .broadcast_add(&mask)?
@@ -220,12 +267,8 @@ impl Attention {
             scores
         };
         let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        let out = probs.matmul(&v)?; // [b, nkv, rep*t, hd]
-        let out = out
-            .reshape((b, nh, t, hd))?
-            .transpose(1, 2)?
-            .reshape((b, t, nh * hd))?;
-        Ok(self.o_proj.forward(&out)?)
+        let out = probs.matmul(v)?; // [b, nkv, rep*t, hd]
+        Ok(out.reshape((b, nh, t, hd))?.transpose(1, 2)?)
     }
 }
 
@@ -547,15 +590,32 @@ impl DecoderLayer {
         rope: &RopeTables,
         cache: Option<&mut LayerCache>,
     ) -> Result<Tensor> {
+        self.forward_with(x, |h| self.self_attn.forward(h, rope, cache))
+    }
+
+    /// [`Self::forward`] for a batched decode step: one new token per row, row `r` continuing
+    /// `caches[r]` (see [`Attention::forward_rows`]).
+    pub fn forward_rows(
+        &self,
+        x: &Tensor,
+        rope: &RopeTables,
+        caches: &mut [&mut LayerCache],
+    ) -> Result<Tensor> {
+        self.forward_with(x, |h| self.self_attn.forward_rows(h, rope, caches))
+    }
+
+    fn forward_with(
+        &self,
+        x: &Tensor,
+        attention: impl FnOnce(&Tensor) -> Result<Tensor>,
+    ) -> Result<Tensor> {
         let out_norm = |n: &Option<RmsNorm>, h: Tensor| -> Result<Tensor> {
             Ok(match n {
                 Some(n) => n.forward(&h)?,
                 None => h,
             })
         };
-        let h = self
-            .self_attn
-            .forward(&self.attn_norm.forward(x)?, rope, cache)?;
+        let h = attention(&self.attn_norm.forward(x)?)?;
         let x = (x + out_norm(&self.attn_out_norm, h)?)?;
         let h = self.mlp.forward(&self.mlp_norm.forward(&x)?)?;
         Ok((x + out_norm(&self.mlp_out_norm, h)?)?)

@@ -13,8 +13,9 @@ pub struct Rope {
     local_inv_freq: Option<Vec<f64>>,
 }
 
-/// cos and sin tables, each `[len, head_dim / 2]`, for the global layers and (when the model has
-/// them) the sliding-window layers.
+/// cos and sin tables, each `[len, head_dim / 2]` (or `[rows, 1, head_dim / 2]` for a batched
+/// decode step, one position per row), for the global layers and (when the model has them) the
+/// sliding-window layers.
 #[derive(Debug, Clone)]
 pub struct RopeTables {
     pub cos: Tensor,
@@ -29,6 +30,19 @@ impl RopeTables {
             (Some(_), Some((cos, sin))) => (cos, sin),
             _ => (&self.cos, &self.sin),
         }
+    }
+
+    /// The tables of the rows `rows` (a `u32` index tensor) of per-row tables.
+    pub fn select_rows(&self, rows: &Tensor) -> Result<Self> {
+        let pick = |t: &Tensor| t.index_select(rows, 0);
+        Ok(Self {
+            cos: pick(&self.cos)?,
+            sin: pick(&self.sin)?,
+            local: match &self.local {
+                Some((c, s)) => Some((pick(c)?, pick(s)?)),
+                None => None,
+            },
+        })
     }
 }
 
@@ -95,6 +109,28 @@ impl Rope {
         let (cos, sin) = cos_sin(&self.inv_freq, start, len, dtype, device)?;
         let local = match &self.local_inv_freq {
             Some(f) => Some(cos_sin(f, start, len, dtype, device)?),
+            None => None,
+        };
+        Ok(RopeTables { cos, sin, local })
+    }
+
+    /// Per-row tables in f32 for a batched decode step: row `r` holds position `positions[r]`,
+    /// each table `[rows, 1, head_dim / 2]`.
+    pub fn at_positions(&self, positions: &[usize], device: &Device) -> Result<RopeTables> {
+        let rows = positions.len();
+        let per_row = |f: &[f64]| -> Result<(Tensor, Tensor)> {
+            let mut cos = Vec::with_capacity(rows * f.len());
+            let mut sin = Vec::with_capacity(rows * f.len());
+            for &p in positions {
+                let (c, s) = cos_sin(f, p, 1, DType::F32, device)?;
+                cos.push(c);
+                sin.push(s);
+            }
+            Ok((Tensor::stack(&cos, 0)?, Tensor::stack(&sin, 0)?))
+        };
+        let (cos, sin) = per_row(&self.inv_freq)?;
+        let local = match &self.local_inv_freq {
+            Some(f) => Some(per_row(f)?),
             None => None,
         };
         Ok(RopeTables { cos, sin, local })
