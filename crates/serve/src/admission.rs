@@ -11,6 +11,8 @@ use std::time::Instant;
 #[derive(Debug)]
 pub(crate) struct Admission {
     capacity: usize,
+    /// Jobs that run side by side.
+    parallel: usize,
     in_flight: AtomicUsize,
     /// Exponential moving average of a job's wall time, in milliseconds.
     mean_job_ms: AtomicU64,
@@ -25,9 +27,10 @@ pub(crate) struct Ticket {
 }
 
 impl Admission {
-    pub fn new(capacity: usize) -> Self {
+    pub fn new(capacity: usize, parallel: usize) -> Self {
         Self {
             capacity,
+            parallel: parallel.max(1),
             in_flight: AtomicUsize::new(0),
             mean_job_ms: AtomicU64::new(1000),
         }
@@ -47,7 +50,9 @@ impl Admission {
                 start: Instant::now(),
             }),
             Err(n) => {
-                let ms = self.mean_job_ms.load(Ordering::Relaxed) * n as u64;
+                // The jobs ahead drain `parallel` at a time.
+                let rounds = n.div_ceil(self.parallel) as u64;
+                let ms = self.mean_job_ms.load(Ordering::Relaxed) * rounds;
                 Err(ms.div_ceil(1000).max(1))
             }
         }
@@ -80,7 +85,7 @@ mod tests {
 
     #[test]
     fn admits_up_to_capacity_and_frees_places_on_drop() {
-        let a = Arc::new(Admission::new(2));
+        let a = Arc::new(Admission::new(2, 1));
         let t1 = a.try_admit().unwrap();
         let t2 = a.try_admit().unwrap();
         let retry = a.try_admit().unwrap_err();
@@ -95,7 +100,7 @@ mod tests {
 
     #[test]
     fn retry_after_grows_with_the_jobs_ahead() {
-        let a = Arc::new(Admission::new(4));
+        let a = Arc::new(Admission::new(4, 1));
         let tickets: Vec<Ticket> = (0..4).map(|_| a.try_admit().unwrap()).collect();
         // Four jobs of the initial 1 s estimate ahead.
         assert_eq!(a.try_admit().unwrap_err(), 4);

@@ -6,7 +6,7 @@ use axum::Json;
 use serde_json::json;
 
 /// A refused or failed request.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct ApiError {
     pub status: StatusCode,
     pub message: String,

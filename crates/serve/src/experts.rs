@@ -1,6 +1,7 @@
 //! The expert endpoints: list, hot-add from an allowed directory, remove.
 
 use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use axum::body::Bytes;
@@ -17,11 +18,28 @@ use crate::request::parse;
 use crate::AppState;
 
 /// The experts' names, readable without waiting for the model; changed only while holding the
-/// engine lock, right after the model itself changes.
+/// model lock, right after the model itself changes.
 #[derive(Debug, Clone)]
 pub(crate) struct ExpertSet {
     pub loaded: Vec<String>,
     pub default: Option<Vec<String>>,
+}
+
+/// An expert change waiting for, or holding, the model lock: while one exists the scheduler
+/// starts no new sequence, so the running ones drain and the change gets the lock.
+struct ModelChange(Arc<std::sync::atomic::AtomicUsize>);
+
+impl ModelChange {
+    fn announce(s: &AppState) -> Self {
+        s.model_change.fetch_add(1, Ordering::AcqRel);
+        Self(s.model_change.clone())
+    }
+}
+
+impl Drop for ModelChange {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 pub(crate) fn unknown_expert(name: &str, loaded: &[String]) -> ApiError {
@@ -156,10 +174,12 @@ async fn add_expert_inner(s: Arc<AppState>, body: Bytes) -> Result<Value, ApiErr
     if let Some(e) = name_taken(&s.expert_set().loaded, &name, &path) {
         return Err(e);
     }
-    let mut guard = s.engine.clone().lock_owned().await;
+    let change = ModelChange::announce(&s);
+    let mut guard = s.model.clone().lock_owned().await;
     let state = s.clone();
     tokio::task::spawn_blocking(move || {
-        let (model, _) = &mut *guard;
+        let _change = change;
+        let model = &mut *guard;
         if let Some(e) = name_taken(&model.expert_names(), &name, &path) {
             return Err(e);
         }
@@ -181,6 +201,7 @@ async fn add_expert_inner(s: Arc<AppState>, body: Bytes) -> Result<Value, ApiErr
         if let Some(default) = &mut set.default {
             default.push(added.clone());
         }
+        state.model_changed(model);
         state.set_experts(set.clone());
         let mut answer = expert_list(&set);
         answer["name"] = added.into();
@@ -196,8 +217,9 @@ pub(crate) async fn remove_expert(
     State(s): State<Arc<AppState>>,
     extract::Path(name): extract::Path<String>,
 ) -> Response {
-    let mut guard = s.engine.clone().lock_owned().await;
-    let (model, _) = &mut *guard;
+    let _change = ModelChange::announce(&s);
+    let mut guard = s.model.clone().lock_owned().await;
+    let model = &mut *guard;
     if !model.expert_names().contains(&name) {
         let loaded = model.expert_names();
         let mut e = unknown_expert(&name, &loaded);
@@ -212,6 +234,7 @@ pub(crate) async fn remove_expert(
     if let Some(default) = &mut set.default {
         default.retain(|e| e != &name);
     }
+    s.model_changed(model);
     s.set_experts(set.clone());
     let mut answer = expert_list(&set);
     answer["name"] = name.into();

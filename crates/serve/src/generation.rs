@@ -1,4 +1,4 @@
-//! Running a job: in turn on the engine, its pieces sent back through a channel, and answered
+//! Running a job: handed to the scheduler, its pieces sent back through a channel, and answered
 //! whole or as server-sent events in OpenAI's wire format.
 
 use std::sync::Arc;
@@ -8,10 +8,9 @@ use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use mode_core::{ModeModel, Routing};
-use mode_infer::{Sampler, SamplingParams, StopText};
 use serde_json::json;
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_stream::StreamExt;
 
 use crate::admission::Ticket;
@@ -19,10 +18,12 @@ use crate::error::{bad, internal, ApiError};
 use crate::experts::{unknown_expert, ExpertSet};
 use crate::openai::{Choice, Completion, Message, Output, Usage};
 use crate::request::{Endpoint, Job};
+use crate::scheduler::Submission;
 use crate::AppState;
 
-/// What the generation task sends back. Choices run one after another.
-enum Piece {
+/// What the scheduler sends back for a request. Its answers (choices) run side by side, so
+/// their pieces interleave.
+pub(crate) enum Piece {
     /// New text of choice `choice`, already cut at its stop sequences.
     Text {
         choice: usize,
@@ -39,7 +40,11 @@ enum Piece {
 }
 
 /// The routing of `job` on `model` as it is now; names unknown by now answer 400.
-fn job_routing(model: &ModeModel, set: &ExpertSet, job: &Job) -> Result<Routing, ApiError> {
+pub(crate) fn job_routing(
+    model: &ModeModel,
+    set: &ExpertSet,
+    job: &Job,
+) -> Result<Routing, ApiError> {
     let loaded = model.expert_names();
     let experts = match job.experts.as_ref().or(set.default.as_ref()) {
         None => None,
@@ -66,89 +71,51 @@ fn job_routing(model: &ModeModel, set: &ExpertSet, job: &Job) -> Result<Routing,
     Ok(routing)
 }
 
-/// Runs a job in turn (FIFO) on a blocking thread, streaming pieces through a channel. A
-/// closed channel (the client went away) stops it.
-fn spawn_generation(s: Arc<AppState>, job: Job, ticket: Ticket) -> mpsc::Receiver<Piece> {
-    let (tx, rx) = mpsc::channel(64);
-    tokio::spawn(async move {
-        // The job holds its place in the server until it ends, waiting included.
-        let _ticket = ticket;
-        let guard = s.engine.clone().lock_owned().await;
-        let _ = tokio::task::spawn_blocking(move || {
-            let (model, tokenizer) = &*guard;
-            let fail = |e: ApiError| {
-                let _ = tx.blocking_send(Piece::Failed(e));
-            };
-            let routing = match job_routing(model, &s.expert_set(), &job) {
-                Ok(r) => r,
-                Err(e) => return fail(e),
-            };
-            let lm = match model.routed(routing) {
-                Ok(lm) => lm,
-                Err(e) => return fail(bad(e.to_string())),
-            };
-            let ids = match tokenizer.encode_prompt(&job.prompt) {
-                Ok(ids) => ids,
-                Err(e) => return fail(bad(format!("cannot tokenise: {e}"))),
-            };
-            let limits = s.limits;
-            if ids.is_empty() || ids.len() > limits.max_prompt_tokens {
-                return fail(
-                    bad(format!(
-                        "the prompt has {} tokens; it must have between 1 and {}",
-                        ids.len(),
-                        limits.max_prompt_tokens
-                    ))
-                    .param("prompt"),
-                );
-            }
-            let mut completion_tokens = 0;
-            for choice in 0..job.choices {
-                let send = |text: String| {
-                    text.is_empty() || tx.blocking_send(Piece::Text { choice, text }).is_ok()
-                };
-                let mut stop = StopText::new(job.stop.iter().cloned());
-                let mut client_here = true;
-                let mut sampler = Sampler::new(SamplingParams {
-                    seed: job.params.seed.wrapping_add(choice as u64),
-                    ..job.params.clone()
-                });
-                let result = mode_infer::generate(
-                    &lm,
-                    tokenizer,
-                    &ids,
-                    job.max_new_tokens,
-                    &mut sampler,
-                    |t| {
-                        client_here = send(stop.push(t));
-                        client_here && !stop.stopped()
-                    },
-                );
-                let piece = match result {
-                    Ok((out, stats)) => {
-                        client_here = client_here && send(stop.finish());
-                        completion_tokens += out.len();
-                        Piece::Finished {
-                            choice,
-                            finish_reason: if stats.ended_at_eos || stop.stopped() {
-                                "stop"
-                            } else {
-                                "length"
-                            },
-                        }
-                    }
-                    Err(e) => Piece::Failed(internal(e.to_string())),
-                };
-                let failed = matches!(piece, Piece::Failed(_));
-                if !client_here || tx.blocking_send(piece).is_err() || failed {
-                    return;
-                }
-            }
-            let _ = tx.blocking_send(Piece::Done(Usage::new(ids.len(), completion_tokens)));
+/// Tokenises `job`'s prompt, checks it against the limits and hands the job to the scheduler;
+/// its pieces come back through the returned channel. Dropping the channel (the client went
+/// away) ends the job's sequences.
+fn submit(
+    s: &AppState,
+    job: Job,
+    ticket: Ticket,
+) -> Result<mpsc::UnboundedReceiver<Piece>, ApiError> {
+    let ids = s
+        .tokenizer
+        .encode_prompt(&job.prompt)
+        .map_err(|e| bad(format!("cannot tokenise: {e}")))?;
+    let limits = s.limits;
+    if ids.is_empty() || ids.len() > limits.max_prompt_tokens {
+        return Err(bad(format!(
+            "the prompt has {} tokens; it must have between 1 and {}",
+            ids.len(),
+            limits.max_prompt_tokens
+        ))
+        .param("prompt"));
+    }
+    let per_token = s
+        .kv_bytes_per_token
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let need = (ids.len() + job.max_new_tokens) as u64 * per_token;
+    if need > s.batching.kv_cache_bytes {
+        return Err(bad(format!(
+            "the prompt ({} tokens) and max_tokens ({}) need {} MiB of KV cache; the server has {} MiB (--kv-cache-mib)",
+            ids.len(),
+            job.max_new_tokens,
+            need.div_ceil(1 << 20),
+            s.batching.kv_cache_bytes >> 20
+        ))
+        .param("max_tokens"));
+    }
+    let (tx, rx) = mpsc::unbounded_channel();
+    s.scheduler
+        .send(Submission {
+            job,
+            ids,
+            tx,
+            ticket,
         })
-        .await;
-    });
-    rx
+        .map_err(|_| internal("the scheduler has stopped"))?;
+    Ok(rx)
 }
 
 /// Generates `job` and answers it, whole or streamed.
@@ -164,7 +131,10 @@ pub(crate) async fn run(
     // Answers name the model as the server calls it, whatever alias the request used.
     let model = s.name.clone();
     let (stream, include_usage, choices) = (job.stream, job.include_usage, job.choices);
-    let mut rx = spawn_generation(s, job, ticket);
+    let mut rx = match submit(&s, job, ticket) {
+        Ok(rx) => rx,
+        Err(e) => return e.into_response(),
+    };
     if !stream {
         let mut texts = vec![String::new(); choices];
         let mut finish = vec![None; choices];
@@ -249,7 +219,7 @@ pub(crate) async fn run(
         };
     let mut started = vec![false; choices];
     let events = tokio_stream::iter(std::iter::once(first))
-        .chain(ReceiverStream::new(rx))
+        .chain(UnboundedReceiverStream::new(rx))
         .filter_map(move |piece| {
             let event = match piece {
                 Piece::Text { choice, text } => {

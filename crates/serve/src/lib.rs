@@ -2,28 +2,29 @@
 //!
 //! - `POST /v1/completions` and `POST /v1/chat/completions`, whole or streamed as server-sent
 //!   events (`"stream": true`), in the OpenAI wire format the official clients read;
-//! - `GET /v1/models`, `GET /health`;
+//! - `GET /v1/models`, `GET /health`, `GET /metrics` (the batch's counters, for Prometheus);
 //! - `GET /v1/experts`, `POST /v1/experts` (hot-add an expert file from a directory the operator
 //!   allowed), `DELETE /v1/experts/{name}`.
 //!
 //! A request may choose its experts (`"experts": ["code"]`, `[]` for the backbone alone) and
 //! gate sparsely (`"gate_top_k"`, `"gate_threshold"`); the server's flags give the defaults.
 //!
-//! Generation is CPU-bound and uses every core, so requests run one at a time in arrival order
-//! (a FIFO lock): concurrent clients queue fairly instead of slowing each other down. Adding and
-//! removing experts take the same lock, so they never change the model under a running request.
-//! A client that disconnects stops its generation. At most `Limits::max_queue` generation
-//! requests are in the server at once (running or waiting); more get 503 with `Retry-After`
-//! (`admission.rs`). Bad requests are answered with 4xx and an
+//! Requests are batched continuously (`scheduler.rs`): up to `Batching::parallel` sequences
+//! decode together, one token each per step in one forward, each under its own experts; new
+//! ones join between steps, their prompts read in chunks so running streams keep flowing, and
+//! each reserves its KV cache from a memory budget. Adding and removing experts wait for the
+//! running sequences to finish, so they never change the model under one. A client that
+//! disconnects stops its generation. At most `Limits::max_queue` generation requests are in
+//! the server at once (running or waiting); more get 503 with `Retry-After` (`admission.rs`). Bad requests are answered with 4xx and an
 //! OpenAI-style error body naming the field at fault; a field the server does not act on
 //! (`logit_bias`, `logprobs`, tools) is refused unless its value asks for nothing. `stop`
-//! (a string or up to four) and `n` (answers generated one after another, choice `i` with
+//! (a string or up to four) and `n` (answers generated side by side, choice `i` with
 //! seed `seed + i`) are implemented. With an API key set, requests must carry it as a Bearer
 //! token (401 otherwise).
 //!
-//! Files: `request.rs` reads and checks requests, `generation.rs` runs them and writes the
-//! answers (typed in `openai.rs`), `experts.rs` serves the expert endpoints, `error.rs` shapes
-//! errors.
+//! Files: `request.rs` reads and checks requests, `generation.rs` hands them to the scheduler
+//! and writes the answers (typed in `openai.rs`), `scheduler.rs` batches and runs them,
+//! `experts.rs` serves the expert endpoints, `error.rs` shapes errors.
 
 mod admission;
 mod error;
@@ -31,8 +32,10 @@ mod experts;
 mod generation;
 mod openai;
 mod request;
+mod scheduler;
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, AtomicUsize};
 use std::sync::Arc;
 
 use axum::body::Bytes;
@@ -54,6 +57,8 @@ use error::ApiError;
 use experts::{add_expert, list_experts, remove_expert, ExpertSet};
 use generation::now;
 use request::{Endpoint, MAX_STOPS};
+pub use scheduler::Batching;
+use scheduler::{Scheduler, Submission};
 
 /// Limits that protect the server from requests it cannot serve.
 #[derive(Debug, Clone, Copy)]
@@ -101,6 +106,7 @@ pub struct Served {
     pub tokenizer: Tokenizer,
     pub limits: Limits,
     pub routing: RoutingDefaults,
+    pub batching: Batching,
     /// When set, every request but `GET /health` must carry `Authorization: Bearer KEY`.
     pub api_key: Option<String>,
     /// Computed once: every hot-added expert file is checked against it.
@@ -120,6 +126,7 @@ impl Served {
             tokenizer,
             limits: Limits::default(),
             routing: RoutingDefaults::default(),
+            batching: Batching::default(),
             api_key: None,
             fingerprint,
             expert_dirs: Vec::new(),
@@ -156,11 +163,20 @@ struct AppState {
     dims: ExpertDims,
     device: Device,
     expert_dirs: Vec<(PathBuf, PathBuf)>,
-    experts: std::sync::Mutex<ExpertSet>,
+    experts: Arc<std::sync::Mutex<ExpertSet>>,
     /// Places for generation jobs (`Limits::max_queue`).
     admission: Arc<admission::Admission>,
-    /// The model and tokenizer; the lock is FIFO-fair, so requests run in arrival order.
-    engine: Arc<Mutex<(ModeModel, Tokenizer)>>,
+    batching: Batching,
+    /// KV cache bytes per token of one sequence with the experts loaded now.
+    kv_bytes_per_token: AtomicU64,
+    tokenizer: Arc<Tokenizer>,
+    /// The model; the scheduler holds the lock while sequences run.
+    model: Arc<Mutex<ModeModel>>,
+    /// Expert changes waiting for the lock; while any wait, no new sequence starts.
+    model_change: Arc<AtomicUsize>,
+    /// Where jobs go to be run.
+    scheduler: std::sync::mpsc::Sender<Submission>,
+    stats: Arc<scheduler::Stats>,
 }
 
 impl AppState {
@@ -174,15 +190,44 @@ impl AppState {
     fn set_experts(&self, set: ExpertSet) {
         *self.experts.lock().unwrap_or_else(|e| e.into_inner()) = set;
     }
+
+    /// Call after changing the model's experts, still holding the model lock.
+    fn model_changed(&self, model: &ModeModel) {
+        self.kv_bytes_per_token.store(
+            scheduler::kv_bytes_per_token(model),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
 }
 
 /// The router of the API, ready to serve.
 pub fn router(served: Served) -> Router {
     let chat = ChatTemplate::of(&served.tokenizer);
+    let dims = ExpertDims::of(&served.model.backbone.config);
+    let device = served.model.backbone.device().clone();
     let experts = ExpertSet {
         loaded: served.model.expert_names(),
         default: served.routing.experts,
     };
+    let kv_bytes_per_token = AtomicU64::new(scheduler::kv_bytes_per_token(&served.model));
+    let experts = Arc::new(std::sync::Mutex::new(experts));
+    let model = Arc::new(Mutex::new(served.model));
+    let tokenizer = Arc::new(served.tokenizer);
+    let model_change = Arc::new(AtomicUsize::new(0));
+    let (scheduler, inbox) = std::sync::mpsc::channel();
+    let stats = Arc::new(scheduler::Stats::default());
+    let runner = Scheduler {
+        model: model.clone(),
+        tokenizer: tokenizer.clone(),
+        experts: experts.clone(),
+        batching: served.batching,
+        model_change: model_change.clone(),
+        stats: stats.clone(),
+    };
+    std::thread::Builder::new()
+        .name("mode-scheduler".into())
+        .spawn(move || runner.run(inbox))
+        .expect("spawning the scheduler thread");
     let state = Arc::new(AppState {
         name: served.name,
         api_key: served.api_key,
@@ -191,16 +236,26 @@ pub fn router(served: Served) -> Router {
         top_k: served.routing.top_k,
         threshold: served.routing.threshold,
         fingerprint: served.fingerprint,
-        dims: ExpertDims::of(&served.model.backbone.config),
-        device: served.model.backbone.device().clone(),
+        dims,
+        device,
         expert_dirs: served.expert_dirs,
-        experts: std::sync::Mutex::new(experts),
-        admission: Arc::new(admission::Admission::new(served.limits.max_queue)),
-        engine: Arc::new(Mutex::new((served.model, served.tokenizer))),
+        experts,
+        admission: Arc::new(admission::Admission::new(
+            served.limits.max_queue,
+            served.batching.parallel,
+        )),
+        batching: served.batching,
+        kv_bytes_per_token,
+        tokenizer,
+        model,
+        model_change,
+        scheduler,
+        stats,
     });
     Router::new()
         .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/v1/models", get(models))
+        .route("/metrics", get(metrics))
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/experts", get(list_experts).post(add_expert))
@@ -289,6 +344,7 @@ async fn models(State(s): State<Arc<AppState>>) -> Json<Value> {
         "max_tokens": s.limits.max_new_tokens,
         "max_n": s.limits.max_choices,
         "max_queue": s.limits.max_queue,
+        "parallel": s.batching.parallel,
         "max_stop_sequences": MAX_STOPS,
     });
     let mut data = vec![
@@ -298,6 +354,15 @@ async fn models(State(s): State<Arc<AppState>>) -> Json<Value> {
         json!({"id": format!("{}/{e}", s.name), "object": "model", "created": created, "owned_by": "mode", "parent": s.name, "limits": limits})
     }));
     Json(json!({"object": "list", "data": data}))
+}
+
+/// `GET /metrics`: the scheduler's counters, in Prometheus' text format.
+async fn metrics(State(s): State<Arc<AppState>>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        s.stats.prometheus(),
+    )
+        .into_response()
 }
 
 /// Serves `served` on `addr` until Ctrl-C.

@@ -1,7 +1,7 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use mode_serve::{Limits, RoutingDefaults, Served};
+use mode_serve::{Batching, Limits, RoutingDefaults, Served};
 
 use super::{ModelArgs, RoutingArgs};
 
@@ -10,7 +10,8 @@ use super::{ModelArgs, RoutingArgs};
 #[command(
     after_help = "Endpoints: POST /v1/completions, POST /v1/chat/completions (\"stream\": true \
     for server-sent events), GET /v1/models (with the per-request limits), GET /health. Requests \
-    run one at a time in arrival order. \"stop\" (a string or up to 4) and \"n\" work as in \
+    are batched: up to --parallel sequences decode together, each with its own experts; new \
+    ones join between steps. \"stop\" (a string or up to 4) and \"n\" work as in \
     OpenAI's API; fields the server does not implement (logit_bias, logprobs, tools...) are \
     refused with 400 naming the field, unless they ask for nothing.\n\n\
     Experts per request: a completion request may add \"experts\": [\"code\"] (\"[]\" runs the \
@@ -20,7 +21,8 @@ use super::{ModelArgs, RoutingArgs};
     Experts while serving: GET /v1/experts lists them; POST /v1/experts with \
     {\"path\": \"/abs/dir/x.expert.safetensors\", \"name\": \"optional\"} adds one (201; checked \
     against the backbone and the loaded experts' layout; 409 if the name is taken); \
-    DELETE /v1/experts/NAME removes one. Both wait for the requests ahead of them. The path is \
+    DELETE /v1/experts/NAME removes one. Both wait for the running requests to finish (no new \
+    one starts meanwhile). The path is \
     read on the server's filesystem, so adding is off (403) unless --allow-expert-dir names \
     a directory that holds the file.\n\n\
     Example:\n  mode serve --model models/code-math --port 8080\n  \
@@ -51,13 +53,27 @@ pub struct Args {
     /// Largest max_tokens a request may ask for
     #[arg(long, default_value_t = 1024)]
     max_tokens: usize,
-    /// Largest n (answers per request, generated one after another) a request may ask for
+    /// Largest n (answers per request, each its own sequence in the batch) a request may ask for
     #[arg(long, default_value_t = 8)]
     max_n: usize,
     /// Most completion requests in the server at once (running or waiting their turn); more
     /// are answered 503 with Retry-After
     #[arg(long, default_value_t = 64)]
     max_queue: usize,
+    /// Most sequences decoded together, one token each per step in one batched forward (each
+    /// of a request's n answers is a sequence). More give more tokens per second in all and
+    /// fewer to each stream
+    #[arg(long, default_value_t = 16)]
+    parallel: usize,
+    /// Most prompt tokens read in one step; a long prompt is read in chunks of this size
+    /// between the running streams' decode steps, so they keep flowing
+    #[arg(long, default_value_t = 256, value_name = "TOKENS")]
+    prefill_chunk: usize,
+    /// Memory for the running sequences' KV caches, in MiB: each reserves room for its prompt
+    /// and max_tokens when it starts, and waits while it does not fit. A request that could
+    /// never fit is refused with 400
+    #[arg(long, default_value_t = 2048, value_name = "MIB")]
+    kv_cache_mib: u64,
     /// Require `Authorization: Bearer KEY` on every request but GET /health (401 otherwise).
     /// Set it whenever --host is not loopback. Prefer the environment variable: a flag shows
     /// in the process list
@@ -75,6 +91,9 @@ pub fn run(args: Args) -> Result<()> {
     )?;
     super::check_range("--max-n", args.max_n, 1, 128)?;
     super::check_range("--max-queue", args.max_queue, 1, 1 << 20)?;
+    super::check_range("--parallel", args.parallel, 1, 4096)?;
+    super::check_range("--prefill-chunk", args.prefill_chunk, 1, super::MAX_TOKENS)?;
+    super::check_range("--kv-cache-mib", args.kv_cache_mib as usize, 1, 1 << 24)?;
     if let Some(key) = &args.api_key {
         let printable = key.bytes().all(|b| b.is_ascii_graphic());
         if key.is_empty() || !printable {
@@ -118,6 +137,11 @@ pub fn run(args: Args) -> Result<()> {
         max_choices: args.max_n,
         max_queue: args.max_queue,
     };
+    served.batching = Batching {
+        parallel: args.parallel,
+        prefill_chunk: args.prefill_chunk,
+        kv_cache_bytes: args.kv_cache_mib << 20,
+    };
     served.api_key = args.api_key.clone();
     served.routing = RoutingDefaults {
         experts: args.routing.active_experts.clone(),
@@ -140,13 +164,14 @@ pub fn run(args: Args) -> Result<()> {
         .build()
         .context("starting the async runtime")?;
     eprintln!(
-        "mode: serving `{}` on http://{addr} ({}; up to {} requests in the server; Ctrl-C stops)",
+        "mode: serving `{}` on http://{addr} ({}; {} decoded together, up to {} requests in the server; Ctrl-C stops)",
         mode_io::term::printable(&name),
         if args.api_key.is_some() {
             "API key required"
         } else {
             "no API key"
         },
+        args.parallel,
         args.max_queue
     );
     runtime

@@ -1,0 +1,463 @@
+//! Continuous batching: one thread runs every request's sequences together.
+//!
+//! Each step of the loop (1) admits waiting sequences while fewer than `parallel` run and
+//! their KV caches fit the memory budget, (2) feeds one chunk of at most `prefill_chunk`
+//! prompt tokens of one sequence that is still reading its prompt, so a long prompt delays the
+//! running streams by one chunk at a time, not by its whole length, and (3) decodes one token
+//! for every sequence past its prompt in one batched forward ([`ModeModel::decode_step`]): the
+//! backbone's weights are read once for all of them, and each expert runs only on the rows of
+//! the requests that use it. A finished or abandoned sequence leaves at once. Each of a
+//! request's `n` answers is its own sequence.
+//!
+//! The model lock is held while sequences run, so the model never changes under one (its
+//! experts' indices and cache slots stay valid). Adding or removing an expert raises
+//! `model_change`: no new sequence is admitted, the running ones finish, and the lock is
+//! released for the change.
+
+use std::collections::VecDeque;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::Duration;
+
+use candle_core::{IndexOp, Tensor};
+use mode_core::{ModeModel, Routing};
+use mode_infer::{Sampler, SamplingParams, StopText, TextStream};
+use mode_io::Tokenizer;
+use mode_model::{CausalLm, KvCache};
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::admission::Ticket;
+use crate::error::{internal, ApiError};
+use crate::experts::ExpertSet;
+use crate::generation::{job_routing, Piece};
+use crate::openai::Usage;
+use crate::request::Job;
+
+/// How the scheduler batches.
+#[derive(Debug, Clone, Copy)]
+pub struct Batching {
+    /// Most sequences decoded together.
+    pub parallel: usize,
+    /// Most prompt tokens read in one step.
+    pub prefill_chunk: usize,
+    /// Memory for the running sequences' keys and values; a sequence reserves room for its
+    /// prompt and its `max_tokens` when it starts.
+    pub kv_cache_bytes: u64,
+}
+
+impl Default for Batching {
+    fn default() -> Self {
+        Self {
+            parallel: 16,
+            prefill_chunk: 256,
+            kv_cache_bytes: 2 << 30,
+        }
+    }
+}
+
+/// Counters of the scheduler's work, read by `GET /metrics`.
+#[derive(Debug, Default)]
+pub(crate) struct Stats {
+    /// Sequences decoding or reading their prompt now.
+    pub running: AtomicUsize,
+    /// Sequences waiting to start.
+    pub waiting: AtomicUsize,
+    pub decode_steps: AtomicU64,
+    /// Rows of all decode steps: tokens decoded in batches.
+    pub decode_rows: AtomicU64,
+    /// The most rows one decode step has had.
+    pub max_rows: AtomicUsize,
+    pub prompt_tokens: AtomicU64,
+    pub generated_tokens: AtomicU64,
+}
+
+impl Stats {
+    /// The counters in Prometheus' text format.
+    pub fn prometheus(&self) -> String {
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let now = |a: &AtomicUsize| a.load(Ordering::Relaxed);
+        let lines = [
+            (
+                "mode_sequences_running",
+                "gauge",
+                "Sequences being decoded or reading their prompt.",
+                now(&self.running) as u64,
+            ),
+            (
+                "mode_sequences_waiting",
+                "gauge",
+                "Sequences waiting for a place in the batch.",
+                now(&self.waiting) as u64,
+            ),
+            (
+                "mode_decode_steps_total",
+                "counter",
+                "Batched decode steps run.",
+                get(&self.decode_steps),
+            ),
+            (
+                "mode_decode_rows_total",
+                "counter",
+                "Tokens decoded, summed over the rows of every decode step.",
+                get(&self.decode_rows),
+            ),
+            (
+                "mode_decode_rows_max",
+                "gauge",
+                "The most rows one decode step has had.",
+                now(&self.max_rows) as u64,
+            ),
+            (
+                "mode_prompt_tokens_total",
+                "counter",
+                "Prompt tokens read.",
+                get(&self.prompt_tokens),
+            ),
+            (
+                "mode_generated_tokens_total",
+                "counter",
+                "Tokens generated.",
+                get(&self.generated_tokens),
+            ),
+        ];
+        let mut out = String::new();
+        for (name, kind, help, value) in lines {
+            out.push_str(&format!(
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
+            ));
+        }
+        out
+    }
+}
+
+/// Bytes of keys and values one token of one sequence holds in `model` (f32, every backbone
+/// and expert layer).
+pub(crate) fn kv_bytes_per_token(model: &ModeModel) -> u64 {
+    let c = &model.backbone.config;
+    let layers = model.new_cache().layers.len() as u64;
+    layers * 2 * (c.num_key_value_heads * c.head_dim) as u64 * 4
+}
+
+/// A request handed to the scheduler: its prompt tokenised, where its pieces go, and its place
+/// in the server.
+pub(crate) struct Submission {
+    pub job: Job,
+    pub ids: Vec<u32>,
+    pub tx: UnboundedSender<Piece>,
+    pub ticket: Ticket,
+}
+
+/// What the sequences of one request share.
+struct Request {
+    job: Job,
+    ids: Vec<u32>,
+    routing: Routing,
+    tx: UnboundedSender<Piece>,
+    /// Answers not finished yet, and the completion tokens of those that are.
+    open: std::cell::Cell<(usize, usize)>,
+    _ticket: Ticket,
+}
+
+impl Request {
+    fn send(&self, piece: Piece) -> bool {
+        self.tx.send(piece).is_ok()
+    }
+}
+
+/// One answer being generated.
+struct Sequence {
+    request: Rc<Request>,
+    choice: usize,
+    cache: KvCache,
+    /// Prompt tokens read so far.
+    read: usize,
+    /// The token the next decode step feeds (sampled, not yet fed).
+    next: Option<u32>,
+    generated: usize,
+    sampler: Sampler,
+    stop: StopText,
+    text: TextStream,
+    reserved_bytes: u64,
+    /// Finished (with its reason) or abandoned (`Some("")`: the client went away).
+    done: Option<&'static str>,
+}
+
+/// What the scheduler thread needs.
+pub(crate) struct Scheduler {
+    pub model: Arc<tokio::sync::Mutex<ModeModel>>,
+    pub tokenizer: Arc<Tokenizer>,
+    pub experts: Arc<std::sync::Mutex<ExpertSet>>,
+    pub batching: Batching,
+    /// Expert changes waiting for the running sequences to finish.
+    pub model_change: Arc<AtomicUsize>,
+    pub stats: Arc<Stats>,
+}
+
+impl Scheduler {
+    /// Runs until every sender of `inbox` is gone.
+    pub fn run(self, inbox: mpsc::Receiver<Submission>) {
+        let mut waiting: VecDeque<Submission> = VecDeque::new();
+        let mut queued: VecDeque<(Rc<Request>, usize)> = VecDeque::new();
+        let mut running: Vec<Sequence> = Vec::new();
+        loop {
+            if waiting.is_empty() && queued.is_empty() {
+                match inbox.recv() {
+                    Ok(s) => waiting.push_back(s),
+                    Err(_) => return,
+                }
+            }
+            // Let a pending expert change take the model first.
+            while self.model_change.load(Ordering::Acquire) > 0 {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            let model = self.model.blocking_lock();
+            loop {
+                waiting.extend(inbox.try_iter());
+                if self.model_change.load(Ordering::Acquire) == 0 {
+                    self.admit(&model, &mut waiting, &mut queued, &mut running);
+                }
+                if running.is_empty() {
+                    break;
+                }
+                self.step(&model, &mut running);
+                running.retain(|s| s.done.is_none());
+                let waiting_seqs: usize =
+                    queued.len() + waiting.iter().map(|s| s.job.choices).sum::<usize>();
+                self.stats.running.store(running.len(), Ordering::Relaxed);
+                self.stats.waiting.store(waiting_seqs, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Starts waiting sequences while there is room.
+    fn admit(
+        &self,
+        model: &ModeModel,
+        waiting: &mut VecDeque<Submission>,
+        queued: &mut VecDeque<(Rc<Request>, usize)>,
+        running: &mut Vec<Sequence>,
+    ) {
+        let per_token = kv_bytes_per_token(model);
+        let mut reserved: u64 = running.iter().map(|s| s.reserved_bytes).sum();
+        while running.len() < self.batching.parallel {
+            if queued.is_empty() {
+                let Some(sub) = waiting.pop_front() else {
+                    return;
+                };
+                if let Some(request) = self.open(model, sub) {
+                    let request = Rc::new(request);
+                    queued.extend((0..request.job.choices).map(|c| (request.clone(), c)));
+                }
+                continue;
+            }
+            let (request, choice) = queued.front().expect("not empty").clone();
+            let tokens = (request.ids.len() + request.job.max_new_tokens) as u64;
+            let need = tokens * per_token;
+            // Alone, a sequence always starts: the request check keeps it within the budget.
+            if !running.is_empty() && reserved + need > self.batching.kv_cache_bytes {
+                return;
+            }
+            queued.pop_front();
+            if request.tx.is_closed() {
+                continue;
+            }
+            reserved += need;
+            running.push(Sequence {
+                sampler: Sampler::new(SamplingParams {
+                    seed: request.job.params.seed.wrapping_add(choice as u64),
+                    ..request.job.params.clone()
+                }),
+                stop: StopText::new(request.job.stop.iter().cloned()),
+                request,
+                choice,
+                cache: model.new_cache(),
+                read: 0,
+                next: None,
+                generated: 0,
+                text: TextStream::default(),
+                reserved_bytes: need,
+                done: None,
+            });
+        }
+    }
+
+    /// The request of `sub` with its routing on the model as it is now; `None` (the client
+    /// told why) when that fails.
+    fn open(&self, model: &ModeModel, sub: Submission) -> Option<Request> {
+        let set = self
+            .experts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        match job_routing(model, &set, &sub.job) {
+            Ok(routing) => Some(Request {
+                open: std::cell::Cell::new((sub.job.choices, 0)),
+                job: sub.job,
+                ids: sub.ids,
+                routing,
+                tx: sub.tx,
+                _ticket: sub.ticket,
+            }),
+            Err(e) => {
+                let _ = sub.tx.send(Piece::Failed(e));
+                None
+            }
+        }
+    }
+
+    /// One chunk of prompt for the first sequence still reading one, then one decode step for
+    /// every sequence past its prompt.
+    fn step(&self, model: &ModeModel, running: &mut [Sequence]) {
+        for seq in running.iter_mut() {
+            if seq.request.tx.is_closed() {
+                seq.done = Some("");
+            }
+        }
+        if let Some(seq) = running.iter_mut().find(|s| s.read < s.request.ids.len()) {
+            if let Err(e) = self.prefill(model, seq) {
+                fail(std::slice::from_mut(seq), e);
+            }
+        }
+        let mut rows: Vec<&mut Sequence> = running
+            .iter_mut()
+            .filter(|s| s.done.is_none() && s.next.is_some())
+            .collect();
+        if rows.is_empty() {
+            return;
+        }
+        let tokens: Vec<u32> = rows.iter().map(|s| s.next.expect("filtered")).collect();
+        let stats = &self.stats;
+        stats.decode_steps.fetch_add(1, Ordering::Relaxed);
+        stats
+            .decode_rows
+            .fetch_add(rows.len() as u64, Ordering::Relaxed);
+        stats.max_rows.fetch_max(rows.len(), Ordering::Relaxed);
+        let routings: Vec<Routing> = rows.iter().map(|s| s.request.routing.clone()).collect();
+        let routing_refs: Vec<&Routing> = routings.iter().collect();
+        let logits = {
+            let mut caches: Vec<&mut KvCache> = rows.iter_mut().map(|s| &mut s.cache).collect();
+            model
+                .decode_step(&tokens, &mut caches, &routing_refs)
+                .and_then(|l| Ok(l.to_dtype(candle_core::DType::F32)?.to_vec2::<f32>()?))
+        };
+        match logits {
+            Ok(logits) => {
+                for (seq, row) in rows.into_iter().zip(logits) {
+                    self.take_token(seq, &row);
+                }
+            }
+            Err(e) => {
+                for seq in rows {
+                    fail(std::slice::from_mut(seq), internal(e.to_string()));
+                }
+            }
+        }
+    }
+
+    /// Reads the next chunk of `seq`'s prompt; after the last one, samples its first token.
+    fn prefill(&self, model: &ModeModel, seq: &mut Sequence) -> Result<(), ApiError> {
+        let ids = &seq.request.ids;
+        let n = (ids.len() - seq.read).min(self.batching.prefill_chunk.max(1));
+        let chunk = Tensor::new(&ids[seq.read..seq.read + n], model.device())
+            .and_then(|t| t.unsqueeze(0))
+            .map_err(|e| internal(e.to_string()))?;
+        let hidden = model
+            .forward_routed(&chunk, Some(&mut seq.cache), &seq.request.routing, None)
+            .map_err(|e| internal(e.to_string()))?;
+        seq.read += n;
+        self.stats
+            .prompt_tokens
+            .fetch_add(n as u64, Ordering::Relaxed);
+        if seq.read < ids.len() {
+            return Ok(());
+        }
+        let logits = hidden
+            .i((0, n - 1..n, ..))
+            .and_then(|h| h.contiguous())
+            .map_err(|e| internal(e.to_string()))
+            .and_then(|h| model.logits(&h).map_err(|e| internal(e.to_string())))
+            .and_then(|l| {
+                l.flatten_all()
+                    .and_then(|l| l.to_dtype(candle_core::DType::F32))
+                    .and_then(|l| l.to_vec1::<f32>())
+                    .map_err(|e| internal(e.to_string()))
+            })?;
+        self.take_token(seq, &logits);
+        Ok(())
+    }
+
+    /// Samples `seq`'s next token from `logits`, sends its text, and ends the sequence at an
+    /// end-of-turn token, a stop sequence or its token limit.
+    fn take_token(&self, seq: &mut Sequence, logits: &[f32]) {
+        let token = seq.sampler.sample(logits);
+        seq.next = None;
+        let choice = seq.choice;
+        let send = |seq: &Sequence, text: String| {
+            text.is_empty() || seq.request.send(Piece::Text { choice, text })
+        };
+        if self.tokenizer.eos_ids().contains(&token) {
+            return self.finish(seq, "stop");
+        }
+        seq.generated += 1;
+        self.stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
+        match seq.text.push(&self.tokenizer, token) {
+            Ok(Some(text)) => {
+                let cut = seq.stop.push(&text);
+                if !send(seq, cut) {
+                    seq.done = Some("");
+                    return;
+                }
+            }
+            Ok(None) => {}
+            Err(e) => return fail(std::slice::from_mut(seq), internal(e.to_string())),
+        }
+        if seq.stop.stopped() {
+            self.finish(seq, "stop");
+        } else if seq.generated >= seq.request.job.max_new_tokens {
+            self.finish(seq, "length");
+        } else {
+            seq.next = Some(token);
+        }
+    }
+
+    /// Sends what is left of `seq`'s text and its end; the request's last answer also sends
+    /// the token counts.
+    fn finish(&self, seq: &mut Sequence, finish_reason: &'static str) {
+        let choice = seq.choice;
+        let mut rest = String::new();
+        if !seq.stop.stopped() {
+            if let Ok(Some(text)) = seq.text.flush(&self.tokenizer) {
+                rest.push_str(&seq.stop.push(&text));
+            }
+        }
+        rest.push_str(&seq.stop.finish());
+        seq.done = Some(finish_reason);
+        let request = &seq.request;
+        if !rest.is_empty() && !request.send(Piece::Text { choice, text: rest }) {
+            return;
+        }
+        if !request.send(Piece::Finished {
+            choice,
+            finish_reason,
+        }) {
+            return;
+        }
+        let (open, tokens) = request.open.get();
+        request.open.set((open - 1, tokens + seq.generated));
+        if open == 1 {
+            let _ = request.send(Piece::Done(Usage::new(
+                request.ids.len(),
+                tokens + seq.generated,
+            )));
+        }
+    }
+}
+
+/// Ends `seqs` with an error sent to their clients.
+fn fail(seqs: &mut [Sequence], e: ApiError) {
+    for seq in seqs {
+        let _ = seq.request.send(Piece::Failed(e.clone()));
+        seq.done = Some("");
+    }
+}
