@@ -14,7 +14,7 @@
    "stop"), `n=2` (two choices, indexed); the server runs with --api-key (through
    MODE_API_KEY), so a client with a wrong key must get openai.AuthenticationError (401);
    one chat completion through `curl` with the key.
-4. Load: --clients threads (default 32) send small chat requests (max_tokens 8) in a loop for
+4. Load: --clients threads (default 32) send small chat requests (--max-tokens, default 8) in a loop for
    --seconds (default 60); reports requests done, failures, p50/p95 latency, and that the
    server is still alive and answering.
 
@@ -289,7 +289,8 @@ def api_checks(server: Server, checks: Checks) -> str:
     return model
 
 
-def load(server: Server, model: str, clients: int, seconds: float, checks: Checks) -> dict:
+def load(server: Server, model: str, clients: int, seconds: float, max_tokens: int,
+         checks: Checks) -> dict:
     import openai
 
     latencies, errors, tokens = [], [], []
@@ -307,7 +308,7 @@ def load(server: Server, model: str, clients: int, seconds: float, checks: Check
                 r = client.chat.completions.create(
                     model=model,
                     messages=[{"role": "user", "content": f"Client {i}, request {n}: name a colour."}],
-                    max_tokens=8,
+                    max_tokens=max_tokens,
                     temperature=0.7,
                     seed=i * 1000 + n,
                 )
@@ -322,7 +323,7 @@ def load(server: Server, model: str, clients: int, seconds: float, checks: Check
             n += 1
 
     rss_before = server.rss_mib()
-    log(f"load: {clients} clients for {seconds:.0f}s (chat, max_tokens 8)")
+    log(f"load: {clients} clients for {seconds:.0f}s (chat, max_tokens {max_tokens})")
     started = time.monotonic()
     threads = [threading.Thread(target=client_loop, args=(i,)) for i in range(clients)]
     for t in threads:
@@ -368,6 +369,8 @@ def main() -> int:
     parser.add_argument("--clients", default="32",
                         help="concurrent clients in the load phase; a comma-separated list "
                              "(1,8,32) runs one phase per count, --seconds each")
+    parser.add_argument("--max-tokens", type=int, default=8,
+                        help="max_tokens of each request in the load phase")
     parser.add_argument("--mode", type=Path, default=default_binary(), help="the mode binary")
     parser.add_argument("--startup-timeout", type=float, default=600,
                         help="seconds to wait for the server (the first run fetches the backbone)")
@@ -394,7 +397,7 @@ def main() -> int:
         levels = [int(c) for c in str(args.clients).split(",") if c.strip()]
         if not levels or min(levels) < 1:
             raise SystemExit(f"--clients {args.clients}: need positive counts")
-        summary = [load(server, model, c, args.seconds, checks) for c in levels]
+        summary = [load(server, model, c, args.seconds, args.max_tokens, checks) for c in levels]
         print(json.dumps({"load": summary}), flush=True)
     except SystemExit as e:
         checks.failures.append(str(e))

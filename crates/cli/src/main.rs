@@ -124,8 +124,13 @@ fn main() -> ExitCode {
             None => e.exit(),
         },
     };
-    if let Some(threads) = cli.threads {
-        // Must happen before candle or rayon start their thread pools.
+    // Must happen before candle or rayon start their thread pools. Unset, candle works out its
+    // default (the physical cores, from /proc/cpuinfo on Linux) again at every matrix product:
+    // a decode step of 32 sequences spent a tenth of its time reading /proc/cpuinfo.
+    let threads = cli
+        .threads
+        .unwrap_or_else(candle_core::utils::get_num_threads);
+    if cli.threads.is_some() || std::env::var_os("RAYON_NUM_THREADS").is_none() {
         std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
     }
     if matches!(cli.command, Command::Serve(_)) {

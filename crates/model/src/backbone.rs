@@ -11,8 +11,9 @@ use crate::layers::{Linear, RmsNorm};
 use crate::rope::Rope;
 use crate::{Config, DecoderLayer, LayerCache, Result, Weights};
 
-/// Key/value caches of every layer, for incremental decoding.
-#[derive(Debug, Clone, Default)]
+/// Key/value caches of every layer, for incremental decoding. Not `Clone`: its buffers are
+/// written in place, so a copy would share them.
+#[derive(Debug, Default)]
 pub struct KvCache {
     pub layers: Vec<LayerCache>,
 }
@@ -20,7 +21,15 @@ pub struct KvCache {
 impl KvCache {
     pub fn new(num_layers: usize) -> Self {
         Self {
-            layers: vec![LayerCache::default(); num_layers],
+            layers: (0..num_layers).map(|_| LayerCache::default()).collect(),
+        }
+    }
+
+    /// Sets the room the caches allocate at their first write (they still grow past it), for
+    /// a caller that knows how long its sequence can get.
+    pub fn reserve(&mut self, positions: usize) {
+        for l in &mut self.layers {
+            l.reserve(positions);
         }
     }
 

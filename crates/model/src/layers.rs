@@ -78,7 +78,11 @@ impl Module for Linear {
         let dims = x.dims();
         let in_features = dims[dims.len() - 1];
         let rows = x.elem_count() / in_features;
-        let y = x.reshape((rows, in_features))?.matmul(&w.t()?)?;
+        let x2 = x.reshape((rows, in_features))?;
+        let y = match few_rows_matmul(&x2, &w)? {
+            Some(y) => y,
+            None => x2.matmul(&w.t()?)?,
+        };
         let y = match &self.bias {
             Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?)?,
             None => y,
@@ -95,6 +99,30 @@ impl Module for Linear {
         *out_dims.last_mut().expect("non-empty dims") = self.out_features();
         y.reshape(out_dims)
     }
+}
+
+/// `x W^T` through [`crate::matmul::matmul_rows`] when `x` (`[rows, in]`) has a few rows (2 to
+/// `MAX_ROWS`) and both are f32 in memory; `None` otherwise.
+fn few_rows_matmul(x: &Tensor, w: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    let (rows, k) = x.dims2()?;
+    // One row is a matrix-vector product, which gemm does well without packing.
+    if !(2..=crate::matmul::MAX_ROWS).contains(&rows)
+        || x.dtype() != DType::F32
+        || w.dtype() != DType::F32
+    {
+        return Ok(None);
+    }
+    let (storage, layout) = w.storage_and_layout();
+    let candle_core::Storage::Cpu(candle_core::CpuStorage::F32(data)) = &*storage else {
+        return Ok(None);
+    };
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        return Ok(None);
+    };
+    let n = w.dims()[0];
+    let xs = x.flatten_all()?.to_vec1::<f32>()?;
+    let y = crate::matmul::matmul_rows(&xs, rows, &data[start..end], n, k);
+    Ok(Some(Tensor::from_vec(y, (rows, n), x.device())?))
 }
 
 /// Root-mean-square layer norm with a learned scale `offset + weight` (`offset` is 1 for Gemma,
@@ -131,30 +159,53 @@ impl Module for RmsNorm {
     }
 }
 
-/// Cached keys and values of one layer, `[batch, kv_heads, seq, head_dim]` each.
-#[derive(Debug, Clone, Default)]
+/// Cached keys and values of one layer: `[batch, kv_heads, capacity, head_dim]` buffers whose
+/// first `len` positions are filled. New positions are written in place, so a decode step
+/// copies one position per layer, not the whole cache; the buffers grow by doubling.
+#[derive(Debug, Default)]
 pub struct LayerCache {
-    pub kv: Option<(Tensor, Tensor)>,
+    kv: Option<(Tensor, Tensor)>,
+    len: usize,
+    /// Positions to allocate room for at the first write.
+    capacity_hint: usize,
 }
 
 impl LayerCache {
     /// Number of positions cached so far.
     pub fn len(&self) -> usize {
-        self.kv.as_ref().map_or(0, |(k, _)| k.dims()[2])
+        self.len
+    }
+
+    /// Positions to allocate room for at the first write, if it has not happened yet.
+    pub fn reserve(&mut self, positions: usize) {
+        self.capacity_hint = positions;
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.len == 0
     }
 
-    /// Appends new keys and values (`[batch, kv_heads, seq, head_dim]`); returns all of them.
+    /// Appends new keys and values (`[batch, kv_heads, seq, head_dim]`, contiguous); returns
+    /// views of all of them.
     fn extend(&mut self, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
-        let (k, v) = match self.kv.take() {
-            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
-            None => (k, v),
-        };
-        self.kv = Some((k.clone(), v.clone()));
-        Ok((k, v))
+        let (b, h, t, d) = k.dims4()?;
+        let need = self.len + t;
+        let capacity = self.kv.as_ref().map_or(0, |(ck, _)| ck.dims()[2]);
+        if need > capacity {
+            let grown = need.max(self.capacity_hint).max(2 * capacity).max(16);
+            let fresh = || Tensor::zeros((b, h, grown, d), k.dtype(), k.device());
+            let (nk, nv) = (fresh()?, fresh()?);
+            if let Some((ck, cv)) = &self.kv {
+                nk.slice_set(&ck.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
+                nv.slice_set(&cv.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
+            }
+            self.kv = Some((nk, nv));
+        }
+        let (ck, cv) = self.kv.as_ref().expect("allocated above");
+        ck.slice_set(&k.contiguous()?, 2, self.len)?;
+        cv.slice_set(&v.contiguous()?, 2, self.len)?;
+        self.len = need;
+        Ok((ck.narrow(2, 0, need)?, cv.narrow(2, 0, need)?))
     }
 }
 

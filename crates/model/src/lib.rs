@@ -10,6 +10,7 @@ pub mod backbone;
 pub mod config;
 pub mod error;
 pub mod layers;
+pub mod matmul;
 pub mod rope;
 pub mod weights;
 

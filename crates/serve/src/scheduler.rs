@@ -263,6 +263,8 @@ impl Scheduler {
                 continue;
             }
             reserved += need;
+            let mut cache = model.new_cache();
+            cache.reserve(tokens as usize);
             running.push(Sequence {
                 sampler: Sampler::new(SamplingParams {
                     seed: request.job.params.seed.wrapping_add(choice as u64),
@@ -271,7 +273,7 @@ impl Scheduler {
                 stop: StopText::new(request.job.stop.iter().cloned()),
                 request,
                 choice,
-                cache: model.new_cache(),
+                cache,
                 read: 0,
                 next: None,
                 generated: 0,
