@@ -42,4 +42,4 @@ serve-check: build
 
 # Server throughput with 1, 8 and 32 concurrent clients (after the same API checks).
 bench-serve: build
-	python3 scripts/check_openai_client.py --mode $(MODE) --clients 1,8,32 --seconds 30 $(SERVE_CHECK_FLAGS)
+	python3 scripts/check_openai_client.py --mode $(MODE) --clients 1,8,32 --seconds 30 --max-tokens 64 --serve-arg=--parallel --serve-arg=32 $(SERVE_CHECK_FLAGS)

@@ -1,9 +1,9 @@
 //! Continuous batching: one thread runs every request's sequences together.
 //!
 //! Each step of the loop (1) admits waiting sequences while fewer than `parallel` run and
-//! their KV caches fit the memory budget, (2) feeds one chunk of at most `prefill_chunk`
-//! prompt tokens of one sequence that is still reading its prompt, so a long prompt delays the
-//! running streams by one chunk at a time, not by its whole length, and (3) decodes one token
+//! their KV caches fit the memory budget, (2) reads at most `prefill_chunk` prompt tokens in
+//! all, oldest sequence first, so a long prompt delays the running streams by one chunk at a
+//! time, not by its whole length, and (3) decodes one token
 //! for every sequence past its prompt in one batched forward ([`ModeModel::decode_step`]): the
 //! backbone's weights are read once for all of them, and each expert runs only on the rows of
 //! the requests that use it. A finished or abandoned sequence leaves at once. Each of a
@@ -39,7 +39,7 @@ use crate::request::Job;
 pub struct Batching {
     /// Most sequences decoded together.
     pub parallel: usize,
-    /// Most prompt tokens read in one step.
+    /// Most prompt tokens read in one step, over all the prompts being read.
     pub prefill_chunk: usize,
     /// Memory for the running sequences' keys and values; a sequence reserves room for its
     /// prompt and its `max_tokens` when it starts.
@@ -316,9 +316,19 @@ impl Scheduler {
                 seq.done = Some("");
             }
         }
-        if let Some(seq) = running.iter_mut().find(|s| s.read < s.request.ids.len()) {
-            if let Err(e) = self.prefill(model, seq) {
-                fail(std::slice::from_mut(seq), e);
+        // Prompts share one budget of `prefill_chunk` tokens per step, oldest first: many
+        // short prompts start in one step, a long one is read over several.
+        let mut budget = self.batching.prefill_chunk.max(1);
+        for seq in running.iter_mut() {
+            if budget == 0 {
+                break;
+            }
+            if seq.done.is_some() || seq.read >= seq.request.ids.len() {
+                continue;
+            }
+            match self.prefill(model, seq, budget) {
+                Ok(n) => budget -= n,
+                Err(e) => fail(std::slice::from_mut(seq), e),
             }
         }
         let mut rows: Vec<&mut Sequence> = running
@@ -357,10 +367,16 @@ impl Scheduler {
         }
     }
 
-    /// Reads the next chunk of `seq`'s prompt; after the last one, samples its first token.
-    fn prefill(&self, model: &ModeModel, seq: &mut Sequence) -> Result<(), ApiError> {
+    /// Reads up to `budget` more tokens of `seq`'s prompt (returns how many); after the last
+    /// one, samples its first token.
+    fn prefill(
+        &self,
+        model: &ModeModel,
+        seq: &mut Sequence,
+        budget: usize,
+    ) -> Result<usize, ApiError> {
         let ids = &seq.request.ids;
-        let n = (ids.len() - seq.read).min(self.batching.prefill_chunk.max(1));
+        let n = (ids.len() - seq.read).min(budget);
         let chunk = Tensor::new(&ids[seq.read..seq.read + n], model.device())
             .and_then(|t| t.unsqueeze(0))
             .map_err(|e| internal(e.to_string()))?;
@@ -372,7 +388,7 @@ impl Scheduler {
             .prompt_tokens
             .fetch_add(n as u64, Ordering::Relaxed);
         if seq.read < ids.len() {
-            return Ok(());
+            return Ok(n);
         }
         let logits = hidden
             .i((0, n - 1..n, ..))
@@ -386,7 +402,7 @@ impl Scheduler {
                     .map_err(|e| internal(e.to_string()))
             })?;
         self.take_token(seq, &logits);
-        Ok(())
+        Ok(n)
     }
 
     /// Samples `seq`'s next token from `logits`, sends its text, and ends the sequence at an
