@@ -6,6 +6,7 @@
 //! final norm and LM head. Weights come from GGUF files, Hugging Face folders, or an in-memory map
 //! (tests, random initialisation), always under Hugging Face tensor names.
 
+pub mod attention;
 pub mod backbone;
 pub mod config;
 pub mod error;

@@ -7,6 +7,7 @@
 //! against all rows of `x` while it sits in L1: a decode step reads the weights once however
 //! many sequences it serves, which is the whole point of batching on a CPU.
 
+use candle_core::{DType, Tensor};
 use rayon::prelude::*;
 
 /// Up to this many rows of `x` go through [`matmul_rows`]; more go to `gemm`, whose packing
@@ -33,6 +34,27 @@ pub fn matmul_rows(x: &[f32], m: usize, w: &[f32], n: usize, k: usize) -> Vec<f3
             block(x, m, rows, j0, n, k, y);
         });
     y
+}
+
+/// `x W^T` through [`matmul_rows`] when `x` (`[rows, in]`) has a few rows (2 to
+/// `MAX_ROWS`) and both are f32 in memory; `None` otherwise.
+pub fn few_rows_matmul(x: &Tensor, w: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    let (rows, k) = x.dims2()?;
+    // One row is a matrix-vector product, which gemm does well without packing.
+    if !(2..=MAX_ROWS).contains(&rows) || x.dtype() != DType::F32 || w.dtype() != DType::F32 {
+        return Ok(None);
+    }
+    let (storage, layout) = w.storage_and_layout();
+    let candle_core::Storage::Cpu(candle_core::CpuStorage::F32(data)) = &*storage else {
+        return Ok(None);
+    };
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        return Ok(None);
+    };
+    let n = w.dims()[0];
+    let xs = x.flatten_all()?.to_vec1::<f32>()?;
+    let y = matmul_rows(&xs, rows, &data[start..end], n, k);
+    Ok(Some(Tensor::from_vec(y, (rows, n), x.device())?))
 }
 
 /// The output buffer, shared by tasks that write disjoint columns.

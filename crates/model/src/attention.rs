@@ -1,0 +1,197 @@
+//! Causal self-attention with grouped key/value heads, and its KV cache: one sequence (or a
+//! batch sharing positions) at a time, or one new token for each of several sequences (a
+//! batched decode step).
+
+use candle_core::{Device, Module, Tensor};
+
+use crate::layers::{Linear, RmsNorm};
+use crate::rope::RopeTables;
+use crate::Result;
+
+/// Cached keys and values of one layer: `[batch, kv_heads, capacity, head_dim]` buffers whose
+/// first `len` positions are filled. New positions are written in place, so a decode step
+/// copies one position per layer, not the whole cache; the buffers grow by doubling.
+#[derive(Debug, Default)]
+pub struct LayerCache {
+    kv: Option<(Tensor, Tensor)>,
+    len: usize,
+    /// Positions to allocate room for at the first write.
+    capacity_hint: usize,
+}
+
+impl LayerCache {
+    /// Number of positions cached so far.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Positions to allocate room for at the first write, if it has not happened yet.
+    pub fn reserve(&mut self, positions: usize) {
+        self.capacity_hint = positions;
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Appends new keys and values (`[batch, kv_heads, seq, head_dim]`, contiguous); returns
+    /// views of all of them.
+    fn extend(&mut self, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
+        let (b, h, t, d) = k.dims4()?;
+        let need = self.len + t;
+        let capacity = self.kv.as_ref().map_or(0, |(ck, _)| ck.dims()[2]);
+        if need > capacity {
+            let grown = need.max(self.capacity_hint).max(2 * capacity).max(16);
+            let fresh = || Tensor::zeros((b, h, grown, d), k.dtype(), k.device());
+            let (nk, nv) = (fresh()?, fresh()?);
+            if let Some((ck, cv)) = &self.kv {
+                nk.slice_set(&ck.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
+                nv.slice_set(&cv.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
+            }
+            self.kv = Some((nk, nv));
+        }
+        let (ck, cv) = self.kv.as_ref().expect("allocated above");
+        ck.slice_set(&k.contiguous()?, 2, self.len)?;
+        cv.slice_set(&v.contiguous()?, 2, self.len)?;
+        self.len = need;
+        Ok((ck.narrow(2, 0, need)?, cv.narrow(2, 0, need)?))
+    }
+}
+
+/// Causal self-attention with grouped key/value heads.
+#[derive(Debug, Clone)]
+pub struct Attention {
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub o_proj: Linear,
+    pub q_norm: Option<RmsNorm>,
+    pub k_norm: Option<RmsNorm>,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    /// `Some(n)`: a sliding-window layer, each position sees the last `n` (itself included)
+    /// and uses the local RoPE tables; `None`: a global layer.
+    pub window: Option<usize>,
+}
+
+impl Attention {
+    /// `x`: `[batch, seq, hidden]`; `rope` for the new positions; `cache` is extended.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        rope: &RopeTables,
+        cache: Option<&mut LayerCache>,
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let (q, k, v) = self.project(x, rope)?;
+        let (k, v) = match cache {
+            Some(cache) => cache.extend(k, v)?,
+            None => (k, v),
+        };
+        let out = self.attend(&q, &k, &v)?;
+        Ok(self.o_proj.forward(&out.reshape((b, t, ()))?)?)
+    }
+
+    /// One new position for each of several sequences (a batched decode step): `x` is
+    /// `[rows, 1, hidden]`, `rope` has one table row per sequence (`[rows, 1, head_dim / 2]`,
+    /// see [`RopeTables::at_positions`]), and row `r` attends over, and extends, `caches[r]`.
+    /// The projections run on all rows at once; attention runs per row, as each sequence has
+    /// its own length. Row `r` gets what [`Self::forward`] gives it alone.
+    pub fn forward_rows(
+        &self,
+        x: &Tensor,
+        rope: &RopeTables,
+        caches: &mut [&mut LayerCache],
+    ) -> Result<Tensor> {
+        let (rows, t, _) = x.dims3()?;
+        if t != 1 || rows != caches.len() {
+            return Err(candle_core::Error::Msg(format!(
+                "a batched decode step takes one token for each of its {} caches, got [{rows}, {t}]",
+                caches.len()
+            ))
+            .into());
+        }
+        let (q, k, v) = self.project(x, rope)?;
+        let mut outs = Vec::with_capacity(rows);
+        for (r, cache) in caches.iter_mut().enumerate() {
+            let (k, v) = cache.extend(k.narrow(0, r, 1)?, v.narrow(0, r, 1)?)?;
+            outs.push(self.attend(&q.narrow(0, r, 1)?, &k, &v)?);
+        }
+        let out = Tensor::cat(&outs, 0)?;
+        Ok(self.o_proj.forward(&out.reshape((rows, 1, ()))?)?)
+    }
+
+    /// Queries, keys and values `[batch, heads, seq, head_dim]`, normed and rotated.
+    fn project(&self, x: &Tensor, rope: &RopeTables) -> Result<(Tensor, Tensor, Tensor)> {
+        let (cos, sin) = rope.for_window(self.window);
+        let (b, t, _) = x.dims3()?;
+        let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let mut q = self.q_proj.forward(x)?.reshape((b, t, nh, hd))?;
+        let mut k = self.k_proj.forward(x)?.reshape((b, t, nkv, hd))?;
+        let v = self.v_proj.forward(x)?.reshape((b, t, nkv, hd))?;
+        if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
+            q = qn.forward(&q)?;
+            k = kn.forward(&k)?;
+        }
+        let (cos, sin) = (cos.to_dtype(q.dtype())?, sin.to_dtype(q.dtype())?);
+        let q = candle_nn::rotary_emb::rope(&q.transpose(1, 2)?.contiguous()?, &cos, &sin)?;
+        let k = candle_nn::rotary_emb::rope(&k.transpose(1, 2)?.contiguous()?, &cos, &sin)?;
+        let v = v.transpose(1, 2)?.contiguous()?;
+        Ok((q, k, v))
+    }
+
+    /// Causal attention of `q` (`[b, heads, t, hd]`, the last `t` positions) over `k`, `v`
+    /// (`[b, kv_heads, s, hd]`, every position so far): `[b, t, heads, hd]`.
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        let (b, _, t, _) = q.dims4()?;
+        let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let s = k.dims()[2];
+        let past = s - t;
+        let rep = nh / nkv;
+
+        // Fold the query heads that share a key/value head into the sequence axis, so grouped
+        // attention runs as one matmul per kv head without copying keys and values.
+        let scale = 1.0 / (hd as f64).sqrt();
+        let q = (q * scale)?.reshape((b, nkv, rep * t, hd))?;
+        let scores = q.matmul(&k.t()?)?; // [b, nkv, rep*t, s]
+        let windowed = self.window.is_some_and(|w| s > w);
+        let scores = if t > 1 || windowed {
+            let mask =
+                causal_mask(t, s, past, self.window, q.device())?.to_dtype(scores.dtype())?;
+            scores
+                .reshape((b, nkv, rep, t, s))?
+                .broadcast_add(&mask)?
+                .reshape((b, nkv, rep * t, s))?
+        } else {
+            scores
+        };
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let out = probs.matmul(v)?; // [b, nkv, rep*t, hd]
+        Ok(out.reshape((b, nh, t, hd))?.transpose(1, 2)?)
+    }
+}
+
+/// `[t, s]` additive mask: query i (at absolute position past + i) sees keys 0..=past + i, and
+/// with a window of `n` only the last `n` of them.
+pub fn causal_mask(
+    t: usize,
+    s: usize,
+    past: usize,
+    window: Option<usize>,
+    device: &Device,
+) -> Result<Tensor> {
+    let mask: Vec<f32> = (0..t)
+        .flat_map(|i| {
+            (0..s).map(move |j| {
+                let pos = past + i;
+                if j <= pos && window.is_none_or(|w| pos - j < w) {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+        })
+        .collect();
+    Ok(Tensor::from_vec(mask, (t, s), device)?)
+}
