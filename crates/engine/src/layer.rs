@@ -61,7 +61,7 @@ pub type LayerGrads = Vec<(String, Tensor)>;
 
 /// Projection forward; with a LoRA adapter also returns `x A^T` for the backward pass.
 fn lin(l: &Linear, x: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
-    let y = ops::linear(x, &l.weight, l.bias.as_ref())?;
+    let y = ops::linear(x, l.weight.tensor()?, l.bias.as_ref())?;
     match &l.lora {
         None => Ok((y, None)),
         Some(a) => {
@@ -189,7 +189,7 @@ pub fn backward(
                     grads.push((format!("{name}.bias"), ops::linear_backward_bias(dy)?));
                 }
             }
-            let dx = ops::linear_backward_input(dy, &l.weight)?;
+            let dx = ops::linear_backward_input(dy, l.weight.tensor()?)?;
             match (&l.lora, &acts.lora_xa[slot]) {
                 (Some(lora), Some(xa)) => {
                     // y += s * xa B^T, xa = x A^T

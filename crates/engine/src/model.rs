@@ -240,7 +240,7 @@ pub fn loss_and_grads(
     let head_trains = if tied { tr.embeddings } else { tr.lm_head };
     let ce = ops::lm_head_cross_entropy(
         &hn,
-        &model.lm_head.weight,
+        model.lm_head.weight.tensor()?,
         targets,
         1.0 / count.max(1) as f64,
         head_trains,
@@ -392,7 +392,7 @@ pub fn logits(model: &Backbone, plan: &Plan, ids: &Tensor) -> Result<Tensor> {
     let (x, _) = forward_stages(model, plan, &stages, &none, &none, x, &rope)?;
     let x2d = x.reshape((b * t, h))?;
     let (hn, _) = ops::rms_norm(&x2d, &model.norm.scale()?, model.norm.eps)?;
-    hn.matmul(&model.lm_head.weight.t()?)?
+    hn.matmul(&model.lm_head.weight.tensor()?.t()?)?
         .reshape((b, t, model.config.vocab_size))
 }
 

@@ -6,17 +6,47 @@
 use candle_core::{DType, Device, Module, Tensor};
 
 pub use crate::attention::{causal_mask, Attention, LayerCache};
+use crate::compact::Q8Matrix;
 pub use crate::rope::{Rope, RopeTables};
 use crate::{Activation, Config, Result, Weights};
 
-/// `y = x W^T (+ b)`. The weight may be stored in a compact dtype (f16/bf16); it is widened to
-/// the activation dtype at use.
+/// `y = x W^T (+ b)`. The weight may be stored compactly (f16/bf16 tensors, or Q8_0 blocks); it
+/// is widened to the activation dtype at use.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    pub weight: Tensor,
+    pub weight: Weight,
     pub bias: Option<Tensor>,
     /// A low-rank adapter added to the output, when LoRA is attached.
     pub lora: Option<Lora>,
+}
+
+/// A projection's `[out, in]` matrix: a tensor (f32, f16, bf16, or f64 in gradient checks), or
+/// Q8_0 blocks, which only inference reads.
+#[derive(Debug, Clone)]
+pub enum Weight {
+    Dense(Tensor),
+    Q8_0(Q8Matrix),
+}
+
+impl Weight {
+    /// The matrix as a tensor; an error for Q8_0, which training cannot use.
+    pub fn tensor(&self) -> candle_core::Result<&Tensor> {
+        match self {
+            Weight::Dense(t) => Ok(t),
+            Weight::Q8_0(_) => candle_core::bail!(
+                "this operation needs the frozen weights as tensors (--weight-dtype f32, f16 or \
+                 bf16); they were loaded as q8_0, which only inference reads"
+            ),
+        }
+    }
+
+    /// `[out, in]`.
+    pub fn dims2(&self) -> (usize, usize) {
+        match self {
+            Weight::Dense(t) => (t.dims()[0], t.dims()[1]),
+            Weight::Q8_0(q) => (q.rows(), q.cols()),
+        }
+    }
 }
 
 /// LoRA: `y += scale * (x A^T) B^T` with `A: [rank, in]`, `B: [out, rank]`, `scale = alpha / rank`.
@@ -54,35 +84,48 @@ impl Lora {
 impl Linear {
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
         Self {
-            weight,
+            weight: Weight::Dense(weight),
             bias,
             lora: None,
         }
     }
 
     pub fn in_features(&self) -> usize {
-        self.weight.dims()[1]
+        self.weight.dims2().1
     }
 
     pub fn out_features(&self) -> usize {
-        self.weight.dims()[0]
+        self.weight.dims2().0
+    }
+
+    /// Holds the weight as Q8_0 blocks from now on (kept as it is when its rows are not whole
+    /// blocks). Inference only: training needs [`Weight::Dense`].
+    pub fn quantize_q8_0(&mut self) -> candle_core::Result<()> {
+        if let Weight::Dense(t) = &self.weight {
+            if self
+                .in_features()
+                .is_multiple_of(crate::compact::Q8_0_BLOCK)
+            {
+                self.weight = Weight::Q8_0(Q8Matrix::quantize(t)?);
+            }
+        }
+        Ok(())
     }
 }
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let w = if self.weight.dtype() == x.dtype() {
-            self.weight.clone()
-        } else {
-            self.weight.to_dtype(x.dtype())?
-        };
         let dims = x.dims();
         let in_features = dims[dims.len() - 1];
         let rows = x.elem_count() / in_features;
         let x2 = x.reshape((rows, in_features))?;
-        let y = match crate::matmul::few_rows_matmul(&x2, &w)? {
-            Some(y) => y,
-            None => x2.matmul(&w.t()?)?,
+        let y = match &self.weight {
+            Weight::Q8_0(q) => crate::matmul::q8_matmul(&x2, q)?,
+            Weight::Dense(w) => match crate::matmul::few_rows_matmul(&x2, w)? {
+                Some(y) => y,
+                None if w.dtype() == x.dtype() => x2.matmul(&w.t()?)?,
+                None => x2.matmul(&w.to_dtype(x.dtype())?.t()?)?,
+            },
         };
         let y = match &self.bias {
             Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?)?,
@@ -352,13 +395,15 @@ impl DecoderLayer {
     }
 
     /// Every tensor of the layer under its name relative to the layer
-    /// (`self_attn.q_proj.weight`, ...).
+    /// (`self_attn.q_proj.weight`, ...). Q8_0 matrices are not tensors and are left out.
     pub fn named_tensors(&self) -> Vec<(String, &Tensor)> {
         let mut norms = self.norms().into_iter().map(|(n, norm)| (n, &norm.weight));
         // The order is the one from before sandwich norms: two norms, projections, the rest.
         let mut out: Vec<(String, &Tensor)> = norms.by_ref().take(2).collect();
         for (name, l) in self.linears() {
-            out.push((format!("{name}.weight"), &l.weight));
+            if let Weight::Dense(w) = &l.weight {
+                out.push((format!("{name}.weight"), w));
+            }
             if let Some(b) = &l.bias {
                 out.push((format!("{name}.bias"), b));
             }
@@ -368,14 +413,16 @@ impl DecoderLayer {
     }
 
     /// A copy whose tensors own fresh storage, so that training it in place leaves `self` as
-    /// it was (an expert initialised from a backbone layer).
+    /// it was (an expert initialised from a backbone layer). Q8_0 matrices come back widened
+    /// to f32 tensors.
     pub fn deep_copy(&self) -> Result<Self> {
         let copy = |t: &Tensor| t.copy();
         let lin = |l: &Linear| -> Result<Linear> {
-            Ok(Linear::new(
-                copy(&l.weight)?,
-                l.bias.as_ref().map(copy).transpose()?,
-            ))
+            let weight = match &l.weight {
+                Weight::Dense(w) => copy(w)?,
+                Weight::Q8_0(q) => q.dequantize()?,
+            };
+            Ok(Linear::new(weight, l.bias.as_ref().map(copy).transpose()?))
         };
         let norm = |n: &RmsNorm| -> Result<RmsNorm> {
             Ok(RmsNorm {
@@ -416,7 +463,14 @@ impl DecoderLayer {
     /// zero), and still receives gradient through them.
     pub fn zero_output_projections(&mut self) -> Result<()> {
         for l in [&mut self.self_attn.o_proj, &mut self.mlp.down_proj] {
-            l.weight = l.weight.zeros_like()?;
+            l.weight = match &l.weight {
+                Weight::Dense(w) => Weight::Dense(w.zeros_like()?),
+                Weight::Q8_0(q) => Weight::Dense(Tensor::zeros(
+                    (q.rows(), q.cols()),
+                    DType::F32,
+                    &Device::Cpu,
+                )?),
+            };
             l.bias = l.bias.as_ref().map(|b| b.zeros_like()).transpose()?;
         }
         Ok(())

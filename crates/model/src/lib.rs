@@ -8,6 +8,7 @@
 
 pub mod attention;
 pub mod backbone;
+pub mod compact;
 pub mod config;
 pub mod error;
 pub mod layers;
@@ -16,9 +17,10 @@ pub mod rope;
 pub mod weights;
 
 pub use backbone::{random_weights, Backbone, KvCache};
+pub use compact::WeightDtype;
 pub use config::{Activation, Architecture, Config, RopeScaling, SlidingWindow};
 pub use error::{Error, Result};
-pub use layers::{DecoderLayer, LayerCache};
+pub use layers::{DecoderLayer, LayerCache, Weight};
 pub use rope::{Rope, RopeTables};
 pub use weights::Weights;
 

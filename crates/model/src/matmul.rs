@@ -10,6 +10,8 @@
 use candle_core::{DType, Tensor};
 use rayon::prelude::*;
 
+use crate::compact::{Q8Matrix, Rows};
+
 /// Up to this many rows of `x` go through [`matmul_rows`]; more go to `gemm`, whose packing
 /// pays off once enough rows reuse it.
 pub const MAX_ROWS: usize = 64;
@@ -17,44 +19,66 @@ pub const MAX_ROWS: usize = 64;
 /// Weight rows per parallel task.
 const ROWS_PER_TASK: usize = 32;
 
-/// `y[i, j] = sum_k x[i, k] * w[j, k]`: `x` is `[m, k]`, `w` is `[n, k]`, both row-major; returns
-/// `y` as `[m, n]`.
-pub fn matmul_rows(x: &[f32], m: usize, w: &[f32], n: usize, k: usize) -> Vec<f32> {
+/// `y[i, j] = sum_k x[i, k] * w[j, k]`: `x` is `[m, k]`, `w` is `[n, k]`, both row-major (`w`
+/// in any stored element type); returns `y` as `[m, n]`.
+pub fn matmul_rows(x: &[f32], m: usize, w: Rows<'_>, n: usize, k: usize) -> Vec<f32> {
     assert_eq!(x.len(), m * k, "x is not [{m}, {k}]");
-    assert_eq!(w.len(), n * k, "w is not [{n}, {k}]");
+    assert_eq!(w.len_values(), n * k, "w is not [{n}, {k}]");
     let mut y = vec![0f32; m * n];
     let out = OutPtr(y.as_mut_ptr());
-    w.par_chunks(ROWS_PER_TASK * k.max(1))
-        .enumerate()
-        .for_each(|(task, rows)| {
-            let j0 = task * ROWS_PER_TASK;
-            // SAFETY: each task writes only columns j0..j0 + rows of y, disjoint across tasks,
-            // and y outlives the parallel loop.
-            let y = unsafe { std::slice::from_raw_parts_mut(out.get(), m * n) };
-            block(x, m, rows, j0, n, k, y);
-        });
+    let tasks = n.div_ceil(ROWS_PER_TASK);
+    (0..tasks).into_par_iter().for_each(|task| {
+        let j0 = task * ROWS_PER_TASK;
+        let rows = ROWS_PER_TASK.min(n - j0);
+        // SAFETY: each task writes only columns j0..j0 + rows of y, disjoint across tasks,
+        // and y outlives the parallel loop.
+        let y = unsafe { std::slice::from_raw_parts_mut(out.get(), m * n) };
+        block(x, m, w, j0, rows, n, k, y);
+    });
     y
 }
 
-/// `x W^T` through [`matmul_rows`] when `x` (`[rows, in]`) has a few rows (2 to
-/// `MAX_ROWS`) and both are f32 in memory; `None` otherwise.
+/// `x W^T` through [`matmul_rows`] when `x` (`[rows, in]`) has a few rows and `w` is in memory
+/// as f32 (2 to `MAX_ROWS` rows: one row is a matrix-vector product, which gemm does well
+/// without packing) or f16/bf16 (1 to `MAX_ROWS` rows: widened a row at a time instead of
+/// converting the whole matrix); `None` otherwise.
 pub fn few_rows_matmul(x: &Tensor, w: &Tensor) -> candle_core::Result<Option<Tensor>> {
     let (rows, k) = x.dims2()?;
-    // One row is a matrix-vector product, which gemm does well without packing.
-    if !(2..=MAX_ROWS).contains(&rows) || x.dtype() != DType::F32 || w.dtype() != DType::F32 {
+    let min_rows = if w.dtype() == DType::F32 { 2 } else { 1 };
+    if !(min_rows..=MAX_ROWS).contains(&rows) || x.dtype() != DType::F32 {
         return Ok(None);
     }
     let (storage, layout) = w.storage_and_layout();
-    let candle_core::Storage::Cpu(candle_core::CpuStorage::F32(data)) = &*storage else {
-        return Ok(None);
-    };
     let Some((start, end)) = layout.contiguous_offsets() else {
         return Ok(None);
     };
+    let rows_of = match &*storage {
+        candle_core::Storage::Cpu(candle_core::CpuStorage::F32(d)) => Rows::F32(&d[start..end]),
+        candle_core::Storage::Cpu(candle_core::CpuStorage::F16(d)) => Rows::F16(&d[start..end]),
+        candle_core::Storage::Cpu(candle_core::CpuStorage::BF16(d)) => Rows::BF16(&d[start..end]),
+        _ => return Ok(None),
+    };
     let n = w.dims()[0];
     let xs = x.flatten_all()?.to_vec1::<f32>()?;
-    let y = matmul_rows(&xs, rows, &data[start..end], n, k);
+    let y = matmul_rows(&xs, rows, rows_of, n, k);
     Ok(Some(Tensor::from_vec(y, (rows, n), x.device())?))
+}
+
+/// `x W^T` for a Q8_0 `w` and `x: [rows, in]` in f32: candle's integer kernel for one row (it
+/// quantises `x` and reads each block once), ours for up to `MAX_ROWS` rows, and gemm on the
+/// widened matrix for more (prefill, where the widening is paid once for many rows).
+pub fn q8_matmul(x: &Tensor, w: &Q8Matrix) -> candle_core::Result<Tensor> {
+    let (rows, k) = x.dims2()?;
+    if rows == 1 {
+        let qm = candle_core::quantized::QMatMul::QTensor(w.qtensor().clone());
+        return candle_core::Module::forward(&qm, &x.contiguous()?);
+    }
+    if rows <= MAX_ROWS && x.dtype() == DType::F32 {
+        let xs = x.flatten_all()?.to_vec1::<f32>()?;
+        let y = matmul_rows(&xs, rows, Rows::Q8_0(w.bytes()), w.rows(), k);
+        return Tensor::from_vec(y, (rows, w.rows()), x.device());
+    }
+    x.matmul(&w.dequantize()?.to_dtype(x.dtype())?.t()?)
 }
 
 /// The output buffer, shared by tasks that write disjoint columns.
@@ -70,19 +94,44 @@ impl OutPtr {
     }
 }
 
-/// Columns `j0..j0 + w.len() / k` of `y`.
-fn block(x: &[f32], m: usize, w: &[f32], j0: usize, n: usize, k: usize, y: &mut [f32]) {
+/// Columns `j0..j0 + rows` of `y`, two weight rows at a time, each widened to f32 (in L1) once
+/// for all `m` rows of `x`.
+#[allow(clippy::too_many_arguments)]
+fn block(
+    x: &[f32],
+    m: usize,
+    w: Rows<'_>,
+    j0: usize,
+    rows: usize,
+    n: usize,
+    k: usize,
+    y: &mut [f32],
+) {
     #[cfg(target_arch = "x86_64")]
-    if k.is_multiple_of(8) && is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU has the features the kernel is compiled for.
-        unsafe { avx2::block(x, m, w, j0, n, k, y) };
-        return;
-    }
-    for (dj, wr) in w.chunks_exact(k).enumerate() {
-        for i in 0..m {
-            let xr = &x[i * k..(i + 1) * k];
-            y[i * n + j0 + dj] = xr.iter().zip(wr).map(|(a, b)| a * b).sum();
+    let simd =
+        k.is_multiple_of(8) && is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+    let mut buf = vec![0f32; 2 * k];
+    let mut dj = 0;
+    while dj < rows {
+        let nr = (rows - dj).min(2);
+        let (b0, b1) = buf.split_at_mut(k);
+        let w0 = w.row(j0 + dj, k, b0);
+        let w1 = w.row(j0 + dj + nr - 1, k, b1);
+        let col = j0 + dj;
+        #[cfg(target_arch = "x86_64")]
+        if simd {
+            // SAFETY: the CPU has the features the kernel is compiled for; k is a multiple of 8.
+            unsafe { avx2::pair(x, m, w0, w1, nr, col, n, k, y) };
+            dj += nr;
+            continue;
         }
+        for (s, wr) in [w0, w1].iter().enumerate().take(nr) {
+            for i in 0..m {
+                let xr = &x[i * k..(i + 1) * k];
+                y[i * n + col + s] = xr.iter().zip(wr.iter()).map(|(a, b)| a * b).sum();
+            }
+        }
+        dj += nr;
     }
 }
 
@@ -90,49 +139,45 @@ fn block(x: &[f32], m: usize, w: &[f32], j0: usize, n: usize, k: usize, y: &mut 
 mod avx2 {
     use std::arch::x86_64::*;
 
-    /// Two weight rows against four rows of `x` at a time: eight 8-lane accumulators, two
-    /// weight loads and four `x` loads per 8 values of `k`.
+    /// Two weight rows (`w1` is `w0` again when `nr` is 1) against four rows of `x` at a time:
+    /// eight 8-lane accumulators, two weight loads and four `x` loads per 8 values of `k`.
+    #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn block(
+    pub unsafe fn pair(
         x: &[f32],
         m: usize,
-        w: &[f32],
-        j0: usize,
+        w0: &[f32],
+        w1: &[f32],
+        nr: usize,
+        col: usize,
         n: usize,
         k: usize,
         y: &mut [f32],
     ) {
-        let rows = w.len() / k;
-        let mut dj = 0;
-        while dj < rows {
-            let nr = (rows - dj).min(2);
-            let w0 = w.as_ptr().add(dj * k);
-            let w1 = w.as_ptr().add((dj + nr - 1) * k);
-            let mut i = 0;
-            while i < m {
-                let mr = (m - i).min(4);
-                let xs: [*const f32; 4] =
-                    std::array::from_fn(|r| x.as_ptr().add((i + r.min(mr - 1)) * k));
-                let mut acc = [[_mm256_setzero_ps(); 2]; 4];
-                let mut c = 0;
-                while c < k {
-                    let a = _mm256_loadu_ps(w0.add(c));
-                    let b = _mm256_loadu_ps(w1.add(c));
-                    for r in 0..4 {
-                        let v = _mm256_loadu_ps(xs[r].add(c));
-                        acc[r][0] = _mm256_fmadd_ps(v, a, acc[r][0]);
-                        acc[r][1] = _mm256_fmadd_ps(v, b, acc[r][1]);
-                    }
-                    c += 8;
+        let (w0, w1) = (w0.as_ptr(), w1.as_ptr());
+        let mut i = 0;
+        while i < m {
+            let mr = (m - i).min(4);
+            let xs: [*const f32; 4] =
+                std::array::from_fn(|r| x.as_ptr().add((i + r.min(mr - 1)) * k));
+            let mut acc = [[_mm256_setzero_ps(); 2]; 4];
+            let mut c = 0;
+            while c < k {
+                let a = _mm256_loadu_ps(w0.add(c));
+                let b = _mm256_loadu_ps(w1.add(c));
+                for r in 0..4 {
+                    let v = _mm256_loadu_ps(xs[r].add(c));
+                    acc[r][0] = _mm256_fmadd_ps(v, a, acc[r][0]);
+                    acc[r][1] = _mm256_fmadd_ps(v, b, acc[r][1]);
                 }
-                for (r, pair) in acc.iter().enumerate().take(mr) {
-                    for (s, v) in pair.iter().enumerate().take(nr) {
-                        y[(i + r) * n + j0 + dj + s] = sum8(*v);
-                    }
-                }
-                i += mr;
+                c += 8;
             }
-            dj += nr;
+            for (r, pair) in acc.iter().enumerate().take(mr) {
+                for (s, v) in pair.iter().enumerate().take(nr) {
+                    y[(i + r) * n + col + s] = sum8(*v);
+                }
+            }
+            i += mr;
         }
     }
 
@@ -184,7 +229,7 @@ mod tests {
         ] {
             let x = values(m * k, 0.3);
             let w = values(n * k, 1.7);
-            let got = matmul_rows(&x, m, &w, n, k);
+            let got = matmul_rows(&x, m, Rows::F32(&w), n, k);
             let want = naive(&x, m, &w, n, k);
             for (idx, (g, e)) in got.iter().zip(&want).enumerate() {
                 let tol = 1e-5 * (k as f64).sqrt().max(1.0);
@@ -192,6 +237,68 @@ mod tests {
                     (*g as f64 - e).abs() <= tol,
                     "[{m}, {n}, {k}] element {idx}: {g} vs {e}"
                 );
+            }
+        }
+    }
+
+    /// The product of `x` with the weights as the kernel sees them (widened to f32), in f64.
+    fn naive_of(x: &[f32], m: usize, w: Rows<'_>, n: usize, k: usize) -> Vec<f64> {
+        let mut buf = vec![0f32; k];
+        let wide: Vec<f32> = (0..n)
+            .flat_map(|j| w.row(j, k, &mut buf).to_vec())
+            .collect();
+        naive(x, m, &wide, n, k)
+    }
+
+    #[test]
+    fn compact_weights_match_the_naive_product_of_their_values() {
+        use half::{bf16, f16};
+        for &(m, n, k) in &[(1, 40, 64), (3, 33, 96), (8, 64, 576), (13, 7, 32)] {
+            let x = values(m * k, 0.9);
+            let w = values(n * k, 2.3);
+            let w16: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();
+            let wb16: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
+            for rows in [Rows::F16(&w16), Rows::BF16(&wb16)] {
+                let got = matmul_rows(&x, m, rows, n, k);
+                let want = naive_of(&x, m, rows, n, k);
+                for (g, e) in got.iter().zip(&want) {
+                    assert!(
+                        (*g as f64 - e).abs() <= 1e-5 * (k as f64).sqrt(),
+                        "{rows:?}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn q8_0_matmul_matches_the_naive_product_at_every_row_count() {
+        let (n, k) = (70, 96);
+        let w = Tensor::from_vec(values(n * k, 0.4), (n, k), &candle_core::Device::Cpu).unwrap();
+        let q = Q8Matrix::quantize(&w).unwrap();
+        // One row goes through candle's kernel, which also rounds x to 8 bits; more rows
+        // through ours, which multiplies f32 x by the widened weights; past MAX_ROWS, gemm.
+        for m in [1, 2, 5, MAX_ROWS, MAX_ROWS + 3] {
+            let xs = values(m * k, 1.1);
+            let x = Tensor::from_vec(xs.clone(), (m, k), &candle_core::Device::Cpu).unwrap();
+            let got: Vec<f32> = q8_matmul(&x, &q)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let want = naive_of(&xs, m, Rows::Q8_0(q.bytes()), n, k);
+            let tol = if m == 1 { 0.1 } else { 1e-4 };
+            for (idx, (g, e)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (*g as f64 - e).abs() <= tol,
+                    "m {m}, element {idx}: {g} vs {e}"
+                );
+            }
+            // And the widened weights are close to the f32 ones they were quantised from.
+            let exact = naive(&xs, m, &values(n * k, 0.4), n, k);
+            for (e, f) in want.iter().zip(&exact) {
+                assert!((e - f).abs() <= 0.1, "quantisation error {e} vs {f}");
             }
         }
     }

@@ -1,8 +1,8 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Result};
-use candle_core::DType;
 use mode_core::baseline::{LoraSpec, LoraTargets};
+use mode_model::WeightDtype;
 use mode_train::baseline::BaselineKind;
 use mode_train::stage1::side_paths;
 
@@ -85,7 +85,7 @@ pub fn run(args: Args) -> Result<()> {
     if let Some(dir) = &common.continue_from {
         super::check_input(dir)?;
     }
-    if kind == BaselineKind::Full && common.backbone.weight_dtype != DType::F32 {
+    if kind == BaselineKind::Full && common.backbone.weight_dtype != WeightDtype::F32 {
         bail!("full fine-tuning updates the backbone's weights: use --weight-dtype f32");
     }
     if let BaselineKind::Lora(spec) = &kind {

@@ -67,6 +67,13 @@ impl TrainFlags {
     /// Checks the flags and turns them into the loop's configuration; `default_lr` where
     /// --lr is not given; `backbone`'s --no-memory-check also covers training.
     pub fn config(&self, default_lr: f64, backbone: &super::BackboneArgs) -> Result<TrainConfig> {
+        if !backbone.weight_dtype.trainable() {
+            bail!(
+                "training reads the frozen weights as tensors: use --weight-dtype f32, f16 or bf16, \
+                 not {}",
+                backbone.weight_dtype
+            );
+        }
         if self.seq_len < 2 || self.batch_tokens < self.seq_len || self.steps == 0 {
             bail!("need --seq-len >= 2, --batch-tokens >= --seq-len and --steps >= 1");
         }
