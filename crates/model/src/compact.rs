@@ -150,21 +150,25 @@ impl Rows<'_> {
         }
     }
 
+    /// Writes row `r` (of `cols` values) widened to f32 into `out`.
+    pub fn widen_row(&self, r: usize, cols: usize, out: &mut [f32]) {
+        match *self {
+            Rows::F32(w) => out.copy_from_slice(&w[r * cols..(r + 1) * cols]),
+            Rows::F16(w) => widen_f16(&w[r * cols..(r + 1) * cols], out),
+            Rows::BF16(w) => widen_bf16(&w[r * cols..(r + 1) * cols], out),
+            Rows::Q8_0(b) => {
+                let row_bytes = cols / Q8_0_BLOCK * Q8_0_BLOCK_BYTES;
+                widen_q8_0(&b[r * row_bytes..(r + 1) * row_bytes], out);
+            }
+        }
+    }
+
     /// Row `r` (of `cols` values) as f32: borrowed when stored as f32, else widened into `buf`.
     pub fn row<'b>(&'b self, r: usize, cols: usize, buf: &'b mut [f32]) -> &'b [f32] {
         match *self {
             Rows::F32(w) => &w[r * cols..(r + 1) * cols],
-            Rows::F16(w) => {
-                widen_f16(&w[r * cols..(r + 1) * cols], &mut buf[..cols]);
-                &buf[..cols]
-            }
-            Rows::BF16(w) => {
-                widen_bf16(&w[r * cols..(r + 1) * cols], &mut buf[..cols]);
-                &buf[..cols]
-            }
-            Rows::Q8_0(b) => {
-                let row_bytes = cols / Q8_0_BLOCK * Q8_0_BLOCK_BYTES;
-                widen_q8_0(&b[r * row_bytes..(r + 1) * row_bytes], &mut buf[..cols]);
+            _ => {
+                self.widen_row(r, cols, &mut buf[..cols]);
                 &buf[..cols]
             }
         }

@@ -19,6 +19,10 @@ pub const MAX_ROWS: usize = 64;
 /// Weight rows per parallel task.
 const ROWS_PER_TASK: usize = 32;
 
+/// Weight rows widened and multiplied together: 8 rows of up to 1,024 values fill half of L1,
+/// and each group of four `x` rows is read from L2 once per panel rather than once per pair.
+const PANEL: usize = 8;
+
 /// `y[i, j] = sum_k x[i, k] * w[j, k]`: `x` is `[m, k]`, `w` is `[n, k]`, both row-major (`w`
 /// in any stored element type); returns `y` as `[m, n]`.
 pub fn matmul_rows(x: &[f32], m: usize, w: Rows<'_>, n: usize, k: usize) -> Vec<f32> {
@@ -94,8 +98,9 @@ impl OutPtr {
     }
 }
 
-/// Columns `j0..j0 + rows` of `y`, two weight rows at a time, each widened to f32 (in L1) once
-/// for all `m` rows of `x`.
+/// Columns `j0..j0 + rows` of `y`, a panel of [`PANEL`] weight rows at a time: each row widened
+/// to f32 once (into L1) for all `m` rows of `x`, and each group of four `x` rows (also in L1)
+/// multiplied by the whole panel, two weight rows at a time, before the next group is read.
 #[allow(clippy::too_many_arguments)]
 fn block(
     x: &[f32],
@@ -110,28 +115,43 @@ fn block(
     #[cfg(target_arch = "x86_64")]
     let simd =
         k.is_multiple_of(8) && is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
-    let mut buf = vec![0f32; 2 * k];
-    let mut dj = 0;
-    while dj < rows {
-        let nr = (rows - dj).min(2);
-        let (b0, b1) = buf.split_at_mut(k);
-        let w0 = w.row(j0 + dj, k, b0);
-        let w1 = w.row(j0 + dj + nr - 1, k, b1);
-        let col = j0 + dj;
-        #[cfg(target_arch = "x86_64")]
-        if simd {
-            // SAFETY: the CPU has the features the kernel is compiled for; k is a multiple of 8.
-            unsafe { avx2::pair(x, m, w0, w1, nr, col, n, k, y) };
-            dj += nr;
-            continue;
-        }
-        for (s, wr) in [w0, w1].iter().enumerate().take(nr) {
-            for i in 0..m {
-                let xr = &x[i * k..(i + 1) * k];
-                y[i * n + col + s] = xr.iter().zip(wr.iter()).map(|(a, b)| a * b).sum();
+    let mut buf = vec![0f32; PANEL * k];
+    for p0 in (0..rows).step_by(PANEL) {
+        let pr = PANEL.min(rows - p0);
+        let panel: Vec<&[f32]> = match w {
+            Rows::F32(d) => (0..pr)
+                .map(|r| &d[(j0 + p0 + r) * k..(j0 + p0 + r + 1) * k])
+                .collect(),
+            _ => {
+                for (r, out) in buf.chunks_exact_mut(k).take(pr).enumerate() {
+                    w.widen_row(j0 + p0 + r, k, out);
+                }
+                buf.chunks_exact(k).take(pr).collect()
+            }
+        };
+        for i0 in (0..m).step_by(4) {
+            let mr = (m - i0).min(4);
+            let xq = &x[i0 * k..(i0 + mr) * k];
+            let yq = &mut y[i0 * n..(i0 + mr) * n];
+            for dj in (0..pr).step_by(2) {
+                let nr = (pr - dj).min(2);
+                let (w0, w1) = (panel[dj], panel[dj + nr - 1]);
+                let col = j0 + p0 + dj;
+                #[cfg(target_arch = "x86_64")]
+                if simd {
+                    // SAFETY: the CPU has the features the kernel is compiled for; k is a
+                    // multiple of 8.
+                    unsafe { avx2::pair(xq, mr, w0, w1, nr, col, n, k, yq) };
+                    continue;
+                }
+                for (s, wr) in [w0, w1].iter().enumerate().take(nr) {
+                    for i in 0..mr {
+                        let xr = &xq[i * k..(i + 1) * k];
+                        yq[i * n + col + s] = xr.iter().zip(wr.iter()).map(|(a, b)| a * b).sum();
+                    }
+                }
             }
         }
-        dj += nr;
     }
 }
 
