@@ -2291,7 +2291,13 @@ fn bad_inputs_fail_cleanly() {
         &mut cases,
         "--weight-dtype f8",
         &["--weight-dtype", "f8"],
-        &["`f8` is not one of f32, f16, bf16"],
+        &["`f8` is not one of f32, f16, bf16, q8_0"],
+    );
+    train_with(
+        &mut cases,
+        "--weight-dtype q8_0 (inference only)",
+        &["--weight-dtype", "q8_0"],
+        &["training reads the frozen weights as tensors", "not q8_0"],
     );
     std::fs::create_dir_all(tp("bad-train/folder.expert.safetensors")).unwrap();
     cases.fail(
