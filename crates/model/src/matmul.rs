@@ -72,8 +72,8 @@ pub fn few_rows_matmul(x: &Tensor, w: &Tensor) -> candle_core::Result<Option<Ten
 /// rounds `x` to 8 bits too, and is about 1.6x faster than widening the weights here), ours for
 /// up to `MAX_ROWS` rows, and gemm on the widened matrix for more (prefill, where the widening
 /// is paid once for many rows). Because one row rounds `x` and several do not, the logits of a
-/// sequence decoded alone and in a batch differ by more than the summation order of f32 weights
-/// makes them differ (about 1e-2 against 1e-5), enough to flip a near tie in greedy decoding.
+/// sequence decoded alone and in a batch differ by more than the summation order alone makes
+/// them differ with f32 weights: enough to flip a near tie in greedy decoding.
 pub fn q8_matmul(x: &Tensor, w: &Q8Matrix) -> candle_core::Result<Tensor> {
     let (rows, k) = x.dims2()?;
     if rows == 1 {
