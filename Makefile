@@ -40,6 +40,11 @@ bench-train:
 serve-check: build
 	python3 scripts/check_openai_client.py --mode $(MODE) $(SERVE_CHECK_FLAGS)
 
-# Server throughput with 1, 8 and 32 concurrent clients (after the same API checks).
+# Server throughput with 1, 8 and 32 concurrent clients (after the same API checks). With
+# EXPERTS="a.expert.safetensors b.expert.safetensors", a second run loads them and each request
+# names a different expert set (backbone alone, each expert, all). WEIGHT_DTYPE=q8_0 (default f32).
+WEIGHT_DTYPE ?= f32
+SERVE_BENCH = python3 scripts/check_openai_client.py --mode $(MODE) --clients 1,8,32 --seconds 30 --max-tokens 64 --serve-arg=--parallel --serve-arg=32 --serve-arg=--weight-dtype --serve-arg=$(WEIGHT_DTYPE) $(SERVE_CHECK_FLAGS)
 bench-serve: build
-	python3 scripts/check_openai_client.py --mode $(MODE) --clients 1,8,32 --seconds 30 --max-tokens 64 --serve-arg=--parallel --serve-arg=32 $(SERVE_CHECK_FLAGS)
+	$(SERVE_BENCH)
+	$(if $(EXPERTS),$(SERVE_BENCH) --expert-mix $(foreach e,$(EXPERTS),--serve-arg=--expert --serve-arg=$(e)))

@@ -289,8 +289,19 @@ def api_checks(server: Server, checks: Checks) -> str:
     return model
 
 
+def expert_sets(server: Server) -> list:
+    """The backbone alone, each loaded expert alone, then all of them: what `--expert-mix` cycles."""
+    req = urllib.request.Request(server.url("/v1/experts"),
+                                 headers={"Authorization": f"Bearer {API_KEY}"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        names = json.load(r)["experts"]
+    if not names:
+        raise SystemExit("--expert-mix: the server has no experts; pass --serve-arg=--expert ...")
+    return [[]] + [[n] for n in names] + ([names] if len(names) > 1 else [])
+
+
 def load(server: Server, model: str, clients: int, seconds: float, max_tokens: int,
-         checks: Checks) -> dict:
+         checks: Checks, sets: list | None = None) -> dict:
     import openai
 
     latencies, errors, tokens = [], [], []
@@ -304,6 +315,7 @@ def load(server: Server, model: str, clients: int, seconds: float, max_tokens: i
         n = 0
         while time.monotonic() < deadline:
             start = time.monotonic()
+            extra = {"experts": sets[(i + n) % len(sets)]} if sets else None
             try:
                 r = client.chat.completions.create(
                     model=model,
@@ -311,6 +323,7 @@ def load(server: Server, model: str, clients: int, seconds: float, max_tokens: i
                     max_tokens=max_tokens,
                     temperature=0.7,
                     seed=i * 1000 + n,
+                    extra_body=extra,
                 )
                 if not r.choices or r.choices[0].message.content is None:
                     raise ValueError(f"empty answer: {r}")
@@ -323,7 +336,8 @@ def load(server: Server, model: str, clients: int, seconds: float, max_tokens: i
             n += 1
 
     rss_before = server.rss_mib()
-    log(f"load: {clients} clients for {seconds:.0f}s (chat, max_tokens {max_tokens})")
+    mix = f", expert sets cycling over {sets}" if sets else ""
+    log(f"load: {clients} clients for {seconds:.0f}s (chat, max_tokens {max_tokens}{mix})")
     started = time.monotonic()
     threads = [threading.Thread(target=client_loop, args=(i,)) for i in range(clients)]
     for t in threads:
@@ -353,6 +367,7 @@ def load(server: Server, model: str, clients: int, seconds: float, max_tokens: i
     checks.check(server.alive() and server.healthy(), "load: the server is alive and answers /health")
     return {
         "clients": clients,
+        "expert_sets": sets or None,
         "requests": done,
         "failures": len(errors),
         "seconds": round(elapsed, 1),
@@ -376,6 +391,9 @@ def main() -> int:
                         help="seconds to wait for the server (the first run fetches the backbone)")
     parser.add_argument("--serve-arg", action="append", default=[],
                         help="an extra argument for `mode serve` (repeatable)")
+    parser.add_argument("--expert-mix", action="store_true",
+                        help="load requests cycle over expert sets: the backbone alone, each loaded "
+                             "expert alone, all of them (the server needs --serve-arg=--expert ...)")
     args = parser.parse_args()
     ensure_venv()
     if not args.mode.exists():
@@ -397,7 +415,9 @@ def main() -> int:
         levels = [int(c) for c in str(args.clients).split(",") if c.strip()]
         if not levels or min(levels) < 1:
             raise SystemExit(f"--clients {args.clients}: need positive counts")
-        summary = [load(server, model, c, args.seconds, args.max_tokens, checks) for c in levels]
+        sets = expert_sets(server) if args.expert_mix else None
+        summary = [load(server, model, c, args.seconds, args.max_tokens, checks, sets)
+                   for c in levels]
         print(json.dumps({"load": summary}), flush=True)
     except SystemExit as e:
         checks.failures.append(str(e))

@@ -28,7 +28,7 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
 echo "build_llama_cpp: fetching llama-cpp-python $VERSION (sdist) from PyPI" >&2
-python3 -m pip download --quiet --no-deps --no-binary :all: --dest "$work" "llama-cpp-python==$VERSION" >&2
+python3 -m pip download --quiet --no-deps --no-binary llama-cpp-python --dest "$work" "llama-cpp-python==$VERSION" >&2
 sdist="$work/llama_cpp_python-$VERSION.tar.gz"
 got=$(sha256sum "$sdist" | cut -d' ' -f1)
 if [ "$got" != "$SHA256" ]; then
