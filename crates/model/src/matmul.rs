@@ -8,7 +8,6 @@
 //! many sequences it serves, which is the whole point of batching on a CPU.
 
 use candle_core::{DType, Tensor};
-use rayon::prelude::*;
 
 use crate::compact::{Q8Matrix, Rows};
 
@@ -31,13 +30,18 @@ pub fn matmul_rows(x: &[f32], m: usize, w: Rows<'_>, n: usize, k: usize) -> Vec<
     let mut y = vec![0f32; m * n];
     let out = OutPtr(y.as_mut_ptr());
     let tasks = n.div_ceil(ROWS_PER_TASK);
-    (0..tasks).into_par_iter().for_each(|task| {
-        let j0 = task * ROWS_PER_TASK;
-        let rows = ROWS_PER_TASK.min(n - j0);
-        // SAFETY: each task writes only columns j0..j0 + rows of y, disjoint across tasks,
-        // and y outlives the parallel loop.
-        let y = unsafe { std::slice::from_raw_parts_mut(out.get(), m * n) };
-        block(x, m, w, j0, rows, n, k, y);
+    // candle's own worker pool, which its elementwise and quantised ops use too: a second pool
+    // (rayon's) beside it puts more threads than cores in every decode step, and the switches
+    // between them cost more than the small matrices of a decode step take to multiply.
+    candle_core::utils::barrier_pool().execute_chunked(tasks, |range| {
+        for task in range {
+            let j0 = task * ROWS_PER_TASK;
+            let rows = ROWS_PER_TASK.min(n - j0);
+            // SAFETY: each task writes only columns j0..j0 + rows of y, disjoint across tasks,
+            // and y outlives the parallel loop.
+            let y = unsafe { std::slice::from_raw_parts_mut(out.get(), m * n) };
+            block(x, m, w, j0, rows, n, k, y);
+        }
     });
     y
 }
