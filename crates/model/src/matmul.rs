@@ -182,6 +182,32 @@ mod avx2 {
         y: &mut [f32],
     ) {
         let (w0, w1) = (w0.as_ptr(), w1.as_ptr());
+        if m == 1 {
+            // One row of x (a lone sequence decoding): two accumulators per weight row so that
+            // consecutive FMAs do not wait on each other, instead of a 4-row tile that would
+            // compute the same row four times.
+            let xr = x.as_ptr();
+            let mut acc = [_mm256_setzero_ps(); 4];
+            let mut c = 0;
+            while c + 16 <= k {
+                let (v0, v1) = (_mm256_loadu_ps(xr.add(c)), _mm256_loadu_ps(xr.add(c + 8)));
+                acc[0] = _mm256_fmadd_ps(v0, _mm256_loadu_ps(w0.add(c)), acc[0]);
+                acc[1] = _mm256_fmadd_ps(v1, _mm256_loadu_ps(w0.add(c + 8)), acc[1]);
+                acc[2] = _mm256_fmadd_ps(v0, _mm256_loadu_ps(w1.add(c)), acc[2]);
+                acc[3] = _mm256_fmadd_ps(v1, _mm256_loadu_ps(w1.add(c + 8)), acc[3]);
+                c += 16;
+            }
+            if c < k {
+                let v = _mm256_loadu_ps(xr.add(c));
+                acc[0] = _mm256_fmadd_ps(v, _mm256_loadu_ps(w0.add(c)), acc[0]);
+                acc[2] = _mm256_fmadd_ps(v, _mm256_loadu_ps(w1.add(c)), acc[2]);
+            }
+            y[col] = sum8(_mm256_add_ps(acc[0], acc[1]));
+            if nr == 2 {
+                y[col + 1] = sum8(_mm256_add_ps(acc[2], acc[3]));
+            }
+            return;
+        }
         let mut i = 0;
         while i < m {
             let mr = (m - i).min(4);
