@@ -84,13 +84,13 @@ def default_binary() -> Path:
 
 
 class Server:
-    """`mode serve` in the background, its output kept in a log file."""
+    """A server (`mode serve`, or llama.cpp's `llama-server` as the peer) in the background, its
+    output kept in a log file."""
 
-    def __init__(self, binary: Path, port: int, log_path: Path, extra: list):
+    def __init__(self, cmd: list, port: int, log_path: Path):
         self.port = port
         self.log_path = log_path
         self.log_file = open(log_path, "w")
-        cmd = [str(binary), "serve", "--port", str(port), *extra]
         log(f"starting {' '.join(cmd)} (log: {log_path})")
         env = dict(os.environ, MODE_API_KEY=API_KEY)
         self.proc = subprocess.Popen(
@@ -391,12 +391,25 @@ def main() -> int:
                         help="seconds to wait for the server (the first run fetches the backbone)")
     parser.add_argument("--serve-arg", action="append", default=[],
                         help="an extra argument for `mode serve` (repeatable)")
+    parser.add_argument("--llama-server", type=Path,
+                        help="measure llama.cpp's llama-server instead of mode (the peer; from "
+                             "bench/peer/build_llama_cpp.sh): only the load phases run, on --gguf "
+                             "with --parallel slots of --ctx-per-slot tokens and --peer-threads")
+    parser.add_argument("--gguf", type=Path, help="the model file llama-server loads")
+    parser.add_argument("--parallel", type=int, default=32, help="llama-server's slots (-np)")
+    parser.add_argument("--ctx-per-slot", type=int, default=512,
+                        help="llama-server's context per slot (its -c is this times --parallel)")
+    parser.add_argument("--peer-threads", type=int, default=2, help="llama-server's -t")
     parser.add_argument("--expert-mix", action="store_true",
                         help="load requests cycle over expert sets: the backbone alone, each loaded "
                              "expert alone, all of them (the server needs --serve-arg=--expert ...)")
     args = parser.parse_args()
     ensure_venv()
-    if not args.mode.exists():
+    peer = args.llama_server is not None
+    if peer and (args.gguf is None or not args.gguf.exists() or not args.llama_server.exists()):
+        log("--llama-server needs an existing binary and an existing --gguf file")
+        return 2
+    if not peer and not args.mode.exists():
         log(f"{args.mode} is missing: run `cargo build --release` (or `make build`) first")
         return 2
     if shutil.which("curl") is None:
@@ -407,18 +420,28 @@ def main() -> int:
     log(f"openai {openai.__version__}, python {sys.version.split()[0]}")
     log_dir = mode_home() / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
-    server = Server(args.mode, free_port(), log_dir / "serve-check.log", args.serve_arg)
+    port = free_port()
+    if peer:
+        cmd = [str(args.llama_server), "-m", str(args.gguf), "--host", "127.0.0.1",
+               "--port", str(port), "-np", str(args.parallel),
+               "-c", str(args.parallel * args.ctx_per_slot), "-t", str(args.peer_threads),
+               "--api-key", API_KEY]
+        server = Server(cmd, port, log_dir / "llama-server.log")
+    else:
+        cmd = [str(args.mode), "serve", "--port", str(port), *args.serve_arg]
+        server = Server(cmd, port, log_dir / "serve-check.log")
     checks = Checks()
     try:
         server.wait_ready(args.startup_timeout)
-        model = api_checks(server, checks)
+        model = "peer" if peer else api_checks(server, checks)
         levels = [int(c) for c in str(args.clients).split(",") if c.strip()]
         if not levels or min(levels) < 1:
             raise SystemExit(f"--clients {args.clients}: need positive counts")
         sets = expert_sets(server) if args.expert_mix else None
         summary = [load(server, model, c, args.seconds, args.max_tokens, checks, sets)
                    for c in levels]
-        print(json.dumps({"load": summary}), flush=True)
+        print(json.dumps({"server": "llama.cpp" if peer else "mode", "load": summary}),
+              flush=True)
     except SystemExit as e:
         checks.failures.append(str(e))
         log(f"FAIL: {e}")

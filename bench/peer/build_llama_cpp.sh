@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Builds llama.cpp's llama-bench, llama-batched-bench and llama-server: the peer of `make bench-infer` and
-# `make bench-serve`. The source is the copy vendored in the llama-cpp-python sdist on PyPI (pinned, SHA-256
+# Builds llama.cpp's llama-bench, llama-batched-bench, llama-server and llama-quantize: the peer of
+# `make bench-infer` and `make bench-serve`. The source is the copy vendored in the llama-cpp-python sdist on PyPI (pinned, SHA-256
 # checked), cmake comes from PyPI too; nothing else is fetched. The build is cached under
 # $MODE_HOME/peer/llama.cpp-<version> (MODE_HOME defaults to ~/.cache/mode); a second run only prints the
 # path. Prints the folder holding the three binaries on its last line.
@@ -14,7 +14,10 @@ SHA256=832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
 CMAKE_VERSION=3.31.6
 MODE_HOME="${MODE_HOME:-$HOME/.cache/mode}"
 DEST="$MODE_HOME/peer/llama.cpp-$VERSION"
-TOOLS=(llama-bench llama-batched-bench llama-server)
+TOOLS=(llama-bench llama-batched-bench llama-server llama-quantize)
+# The source and the build folder are kept beside the binaries, so that a tool added later
+# builds incrementally.
+BUILD="$DEST-build"
 
 have_all() {
     for t in "${TOOLS[@]}"; do [ -x "$DEST/bin/$t" ] || return 1; done
@@ -24,19 +27,22 @@ if have_all; then
     exit 0
 fi
 
-work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
-
-echo "build_llama_cpp: fetching llama-cpp-python $VERSION (sdist) from PyPI" >&2
-python3 -m pip download --quiet --no-deps --no-binary llama-cpp-python --dest "$work" "llama-cpp-python==$VERSION" >&2
-sdist="$work/llama_cpp_python-$VERSION.tar.gz"
-got=$(sha256sum "$sdist" | cut -d' ' -f1)
-if [ "$got" != "$SHA256" ]; then
-    echo "build_llama_cpp: $sdist has SHA-256 $got, expected $SHA256; refusing to build it" >&2
-    exit 1
+mkdir -p "$BUILD"
+src="$BUILD/llama_cpp_python-$VERSION/vendor/llama.cpp"
+if [ ! -f "$src/CMakeLists.txt" ]; then
+    work=$(mktemp -d)
+    trap 'rm -rf "$work"' EXIT
+    echo "build_llama_cpp: fetching llama-cpp-python $VERSION (sdist) from PyPI" >&2
+    python3 -m pip download --quiet --no-deps --no-binary llama-cpp-python --dest "$work" \
+        "llama-cpp-python==$VERSION" >&2
+    sdist="$work/llama_cpp_python-$VERSION.tar.gz"
+    got=$(sha256sum "$sdist" | cut -d' ' -f1)
+    if [ "$got" != "$SHA256" ]; then
+        echo "build_llama_cpp: $sdist has SHA-256 $got, expected $SHA256; refusing to build it" >&2
+        exit 1
+    fi
+    tar -xzf "$sdist" -C "$BUILD"
 fi
-tar -xzf "$sdist" -C "$work"
-src="$work/llama_cpp_python-$VERSION/vendor/llama.cpp"
 
 cmake_venv="$MODE_HOME/venvs/cmake-$CMAKE_VERSION"
 if [ ! -x "$cmake_venv/bin/cmake" ]; then
@@ -47,12 +53,10 @@ fi
 cmake="$cmake_venv/bin/cmake"
 
 echo "build_llama_cpp: building ${TOOLS[*]} (this takes a while)" >&2
-"$cmake" -S "$src" -B "$work/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF \
+"$cmake" -S "$src" -B "$BUILD/out" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF \
     -DLLAMA_BUILD_TESTS=OFF -DBUILD_SHARED_LIBS=OFF >&2
-"$cmake" --build "$work/build" --config Release -j "$(nproc)" --target "${TOOLS[@]}" >&2
+"$cmake" --build "$BUILD/out" --config Release -j "$(nproc)" --target "${TOOLS[@]}" >&2
 
-mkdir -p "$DEST.tmp/bin"
-for t in "${TOOLS[@]}"; do cp "$work/build/bin/$t" "$DEST.tmp/bin/"; done
-rm -rf "$DEST"
-mv "$DEST.tmp" "$DEST"
+mkdir -p "$DEST/bin"
+for t in "${TOOLS[@]}"; do cp "$BUILD/out/bin/$t" "$DEST/bin/$t.tmp" && mv "$DEST/bin/$t.tmp" "$DEST/bin/$t"; done
 echo "$DEST/bin"

@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# Server throughput, `mode serve` next to llama.cpp's `llama-server` on the same weights, the same number of
+# parallel slots and threads, the same chat requests (scripts/check_openai_client.py's load phase: CLIENTS
+# concurrent clients, each asking again as soon as it has its answer, for SECONDS each).
+#
+# The two alternate: ROUNDS rounds, each ours at every client count, then the peer at every client count,
+# so that load on the machine hits both alike. Every round gives one ratio ours / peer of completion tokens/s
+# per client count; the last line is one JSON object with, per client count, the median of the per-round
+# ratios, their spread (min, max), and the medians of each side's own tokens/s and p50 latency.
+#
+#   bench/serve.sh                           # q8_0 on both sides, 3 rounds, 1/8/32 clients, 30 s each
+#   WEIGHT_DTYPE=f32 ROUNDS=5 bench/serve.sh
+#
+# Weights: ours loads the default backbone's GGUF (SmolLM2-135M-Instruct, Q4_1) with --weight-dtype
+# WEIGHT_DTYPE (default q8_0: requantised at load). The peer loads the same file requantised to Q8_0 by
+# llama-quantize (cached under $MODE_HOME/peer), or the Q4_1 file itself with WEIGHT_DTYPE=f32 (llama.cpp
+# has no f32 path worth comparing against; the report names the file each side used).
+# The peer is built once by bench/peer/build_llama_cpp.sh (about 15 minutes on 2 free cores).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROUNDS="${ROUNDS:-3}"
+CLIENTS="${CLIENTS:-1,8,32}"
+SECONDS_EACH="${SECONDS_EACH:-30}"
+MAX_TOKENS="${MAX_TOKENS:-64}"
+PARALLEL="${PARALLEL:-32}"
+THREADS="${THREADS:-2}"
+WEIGHT_DTYPE="${WEIGHT_DTYPE:-q8_0}"
+MODE_HOME="${MODE_HOME:-$HOME/.cache/mode}"
+MODE="${CARGO_TARGET_DIR:-target}/release/mode"
+
+cargo build --release --quiet
+scripts/fetch_backbone.sh >/dev/null
+SOURCE="$MODE_HOME/backbones/smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf"
+[ -f "$SOURCE" ] || { echo "serve.sh: $SOURCE is missing after scripts/fetch_backbone.sh" >&2; exit 1; }
+BIN=$(bench/peer/build_llama_cpp.sh | tail -n 1)
+
+PEER_GGUF="$SOURCE"
+if [ "$WEIGHT_DTYPE" = q8_0 ]; then
+    PEER_GGUF="$MODE_HOME/peer/SmolLM2-135M-Instruct.Q8_0-from-Q4_1.gguf"
+    if [ ! -f "$PEER_GGUF" ]; then
+        "$BIN/llama-quantize" --allow-requantize "$SOURCE" "$PEER_GGUF.tmp" Q8_0 >&2
+        mv "$PEER_GGUF.tmp" "$PEER_GGUF"
+    fi
+fi
+
+common=(--clients "$CLIENTS" --seconds "$SECONDS_EACH" --max-tokens "$MAX_TOKENS")
+rows=()
+for round in $(seq 1 "$ROUNDS"); do
+    ours=$(MODE_THREADS="$THREADS" python3 scripts/check_openai_client.py --mode "$MODE" "${common[@]}" \
+        --serve-arg=--backbone --serve-arg="$SOURCE" --serve-arg=--parallel --serve-arg="$PARALLEL" \
+        --serve-arg=--weight-dtype --serve-arg="$WEIGHT_DTYPE" | grep '^{' | tail -n 1)
+    echo "round $round/$ROUNDS mode: $ours"
+    peer=$(python3 scripts/check_openai_client.py --llama-server "$BIN/llama-server" --gguf "$PEER_GGUF" \
+        --parallel "$PARALLEL" --peer-threads "$THREADS" "${common[@]}" | grep '^{' | tail -n 1)
+    echo "round $round/$ROUNDS peer: $peer"
+    rows+=("$ours" "$peer")
+done
+python3 - "$WEIGHT_DTYPE" "$SOURCE" "$PEER_GGUF" "${rows[@]}" <<'PY'
+import json, sys
+dtype, source, peer_gguf, rows = sys.argv[1], sys.argv[2], sys.argv[3], [json.loads(a) for a in sys.argv[4:]]
+ours, peer = rows[0::2], rows[1::2]
+
+def median(xs):  # the upper one of an even count, as mode's own medians
+    return sorted(xs)[len(xs) // 2]
+
+out = {"ours": f"{source} as {dtype}", "peer": f"llama-server on {peer_gguf}", "rounds": len(ours),
+       "clients": {}}
+for i, level in enumerate(ours[0]["load"]):
+    c = level["clients"]
+    o = [r["load"][i]["completion_tokens_per_sec"] for r in ours]
+    p = [r["load"][i]["completion_tokens_per_sec"] for r in peer]
+    ratios = [a / b for a, b in zip(o, p) if b > 0]
+    out["clients"][c] = {
+        "ratio_median": round(median(ratios), 3) if ratios else None,
+        "ratio_min": round(min(ratios), 3) if ratios else None,
+        "ratio_max": round(max(ratios), 3) if ratios else None,
+        "ours_tokens_per_sec": median(o), "peer_tokens_per_sec": median(p),
+        "ours_p50_s": median([r["load"][i]["latency_p50_s"] for r in ours]),
+        "peer_p50_s": median([r["load"][i]["latency_p50_s"] for r in peer]),
+        "failures": sum(r["load"][i]["failures"] for r in ours + peer),
+    }
+print(json.dumps(out))
+PY
