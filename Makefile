@@ -26,7 +26,8 @@ lint:
 
 # Ours next to Hugging Face generate on this machine (needs the reference venv; not run by CI). Rounds
 # alternate ours and the peer; ends with a JSON line of median per-round ratios and their spread.
-# BACKBONE=gemma3-270m (default smollm2-135m), ROUNDS=5: see bench/infer.sh.
+# BACKBONE=gemma3-270m (default smollm2-135m), ROUNDS=5, PEER=llama (llama.cpp's llama-bench instead),
+# WEIGHT_DTYPE=q8_0: see bench/infer.sh.
 bench-infer:
 	bench/infer.sh
 

@@ -12,6 +12,12 @@
 #   bench/infer.sh [THREADS]                        # default 2; SmolLM2-135M, 5 rounds
 #   BACKBONE=gemma3-270m bench/infer.sh 2           # Gemma 3 270M (base model: plain-text prompt, BOS first)
 #   ROUNDS=9 NEW_TOKENS=64 bench/infer.sh           # defaults: ROUNDS=5, NEW_TOKENS=64
+#   PEER=llama WEIGHT_DTYPE=q8_0 bench/infer.sh     # the peer is llama.cpp's llama-bench instead
+#
+# PEER=llama: the peer is llama-bench (bench/peer/build_llama_cpp.sh) on the same GGUF, or on it requantised to
+# Q8_0 when ours runs with WEIGHT_DTYPE=q8_0 (bench/peer/q8_0_gguf.sh); `-p PROMPT_TOKENS -n NEW_TOKENS -r 1`,
+# so its prefill and decode are measured separately, as ours are. WEIGHT_DTYPE (default f32) is ours'
+# --weight-dtype.
 #
 # BACKBONE: a name `mode` knows (smollm2-135m, the default; gemma3-270m) or a .gguf path; the peer loads the
 # GGUF that ours reports having loaded. Prompt: SmolLM2's GGUF has a chat template and the peer uses its
@@ -27,8 +33,14 @@ ROUNDS="${ROUNDS:-5}"
 NEW_TOKENS="${NEW_TOKENS:-64}"
 PROMPT_TOKENS="${PROMPT_TOKENS:-37}"
 MODE="${CARGO_TARGET_DIR:-target}/release/mode"
+PEER="${PEER:-hf}"
+WEIGHT_DTYPE="${WEIGHT_DTYPE:-f32}"
 PY=scripts/reference/.venv/bin/python
-[ -x "$PY" ] || scripts/reference/setup_venv.sh >&2
+if [ "$PEER" = hf ]; then
+    [ -x "$PY" ] || scripts/reference/setup_venv.sh >&2
+else
+    LLAMA_BIN=$(bench/peer/build_llama_cpp.sh | tail -n 1)
+fi
 
 cargo build --release --quiet
 eval_flags=()
@@ -37,7 +49,7 @@ rows=()
 GGUF=""
 for round in $(seq 1 "$ROUNDS"); do
     ours=$("$MODE" --threads "$THREADS" bench infer --backbone "$BACKBONE" --prompt-tokens "$PROMPT_TOKENS" \
-        --new-tokens "$NEW_TOKENS" --runs 1 "${eval_flags[@]}" --json)
+        --new-tokens "$NEW_TOKENS" --runs 1 --weight-dtype "$WEIGHT_DTYPE" "${eval_flags[@]}" --json)
     echo "round $round/$ROUNDS mode: $ours"
     if [ -z "$GGUF" ]; then
         GGUF=$(python3 -c 'import json, sys; print(json.loads(sys.argv[1])["backbone"])' "$ours")
@@ -46,26 +58,39 @@ for round in $(seq 1 "$ROUNDS"); do
             *) echo "infer.sh: the peer needs a GGUF backbone, ours loaded $GGUF" >&2; exit 1 ;;
         esac
     fi
-    peer=$(OMP_WAIT_POLICY=PASSIVE "$PY" bench/peer/hf_generate.py --gguf "$GGUF" --threads "$THREADS" \
-        --prompt-tokens "$PROMPT_TOKENS" --max-new-tokens "$NEW_TOKENS" --runs 1 | tail -n 1)
+    if [ "$PEER" = hf ]; then
+        peer=$(OMP_WAIT_POLICY=PASSIVE "$PY" bench/peer/hf_generate.py --gguf "$GGUF" --threads "$THREADS" \
+            --prompt-tokens "$PROMPT_TOKENS" --max-new-tokens "$NEW_TOKENS" --runs 1 | tail -n 1)
+    else
+        PEER_GGUF="$GGUF"
+        [ "$WEIGHT_DTYPE" = q8_0 ] && PEER_GGUF=$(bench/peer/q8_0_gguf.sh "$GGUF")
+        peer=$("$LLAMA_BIN/llama-bench" -m "$PEER_GGUF" -t "$THREADS" -p "$PROMPT_TOKENS" -n "$NEW_TOKENS" \
+            -r 1 -o json | python3 -c '
+import json, sys
+tests = json.load(sys.stdin)
+pp = [t["avg_ts"] for t in tests if t["n_prompt"] > 0 and t["n_gen"] == 0]
+tg = [t["avg_ts"] for t in tests if t["n_gen"] > 0 and t["n_prompt"] == 0]
+print(json.dumps({"gguf": sys.argv[1], "prefill_tokens_per_sec": pp[0], "decode_tokens_per_sec": tg[0]}))
+' "$PEER_GGUF")
+    fi
     echo "round $round/$ROUNDS peer: $peer"
     rows+=("$ours" "$peer")
 done
-python3 - "$BACKBONE" "${rows[@]}" <<'PY'
+python3 - "$BACKBONE" "$PEER" "$WEIGHT_DTYPE" "${rows[@]}" <<'PY'
 import json, sys
-backbone, rows = sys.argv[1], [json.loads(a) for a in sys.argv[2:]]
+backbone, peer_name, dtype, rows = sys.argv[1], sys.argv[2], sys.argv[3], [json.loads(a) for a in sys.argv[4:]]
 ours, peer = rows[0::2], rows[1::2]
 
 def median(xs):  # the upper one of an even count, as mode's own medians
     return sorted(xs)[len(xs) // 2]
 
-out = {"backbone": backbone, "gguf": peer[0]["gguf"], "threads": ours[0]["threads"], "rounds": len(ours),
+out = {"backbone": backbone, "weight_dtype": dtype, "peer": peer_name, "gguf": peer[0]["gguf"], "threads": ours[0]["threads"], "rounds": len(ours),
        "prompt_tokens": ours[0]["prompt_tokens"], "new_tokens": ours[0]["new_tokens"]}
 for metric in ("decode", "prefill"):
     key = f"{metric}_tokens_per_sec"
     ratios = [o[key] / p[key] for o, p in zip(ours, peer)]
     out[f"ratio_{metric}"] = {"median": round(median(ratios), 3), "min": round(min(ratios), 3),
                               "max": round(max(ratios), 3), "rounds": [round(r, 3) for r in ratios]}
-    out[key] = {"mode": round(median([o[key] for o in ours]), 1), "hf": round(median([p[key] for p in peer]), 1)}
+    out[key] = {"mode": round(median([o[key] for o in ours]), 1), peer_name: round(median([p[key] for p in peer]), 1)}
 print(json.dumps(out))
 PY

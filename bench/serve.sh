@@ -35,13 +35,7 @@ SOURCE="$MODE_HOME/backbones/smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf"
 BIN=$(bench/peer/build_llama_cpp.sh | tail -n 1)
 
 PEER_GGUF="$SOURCE"
-if [ "$WEIGHT_DTYPE" = q8_0 ]; then
-    PEER_GGUF="$MODE_HOME/peer/SmolLM2-135M-Instruct.Q8_0-from-Q4_1.gguf"
-    if [ ! -f "$PEER_GGUF" ]; then
-        "$BIN/llama-quantize" --allow-requantize "$SOURCE" "$PEER_GGUF.tmp" Q8_0 >&2
-        mv "$PEER_GGUF.tmp" "$PEER_GGUF"
-    fi
-fi
+[ "$WEIGHT_DTYPE" = q8_0 ] && PEER_GGUF=$(bench/peer/q8_0_gguf.sh "$SOURCE")
 
 common=(--clients "$CLIENTS" --seconds "$SECONDS_EACH" --max-tokens "$MAX_TOKENS")
 rows=()
