@@ -75,31 +75,27 @@ impl FromStr for WeightDtype {
 #[derive(Debug, Clone)]
 pub struct Q8Matrix {
     tensor: Arc<QTensor>,
-    rows: usize,
-    cols: usize,
 }
 
 impl Q8Matrix {
     /// Quantises a `[rows, cols]` tensor; `cols` must be a multiple of 32.
     pub fn quantize(w: &Tensor) -> candle_core::Result<Self> {
-        let (rows, cols) = w.dims2()?;
+        let (_, cols) = w.dims2()?;
         if !cols.is_multiple_of(Q8_0_BLOCK) {
             candle_core::bail!("Q8_0 needs rows of a multiple of {Q8_0_BLOCK} values, not {cols}");
         }
         let tensor = QTensor::quantize(&w.to_dtype(DType::F32)?, GgmlDType::Q8_0)?;
         Ok(Self {
             tensor: Arc::new(tensor),
-            rows,
-            cols,
         })
     }
 
     pub fn rows(&self) -> usize {
-        self.rows
+        self.tensor.shape().dims()[0]
     }
 
     pub fn cols(&self) -> usize {
-        self.cols
+        self.tensor.shape().dims()[1]
     }
 
     /// The blocks, as stored.
@@ -118,14 +114,14 @@ impl Q8Matrix {
 
     /// The whole matrix widened to f32.
     pub fn dequantize(&self) -> candle_core::Result<Tensor> {
-        let mut out = vec![0f32; self.rows * self.cols];
-        let src = self.bytes();
-        let row_bytes = self.cols / Q8_0_BLOCK * Q8_0_BLOCK_BYTES;
         use rayon::prelude::*;
-        out.par_chunks_mut(self.cols)
+        let (rows, cols) = (self.rows(), self.cols());
+        let mut out = vec![0f32; rows * cols];
+        let src = Rows::Q8_0(self.bytes());
+        out.par_chunks_mut(cols)
             .enumerate()
-            .for_each(|(r, dst)| widen_q8_0(&src[r * row_bytes..(r + 1) * row_bytes], dst));
-        Tensor::from_vec(out, (self.rows, self.cols), &Device::Cpu)
+            .for_each(|(r, dst)| src.widen_row(r, cols, dst));
+        Tensor::from_vec(out, (rows, cols), &Device::Cpu)
     }
 }
 
@@ -159,17 +155,6 @@ impl Rows<'_> {
             Rows::Q8_0(b) => {
                 let row_bytes = cols / Q8_0_BLOCK * Q8_0_BLOCK_BYTES;
                 widen_q8_0(&b[r * row_bytes..(r + 1) * row_bytes], out);
-            }
-        }
-    }
-
-    /// Row `r` (of `cols` values) as f32: borrowed when stored as f32, else widened into `buf`.
-    pub fn row<'b>(&'b self, r: usize, cols: usize, buf: &'b mut [f32]) -> &'b [f32] {
-        match *self {
-            Rows::F32(w) => &w[r * cols..(r + 1) * cols],
-            _ => {
-                self.widen_row(r, cols, &mut buf[..cols]);
-                &buf[..cols]
             }
         }
     }
@@ -251,7 +236,8 @@ mod tests {
         let rows = Rows::Q8_0(q.bytes());
         let mut buf = vec![0f32; 64];
         for (r, want) in want.iter().enumerate() {
-            assert_eq!(rows.row(r, 64, &mut buf), want.as_slice(), "row {r}");
+            rows.widen_row(r, 64, &mut buf);
+            assert_eq!(&buf, want, "row {r}");
         }
         assert_eq!(q.dequantize().unwrap().to_vec2::<f32>().unwrap(), want);
     }
