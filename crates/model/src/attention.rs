@@ -166,7 +166,7 @@ impl Attention {
         } else {
             scores
         };
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let probs = crate::serial::softmax_last_dim(&scores)?;
         let out = probs.matmul(v)?; // [b, nkv, rep*t, hd]
         Ok(out.reshape((b, nh, t, hd))?.transpose(1, 2)?)
     }

@@ -2,22 +2,19 @@
 //!
 //! Decoding one token reads every weight once, so its speed is the memory bandwidth divided by
 //! the bytes of the weights: f16/bf16 halve them, Q8_0 (blocks of 32 signed bytes sharing one
-//! f16 scale, 8.5 bits a weight, the GGUF format) quarters them. The kernels widen a couple of
-//! weight rows at a time to f32 in L1 and multiply there, so the arithmetic stays f32 and only
-//! the bytes read from memory shrink.
+//! scale, the GGUF format) quarters them. f16/bf16 rows are widened to f32 in L1 and multiplied
+//! there; Q8_0 rows are multiplied by activations rounded to Q8_0 too, with integer dot products
+//! (`crate::q8`), as llama.cpp does.
 
 use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
 
-use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 use half::{bf16, f16};
 
 /// Values per Q8_0 block.
 pub const Q8_0_BLOCK: usize = 32;
-/// Bytes per Q8_0 block: an f16 scale, then 32 signed bytes.
-pub const Q8_0_BLOCK_BYTES: usize = 2 + Q8_0_BLOCK;
 
 /// How the frozen backbone's large matrices are held in memory (`--weight-dtype`); activations,
 /// norms, experts and gates are f32 whatever this is.
@@ -71,57 +68,104 @@ impl FromStr for WeightDtype {
     }
 }
 
-/// A `[rows, cols]` matrix in Q8_0 blocks, row-major (each row is `cols / 32` blocks).
+/// A `[rows, cols]` matrix in Q8_0 blocks: GGUF's values (32 signed bytes per block, the
+/// block's scale rounded to f16), held as one array of bytes and one of scales (widened to f32
+/// once, at load) so that the integer kernels read 32 aligned bytes per block and never convert
+/// a scale in their inner loop.
 #[derive(Debug, Clone)]
 pub struct Q8Matrix {
-    tensor: Arc<QTensor>,
+    rows: usize,
+    cols: usize,
+    quants: Arc<[i8]>,
+    scales: Arc<[f32]>,
 }
 
 impl Q8Matrix {
-    /// Quantises a `[rows, cols]` tensor; `cols` must be a multiple of 32.
+    /// Quantises a `[rows, cols]` tensor as GGUF's Q8_0 does; `cols` must be a multiple of 32.
     pub fn quantize(w: &Tensor) -> candle_core::Result<Self> {
-        let (_, cols) = w.dims2()?;
+        let (rows, cols) = w.dims2()?;
         if !cols.is_multiple_of(Q8_0_BLOCK) {
             candle_core::bail!("Q8_0 needs rows of a multiple of {Q8_0_BLOCK} values, not {cols}");
         }
-        let tensor = QTensor::quantize(&w.to_dtype(DType::F32)?, GgmlDType::Q8_0)?;
+        let values = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let mut quants = vec![0i8; rows * cols];
+        let mut scales = vec![0f32; rows * cols / Q8_0_BLOCK];
+        quantize_q8_0(&values, &mut quants, &mut scales, |d| {
+            f16::from_f32(d).to_f32()
+        });
         Ok(Self {
-            tensor: Arc::new(tensor),
+            rows,
+            cols,
+            quants: quants.into(),
+            scales: scales.into(),
         })
     }
 
     pub fn rows(&self) -> usize {
-        self.tensor.shape().dims()[0]
+        self.rows
     }
 
     pub fn cols(&self) -> usize {
-        self.tensor.shape().dims()[1]
+        self.cols
     }
 
-    /// The blocks, as stored.
-    pub fn bytes(&self) -> &[u8] {
-        match self.tensor.data().expect("CPU storage") {
-            std::borrow::Cow::Borrowed(b) => b,
-            // Only device storage is copied out, and these matrices live on the CPU.
-            std::borrow::Cow::Owned(_) => unreachable!("Q8Matrix is built on the CPU"),
+    /// The blocks, for the kernels.
+    pub fn view(&self) -> Q8Rows<'_> {
+        Q8Rows {
+            quants: &self.quants,
+            scales: &self.scales,
         }
     }
 
-    /// The quantised tensor, for candle's own one-row kernel.
-    pub fn qtensor(&self) -> &Arc<QTensor> {
-        &self.tensor
+    /// Bytes held: one a value, four a block's scale.
+    pub fn size_bytes(&self) -> usize {
+        self.quants.len() + 4 * self.scales.len()
     }
 
     /// The whole matrix widened to f32.
     pub fn dequantize(&self) -> candle_core::Result<Tensor> {
         use rayon::prelude::*;
-        let (rows, cols) = (self.rows(), self.cols());
+        let (rows, cols) = (self.rows, self.cols);
         let mut out = vec![0f32; rows * cols];
-        let src = Rows::Q8_0(self.bytes());
+        let src = Rows::Q8_0(self.view());
         out.par_chunks_mut(cols)
             .enumerate()
             .for_each(|(r, dst)| src.widen_row(r, cols, dst));
         Tensor::from_vec(out, (rows, cols), &Device::Cpu)
+    }
+}
+
+/// Q8_0 blocks as the kernels read them: `values / 32` scales, one per 32 consecutive values.
+#[derive(Debug, Clone, Copy)]
+pub struct Q8Rows<'a> {
+    pub quants: &'a [i8],
+    pub scales: &'a [f32],
+}
+
+/// Rounds `src` to Q8_0 blocks: each block's scale is its largest magnitude over 127 (passed
+/// through `round_scale`: GGUF stores it as f16), each value `round(v / scale)`.
+pub fn quantize_q8_0(
+    src: &[f32],
+    quants: &mut [i8],
+    scales: &mut [f32],
+    round_scale: impl Fn(f32) -> f32,
+) {
+    debug_assert_eq!(src.len(), quants.len());
+    debug_assert_eq!(src.len(), scales.len() * Q8_0_BLOCK);
+    for ((block, q), d) in src
+        .chunks_exact(Q8_0_BLOCK)
+        .zip(quants.chunks_exact_mut(Q8_0_BLOCK))
+        .zip(scales.iter_mut())
+    {
+        let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let scale = amax / 127.0;
+        let inverse = if scale == 0.0 { 0.0 } else { 1.0 / scale };
+        for (q, v) in q.iter_mut().zip(block) {
+            // Rounds half away from zero, as `f32::round` (a libm call without SSE4.1) does.
+            let scaled = v * inverse;
+            *q = (scaled + 0.5f32.copysign(scaled)) as i32 as i8;
+        }
+        *d = round_scale(scale);
     }
 }
 
@@ -131,18 +175,17 @@ pub enum Rows<'a> {
     F32(&'a [f32]),
     F16(&'a [f16]),
     BF16(&'a [bf16]),
-    /// Q8_0 blocks, `cols / 32` of them per row.
-    Q8_0(&'a [u8]),
+    Q8_0(Q8Rows<'a>),
 }
 
 impl Rows<'_> {
-    /// Elements of one row, for checking a matrix's size.
+    /// Values in the whole matrix, for checking its size.
     pub fn len_values(&self) -> usize {
         match self {
             Rows::F32(w) => w.len(),
             Rows::F16(w) => w.len(),
             Rows::BF16(w) => w.len(),
-            Rows::Q8_0(b) => b.len() / Q8_0_BLOCK_BYTES * Q8_0_BLOCK,
+            Rows::Q8_0(q) => q.quants.len(),
         }
     }
 
@@ -152,9 +195,11 @@ impl Rows<'_> {
             Rows::F32(w) => out.copy_from_slice(&w[r * cols..(r + 1) * cols]),
             Rows::F16(w) => widen_f16(&w[r * cols..(r + 1) * cols], out),
             Rows::BF16(w) => widen_bf16(&w[r * cols..(r + 1) * cols], out),
-            Rows::Q8_0(b) => {
-                let row_bytes = cols / Q8_0_BLOCK * Q8_0_BLOCK_BYTES;
-                widen_q8_0(&b[r * row_bytes..(r + 1) * row_bytes], out);
+            Rows::Q8_0(q) => {
+                let blocks = cols / Q8_0_BLOCK;
+                let quants = &q.quants[r * cols..(r + 1) * cols];
+                let scales = &q.scales[r * blocks..(r + 1) * blocks];
+                widen_q8_0(quants, scales, out);
             }
         }
     }
@@ -174,44 +219,15 @@ fn widen_bf16(src: &[bf16], dst: &mut [f32]) {
 }
 
 /// Q8_0 blocks to f32: each value is its byte times the block's scale.
-pub fn widen_q8_0(src: &[u8], dst: &mut [f32]) {
-    debug_assert_eq!(src.len() / Q8_0_BLOCK_BYTES * Q8_0_BLOCK, dst.len());
-    #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU has the features the function is compiled for.
-        unsafe { avx2::widen_q8_0(src, dst) };
-        return;
-    }
-    for (block, out) in src
-        .chunks_exact(Q8_0_BLOCK_BYTES)
-        .zip(dst.chunks_exact_mut(Q8_0_BLOCK))
+pub fn widen_q8_0(quants: &[i8], scales: &[f32], dst: &mut [f32]) {
+    debug_assert_eq!(quants.len(), dst.len());
+    for ((out, q), d) in dst
+        .chunks_exact_mut(Q8_0_BLOCK)
+        .zip(quants.chunks_exact(Q8_0_BLOCK))
+        .zip(scales)
     {
-        let d = f16::from_le_bytes([block[0], block[1]]).to_f32();
-        for (o, &q) in out.iter_mut().zip(&block[2..]) {
-            *o = d * q as i8 as f32;
-        }
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-mod avx2 {
-    use super::{Q8_0_BLOCK, Q8_0_BLOCK_BYTES};
-    use std::arch::x86_64::*;
-
-    #[target_feature(enable = "avx2")]
-    pub unsafe fn widen_q8_0(src: &[u8], dst: &mut [f32]) {
-        let blocks = src.len() / Q8_0_BLOCK_BYTES;
-        for b in 0..blocks {
-            let p = src.as_ptr().add(b * Q8_0_BLOCK_BYTES);
-            let d = half::f16::from_bits(u16::from_le_bytes([*p, *p.add(1)])).to_f32();
-            let scale = _mm256_set1_ps(d);
-            let out = dst.as_mut_ptr().add(b * Q8_0_BLOCK);
-            for part in 0..4 {
-                let bytes = _mm_loadl_epi64(p.add(2 + part * 8) as *const __m128i);
-                let ints = _mm256_cvtepi8_epi32(bytes);
-                let v = _mm256_mul_ps(_mm256_cvtepi32_ps(ints), scale);
-                _mm256_storeu_ps(out.add(part * 8), v);
-            }
+        for (o, &q) in out.iter_mut().zip(q) {
+            *o = d * q as f32;
         }
     }
 }
@@ -221,19 +237,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn q8_0_rows_widen_to_what_candle_dequantises() {
-        let values: Vec<f32> = (0..3 * 64)
+    fn q8_0_matches_what_candle_quantises_and_dequantises() {
+        use candle_core::quantized::{GgmlDType, QTensor};
+        // Magnitudes over several orders, exact ties (x.5 after scaling), zeros, a zero block.
+        let mut values: Vec<f32> = (0..3 * 64)
             .map(|i| ((i as f32 * 0.37).sin() * 3.0).powi(3))
             .collect();
+        values[0..32].iter_mut().for_each(|v| *v = 0.0);
+        values[40] = 127.0;
+        values[41] = 0.5;
         let w = Tensor::from_vec(values, (3, 64), &Device::Cpu).unwrap();
-        let q = Q8Matrix::quantize(&w).unwrap();
-        let want: Vec<Vec<f32>> = q
-            .qtensor()
+        let want: Vec<Vec<f32>> = QTensor::quantize(&w, GgmlDType::Q8_0)
+            .unwrap()
             .dequantize(&Device::Cpu)
             .unwrap()
             .to_vec2()
             .unwrap();
-        let rows = Rows::Q8_0(q.bytes());
+        let q = Q8Matrix::quantize(&w).unwrap();
+        let rows = Rows::Q8_0(q.view());
         let mut buf = vec![0f32; 64];
         for (r, want) in want.iter().enumerate() {
             rows.widen_row(r, 64, &mut buf);

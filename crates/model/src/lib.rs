@@ -13,7 +13,9 @@ pub mod config;
 pub mod error;
 pub mod layers;
 pub mod matmul;
+pub mod q8;
 pub mod rope;
+pub mod serial;
 pub mod weights;
 
 pub use backbone::{random_weights, Backbone, KvCache};

@@ -127,6 +127,39 @@ fn compact_weights_stay_close_to_f32() {
     }
 }
 
+#[test]
+fn q8_0_weights_stay_close_to_f32_and_batch_like_single_rows() {
+    for arch in ARCHES {
+        let (_, _, model) = tiny(arch, 6);
+        let (_, _, mut q8) = tiny(arch, 6);
+        q8.quantize_q8_0().unwrap();
+        assert!(q8.is_quantized(), "{arch:?}");
+        let full = model.forward(&ids(&TOKENS), None).unwrap();
+        let logits = q8.forward(&ids(&TOKENS), None).unwrap();
+        let diff = max_abs_diff(&full, &logits);
+        // Both the weights and the activations are rounded to 8 bits; the change must show.
+        assert!(diff < 5e-2 && diff > 0.0, "{arch:?}: {diff}");
+
+        // A decode step of three sequences at once gives each what it gets alone.
+        let mut alone = Vec::new();
+        for (i, prompt) in TOKENS.chunks(4).enumerate() {
+            let mut cache = q8.new_cache();
+            q8.forward(&ids(prompt), Some(&mut cache)).unwrap();
+            let next = [TOKENS[11 - i]];
+            alone.push(q8.forward_last(&ids(&next), Some(&mut cache)).unwrap());
+        }
+        let batch = Tensor::new(&[[5u32, 17, 200, 3], [3, 99, 128, 7]], &Device::Cpu).unwrap();
+        let mut cache = q8.new_cache();
+        q8.forward(&batch, Some(&mut cache)).unwrap();
+        let next = Tensor::new(&[[TOKENS[11]], [TOKENS[10]]], &Device::Cpu).unwrap();
+        let both = q8.forward_last(&next, Some(&mut cache)).unwrap();
+        for (r, one) in alone.iter().take(2).enumerate() {
+            let diff = max_abs_diff(&both.i(r..r + 1).unwrap(), one);
+            assert!(diff < 1e-5, "{arch:?} row {r}: {diff}");
+        }
+    }
+}
+
 /// Independent reference: the decoder written out with plain loops in f64, straight from the
 /// Hugging Face modelling code's definitions (no candle ops, no GQA folding, rotate-half RoPE).
 mod reference {

@@ -1,0 +1,444 @@
+//! `y = x W^T` for a Q8_0 `W`, with integer dot products.
+//!
+//! The rows of `x` are rounded to Q8_0 blocks too (scales kept in f32), and each pair of
+//! blocks is multiplied with 8-bit dot products: AVX-512 VNNI's `vpdpbusd` where the CPU has
+//! it, AVX2's `vpmaddubsw` otherwise (both take unsigned times signed bytes, so `x` gives its
+//! magnitudes and the weights take `x`'s signs), then scaled by the product of the two blocks'
+//! scales in f32. This is what llama.cpp does: the weights are read as bytes, and the
+//! arithmetic runs 32 multiply-adds an instruction.
+//!
+//! Every output element is summed in the same order however many rows `x` has and wherever a
+//! row sits among them, so a sequence decoded in a batch gets bit for bit the logits it gets
+//! alone.
+
+use crate::compact::{quantize_q8_0, Q8Rows, Q8_0_BLOCK};
+
+/// Weight rows per parallel task.
+const ROWS_PER_TASK: usize = 32;
+
+/// How many pairs of weight rows ahead of the one being multiplied the kernels prefetch. The
+/// hardware prefetcher alone kept a thread at a third of the bandwidth a plain streaming read
+/// reaches here; asking for the rows a few pairs ahead gets most of it.
+const PREFETCH_PAIRS: usize = 2;
+
+/// Rows of `x` rounded to Q8_0: `quants` row-major, one f32 scale per block.
+struct Activations {
+    quants: Vec<i8>,
+    scales: Vec<f32>,
+}
+
+impl Activations {
+    fn quantize(x: &[f32]) -> Self {
+        let mut quants = vec![0i8; x.len()];
+        let mut scales = vec![0f32; x.len() / Q8_0_BLOCK];
+        quantize_q8_0(x, &mut quants, &mut scales, |d| d);
+        Self { quants, scales }
+    }
+}
+
+/// `y[i, j] = sum_k x[i, k] * w[j, k]` with `x` rounded to Q8_0: `x` is `[m, k]` in f32, `w`
+/// is `[n, k]` in Q8_0 blocks (`k` a multiple of 32); returns `y` as `[m, n]`.
+pub fn matmul(x: &[f32], m: usize, w: Q8Rows<'_>, n: usize, k: usize) -> Vec<f32> {
+    assert!(
+        k.is_multiple_of(Q8_0_BLOCK),
+        "k = {k} is not whole Q8_0 blocks"
+    );
+    assert_eq!(x.len(), m * k, "x is not [{m}, {k}]");
+    assert_eq!(w.quants.len(), n * k, "w is not [{n}, {k}]");
+    assert_eq!(
+        w.scales.len(),
+        n * k / Q8_0_BLOCK,
+        "w's scales are not [{n}, {k} / 32]"
+    );
+    let xq = Activations::quantize(x);
+    let isa = Isa::detect();
+    let mut y = vec![0f32; m * n];
+    let out = crate::matmul::OutPtr(y.as_mut_ptr());
+    let tasks = n.div_ceil(ROWS_PER_TASK);
+    candle_core::utils::barrier_pool().execute_chunked(tasks, |range| {
+        for task in range {
+            let j0 = task * ROWS_PER_TASK;
+            let rows = ROWS_PER_TASK.min(n - j0);
+            // SAFETY: each task writes only columns j0..j0 + rows of y, disjoint across tasks,
+            // and y outlives the parallel loop.
+            let y = unsafe { std::slice::from_raw_parts_mut(out.get(), m * n) };
+            columns(isa, &xq, m, w, j0..j0 + rows, n, k, y);
+        }
+    });
+    y
+}
+
+/// The instructions the dot products use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Isa {
+    #[cfg(target_arch = "x86_64")]
+    Vnni,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    Scalar,
+}
+
+impl Isa {
+    fn detect() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+            if avx2
+                && is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512vl")
+                && is_x86_feature_detected!("avx512vnni")
+            {
+                return Isa::Vnni;
+            }
+            if avx2 {
+                return Isa::Avx2;
+            }
+        }
+        Isa::Scalar
+    }
+}
+
+/// Columns `cols` of `y`: two weight rows at a time, against groups of up to four rows of `x`.
+#[allow(clippy::too_many_arguments)]
+fn columns(
+    isa: Isa,
+    xq: &Activations,
+    m: usize,
+    w: Q8Rows<'_>,
+    cols: std::ops::Range<usize>,
+    n: usize,
+    k: usize,
+    y: &mut [f32],
+) {
+    let blocks = k / Q8_0_BLOCK;
+    // What every tile below reads and writes lies within these.
+    assert!(cols.end <= n && y.len() >= m * n);
+    assert!(xq.quants.len() >= m * k && xq.scales.len() >= m * blocks);
+    assert!(w.quants.len() >= n * k && w.scales.len() >= n * blocks);
+    let task = Task {
+        x: XRows {
+            quants: xq.quants.as_ptr(),
+            scales: xq.scales.as_ptr(),
+            k,
+        },
+        m,
+        w,
+        cols,
+        n,
+        y: y.as_mut_ptr(),
+    };
+    // SAFETY: the reads and writes stay within the slices checked above; the CPU has the
+    // features of the kernel `Isa::detect` picked.
+    unsafe {
+        match isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Vnni => x86::columns_vnni(task),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => x86::columns_avx2(task),
+            Isa::Scalar => task.run::<Scalar>(),
+        }
+    }
+}
+
+/// One parallel task: columns `cols` of `y` (`[m, n]`).
+struct Task<'a> {
+    x: XRows,
+    m: usize,
+    w: Q8Rows<'a>,
+    cols: std::ops::Range<usize>,
+    n: usize,
+    y: *mut f32,
+}
+
+/// Consecutive rows of quantised `x`, `k` values each.
+#[derive(Clone, Copy)]
+struct XRows {
+    quants: *const i8,
+    scales: *const f32,
+    k: usize,
+}
+
+/// Two weight rows, and where the rows to prefetch start (past the matrix's end near its last
+/// rows: a prefetch never faults, and nothing there is read).
+#[derive(Clone, Copy)]
+struct WeightPair {
+    quants: [*const i8; 2],
+    scales: [*const f32; 2],
+    ahead: *const i8,
+}
+
+/// A tile kernel: `MR` rows of `x` against a pair of weight rows, `[row][weight]`.
+trait Tile {
+    /// # Safety
+    /// `MR` rows of `x` and both weight rows hold `blocks` whole blocks.
+    unsafe fn tile<const MR: usize>(x: XRows, w: WeightPair, blocks: usize) -> [[f32; 2]; MR];
+}
+
+impl Task<'_> {
+    /// Inlined into each instruction set's entry point, so that its tiles inline too.
+    ///
+    /// # Safety
+    /// `cols.end <= n`, `y` holds `m * n` values, `x` `m` rows and `w` `n` rows of `k`.
+    #[inline(always)]
+    unsafe fn run<T: Tile>(self) {
+        let k = self.x.k;
+        let blocks = k / Q8_0_BLOCK;
+        let (wq, ws) = (self.w.quants.as_ptr(), self.w.scales.as_ptr());
+        for j in self.cols.clone().step_by(2) {
+            // With one row left, the pair is that row twice; the second result is dropped.
+            let j1 = (j + 1).min(self.cols.end - 1);
+            let pair = WeightPair {
+                quants: [wq.add(j * k), wq.add(j1 * k)],
+                scales: [ws.add(j * blocks), ws.add(j1 * blocks)],
+                ahead: wq.wrapping_add((j + 2 * PREFETCH_PAIRS) * k),
+            };
+            let mut i = 0;
+            while i < self.m {
+                let mr = (self.m - i).min(4);
+                let x = XRows {
+                    quants: self.x.quants.add(i * k),
+                    scales: self.x.scales.add(i * blocks),
+                    k,
+                };
+                let out = self.y.add(i * self.n);
+                match mr {
+                    4 => store(T::tile::<4>(x, pair, blocks), out, self.n, j, j1),
+                    3 => store(T::tile::<3>(x, pair, blocks), out, self.n, j, j1),
+                    2 => store(T::tile::<2>(x, pair, blocks), out, self.n, j, j1),
+                    _ => store(T::tile::<1>(x, pair, blocks), out, self.n, j, j1),
+                }
+                i += mr;
+            }
+        }
+    }
+}
+
+/// Writes a tile's sums into consecutive rows of `y` (`n` wide) from `out`, at columns `j` and
+/// `j1` (dropped when it repeats `j`).
+///
+/// # Safety
+/// `MR` rows of `n` values from `out` are inside `y`; `j, j1 < n`.
+#[inline(always)]
+unsafe fn store<const MR: usize>(
+    sums: [[f32; 2]; MR],
+    out: *mut f32,
+    n: usize,
+    j: usize,
+    j1: usize,
+) {
+    for (r, s) in sums.iter().enumerate() {
+        *out.add(r * n + j) = s[0];
+        if j1 > j {
+            *out.add(r * n + j1) = s[1];
+        }
+    }
+}
+
+/// Plain Rust, for CPUs without AVX2.
+struct Scalar;
+
+impl Tile for Scalar {
+    unsafe fn tile<const MR: usize>(x: XRows, w: WeightPair, blocks: usize) -> [[f32; 2]; MR] {
+        let mut out = [[0f32; 2]; MR];
+        for (r, sums) in out.iter_mut().enumerate() {
+            for (s, sum) in sums.iter_mut().enumerate() {
+                for b in 0..blocks {
+                    let xb = std::slice::from_raw_parts(
+                        x.quants.add(r * x.k + b * Q8_0_BLOCK),
+                        Q8_0_BLOCK,
+                    );
+                    let wb =
+                        std::slice::from_raw_parts(w.quants[s].add(b * Q8_0_BLOCK), Q8_0_BLOCK);
+                    let dot: i32 = xb.iter().zip(wb).map(|(&a, &c)| a as i32 * c as i32).sum();
+                    *sum += dot as f32 * (*w.scales[s].add(b) * *x.scales.add(r * blocks + b));
+                }
+            }
+        }
+        out
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{Task, Tile, WeightPair, XRows, Q8_0_BLOCK};
+    use std::arch::x86_64::*;
+
+    /// An instruction set's tile and entry point; `dot(ax, sw)` gives eight lanes of sums of
+    /// four products of unsigned `ax` and signed `sw` bytes.
+    macro_rules! kernel {
+        ($isa:ident, $entry:ident, $features:literal, |$ax:ident, $sw:ident| $dot:expr) => {
+            pub struct $isa;
+
+            /// # Safety
+            /// As [`Task::run`]; the CPU has the features.
+            #[target_feature(enable = $features)]
+            pub unsafe fn $entry(task: Task<'_>) {
+                task.run::<$isa>()
+            }
+
+            impl Tile for $isa {
+                #[target_feature(enable = $features)]
+                unsafe fn tile<const MR: usize>(
+                    x: XRows,
+                    w: WeightPair,
+                    blocks: usize,
+                ) -> [[f32; 2]; MR] {
+                    let mut acc = [[_mm256_setzero_ps(); 2]; MR];
+                    for b in 0..blocks {
+                        let off = b * Q8_0_BLOCK;
+                        // The pair `PREFETCH_PAIRS` ahead is 2 k bytes, read while this pair's k.
+                        _mm_prefetch::<_MM_HINT_T0>(w.ahead.wrapping_add(2 * off));
+                        let wv = [
+                            _mm256_loadu_si256(w.quants[0].add(off) as *const __m256i),
+                            _mm256_loadu_si256(w.quants[1].add(off) as *const __m256i),
+                        ];
+                        let dw = [
+                            _mm256_set1_ps(*w.scales[0].add(b)),
+                            _mm256_set1_ps(*w.scales[1].add(b)),
+                        ];
+                        for (r, acc) in acc.iter_mut().enumerate() {
+                            let xv =
+                                _mm256_loadu_si256(x.quants.add(r * x.k + off) as *const __m256i);
+                            let $ax = _mm256_sign_epi8(xv, xv);
+                            let dx = _mm256_set1_ps(*x.scales.add(r * blocks + b));
+                            for s in 0..2 {
+                                let $sw = _mm256_sign_epi8(wv[s], xv);
+                                let dot: __m256i = $dot;
+                                let scale = _mm256_mul_ps(dw[s], dx);
+                                acc[s] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc[s]);
+                            }
+                        }
+                    }
+                    let mut out = [[0f32; 2]; MR];
+                    for (o, a) in out.iter_mut().zip(&acc) {
+                        *o = [sum8(a[0]), sum8(a[1])];
+                    }
+                    out
+                }
+            }
+        };
+    }
+
+    kernel!(
+        Vnni,
+        columns_vnni,
+        "avx2,fma,avx512f,avx512vl,avx512vnni",
+        |ax, sw| _mm256_dpbusd_epi32(_mm256_setzero_si256(), ax, sw)
+    );
+    kernel!(Avx2, columns_avx2, "avx2,fma", |ax, sw| _mm256_madd_epi16(
+        _mm256_maddubs_epi16(ax, sw),
+        _mm256_set1_epi16(1)
+    ));
+
+    #[inline(always)]
+    unsafe fn sum8(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+        _mm_cvtss_f32(s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::compact::Q8Matrix;
+    use candle_core::{Device, Tensor};
+
+    fn values(len: usize, salt: f32) -> Vec<f32> {
+        (0..len)
+            .map(|i| ((i as f32 * 0.618 + salt).sin() * 1000.0).fract())
+            .collect()
+    }
+
+    /// The product of the quantised values, exactly (in f64), one dot product at a time.
+    fn naive(xq: &Activations, m: usize, w: Q8Rows<'_>, n: usize, k: usize) -> Vec<f64> {
+        let blocks = k / Q8_0_BLOCK;
+        let mut y = vec![0f64; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                y[i * n + j] = (0..k)
+                    .map(|c| {
+                        let (b, bi) = (c / Q8_0_BLOCK, i * blocks + c / Q8_0_BLOCK);
+                        (xq.quants[i * k + c] as f64 * xq.scales[bi] as f64)
+                            * (w.quants[j * k + c] as f64 * w.scales[j * blocks + b] as f64)
+                    })
+                    .sum();
+            }
+        }
+        y
+    }
+
+    fn weights(n: usize, k: usize) -> Q8Matrix {
+        let w = Tensor::from_vec(values(n * k, 0.4), (n, k), &Device::Cpu).unwrap();
+        Q8Matrix::quantize(&w).unwrap()
+    }
+
+    #[test]
+    fn every_instruction_set_matches_the_naive_product_at_every_shape_edge() {
+        // Rows of x around the tile's 4, weight rows around the pair and a task's 32.
+        for &(m, n, k) in &[
+            (1, 1, 32),
+            (1, 67, 64),
+            (3, 33, 96),
+            (5, 64, 576),
+            (8, 7, 32),
+        ] {
+            let q = weights(n, k);
+            let x = values(m * k, 1.1);
+            let xq = Activations::quantize(&x);
+            let want = naive(&xq, m, q.view(), n, k);
+            let mut isas = vec![Isa::Scalar, Isa::detect()];
+            #[cfg(target_arch = "x86_64")]
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                isas.push(Isa::Avx2);
+            }
+            for isa in isas {
+                let mut y = vec![0f32; m * n];
+                columns(isa, &xq, m, q.view(), 0..n, n, k, &mut y);
+                for (idx, (g, e)) in y.iter().zip(&want).enumerate() {
+                    assert!(
+                        (*g as f64 - e).abs() <= 1e-4 * e.abs().max(1.0),
+                        "{isa:?} [{m}, {n}, {k}] element {idx}: {g} vs {e}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_row_gets_the_same_bits_alone_and_anywhere_in_a_batch() {
+        let (n, k) = (70, 160);
+        let q = weights(n, k);
+        let batch = values(7 * k, 2.5);
+        let together = matmul(&batch, 7, q.view(), n, k);
+        for i in 0..7 {
+            let alone = matmul(&batch[i * k..(i + 1) * k], 1, q.view(), n, k);
+            assert_eq!(alone, together[i * n..(i + 1) * n], "row {i}");
+        }
+    }
+
+    #[test]
+    fn rounding_x_to_q8_0_stays_close_to_the_f32_product() {
+        let (m, n, k) = (3, 40, 576);
+        let q = weights(n, k);
+        let x = values(m * k, 0.7);
+        let got = matmul(&x, m, q.view(), n, k);
+        let wide = q.dequantize().unwrap().to_vec2::<f32>().unwrap();
+        for i in 0..m {
+            for j in 0..n {
+                let exact: f32 = (0..k).map(|c| x[i * k + c] * wide[j][c]).sum();
+                // Each x value moves by at most half a step of its block's scale.
+                let bound: f32 = (0..k)
+                    .map(|c| {
+                        let block = &x[i * k + c / 32 * 32..][..32];
+                        let step = block.iter().fold(0f32, |a, v| a.max(v.abs())) / 127.0;
+                        0.5 * step * wide[j][c].abs()
+                    })
+                    .sum();
+                let err = (got[i * n + j] - exact).abs();
+                assert!(err <= bound * 1.01 + 1e-5, "{i},{j}: {err} > {bound}");
+            }
+        }
+    }
+}
