@@ -2,7 +2,7 @@
 //! batch sharing positions) at a time, or one new token for each of several sequences (a
 //! batched decode step).
 
-use candle_core::{Device, Module, Tensor};
+use candle_core::{Device, Module, Tensor, D};
 
 use crate::layers::{Linear, RmsNorm};
 use crate::rope::RopeTables;
@@ -73,6 +73,9 @@ pub struct Attention {
     /// `Some(n)`: a sliding-window layer, each position sees the last `n` (itself included)
     /// and uses the local RoPE tables; `None`: a global layer.
     pub window: Option<usize>,
+    /// `q_proj`, `k_proj` and `v_proj` stacked, when all three are Q8_0 views of one storage
+    /// (see [`crate::layers::fuse_q8_0`]): one pass over the weights for the three.
+    pub qkv: Option<Linear>,
 }
 
 impl Attention {
@@ -127,9 +130,26 @@ impl Attention {
         let (cos, sin) = rope.for_window(self.window);
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let mut q = self.q_proj.forward(x)?.reshape((b, t, nh, hd))?;
-        let mut k = self.k_proj.forward(x)?.reshape((b, t, nkv, hd))?;
-        let v = self.v_proj.forward(x)?.reshape((b, t, nkv, hd))?;
+        let parts = [&self.q_proj, &self.k_proj, &self.v_proj];
+        let (q, k, v) = match crate::layers::fused(&self.qkv, parts) {
+            Some(qkv) => {
+                let all = qkv.forward(x)?;
+                let (nq, nk) = (nh * hd, nkv * hd);
+                (
+                    all.narrow(D::Minus1, 0, nq)?,
+                    all.narrow(D::Minus1, nq, nk)?,
+                    all.narrow(D::Minus1, nq + nk, nk)?,
+                )
+            }
+            None => (
+                self.q_proj.forward(x)?,
+                self.k_proj.forward(x)?,
+                self.v_proj.forward(x)?,
+            ),
+        };
+        let mut q = q.reshape((b, t, nh, hd))?;
+        let mut k = k.reshape((b, t, nkv, hd))?;
+        let v = v.reshape((b, t, nkv, hd))?;
         if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
             q = qn.forward(&q)?;
             k = kn.forward(&k)?;

@@ -290,6 +290,7 @@ impl Backbone {
             for (_, linear) in layer.linears_mut() {
                 linear.quantize_q8_0()?;
             }
+            layer.fuse_q8_0()?;
         }
         self.lm_head.quantize_q8_0()?;
         if self.embed_tokens.dtype() == DType::F32 {

@@ -72,10 +72,15 @@ impl FromStr for WeightDtype {
 /// block's scale rounded to f16), held as one array of bytes and one of scales (widened to f32
 /// once, at load) so that the integer kernels read 32 aligned bytes per block and never convert
 /// a scale in their inner loop.
+///
+/// Several matrices can share one storage ([`Q8Matrix::stack`]): each is then a view of its own
+/// rows, and the stack multiplies all of them in one pass.
 #[derive(Debug, Clone)]
 pub struct Q8Matrix {
     rows: usize,
     cols: usize,
+    /// The first of this matrix's rows in the storage.
+    first_row: usize,
     quants: Arc<[i8]>,
     scales: Arc<[f32]>,
 }
@@ -96,9 +101,50 @@ impl Q8Matrix {
         Ok(Self {
             rows,
             cols,
+            first_row: 0,
             quants: quants.into(),
             scales: scales.into(),
         })
+    }
+
+    /// One matrix holding the rows of `parts` in order (all with the same number of columns),
+    /// and each part again as a view of its rows in it: the parts then share one storage, and
+    /// the stack computes all of their outputs in one pass over it.
+    pub fn stack(parts: &[&Q8Matrix]) -> candle_core::Result<(Self, Vec<Self>)> {
+        let Some(cols) = parts.first().map(|p| p.cols) else {
+            candle_core::bail!("no matrices to stack");
+        };
+        if let Some(p) = parts.iter().find(|p| p.cols != cols) {
+            candle_core::bail!("cannot stack a [_, {}] matrix on [_, {cols}] ones", p.cols);
+        }
+        let mut quants = Vec::new();
+        let mut scales = Vec::new();
+        for p in parts {
+            let v = p.view();
+            quants.extend_from_slice(v.quants);
+            scales.extend_from_slice(v.scales);
+        }
+        let stacked = Self {
+            rows: parts.iter().map(|p| p.rows).sum(),
+            cols,
+            first_row: 0,
+            quants: quants.into(),
+            scales: scales.into(),
+        };
+        let mut first_row = 0;
+        let views = parts
+            .iter()
+            .map(|p| {
+                let view = Self {
+                    rows: p.rows,
+                    first_row,
+                    ..stacked.clone()
+                };
+                first_row += p.rows;
+                view
+            })
+            .collect();
+        Ok((stacked, views))
     }
 
     pub fn rows(&self) -> usize {
@@ -109,17 +155,18 @@ impl Q8Matrix {
         self.cols
     }
 
-    /// The blocks, for the kernels.
+    /// This matrix's blocks, for the kernels.
     pub fn view(&self) -> Q8Rows<'_> {
+        let blocks = self.cols / Q8_0_BLOCK;
         Q8Rows {
-            quants: &self.quants,
-            scales: &self.scales,
+            quants: &self.quants[self.first_row * self.cols..][..self.rows * self.cols],
+            scales: &self.scales[self.first_row * blocks..][..self.rows * blocks],
         }
     }
 
-    /// Bytes held: one a value, four a block's scale.
+    /// Bytes of this matrix's rows: one a value, four a block's scale.
     pub fn size_bytes(&self) -> usize {
-        self.quants.len() + 4 * self.scales.len()
+        self.rows * self.cols + 4 * self.rows * (self.cols / Q8_0_BLOCK)
     }
 
     /// The whole matrix widened to f32.
@@ -261,6 +308,30 @@ mod tests {
             assert_eq!(&buf, want, "row {r}");
         }
         assert_eq!(q.dequantize().unwrap().to_vec2::<f32>().unwrap(), want);
+    }
+
+    #[test]
+    fn stacked_matrices_share_storage_and_keep_their_rows() {
+        let part = |rows: usize, salt: f32| {
+            let v: Vec<f32> = (0..rows * 64)
+                .map(|i| (i as f32 * 0.11 + salt).cos())
+                .collect();
+            Q8Matrix::quantize(&Tensor::from_vec(v, (rows, 64), &Device::Cpu).unwrap()).unwrap()
+        };
+        let (a, b) = (part(3, 0.0), part(5, 1.0));
+        let (stack, views) = Q8Matrix::stack(&[&a, &b]).unwrap();
+        assert_eq!((stack.rows(), stack.cols()), (8, 64));
+        for (view, original) in views.iter().zip([&a, &b]) {
+            assert_eq!(view.view().quants, original.view().quants);
+            assert_eq!(view.view().scales, original.view().scales);
+            assert!(Arc::ptr_eq(&view.quants, &stack.quants));
+        }
+        let whole = stack.dequantize().unwrap();
+        let top = whole.narrow(0, 3, 5).unwrap().to_vec2::<f32>().unwrap();
+        assert_eq!(top, b.dequantize().unwrap().to_vec2::<f32>().unwrap());
+        assert!(Q8Matrix::stack(&[&a, &part(2, 0.0)]).is_ok());
+        let narrow = Q8Matrix::quantize(&Tensor::zeros((2, 32), DType::F32, &Device::Cpu).unwrap());
+        assert!(Q8Matrix::stack(&[&a, &narrow.unwrap()]).is_err());
     }
 
     #[test]

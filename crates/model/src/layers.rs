@@ -3,7 +3,7 @@
 //! This is the inference path: it uses candle's fused kernels (softmax, RMSNorm, RoPE), which
 //! have no backward pass. Training goes through the training engine's own ops.
 
-use candle_core::{DType, Device, Module, Tensor};
+use candle_core::{DType, Device, Module, Tensor, D};
 
 pub use crate::attention::{causal_mask, Attention, LayerCache};
 use crate::compact::Q8Matrix;
@@ -186,18 +186,72 @@ pub struct Mlp {
     pub up_proj: Linear,
     pub down_proj: Linear,
     pub activation: Activation,
+    /// `gate_proj` and `up_proj` stacked, when both are Q8_0 views of one storage (see
+    /// [`fuse_q8_0`]): one pass over the weights for the two.
+    pub gate_up: Option<Linear>,
 }
 
 impl Module for Mlp {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let gate = self.gate_proj.forward(x)?;
+        let (gate, up) = match fused(&self.gate_up, [&self.gate_proj, &self.up_proj]) {
+            Some(gate_up) => {
+                let both = gate_up.forward(x)?;
+                let i = self.gate_proj.out_features();
+                (both.narrow(D::Minus1, 0, i)?, both.narrow(D::Minus1, i, i)?)
+            }
+            None => (self.gate_proj.forward(x)?, self.up_proj.forward(x)?),
+        };
         let gate = match self.activation {
             Activation::Silu => candle_nn::ops::silu(&gate)?,
             // candle's `gelu` is the tanh approximation.
             Activation::GeluTanh => gate.gelu()?,
         };
-        self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)
+        self.down_proj.forward(&(gate * up)?)
     }
+}
+
+/// The stacked projection, unless one of its parts has since had LoRA attached (which the
+/// stack does not carry).
+pub(crate) fn fused<'a, const N: usize>(
+    stack: &'a Option<Linear>,
+    parts: [&Linear; N],
+) -> Option<&'a Linear> {
+    stack
+        .as_ref()
+        .filter(|_| parts.iter().all(|p| p.lora.is_none()))
+}
+
+/// Stacks Q8_0 projections that read the same input into one (their biases stacked, zeros for
+/// those without), and makes each a view of its rows in it. `None` when one is not Q8_0.
+pub fn fuse_q8_0(parts: &mut [&mut Linear]) -> candle_core::Result<Option<Linear>> {
+    let mut matrices = Vec::with_capacity(parts.len());
+    for p in parts.iter() {
+        match &p.weight {
+            Weight::Q8_0(q) => matrices.push(q),
+            Weight::Dense(_) => return Ok(None),
+        }
+    }
+    let (stack, views) = Q8Matrix::stack(&matrices)?;
+    let bias = if parts.iter().any(|p| p.bias.is_some()) {
+        let biases = parts
+            .iter()
+            .map(|p| match &p.bias {
+                Some(b) => b.to_dtype(DType::F32),
+                None => Tensor::zeros(p.out_features(), DType::F32, &Device::Cpu),
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Some(Tensor::cat(&biases, 0)?)
+    } else {
+        None
+    };
+    for (p, view) in parts.iter_mut().zip(views) {
+        p.weight = Weight::Q8_0(view);
+    }
+    Ok(Some(Linear {
+        weight: Weight::Q8_0(stack),
+        bias,
+        lora: None,
+    }))
 }
 
 /// The Hugging Face names of a layer's norms, by role. Llama's second norm comes before the MLP
@@ -313,6 +367,7 @@ impl DecoderLayer {
                 num_kv_heads: config.num_key_value_heads,
                 head_dim: config.head_dim,
                 window,
+                qkv: None,
             },
             attn_out_norm: names.attn_out.map(|n| norm(n, h)).transpose()?,
             mlp_norm: norm(names.mlp, h)?,
@@ -321,6 +376,7 @@ impl DecoderLayer {
                 up_proj: linear("mlp.up_proj", config.intermediate_size, h, false)?,
                 down_proj: linear("mlp.down_proj", h, config.intermediate_size, false)?,
                 activation: config.activation(),
+                gate_up: None,
             },
             mlp_out_norm: names.mlp_out.map(|n| norm(n, h)).transpose()?,
         })
@@ -445,6 +501,7 @@ impl DecoderLayer {
                 num_kv_heads: a.num_kv_heads,
                 head_dim: a.head_dim,
                 window: a.window,
+                qkv: None,
             },
             attn_out_norm: self.attn_out_norm.as_ref().map(norm).transpose()?,
             mlp_norm: norm(&self.mlp_norm)?,
@@ -453,9 +510,21 @@ impl DecoderLayer {
                 up_proj: lin(&self.mlp.up_proj)?,
                 down_proj: lin(&self.mlp.down_proj)?,
                 activation: self.mlp.activation,
+                gate_up: None,
             },
             mlp_out_norm: self.mlp_out_norm.as_ref().map(norm).transpose()?,
         })
+    }
+
+    /// Stacks q/k/v and gate/up into one projection each where they are Q8_0, so that a
+    /// decode step makes one pass over each stack's weights (and one hand-off to the worker
+    /// threads) instead of three and two.
+    pub fn fuse_q8_0(&mut self) -> Result<()> {
+        let a = &mut self.self_attn;
+        a.qkv = fuse_q8_0(&mut [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj])?;
+        let m = &mut self.mlp;
+        m.gate_up = fuse_q8_0(&mut [&mut m.gate_proj, &mut m.up_proj])?;
+        Ok(())
     }
 
     /// Zeroes the attention's and the MLP's output projections (weights and biases): the layer
