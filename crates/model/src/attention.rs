@@ -169,10 +169,16 @@ impl Attention {
         let s = k.dims()[2];
         let past = s - t;
         let rep = nh / nkv;
+        let scale = 1.0 / (hd as f64).sqrt();
+        if t == 1 && b * nh * s * hd <= crate::serial::MAX_SERIAL_ATTENTION {
+            let seen = self.window.unwrap_or(s);
+            if let Some(out) = crate::serial::attend_one(q, k, v, scale as f32, seen)? {
+                return Ok(out);
+            }
+        }
 
         // Fold the query heads that share a key/value head into the sequence axis, so grouped
         // attention runs as one matmul per kv head without copying keys and values.
-        let scale = 1.0 / (hd as f64).sqrt();
         let q = (q * scale)?.reshape((b, nkv, rep * t, hd))?;
         let scores = q.matmul(&k.t()?)?; // [b, nkv, rep*t, s]
         let windowed = self.window.is_some_and(|w| s > w);
