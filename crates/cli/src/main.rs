@@ -137,13 +137,7 @@ fn main() -> ExitCode {
         // A client that hangs up must fail one write, not end the server.
         die_on_closed_pipe(false);
     }
-    // candle runs elementwise ops on its own worker pool, beside the rayon pool that runs the
-    // GEMMs and our kernels; by default its idle workers spin for 25,000 rounds, taking a core
-    // from the next GEMM. A short spin: training steps 10-18% faster on 2 cores
-    // (`mode bench train`). A value set by the user wins.
-    if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
-        std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "200");
-    }
+    commands::set_worker_spin(mode_model::WeightDtype::F32);
     let result = match cli.command {
         Command::Generate(args) => commands::generate::run(args),
         Command::Eval(args) => commands::eval::run(args),
