@@ -116,12 +116,22 @@ impl Attention {
             .into());
         }
         let (q, k, v) = self.project(x, rope)?;
-        let mut outs = Vec::with_capacity(rows);
+        let mut kv = Vec::with_capacity(rows);
         for (r, cache) in caches.iter_mut().enumerate() {
-            let (k, v) = cache.extend(k.narrow(0, r, 1)?, v.narrow(0, r, 1)?)?;
-            outs.push(self.attend(&q.narrow(0, r, 1)?, &k, &v)?);
+            kv.push(cache.extend(k.narrow(0, r, 1)?, v.narrow(0, r, 1)?)?);
         }
-        let out = Tensor::cat(&outs, 0)?;
+        let seen = self.window.unwrap_or(usize::MAX);
+        let scale = 1.0 / (self.head_dim as f32).sqrt();
+        let out = match crate::serial::attend_one(&q, &kv, scale, seen)? {
+            Some(out) => out,
+            None => {
+                let mut outs = Vec::with_capacity(rows);
+                for (r, (k, v)) in kv.iter().enumerate() {
+                    outs.push(self.attend(&q.narrow(0, r, 1)?, k, v)?);
+                }
+                Tensor::cat(&outs, 0)?
+            }
+        };
         Ok(self.o_proj.forward(&out.reshape((rows, 1, ()))?)?)
     }
 
@@ -170,13 +180,15 @@ impl Attention {
         let past = s - t;
         let rep = nh / nkv;
         let scale = 1.0 / (hd as f64).sqrt();
-        if t == 1 && b * nh * s * hd <= crate::serial::MAX_SERIAL_ATTENTION {
+        if t == 1 {
+            let kv = (0..b)
+                .map(|bi| Ok((k.narrow(0, bi, 1)?, v.narrow(0, bi, 1)?)))
+                .collect::<Result<Vec<_>>>()?;
             let seen = self.window.unwrap_or(s);
-            if let Some(out) = crate::serial::attend_one(q, k, v, scale as f32, seen)? {
+            if let Some(out) = crate::serial::attend_one(q, &kv, scale as f32, seen)? {
                 return Ok(out);
             }
         }
-
         // Fold the query heads that share a key/value head into the sequence axis, so grouped
         // attention runs as one matmul per kv head without copying keys and values.
         let q = (q * scale)?.reshape((b, nkv, rep * t, hd))?;

@@ -196,6 +196,9 @@ impl Module for Mlp {
         let (gate, up) = match fused(&self.gate_up, [&self.gate_proj, &self.up_proj]) {
             Some(gate_up) => {
                 let both = gate_up.forward(x)?;
+                if let Some(h) = crate::serial::gated(&both, self.activation)? {
+                    return self.down_proj.forward(&h);
+                }
                 let i = self.gate_proj.out_features();
                 (both.narrow(D::Minus1, 0, i)?, both.narrow(D::Minus1, i, i)?)
             }

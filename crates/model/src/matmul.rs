@@ -82,15 +82,16 @@ pub fn q8_matmul(x: &Tensor, w: &Q8Matrix) -> candle_core::Result<Tensor> {
     Tensor::from_vec(y, (rows, w.rows()), x.device())?.to_dtype(x.dtype())
 }
 
-/// The output buffer, shared by tasks that write disjoint columns.
+/// An output buffer shared by parallel tasks that write disjoint elements of it.
 #[derive(Clone, Copy)]
-pub(crate) struct OutPtr(pub(crate) *mut f32);
-// SAFETY: see `matmul_rows`: tasks write disjoint elements.
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
+pub(crate) struct OutPtr<T>(pub(crate) *mut T);
+// SAFETY: every user has its tasks write disjoint elements, and the buffer outlive them.
+unsafe impl<T: Send> Send for OutPtr<T> {}
+unsafe impl<T: Send> Sync for OutPtr<T> {}
 
-impl OutPtr {
-    pub(crate) fn get(self) -> *mut f32 {
+impl<T> OutPtr<T> {
+    /// The pointer (a method, so that closures capture the `Sync` wrapper, not the field).
+    pub(crate) fn get(self) -> *mut T {
         self.0
     }
 }

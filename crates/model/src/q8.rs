@@ -28,13 +28,47 @@ struct Activations {
 }
 
 impl Activations {
+    /// Rounds `x` (whole blocks) to Q8_0, in chunks of blocks spread over candle's pool when
+    /// `x` is large (prefill, a batched decode step's down projection).
     fn quantize(x: &[f32]) -> Self {
+        let blocks = x.len() / Q8_0_BLOCK;
         let mut quants = vec![0i8; x.len()];
-        let mut scales = vec![0f32; x.len() / Q8_0_BLOCK];
-        quantize_q8_0(x, &mut quants, &mut scales, |d| d);
+        let mut scales = vec![0f32; blocks];
+        if x.len() < MIN_PARALLEL_QUANTIZE {
+            quantize_q8_0(x, &mut quants, &mut scales, |d| d);
+        } else {
+            let q_ptr = crate::matmul::OutPtr(quants.as_mut_ptr());
+            let s_ptr = crate::matmul::OutPtr(scales.as_mut_ptr());
+            let chunks = blocks.div_ceil(BLOCKS_PER_QUANTIZE_TASK);
+            candle_core::utils::barrier_pool().execute_chunked(chunks, |range| {
+                for chunk in range {
+                    let b0 = chunk * BLOCKS_PER_QUANTIZE_TASK;
+                    let n = BLOCKS_PER_QUANTIZE_TASK.min(blocks - b0);
+                    let values = n * Q8_0_BLOCK;
+                    // SAFETY: each chunk writes only its own blocks of `quants` and `scales`,
+                    // which outlive the parallel loop.
+                    let (q, s) = unsafe {
+                        (
+                            std::slice::from_raw_parts_mut(
+                                q_ptr.get().add(b0 * Q8_0_BLOCK),
+                                values,
+                            ),
+                            std::slice::from_raw_parts_mut(s_ptr.get().add(b0), n),
+                        )
+                    };
+                    quantize_q8_0(&x[b0 * Q8_0_BLOCK..][..values], q, s, |d| d);
+                }
+            });
+        }
         Self { quants, scales }
     }
 }
+
+/// Below this many values of `x`, quantising it stays on the calling thread.
+const MIN_PARALLEL_QUANTIZE: usize = 1 << 14;
+
+/// Blocks of `x` quantised per parallel task.
+const BLOCKS_PER_QUANTIZE_TASK: usize = 64;
 
 /// `y[i, j] = sum_k x[i, k] * w[j, k]` with `x` rounded to Q8_0: `x` is `[m, k]` in f32, `w`
 /// is `[n, k]` in Q8_0 blocks (`k` a multiple of 32); returns `y` as `[m, n]`.
@@ -408,11 +442,18 @@ mod tests {
 
     #[test]
     fn a_row_gets_the_same_bits_alone_and_anywhere_in_a_batch() {
-        let (n, k) = (70, 160);
+        // 40 rows of 576: the batch's x is quantised on the pool, a lone row's on this thread.
+        let (m, n, k) = (40, 70, 576);
+        assert!(m * k >= MIN_PARALLEL_QUANTIZE && k < MIN_PARALLEL_QUANTIZE);
         let q = weights(n, k);
-        let batch = values(7 * k, 2.5);
-        let together = matmul(&batch, 7, q.view(), n, k);
-        for i in 0..7 {
+        let batch = values(m * k, 2.5);
+        let together = matmul(&batch, m, q.view(), n, k);
+        let xq = Activations::quantize(&batch);
+        let want = naive(&xq, m, q.view(), n, k);
+        for (g, e) in together.iter().zip(&want) {
+            assert!((*g as f64 - e).abs() <= 1e-4 * e.abs().max(1.0));
+        }
+        for i in 0..m {
             let alone = matmul(&batch[i * k..(i + 1) * k], 1, q.view(), n, k);
             assert_eq!(alone, together[i * n..(i + 1) * n], "row {i}");
         }
