@@ -139,7 +139,7 @@ const MIN_PARALLEL_ATTENTION: usize = 1 << 14;
 /// when there are enough values to pay for the hand-off. `None` when it is not f32.
 pub fn gated(both: &Tensor, activation: Activation) -> candle_core::Result<Option<Tensor>> {
     let dims = both.dims();
-    if both.dtype() != DType::F32 || dims.is_empty() || dims[dims.len() - 1] % 2 != 0 {
+    if both.dtype() != DType::F32 || dims.is_empty() || !dims[dims.len() - 1].is_multiple_of(2) {
         return Ok(None);
     }
     let width = dims[dims.len() - 1] / 2;
@@ -276,7 +276,7 @@ mod tests {
     #[test]
     fn one_position_attention_matches_the_definition_alone_and_on_the_pool() {
         let (nh, nkv, hd) = (4, 2, 16);
-        let value = |i: usize, salt: f32| ((i as f32 * 0.731 + salt).sin() * 2.0);
+        let value = |i: usize, salt: f32| (i as f32 * 0.731 + salt).sin() * 2.0;
         // Few keys (the calling thread) and many (the pool), rows of different lengths, and a
         // window that hides the oldest keys of the long row.
         for (lengths, seen) in [(vec![5, 3], usize::MAX), (vec![40, 300, 7], 64)] {
