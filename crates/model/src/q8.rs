@@ -16,10 +16,10 @@ use crate::compact::{quantize_q8_0, Q8Rows, Q8_0_BLOCK};
 /// Weight rows per parallel task.
 const ROWS_PER_TASK: usize = 32;
 
-/// How many pairs of weight rows ahead of the one being multiplied the kernels prefetch. The
+/// How many groups of weight rows ahead of the one being multiplied the kernels prefetch. The
 /// hardware prefetcher alone kept a thread at a third of the bandwidth a plain streaming read
-/// reaches here; asking for the rows a few pairs ahead gets most of it.
-const PREFETCH_PAIRS: usize = 2;
+/// reaches here; asking for the rows a few groups ahead gets most of it.
+const PREFETCH_GROUPS: usize = 2;
 
 /// Rows of `x` rounded to Q8_0: `quants` row-major, one f32 scale per block.
 struct Activations {
@@ -169,7 +169,7 @@ fn columns(
             Isa::Vnni => x86::columns_vnni(task),
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => x86::columns_avx2(task),
-            Isa::Scalar => task.run::<Scalar>(),
+            Isa::Scalar => task.run::<Scalar, 2>(),
         }
     }
 }
@@ -192,20 +192,20 @@ struct XRows {
     k: usize,
 }
 
-/// Two weight rows, and where the rows to prefetch start (past the matrix's end near its last
-/// rows: a prefetch never faults, and nothing there is read).
+/// `NR` consecutive weight rows, and where the rows to prefetch start (past the matrix's end
+/// near its last rows: a prefetch never faults, and nothing there is read).
 #[derive(Clone, Copy)]
-struct WeightPair {
-    quants: [*const i8; 2],
-    scales: [*const f32; 2],
+struct WeightRows<const NR: usize> {
+    quants: [*const i8; NR],
+    scales: [*const f32; NR],
     ahead: *const i8,
 }
 
-/// A tile kernel: `MR` rows of `x` against a pair of weight rows, `[row][weight]`.
-trait Tile {
+/// A tile kernel: `MR` rows of `x` against `NR` weight rows, `[row][weight]`.
+trait Tile<const NR: usize> {
     /// # Safety
-    /// `MR` rows of `x` and both weight rows hold `blocks` whole blocks.
-    unsafe fn tile<const MR: usize>(x: XRows, w: WeightPair, blocks: usize) -> [[f32; 2]; MR];
+    /// `MR` rows of `x` and the `NR` weight rows hold `blocks` whole blocks.
+    unsafe fn tile<const MR: usize>(x: XRows, w: WeightRows<NR>, blocks: usize) -> [[f32; NR]; MR];
 }
 
 impl Task<'_> {
@@ -214,17 +214,17 @@ impl Task<'_> {
     /// # Safety
     /// `cols.end <= n`, `y` holds `m * n` values, `x` `m` rows and `w` `n` rows of `k`.
     #[inline(always)]
-    unsafe fn run<T: Tile>(self) {
+    unsafe fn run<T: Tile<NR>, const NR: usize>(self) {
         let k = self.x.k;
         let blocks = k / Q8_0_BLOCK;
         let (wq, ws) = (self.w.quants.as_ptr(), self.w.scales.as_ptr());
-        for j in self.cols.clone().step_by(2) {
-            // With one row left, the pair is that row twice; the second result is dropped.
-            let j1 = (j + 1).min(self.cols.end - 1);
-            let pair = WeightPair {
-                quants: [wq.add(j * k), wq.add(j1 * k)],
-                scales: [ws.add(j * blocks), ws.add(j1 * blocks)],
-                ahead: wq.wrapping_add((j + 2 * PREFETCH_PAIRS) * k),
+        for j in self.cols.clone().step_by(NR) {
+            // Past the last row the group repeats it; those results are dropped.
+            let rows: [usize; NR] = std::array::from_fn(|s| (j + s).min(self.cols.end - 1));
+            let group = WeightRows {
+                quants: rows.map(|r| wq.add(r * k)),
+                scales: rows.map(|r| ws.add(r * blocks)),
+                ahead: wq.wrapping_add((j + NR * PREFETCH_GROUPS) * k),
             };
             let mut i = 0;
             while i < self.m {
@@ -236,10 +236,10 @@ impl Task<'_> {
                 };
                 let out = self.y.add(i * self.n);
                 match mr {
-                    4 => store(T::tile::<4>(x, pair, blocks), out, self.n, j, j1),
-                    3 => store(T::tile::<3>(x, pair, blocks), out, self.n, j, j1),
-                    2 => store(T::tile::<2>(x, pair, blocks), out, self.n, j, j1),
-                    _ => store(T::tile::<1>(x, pair, blocks), out, self.n, j, j1),
+                    4 => store(T::tile::<4>(x, group, blocks), out, self.n, rows),
+                    3 => store(T::tile::<3>(x, group, blocks), out, self.n, rows),
+                    2 => store(T::tile::<2>(x, group, blocks), out, self.n, rows),
+                    _ => store(T::tile::<1>(x, group, blocks), out, self.n, rows),
                 }
                 i += mr;
             }
@@ -247,23 +247,23 @@ impl Task<'_> {
     }
 }
 
-/// Writes a tile's sums into consecutive rows of `y` (`n` wide) from `out`, at columns `j` and
-/// `j1` (dropped when it repeats `j`).
+/// Writes a tile's sums into consecutive rows of `y` (`n` wide) from `out`, at columns `cols`
+/// (a repeat of the previous column is dropped).
 ///
 /// # Safety
-/// `MR` rows of `n` values from `out` are inside `y`; `j, j1 < n`.
+/// `MR` rows of `n` values from `out` are inside `y`; every column is below `n`.
 #[inline(always)]
-unsafe fn store<const MR: usize>(
-    sums: [[f32; 2]; MR],
+unsafe fn store<const MR: usize, const NR: usize>(
+    sums: [[f32; NR]; MR],
     out: *mut f32,
     n: usize,
-    j: usize,
-    j1: usize,
+    cols: [usize; NR],
 ) {
-    for (r, s) in sums.iter().enumerate() {
-        *out.add(r * n + j) = s[0];
-        if j1 > j {
-            *out.add(r * n + j1) = s[1];
+    for (r, row) in sums.iter().enumerate() {
+        for (s, &v) in row.iter().enumerate() {
+            if s == 0 || cols[s] > cols[s - 1] {
+                *out.add(r * n + cols[s]) = v;
+            }
         }
     }
 }
@@ -271,8 +271,8 @@ unsafe fn store<const MR: usize>(
 /// Plain Rust, for CPUs without AVX2.
 struct Scalar;
 
-impl Tile for Scalar {
-    unsafe fn tile<const MR: usize>(x: XRows, w: WeightPair, blocks: usize) -> [[f32; 2]; MR] {
+impl Tile<2> for Scalar {
+    unsafe fn tile<const MR: usize>(x: XRows, w: WeightRows<2>, blocks: usize) -> [[f32; 2]; MR] {
         let mut out = [[0f32; 2]; MR];
         for (r, sums) in out.iter_mut().enumerate() {
             for (s, sum) in sums.iter_mut().enumerate() {
@@ -294,58 +294,66 @@ impl Tile for Scalar {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{Task, Tile, WeightPair, XRows, Q8_0_BLOCK};
+    use super::{Task, Tile, WeightRows, XRows, Q8_0_BLOCK};
     use std::arch::x86_64::*;
 
-    /// An instruction set's tile and entry point; `dot(ax, sw)` gives eight lanes of sums of
-    /// four products of unsigned `ax` and signed `sw` bytes.
+    /// An instruction set's tile and entry point. Per block, `$prepare(x)` turns a block of x
+    /// into what `$dot(prepared, w)` takes with a block of weights; `$dot` gives eight lanes
+    /// of sums of four products each.
     macro_rules! kernel {
-        ($isa:ident, $entry:ident, $features:literal, |$ax:ident, $sw:ident| $dot:expr) => {
+        (
+            $isa:ident, $entry:ident, $features:literal, $nr:literal,
+            prepare = |$x:ident| $prepare:expr,
+            weight = |$w:ident| $weight:expr,
+            dot = |$px:ident, $pw:ident| $dot:expr
+        ) => {
             pub struct $isa;
 
             /// # Safety
             /// As [`Task::run`]; the CPU has the features.
             #[target_feature(enable = $features)]
             pub unsafe fn $entry(task: Task<'_>) {
-                task.run::<$isa>()
+                task.run::<$isa, $nr>()
             }
 
-            impl Tile for $isa {
+            impl Tile<$nr> for $isa {
                 #[target_feature(enable = $features)]
                 unsafe fn tile<const MR: usize>(
                     x: XRows,
-                    w: WeightPair,
+                    w: WeightRows<$nr>,
                     blocks: usize,
-                ) -> [[f32; 2]; MR] {
-                    let mut acc = [[_mm256_setzero_ps(); 2]; MR];
+                ) -> [[f32; $nr]; MR] {
+                    let mut acc = [[_mm256_setzero_ps(); $nr]; MR];
                     for b in 0..blocks {
                         let off = b * Q8_0_BLOCK;
-                        // The pair `PREFETCH_PAIRS` ahead is 2 k bytes, read while this pair's k.
-                        _mm_prefetch::<_MM_HINT_T0>(w.ahead.wrapping_add(2 * off));
-                        let wv = [
-                            _mm256_loadu_si256(w.quants[0].add(off) as *const __m256i),
-                            _mm256_loadu_si256(w.quants[1].add(off) as *const __m256i),
-                        ];
-                        let dw = [
-                            _mm256_set1_ps(*w.scales[0].add(b)),
-                            _mm256_set1_ps(*w.scales[1].add(b)),
-                        ];
+                        // The group PREFETCH_GROUPS ahead is NR k bytes, read while this one's
+                        // k: NR / 2 cache lines a block.
+                        for line in 0..$nr / 2 {
+                            let at = w.ahead.wrapping_add($nr * off + 64 * line);
+                            _mm_prefetch::<_MM_HINT_T0>(at);
+                        }
+                        let wv: [__m256i; $nr] = std::array::from_fn(|s| {
+                            let $w = _mm256_loadu_si256(w.quants[s].add(off) as *const __m256i);
+                            $weight
+                        });
+                        let dw: [__m256; $nr] =
+                            std::array::from_fn(|s| _mm256_set1_ps(*w.scales[s].add(b)));
                         for (r, acc) in acc.iter_mut().enumerate() {
-                            let xv =
+                            let $x =
                                 _mm256_loadu_si256(x.quants.add(r * x.k + off) as *const __m256i);
-                            let $ax = _mm256_sign_epi8(xv, xv);
+                            let $px = $prepare;
                             let dx = _mm256_set1_ps(*x.scales.add(r * blocks + b));
-                            for s in 0..2 {
-                                let $sw = _mm256_sign_epi8(wv[s], xv);
+                            for s in 0..$nr {
+                                let $pw = wv[s];
                                 let dot: __m256i = $dot;
                                 let scale = _mm256_mul_ps(dw[s], dx);
                                 acc[s] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc[s]);
                             }
                         }
                     }
-                    let mut out = [[0f32; 2]; MR];
+                    let mut out = [[0f32; $nr]; MR];
                     for (o, a) in out.iter_mut().zip(&acc) {
-                        *o = [sum8(a[0]), sum8(a[1])];
+                        *o = a.map(|v| sum8(v));
                     }
                     out
                 }
@@ -353,16 +361,38 @@ mod x86 {
         };
     }
 
+    // VNNI multiplies unsigned by signed bytes: the weights go in offset by 128 (a flip of the
+    // top bit), and each lane's accumulator starts at minus 128 times its four x values, so
+    // the sum comes out exact with no sign fix-up per pair (32 registers: 4 x 4 tiles fit).
     kernel!(
         Vnni,
         columns_vnni,
         "avx2,fma,avx512f,avx512vl,avx512vnni",
-        |ax, sw| _mm256_dpbusd_epi32(_mm256_setzero_si256(), ax, sw)
+        4,
+        prepare = |xv| (
+            xv,
+            _mm256_sub_epi32(
+                _mm256_setzero_si256(),
+                _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_set1_epi8(-128), xv)
+            )
+        ),
+        weight = |wv| _mm256_xor_si256(wv, _mm256_set1_epi8(-128)),
+        dot = |px, wu| _mm256_dpbusd_epi32(px.1, wu, px.0)
     );
-    kernel!(Avx2, columns_avx2, "avx2,fma", |ax, sw| _mm256_madd_epi16(
-        _mm256_maddubs_epi16(ax, sw),
-        _mm256_set1_epi16(1)
-    ));
+    // AVX2's `vpmaddubsw` saturates at 16 bits, which offset weights would overflow: x gives
+    // its magnitudes and each weight takes x's sign instead.
+    kernel!(
+        Avx2,
+        columns_avx2,
+        "avx2,fma",
+        2,
+        prepare = |xv| (_mm256_sign_epi8(xv, xv), xv),
+        weight = |wv| wv,
+        dot = |px, wv| _mm256_madd_epi16(
+            _mm256_maddubs_epi16(px.0, _mm256_sign_epi8(wv, px.1)),
+            _mm256_set1_epi16(1)
+        )
+    );
 
     #[inline(always)]
     unsafe fn sum8(v: __m256) -> f32 {
