@@ -166,6 +166,8 @@ fn columns(
     unsafe {
         match isa {
             #[cfg(target_arch = "x86_64")]
+            Isa::Vnni if m < 4 => x86::columns_vnni_pairs(task),
+            #[cfg(target_arch = "x86_64")]
             Isa::Vnni => x86::columns_vnni(task),
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => x86::columns_avx2(task),
@@ -364,21 +366,28 @@ mod x86 {
     // VNNI multiplies unsigned by signed bytes: the weights go in offset by 128 (a flip of the
     // top bit), and each lane's accumulator starts at minus 128 times its four x values, so
     // the sum comes out exact with no sign fix-up per pair (32 registers: 4 x 4 tiles fit).
-    kernel!(
-        Vnni,
-        columns_vnni,
-        "avx2,fma,avx512f,avx512vl,avx512vnni",
-        4,
-        prepare = |xv| (
-            xv,
-            _mm256_sub_epi32(
-                _mm256_setzero_si256(),
-                _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_set1_epi8(-128), xv)
-            )
-        ),
-        weight = |wv| _mm256_xor_si256(wv, _mm256_set1_epi8(-128)),
-        dot = |px, wu| _mm256_dpbusd_epi32(px.1, wu, px.0)
-    );
+    macro_rules! vnni {
+        ($isa:ident, $entry:ident, $nr:literal) => {
+            kernel!(
+                $isa,
+                $entry,
+                "avx2,fma,avx512f,avx512vl,avx512vnni",
+                $nr,
+                prepare = |xv| (
+                    xv,
+                    _mm256_sub_epi32(
+                        _mm256_setzero_si256(),
+                        _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_set1_epi8(-128), xv)
+                    )
+                ),
+                weight = |wv| _mm256_xor_si256(wv, _mm256_set1_epi8(-128)),
+                dot = |px, wu| _mm256_dpbusd_epi32(px.1, wu, px.0)
+            );
+        };
+    }
+    vnni!(Vnni, columns_vnni, 4);
+    // A lone row (decoding one sequence) streams the weights faster two rows at a time.
+    vnni!(VnniPairs, columns_vnni_pairs, 2);
     // AVX2's `vpmaddubsw` saturates at 16 bits, which offset weights would overflow: x gives
     // its magnitudes and each weight takes x's sign instead.
     kernel!(
