@@ -78,19 +78,16 @@ print(json.dumps({"gguf": sys.argv[1], "prefill_tokens_per_sec": pp[0], "decode_
 done
 python3 - "$BACKBONE" "$PEER" "$WEIGHT_DTYPE" "${rows[@]}" <<'PY'
 import json, sys
+sys.path.insert(0, "bench")
+from ratios import median, ratio_summary
 backbone, peer_name, dtype, rows = sys.argv[1], sys.argv[2], sys.argv[3], [json.loads(a) for a in sys.argv[4:]]
 ours, peer = rows[0::2], rows[1::2]
-
-def median(xs):  # the upper one of an even count, as mode's own medians
-    return sorted(xs)[len(xs) // 2]
 
 out = {"backbone": backbone, "weight_dtype": dtype, "peer": peer_name, "gguf": peer[0]["gguf"], "threads": ours[0]["threads"], "rounds": len(ours),
        "prompt_tokens": ours[0]["prompt_tokens"], "new_tokens": ours[0]["new_tokens"]}
 for metric in ("decode", "prefill"):
     key = f"{metric}_tokens_per_sec"
-    ratios = [o[key] / p[key] for o, p in zip(ours, peer)]
-    out[f"ratio_{metric}"] = {"median": round(median(ratios), 3), "min": round(min(ratios), 3),
-                              "max": round(max(ratios), 3), "rounds": [round(r, 3) for r in ratios]}
+    out[f"ratio_{metric}"] = ratio_summary([o[key] for o in ours], [p[key] for p in peer])
     out[key] = {"mode": round(median([o[key] for o in ours]), 1), peer_name: round(median([p[key] for p in peer]), 1)}
 print(json.dumps(out))
 PY

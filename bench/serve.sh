@@ -51,23 +51,19 @@ for round in $(seq 1 "$ROUNDS"); do
 done
 python3 - "$WEIGHT_DTYPE" "$SOURCE" "$PEER_GGUF" "${rows[@]}" <<'PY'
 import json, sys
+sys.path.insert(0, "bench")
+from ratios import median, ratio_summary
 dtype, source, peer_gguf, rows = sys.argv[1], sys.argv[2], sys.argv[3], [json.loads(a) for a in sys.argv[4:]]
 ours, peer = rows[0::2], rows[1::2]
-
-def median(xs):  # the upper one of an even count, as mode's own medians
-    return sorted(xs)[len(xs) // 2]
 
 out = {"ours": f"{source} as {dtype}", "peer": f"llama-server on {peer_gguf}", "rounds": len(ours),
        "clients": {}}
 for i, level in enumerate(ours[0]["load"]):
-    c = level["clients"]
     o = [r["load"][i]["completion_tokens_per_sec"] for r in ours]
     p = [r["load"][i]["completion_tokens_per_sec"] for r in peer]
-    ratios = [a / b for a, b in zip(o, p) if b > 0]
-    out["clients"][c] = {
-        "ratio_median": round(median(ratios), 3) if ratios else None,
-        "ratio_min": round(min(ratios), 3) if ratios else None,
-        "ratio_max": round(max(ratios), 3) if ratios else None,
+    ratio = ratio_summary(o, p)
+    out["clients"][level["clients"]] = {
+        "ratio_median": ratio["median"], "ratio_min": ratio["min"], "ratio_max": ratio["max"],
         "ours_tokens_per_sec": median(o), "peer_tokens_per_sec": median(p),
         "ours_p50_s": median([r["load"][i]["latency_p50_s"] for r in ours]),
         "peer_p50_s": median([r["load"][i]["latency_p50_s"] for r in peer]),
