@@ -154,7 +154,7 @@ fn block(
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
+pub(crate) mod avx2 {
     use std::arch::x86_64::*;
 
     /// Two weight rows (`w1` is `w0` again when `nr` is 1) against four rows of `x` at a time:
@@ -225,8 +225,9 @@ mod avx2 {
         }
     }
 
+    /// The sum of the eight lanes.
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn sum8(v: __m256) -> f32 {
+    pub(crate) unsafe fn sum8(v: __m256) -> f32 {
         let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));

@@ -297,6 +297,7 @@ impl Tile<2> for Scalar {
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::{Task, Tile, WeightRows, XRows, Q8_0_BLOCK};
+    use crate::matmul::avx2::sum8;
     use std::arch::x86_64::*;
 
     /// An instruction set's tile and entry point. Per block, `$prepare(x)` turns a block of x
@@ -355,7 +356,9 @@ mod x86 {
                     }
                     let mut out = [[0f32; $nr]; MR];
                     for (o, a) in out.iter_mut().zip(&acc) {
-                        *o = a.map(|v| sum8(v));
+                        for (o, &v) in o.iter_mut().zip(a) {
+                            *o = sum8(v);
+                        }
                     }
                     out
                 }
@@ -402,14 +405,6 @@ mod x86 {
             _mm256_set1_epi16(1)
         )
     );
-
-    #[inline(always)]
-    unsafe fn sum8(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-        _mm_cvtss_f32(s)
-    }
 }
 
 #[cfg(test)]
