@@ -53,10 +53,11 @@ pub struct BackboneArgs {
     /// [default: smollm2-135m, or the one a --model was composed over]
     #[arg(long)]
     pub backbone: Option<String>,
-    /// How the frozen backbone's weights are held in memory: f32, f16, bf16, or q8_0 (8.5 bits a
-    /// weight, GGUF's Q8_0: projections and LM head quantised at load, embeddings in f16;
-    /// generation, eval, serve and bench only). Activations, experts and gates stay f32;
-    /// fewer bytes make decoding faster, at a small cost in accuracy
+    /// How the frozen backbone's weights are held in memory: f32, f16, bf16, or q8_0 (GGUF's
+    /// Q8_0: projections and LM head quantised at load and multiplied with 8-bit integer dot
+    /// products, their inputs rounded to 8 bits as llama.cpp does; embeddings in f16;
+    /// generation, eval, serve and bench only). Experts, gates and the activations between
+    /// layers stay f32; fewer bytes make decoding faster, at a small cost in accuracy
     #[arg(long, default_value = "f32")]
     pub weight_dtype: WeightDtype,
     /// Go ahead even when the estimated peak memory (of loading, or of training) exceeds what
