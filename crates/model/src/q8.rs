@@ -444,7 +444,8 @@ mod tests {
 
     #[test]
     fn every_instruction_set_matches_the_naive_product_at_every_shape_edge() {
-        // Rows of x around the tile's 4, weight rows around the pair and a task's 32.
+        // Rows of x around the tile's 4 (and the 2-row kernel below 4), weight rows around
+        // groups of 2 and 4 and a task's 32.
         for &(m, n, k) in &[
             (1, 1, 32),
             (1, 67, 64),
