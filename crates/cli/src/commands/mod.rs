@@ -111,6 +111,13 @@ impl BackboneArgs {
             model
                 .quantize_q8_0()
                 .context("quantising the backbone to q8_0")?;
+            // The f32 weights just freed stay in the allocator's free lists, so a q8_0 process
+            // would hold more memory than an f32 one; give them back to the system.
+            #[cfg(all(target_os = "linux", target_env = "gnu"))]
+            // SAFETY: malloc_trim only releases free memory; no pointer is invalidated.
+            unsafe {
+                libc::malloc_trim(0);
+            }
         }
         eprintln!(
             "mode: loaded {} ({:?}, {} layers, {:.1}M parameters, {}) in {:.2}s",
