@@ -120,9 +120,7 @@ impl Attention {
         for (r, cache) in caches.iter_mut().enumerate() {
             kv.push(cache.extend(k.narrow(0, r, 1)?, v.narrow(0, r, 1)?)?);
         }
-        let seen = self.window.unwrap_or(usize::MAX);
-        let scale = 1.0 / (self.head_dim as f32).sqrt();
-        let out = match crate::serial::attend_one(&q, &kv, scale, seen)? {
+        let out = match self.attend_one(&q, &kv)? {
             Some(out) => out,
             None => {
                 let mut outs = Vec::with_capacity(rows);
@@ -171,6 +169,18 @@ impl Attention {
         Ok((q, k, v))
     }
 
+    /// `1 / sqrt(head_dim)`, the scores' scale.
+    fn scale(&self) -> f64 {
+        1.0 / (self.head_dim as f64).sqrt()
+    }
+
+    /// One new position per row, each over its own keys and values (`kv[r]`), on our kernel
+    /// ([`crate::serial::attend_one`]); `None` where it does not apply (not f32 on the CPU).
+    fn attend_one(&self, q: &Tensor, kv: &[(Tensor, Tensor)]) -> Result<Option<Tensor>> {
+        let seen = self.window.unwrap_or(usize::MAX);
+        Ok(crate::serial::attend_one(q, kv, self.scale() as f32, seen)?)
+    }
+
     /// Causal attention of `q` (`[b, heads, t, hd]`, the last `t` positions) over `k`, `v`
     /// (`[b, kv_heads, s, hd]`, every position so far): `[b, t, heads, hd]`.
     fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
@@ -179,19 +189,17 @@ impl Attention {
         let s = k.dims()[2];
         let past = s - t;
         let rep = nh / nkv;
-        let scale = 1.0 / (hd as f64).sqrt();
         if t == 1 {
             let kv = (0..b)
                 .map(|bi| Ok((k.narrow(0, bi, 1)?, v.narrow(0, bi, 1)?)))
                 .collect::<Result<Vec<_>>>()?;
-            let seen = self.window.unwrap_or(s);
-            if let Some(out) = crate::serial::attend_one(q, &kv, scale as f32, seen)? {
+            if let Some(out) = self.attend_one(q, &kv)? {
                 return Ok(out);
             }
         }
         // Fold the query heads that share a key/value head into the sequence axis, so grouped
         // attention runs as one matmul per kv head without copying keys and values.
-        let q = (q * scale)?.reshape((b, nkv, rep * t, hd))?;
+        let q = (q * self.scale())?.reshape((b, nkv, rep * t, hd))?;
         let scores = q.matmul(&k.t()?)?; // [b, nkv, rep*t, s]
         let windowed = self.window.is_some_and(|w| s > w);
         let scores = if t > 1 || windowed {

@@ -164,20 +164,19 @@ impl Q8Matrix {
         }
     }
 
-    /// Bytes of this matrix's rows: one a value, four a block's scale.
-    pub fn size_bytes(&self) -> usize {
-        self.rows * self.cols + 4 * self.rows * (self.cols / Q8_0_BLOCK)
-    }
-
     /// The whole matrix widened to f32.
     pub fn dequantize(&self) -> candle_core::Result<Tensor> {
         use rayon::prelude::*;
-        let (rows, cols) = (self.rows, self.cols);
+        let (rows, cols, blocks) = (self.rows, self.cols, self.cols / Q8_0_BLOCK);
         let mut out = vec![0f32; rows * cols];
-        let src = Rows::Q8_0(self.view());
-        out.par_chunks_mut(cols)
-            .enumerate()
-            .for_each(|(r, dst)| src.widen_row(r, cols, dst));
+        let v = self.view();
+        out.par_chunks_mut(cols).enumerate().for_each(|(r, dst)| {
+            widen_q8_0(
+                &v.quants[r * cols..][..cols],
+                &v.scales[r * blocks..][..blocks],
+                dst,
+            )
+        });
         Tensor::from_vec(out, (rows, cols), &Device::Cpu)
     }
 }
@@ -222,7 +221,6 @@ pub enum Rows<'a> {
     F32(&'a [f32]),
     F16(&'a [f16]),
     BF16(&'a [bf16]),
-    Q8_0(Q8Rows<'a>),
 }
 
 impl Rows<'_> {
@@ -232,7 +230,6 @@ impl Rows<'_> {
             Rows::F32(w) => w.len(),
             Rows::F16(w) => w.len(),
             Rows::BF16(w) => w.len(),
-            Rows::Q8_0(q) => q.quants.len(),
         }
     }
 
@@ -242,12 +239,6 @@ impl Rows<'_> {
             Rows::F32(w) => out.copy_from_slice(&w[r * cols..(r + 1) * cols]),
             Rows::F16(w) => widen_f16(&w[r * cols..(r + 1) * cols], out),
             Rows::BF16(w) => widen_bf16(&w[r * cols..(r + 1) * cols], out),
-            Rows::Q8_0(q) => {
-                let blocks = cols / Q8_0_BLOCK;
-                let quants = &q.quants[r * cols..(r + 1) * cols];
-                let scales = &q.scales[r * blocks..(r + 1) * blocks];
-                widen_q8_0(quants, scales, out);
-            }
         }
     }
 }
@@ -266,7 +257,7 @@ fn widen_bf16(src: &[bf16], dst: &mut [f32]) {
 }
 
 /// Q8_0 blocks to f32: each value is its byte times the block's scale.
-pub fn widen_q8_0(quants: &[i8], scales: &[f32], dst: &mut [f32]) {
+fn widen_q8_0(quants: &[i8], scales: &[f32], dst: &mut [f32]) {
     debug_assert_eq!(quants.len(), dst.len());
     for ((out, q), d) in dst
         .chunks_exact_mut(Q8_0_BLOCK)
@@ -301,13 +292,11 @@ mod tests {
             .to_vec2()
             .unwrap();
         let q = Q8Matrix::quantize(&w).unwrap();
-        let rows = Rows::Q8_0(q.view());
-        let mut buf = vec![0f32; 64];
-        for (r, want) in want.iter().enumerate() {
-            rows.widen_row(r, 64, &mut buf);
-            assert_eq!(&buf, want, "row {r}");
+        let got = q.dequantize().unwrap().to_vec2::<f32>().unwrap();
+        for (r, (got, want)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(got, want, "row {r}");
         }
-        assert_eq!(q.dequantize().unwrap().to_vec2::<f32>().unwrap(), want);
+        assert_eq!(got.len(), want.len());
     }
 
     #[test]

@@ -15,7 +15,7 @@ use crate::compact::{Q8Matrix, Rows};
 /// pays off once enough rows reuse it.
 pub const MAX_ROWS: usize = 64;
 
-/// Weight rows per parallel task.
+/// Weight rows (columns of `y`) per parallel task.
 const ROWS_PER_TASK: usize = 32;
 
 /// Weight rows widened and multiplied together: 8 rows of up to 1,024 values fill half of L1,
@@ -27,23 +27,49 @@ const PANEL: usize = 8;
 pub fn matmul_rows(x: &[f32], m: usize, w: Rows<'_>, n: usize, k: usize) -> Vec<f32> {
     assert_eq!(x.len(), m * k, "x is not [{m}, {k}]");
     assert_eq!(w.len_values(), n * k, "w is not [{n}, {k}]");
+    by_columns(m, n, |cols, y| {
+        block(x, m, w, cols.start, cols.len(), n, k, y)
+    })
+}
+
+/// `y` (`[m, n]`) filled by `fill(columns, y)` for blocks of [`ROWS_PER_TASK`] columns (weight
+/// rows) spread over candle's worker pool; each call must write only its own columns of `y`.
+///
+/// candle's pool, which its elementwise and quantised ops use too: a second pool (rayon's)
+/// beside it puts more threads than cores in every decode step, and the switches between them
+/// cost more than the small matrices of a decode step take to multiply.
+pub(crate) fn by_columns(
+    m: usize,
+    n: usize,
+    fill: impl Fn(std::ops::Range<usize>, &mut [f32]) + Sync,
+) -> Vec<f32> {
     let mut y = vec![0f32; m * n];
     let out = OutPtr(y.as_mut_ptr());
     let tasks = n.div_ceil(ROWS_PER_TASK);
-    // candle's own worker pool, which its elementwise and quantised ops use too: a second pool
-    // (rayon's) beside it puts more threads than cores in every decode step, and the switches
-    // between them cost more than the small matrices of a decode step take to multiply.
     candle_core::utils::barrier_pool().execute_chunked(tasks, |range| {
         for task in range {
             let j0 = task * ROWS_PER_TASK;
-            let rows = ROWS_PER_TASK.min(n - j0);
-            // SAFETY: each task writes only columns j0..j0 + rows of y, disjoint across tasks,
-            // and y outlives the parallel loop.
+            // SAFETY: each task writes only its own columns of y (the contract of `fill`),
+            // disjoint across tasks, and y outlives the parallel loop.
             let y = unsafe { std::slice::from_raw_parts_mut(out.get(), m * n) };
-            block(x, m, w, j0, rows, n, k, y);
+            fill(j0..n.min(j0 + ROWS_PER_TASK), y);
         }
     });
     y
+}
+
+/// Below this many values touched, the small parallel loops of inference stay on the calling
+/// thread: handing them to candle's pool would cost more than they take.
+pub(crate) const MIN_PARALLEL_VALUES: usize = 1 << 14;
+
+/// Runs `f` over chunks of `0..items`: in one call on the calling thread when the loop touches
+/// fewer than [`MIN_PARALLEL_VALUES`] values, else in chunks spread over candle's pool.
+pub(crate) fn chunked(items: usize, values: usize, f: impl Fn(std::ops::Range<usize>) + Sync) {
+    if values < MIN_PARALLEL_VALUES {
+        f(0..items);
+    } else {
+        candle_core::utils::barrier_pool().execute_chunked(items, f);
+    }
 }
 
 /// `x W^T` through [`matmul_rows`] when `x` (`[rows, in]`) has a few rows and `w` is in memory
@@ -321,10 +347,13 @@ mod tests {
         let (n, k) = (70, 96);
         let w = Tensor::from_vec(values(n * k, 0.4), (n, k), &candle_core::Device::Cpu).unwrap();
         let q = Q8Matrix::quantize(&w).unwrap();
-        let mut wide = vec![0f32; n * k];
-        for (j, row) in wide.chunks_exact_mut(k).enumerate() {
-            Rows::Q8_0(q.view()).widen_row(j, k, row);
-        }
+        let wide: Vec<f32> = q
+            .dequantize()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         // The integer kernel rounds x to 8 bits too.
         for m in [1, 2, 5, 64, 67] {
             let xs = values(m * k, 1.1);

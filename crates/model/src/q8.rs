@@ -1,20 +1,18 @@
 //! `y = x W^T` for a Q8_0 `W`, with integer dot products.
 //!
 //! The rows of `x` are rounded to Q8_0 blocks too (scales kept in f32), and each pair of
-//! blocks is multiplied with 8-bit dot products: AVX-512 VNNI's `vpdpbusd` where the CPU has
-//! it, AVX2's `vpmaddubsw` otherwise (both take unsigned times signed bytes, so `x` gives its
-//! magnitudes and the weights take `x`'s signs), then scaled by the product of the two blocks'
-//! scales in f32. This is what llama.cpp does: the weights are read as bytes, and the
-//! arithmetic runs 32 multiply-adds an instruction.
+//! blocks is multiplied with 8-bit dot products, then scaled by the product of the two blocks'
+//! scales in f32: AVX-512 VNNI's `vpdpbusd` where the CPU has it (the weights offset to
+//! unsigned, the offset taken back out of each lane's starting value), AVX2's `vpmaddubsw`
+//! otherwise (`x` gives its magnitudes, the weights take `x`'s signs). This is what llama.cpp
+//! does: the weights are read as bytes, and the arithmetic runs 32 multiply-adds an
+//! instruction.
 //!
 //! Every output element is summed in the same order however many rows `x` has and wherever a
 //! row sits among them, so a sequence decoded in a batch gets bit for bit the logits it gets
 //! alone.
 
 use crate::compact::{quantize_q8_0, Q8Rows, Q8_0_BLOCK};
-
-/// Weight rows per parallel task.
-const ROWS_PER_TASK: usize = 32;
 
 /// How many groups of weight rows ahead of the one being multiplied the kernels prefetch. The
 /// hardware prefetcher alone kept a thread at a third of the bandwidth a plain streaming read
@@ -34,38 +32,28 @@ impl Activations {
         let blocks = x.len() / Q8_0_BLOCK;
         let mut quants = vec![0i8; x.len()];
         let mut scales = vec![0f32; blocks];
-        if x.len() < MIN_PARALLEL_QUANTIZE {
-            quantize_q8_0(x, &mut quants, &mut scales, |d| d);
-        } else {
-            let q_ptr = crate::matmul::OutPtr(quants.as_mut_ptr());
-            let s_ptr = crate::matmul::OutPtr(scales.as_mut_ptr());
-            let chunks = blocks.div_ceil(BLOCKS_PER_QUANTIZE_TASK);
-            candle_core::utils::barrier_pool().execute_chunked(chunks, |range| {
-                for chunk in range {
-                    let b0 = chunk * BLOCKS_PER_QUANTIZE_TASK;
-                    let n = BLOCKS_PER_QUANTIZE_TASK.min(blocks - b0);
-                    let values = n * Q8_0_BLOCK;
-                    // SAFETY: each chunk writes only its own blocks of `quants` and `scales`,
-                    // which outlive the parallel loop.
-                    let (q, s) = unsafe {
-                        (
-                            std::slice::from_raw_parts_mut(
-                                q_ptr.get().add(b0 * Q8_0_BLOCK),
-                                values,
-                            ),
-                            std::slice::from_raw_parts_mut(s_ptr.get().add(b0), n),
-                        )
-                    };
-                    quantize_q8_0(&x[b0 * Q8_0_BLOCK..][..values], q, s, |d| d);
-                }
-            });
-        }
+        let q_ptr = crate::matmul::OutPtr(quants.as_mut_ptr());
+        let s_ptr = crate::matmul::OutPtr(scales.as_mut_ptr());
+        let chunks = blocks.div_ceil(BLOCKS_PER_QUANTIZE_TASK);
+        crate::matmul::chunked(chunks, x.len(), |range| {
+            for chunk in range {
+                let b0 = chunk * BLOCKS_PER_QUANTIZE_TASK;
+                let n = BLOCKS_PER_QUANTIZE_TASK.min(blocks - b0);
+                let values = n * Q8_0_BLOCK;
+                // SAFETY: each chunk writes only its own blocks of `quants` and `scales`, which
+                // outlive the loop.
+                let (q, s) = unsafe {
+                    (
+                        std::slice::from_raw_parts_mut(q_ptr.get().add(b0 * Q8_0_BLOCK), values),
+                        std::slice::from_raw_parts_mut(s_ptr.get().add(b0), n),
+                    )
+                };
+                quantize_q8_0(&x[b0 * Q8_0_BLOCK..][..values], q, s, |d| d);
+            }
+        });
         Self { quants, scales }
     }
 }
-
-/// Below this many values of `x`, quantising it stays on the calling thread.
-const MIN_PARALLEL_QUANTIZE: usize = 1 << 14;
 
 /// Blocks of `x` quantised per parallel task.
 const BLOCKS_PER_QUANTIZE_TASK: usize = 64;
@@ -86,20 +74,7 @@ pub fn matmul(x: &[f32], m: usize, w: Q8Rows<'_>, n: usize, k: usize) -> Vec<f32
     );
     let xq = Activations::quantize(x);
     let isa = Isa::detect();
-    let mut y = vec![0f32; m * n];
-    let out = crate::matmul::OutPtr(y.as_mut_ptr());
-    let tasks = n.div_ceil(ROWS_PER_TASK);
-    candle_core::utils::barrier_pool().execute_chunked(tasks, |range| {
-        for task in range {
-            let j0 = task * ROWS_PER_TASK;
-            let rows = ROWS_PER_TASK.min(n - j0);
-            // SAFETY: each task writes only columns j0..j0 + rows of y, disjoint across tasks,
-            // and y outlives the parallel loop.
-            let y = unsafe { std::slice::from_raw_parts_mut(out.get(), m * n) };
-            columns(isa, &xq, m, w, j0..j0 + rows, n, k, y);
-        }
-    });
-    y
+    crate::matmul::by_columns(m, n, |cols, y| columns(isa, &xq, m, w, cols, n, k, y))
 }
 
 /// The instructions the dot products use.
@@ -479,7 +454,9 @@ mod tests {
     fn a_row_gets_the_same_bits_alone_and_anywhere_in_a_batch() {
         // 40 rows of 576: the batch's x is quantised on the pool, a lone row's on this thread.
         let (m, n, k) = (40, 70, 576);
-        assert!(m * k >= MIN_PARALLEL_QUANTIZE && k < MIN_PARALLEL_QUANTIZE);
+        assert!(
+            m * k >= crate::matmul::MIN_PARALLEL_VALUES && k < crate::matmul::MIN_PARALLEL_VALUES
+        );
         let q = weights(n, k);
         let batch = values(m * k, 2.5);
         let together = matmul(&batch, m, q.view(), n, k);

@@ -112,17 +112,11 @@ pub fn attend_one(
             }
         }
     };
-    let pairs = rows * nh;
     let work: usize = layouts.iter().map(|(_, _, s)| s * nh * hd).sum();
-    if work < MIN_PARALLEL_ATTENTION {
+    crate::matmul::chunked(rows * nh, work, |range| {
         let mut scores = Vec::new();
-        (0..pairs).for_each(|pair| head(pair, &mut scores));
-    } else {
-        candle_core::utils::barrier_pool().execute_chunked(pairs, |range| {
-            let mut scores = Vec::new();
-            range.for_each(|pair| head(pair, &mut scores));
-        });
-    }
+        range.for_each(|pair| head(pair, &mut scores));
+    });
     drop(guards);
     Ok(Some(Tensor::from_vec(
         out,
@@ -130,9 +124,6 @@ pub fn attend_one(
         &Device::Cpu,
     )?))
 }
-
-/// Below this many query-times-key values, one-position attention stays on the calling thread.
-const MIN_PARALLEL_ATTENTION: usize = 1 << 14;
 
 /// `act(gate) * up` from the stacked gate/up projection's output (`[.., 2 * width]`: each row
 /// is its gate, then its up), in one pass: `[.., width]`. Rows are spread over candle's pool
@@ -156,18 +147,11 @@ pub fn gated(both: &Tensor, activation: Activation) -> candle_core::Result<Optio
             *o = activate(g, activation) * u;
         }
     };
-    if rows * width < MIN_PARALLEL_VALUES {
-        (0..rows).for_each(row);
-    } else {
-        candle_core::utils::barrier_pool().execute_chunked(rows, |range| range.for_each(row));
-    }
+    crate::matmul::chunked(rows, rows * width, |range| range.for_each(row));
     let mut out_dims = dims.to_vec();
     *out_dims.last_mut().expect("non-empty dims") = width;
     Ok(Some(Tensor::from_vec(out, out_dims, both.device())?))
 }
-
-/// Below this many values, [`gated`] stays on the calling thread.
-const MIN_PARALLEL_VALUES: usize = 1 << 14;
 
 fn activate(g: f32, activation: Activation) -> f32 {
     match activation {

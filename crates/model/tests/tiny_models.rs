@@ -140,9 +140,9 @@ fn q8_0_weights_stay_close_to_f32_and_batch_like_single_rows() {
         // Both the weights and the activations are rounded to 8 bits; the change must show.
         assert!(diff < 5e-2 && diff > 0.0, "{arch:?}: {diff}");
 
-        // A decode step of three sequences at once gives each what it gets alone.
+        // A decode step of two sequences at once gives each what it gets alone.
         let mut alone = Vec::new();
-        for (i, prompt) in TOKENS.chunks(4).enumerate() {
+        for (i, prompt) in TOKENS.chunks(4).take(2).enumerate() {
             let mut cache = q8.new_cache();
             q8.forward(&ids(prompt), Some(&mut cache)).unwrap();
             let next = [TOKENS[11 - i]];
@@ -153,7 +153,7 @@ fn q8_0_weights_stay_close_to_f32_and_batch_like_single_rows() {
         q8.forward(&batch, Some(&mut cache)).unwrap();
         let next = Tensor::new(&[[TOKENS[11]], [TOKENS[10]]], &Device::Cpu).unwrap();
         let both = q8.forward_last(&next, Some(&mut cache)).unwrap();
-        for (r, one) in alone.iter().take(2).enumerate() {
+        for (r, one) in alone.iter().enumerate() {
             let diff = max_abs_diff(&both.i(r..r + 1).unwrap(), one);
             assert!(diff < 1e-5, "{arch:?} row {r}: {diff}");
         }
