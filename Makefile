@@ -27,7 +27,7 @@ lint:
 # Ours next to Hugging Face generate on this machine (needs the reference venv; not run by CI). Rounds
 # alternate ours and the peer; ends with a JSON line of median per-round ratios and their spread.
 # BACKBONE=gemma3-270m (default smollm2-135m), ROUNDS=5, PEER=llama (llama.cpp's llama-bench instead),
-# WEIGHT_DTYPE=q8_0: see bench/infer.sh.
+# WEIGHT_DTYPE=q8_0|q4_1: see bench/infer.sh.
 bench-infer:
 	bench/infer.sh
 
@@ -42,7 +42,7 @@ serve-check: build
 	python3 scripts/check_openai_client.py --mode $(MODE) $(SERVE_CHECK_FLAGS)
 
 # Server throughput with 1, 8 and 32 concurrent clients, ours next to llama.cpp's llama-server on the same
-# weights, alternating rounds; ends with the ratio JSON line (bench/serve.sh; WEIGHT_DTYPE=f32|q8_0,
+# weights, alternating rounds; ends with the ratio JSON line (bench/serve.sh; WEIGHT_DTYPE=f32|q8_0|q4_1,
 # default q8_0; ROUNDS=3). With EXPERTS="a.expert.safetensors b.expert.safetensors", a last run of ours
 # loads them and each request names a different expert set (backbone alone, each expert, all).
 WEIGHT_DTYPE ?= q8_0

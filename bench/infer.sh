@@ -13,6 +13,7 @@
 #   BACKBONE=gemma3-270m bench/infer.sh 2           # Gemma 3 270M (base model: plain-text prompt, BOS first)
 #   ROUNDS=9 NEW_TOKENS=64 bench/infer.sh           # defaults: ROUNDS=5, NEW_TOKENS=64
 #   PEER=llama WEIGHT_DTYPE=q8_0 bench/infer.sh     # the peer is llama.cpp's llama-bench instead
+#   PEER=llama WEIGHT_DTYPE=q4_1 bench/infer.sh     # both on the default Q4_1 file's own blocks
 #
 # PEER=llama: the peer is llama-bench (bench/peer/build_llama_cpp.sh) on the same GGUF, or on it requantised to
 # Q8_0 when ours runs with WEIGHT_DTYPE=q8_0 (bench/peer/q8_0_gguf.sh); `-p PROMPT_TOKENS -n NEW_TOKENS -r 1`,

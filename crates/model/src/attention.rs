@@ -74,7 +74,7 @@ pub struct Attention {
     /// and uses the local RoPE tables; `None`: a global layer.
     pub window: Option<usize>,
     /// `q_proj`, `k_proj` and `v_proj` stacked, when all three are Q8_0 views of one storage
-    /// (see [`crate::layers::fuse_q8_0`]): one pass over the weights for the three.
+    /// (see [`crate::layers::fuse_quantized`]): one pass over the weights for the three.
     pub qkv: Option<Linear>,
 }
 

@@ -281,18 +281,20 @@ impl Backbone {
         out
     }
 
-    /// Holds every projection and the LM head as Q8_0 blocks, and the embeddings in f16: a
-    /// quarter of the bytes a decode step reads in f32. Inference only (training needs the
-    /// weights as tensors); the fingerprint stays that of the weights before.
-    pub fn quantize_q8_0(&mut self) -> Result<()> {
+    /// Holds every projection in `format` blocks, the LM head in Q8_0 (its errors reach every
+    /// logit directly, so llama.cpp's 4-bit files keep it at 8 bits too) and the embeddings in
+    /// f16: a quarter (Q8_0) or about a sixth (Q4_1) of the bytes a decode step reads in f32.
+    /// Inference only (training needs the weights as tensors); the fingerprint stays that of the
+    /// weights before.
+    pub fn quantize(&mut self, format: crate::compact::BlockFormat) -> Result<()> {
         let fingerprint = self.fingerprint()?;
         for layer in &mut self.layers {
             for (_, linear) in layer.linears_mut() {
-                linear.quantize_q8_0()?;
+                linear.quantize(format)?;
             }
-            layer.fuse_q8_0()?;
+            layer.fuse_quantized()?;
         }
-        self.lm_head.quantize_q8_0()?;
+        self.lm_head.quantize(crate::compact::BlockFormat::Q8_0)?;
         if self.embed_tokens.dtype() == DType::F32 {
             self.embed_tokens = self.embed_tokens.to_dtype(DType::F16)?;
         }
@@ -300,14 +302,15 @@ impl Backbone {
         Ok(())
     }
 
-    /// Whether any large matrix is held as Q8_0 blocks, which training cannot use.
+    /// Whether any large matrix is held as quantised blocks, which training cannot use.
     pub fn is_quantized(&self) -> bool {
-        matches!(self.lm_head.weight, crate::Weight::Q8_0(_))
+        let quantized = |l: &crate::layers::Linear| matches!(l.weight, crate::Weight::Quantized(_));
+        quantized(&self.lm_head)
             || self
                 .layers
                 .iter()
                 .flat_map(|l| l.linears())
-                .any(|(_, l)| matches!(l.weight, crate::Weight::Q8_0(_)))
+                .any(|(_, l)| quantized(l))
     }
 
     /// Writes the backbone as a Hugging Face folder (`config.json`, `model.safetensors` in f32,
@@ -315,7 +318,8 @@ impl Backbone {
     pub fn save_hf_folder(&self, dir: &Path, tokenizer: &Tokenizer) -> Result<()> {
         if self.is_quantized() {
             return Err(candle_core::Error::Msg(
-                "a backbone loaded as q8_0 cannot be saved as a Hugging Face folder; load it as f32"
+                "a backbone loaded with quantised weights cannot be saved as a Hugging Face folder; \
+                 load it as f32"
                     .into(),
             )
             .into());

@@ -2,8 +2,9 @@
 //!
 //! Decoding one token reads every weight once, so its speed is the memory bandwidth divided by
 //! the bytes of the weights: f16/bf16 halve them, Q8_0 (blocks of 32 signed bytes sharing one
-//! scale, the GGUF format) quarters them. f16/bf16 rows are widened to f32 in L1 and multiplied
-//! there; Q8_0 rows are multiplied by activations rounded to Q8_0 too, with integer dot products
+//! scale, the GGUF format) quarters them, Q4_1 (blocks of 32 four-bit values with a scale and a
+//! minimum) takes about a sixth. f16/bf16 rows are widened to f32 in L1 and multiplied there;
+//! Q8_0 and Q4_1 rows are multiplied by activations rounded to Q8_0, with integer dot products
 //! (`crate::q8`), as llama.cpp does.
 
 use std::fmt;
@@ -13,8 +14,8 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor};
 use half::{bf16, f16};
 
-/// Values per Q8_0 block.
-pub const Q8_0_BLOCK: usize = 32;
+/// Values per quantised block (Q8_0 and Q4_1 alike).
+pub const BLOCK_VALUES: usize = 32;
 
 /// How the frozen backbone's large matrices are held in memory (`--weight-dtype`); activations,
 /// norms, experts and gates are f32 whatever this is.
@@ -26,21 +27,34 @@ pub enum WeightDtype {
     BF16,
     /// GGUF's Q8_0 for every projection and the LM head; embeddings in f16. Inference only.
     Q8_0,
+    /// GGUF's Q4_1 for every projection, Q8_0 for the LM head (as llama.cpp's Q4 files keep
+    /// it), embeddings in f16. Over a Q4_1 GGUF this holds the file's own blocks again.
+    /// Inference only.
+    Q4_1,
 }
 
 impl WeightDtype {
     /// The candle dtype the weights are loaded in before any quantisation.
     pub fn load_dtype(self) -> DType {
         match self {
-            WeightDtype::F32 | WeightDtype::Q8_0 => DType::F32,
+            WeightDtype::F32 | WeightDtype::Q8_0 | WeightDtype::Q4_1 => DType::F32,
             WeightDtype::F16 => DType::F16,
             WeightDtype::BF16 => DType::BF16,
         }
     }
 
+    /// The block format of the projections, for the quantised dtypes.
+    pub fn block_format(self) -> Option<BlockFormat> {
+        match self {
+            WeightDtype::Q8_0 => Some(BlockFormat::Q8_0),
+            WeightDtype::Q4_1 => Some(BlockFormat::Q4_1),
+            WeightDtype::F32 | WeightDtype::F16 | WeightDtype::BF16 => None,
+        }
+    }
+
     /// Whether training can run over weights held this way (it needs them as tensors).
     pub fn trainable(self) -> bool {
-        self != WeightDtype::Q8_0
+        self.block_format().is_none()
     }
 }
 
@@ -51,6 +65,7 @@ impl fmt::Display for WeightDtype {
             WeightDtype::F16 => "f16",
             WeightDtype::BF16 => "bf16",
             WeightDtype::Q8_0 => "q8_0",
+            WeightDtype::Q4_1 => "q4_1",
         })
     }
 }
@@ -63,73 +78,128 @@ impl FromStr for WeightDtype {
             "f16" => Ok(WeightDtype::F16),
             "bf16" => Ok(WeightDtype::BF16),
             "q8_0" | "q8" => Ok(WeightDtype::Q8_0),
-            other => Err(format!("`{other}` is not one of f32, f16, bf16, q8_0")),
+            "q4_1" => Ok(WeightDtype::Q4_1),
+            other => Err(format!(
+                "`{other}` is not one of f32, f16, bf16, q8_0, q4_1"
+            )),
         }
     }
 }
 
-/// A `[rows, cols]` matrix in Q8_0 blocks: GGUF's values (32 signed bytes per block, the
-/// block's scale rounded to f16), held as one array of bytes and one of scales (widened to f32
-/// once, at load) so that the integer kernels read 32 aligned bytes per block and never convert
-/// a scale in their inner loop.
+/// GGUF block formats that the integer kernels multiply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockFormat {
+    /// 32 signed bytes times a scale.
+    Q8_0,
+    /// 32 four-bit values times a scale plus a minimum; byte `i` holds value `i` in its low
+    /// nibble and value `i + 16` in its high one.
+    Q4_1,
+}
+
+impl BlockFormat {
+    /// The name `--weight-dtype` and GGUF tools use.
+    pub const fn name(self) -> &'static str {
+        match self {
+            BlockFormat::Q8_0 => "q8_0",
+            BlockFormat::Q4_1 => "q4_1",
+        }
+    }
+
+    /// Bytes of quantised values in a block (its scale and minimum apart).
+    pub const fn quant_bytes(self) -> usize {
+        match self {
+            BlockFormat::Q8_0 => BLOCK_VALUES,
+            BlockFormat::Q4_1 => BLOCK_VALUES / 2,
+        }
+    }
+}
+
+/// A `[rows, cols]` matrix in Q8_0 or Q4_1 blocks: GGUF's values (scales and minimums rounded
+/// to f16 as the file stores them), held as one array of quantised bytes and one each of scales
+/// and minimums (widened to f32 once, at load) so that the integer kernels read whole blocks of
+/// aligned bytes and never convert a scale in their inner loop.
 ///
-/// Several matrices can share one storage ([`Q8Matrix::stack`]): each is then a view of its own
+/// Several matrices can share one storage ([`QMatrix::stack`]): each is then a view of its own
 /// rows, and the stack multiplies all of them in one pass.
 #[derive(Debug, Clone)]
-pub struct Q8Matrix {
+pub struct QMatrix {
+    format: BlockFormat,
     rows: usize,
     cols: usize,
     /// The first of this matrix's rows in the storage.
     first_row: usize,
-    quants: Arc<[i8]>,
+    quants: Arc<[u8]>,
     scales: Arc<[f32]>,
+    /// Q4_1's per-block minimums; empty for Q8_0.
+    mins: Arc<[f32]>,
 }
 
-impl Q8Matrix {
-    /// Quantises a `[rows, cols]` tensor as GGUF's Q8_0 does; `cols` must be a multiple of 32.
-    pub fn quantize(w: &Tensor) -> candle_core::Result<Self> {
+impl QMatrix {
+    /// Quantises a `[rows, cols]` tensor as GGUF does; `cols` must be a multiple of 32.
+    pub fn quantize(w: &Tensor, format: BlockFormat) -> candle_core::Result<Self> {
         let (rows, cols) = w.dims2()?;
-        if !cols.is_multiple_of(Q8_0_BLOCK) {
-            candle_core::bail!("Q8_0 needs rows of a multiple of {Q8_0_BLOCK} values, not {cols}");
+        if !cols.is_multiple_of(BLOCK_VALUES) {
+            candle_core::bail!(
+                "{format:?} needs rows of a multiple of {BLOCK_VALUES} values, not {cols}"
+            );
         }
         let values = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        let mut quants = vec![0i8; rows * cols];
-        let mut scales = vec![0f32; rows * cols / Q8_0_BLOCK];
-        quantize_q8_0(&values, &mut quants, &mut scales, |d| {
-            f16::from_f32(d).to_f32()
-        });
+        let blocks = rows * cols / BLOCK_VALUES;
+        let mut quants = vec![0u8; blocks * format.quant_bytes()];
+        let mut scales = vec![0f32; blocks];
+        let mut mins = Vec::new();
+        let to_f16 = |d: f32| f16::from_f32(d).to_f32();
+        match format {
+            BlockFormat::Q8_0 => {
+                let signed = bytemuck_i8(&mut quants);
+                quantize_q8_0(&values, signed, &mut scales, to_f16);
+            }
+            BlockFormat::Q4_1 => {
+                mins = vec![0f32; blocks];
+                quantize_q4_1(&values, &mut quants, &mut scales, &mut mins);
+            }
+        }
         Ok(Self {
+            format,
             rows,
             cols,
             first_row: 0,
             quants: quants.into(),
             scales: scales.into(),
+            mins: mins.into(),
         })
     }
 
-    /// One matrix holding the rows of `parts` in order (all with the same number of columns),
-    /// and each part again as a view of its rows in it: the parts then share one storage, and
-    /// the stack computes all of their outputs in one pass over it.
-    pub fn stack(parts: &[&Q8Matrix]) -> candle_core::Result<(Self, Vec<Self>)> {
-        let Some(cols) = parts.first().map(|p| p.cols) else {
+    /// One matrix holding the rows of `parts` in order (all of one format and number of
+    /// columns), and each part again as a view of its rows in it: the parts then share one
+    /// storage, and the stack computes all of their outputs in one pass over it.
+    pub fn stack(parts: &[&QMatrix]) -> candle_core::Result<(Self, Vec<Self>)> {
+        let Some(first) = parts.first() else {
             candle_core::bail!("no matrices to stack");
         };
-        if let Some(p) = parts.iter().find(|p| p.cols != cols) {
-            candle_core::bail!("cannot stack a [_, {}] matrix on [_, {cols}] ones", p.cols);
+        let (cols, format) = (first.cols, first.format);
+        if let Some(p) = parts.iter().find(|p| p.cols != cols || p.format != format) {
+            candle_core::bail!(
+                "cannot stack a [_, {}] {:?} matrix on [_, {cols}] {format:?} ones",
+                p.cols,
+                p.format
+            );
         }
-        let mut quants = Vec::new();
-        let mut scales = Vec::new();
+        let (mut quants, mut scales, mut mins) = (Vec::new(), Vec::new(), Vec::new());
         for p in parts {
             let v = p.view();
             quants.extend_from_slice(v.quants);
             scales.extend_from_slice(v.scales);
+            mins.extend_from_slice(v.mins);
         }
         let stacked = Self {
+            format,
             rows: parts.iter().map(|p| p.rows).sum(),
             cols,
             first_row: 0,
             quants: quants.into(),
             scales: scales.into(),
+            mins: mins.into(),
         };
         let mut first_row = 0;
         let views = parts
@@ -155,37 +225,85 @@ impl Q8Matrix {
         self.cols
     }
 
+    pub fn format(&self) -> BlockFormat {
+        self.format
+    }
+
     /// This matrix's blocks, for the kernels.
-    pub fn view(&self) -> Q8Rows<'_> {
-        let blocks = self.cols / Q8_0_BLOCK;
-        Q8Rows {
-            quants: &self.quants[self.first_row * self.cols..][..self.rows * self.cols],
+    pub fn view(&self) -> QRows<'_> {
+        let blocks = self.cols / BLOCK_VALUES;
+        let row_bytes = blocks * self.format.quant_bytes();
+        let mins = match self.format {
+            BlockFormat::Q8_0 => &self.mins[..],
+            BlockFormat::Q4_1 => &self.mins[self.first_row * blocks..][..self.rows * blocks],
+        };
+        QRows {
+            format: self.format,
+            quants: &self.quants[self.first_row * row_bytes..][..self.rows * row_bytes],
             scales: &self.scales[self.first_row * blocks..][..self.rows * blocks],
+            mins,
         }
     }
 
     /// The whole matrix widened to f32.
     pub fn dequantize(&self) -> candle_core::Result<Tensor> {
         use rayon::prelude::*;
-        let (rows, cols, blocks) = (self.rows, self.cols, self.cols / Q8_0_BLOCK);
+        let (rows, cols) = (self.rows, self.cols);
         let mut out = vec![0f32; rows * cols];
         let v = self.view();
-        out.par_chunks_mut(cols).enumerate().for_each(|(r, dst)| {
-            widen_q8_0(
-                &v.quants[r * cols..][..cols],
-                &v.scales[r * blocks..][..blocks],
-                dst,
-            )
-        });
+        out.par_chunks_mut(cols)
+            .enumerate()
+            .for_each(|(r, dst)| v.widen_row(r, cols, dst));
         Tensor::from_vec(out, (rows, cols), &Device::Cpu)
     }
 }
 
-/// Q8_0 blocks as the kernels read them: `values / 32` scales, one per 32 consecutive values.
+/// Quantised blocks as the kernels read them: `values / 32` scales (and for Q4_1 minimums), one
+/// per 32 consecutive values; `quants` holds [`BlockFormat::quant_bytes`] a block.
 #[derive(Debug, Clone, Copy)]
-pub struct Q8Rows<'a> {
-    pub quants: &'a [i8],
+pub struct QRows<'a> {
+    pub format: BlockFormat,
+    pub quants: &'a [u8],
     pub scales: &'a [f32],
+    pub mins: &'a [f32],
+}
+
+impl QRows<'_> {
+    /// Writes row `r` (of `cols` values) widened to f32 into `dst`.
+    fn widen_row(&self, r: usize, cols: usize, dst: &mut [f32]) {
+        let blocks = cols / BLOCK_VALUES;
+        let bytes = self.format.quant_bytes();
+        let quants = self.quants[r * blocks * bytes..][..blocks * bytes].chunks_exact(bytes);
+        let scales = &self.scales[r * blocks..][..blocks];
+        for (b, ((out, q), d)) in dst
+            .chunks_exact_mut(BLOCK_VALUES)
+            .zip(quants)
+            .zip(scales)
+            .enumerate()
+        {
+            match self.format {
+                BlockFormat::Q8_0 => {
+                    for (o, &q) in out.iter_mut().zip(q) {
+                        *o = d * q as i8 as f32;
+                    }
+                }
+                BlockFormat::Q4_1 => {
+                    let m = self.mins[r * blocks + b];
+                    let (low, high) = out.split_at_mut(BLOCK_VALUES / 2);
+                    for ((lo, hi), &q) in low.iter_mut().zip(high).zip(q) {
+                        *lo = d * (q & 0x0F) as f32 + m;
+                        *hi = d * (q >> 4) as f32 + m;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Bytes seen as the signed bytes Q8_0 stores.
+fn bytemuck_i8(bytes: &mut [u8]) -> &mut [i8] {
+    // SAFETY: u8 and i8 have the same size and alignment, and every bit pattern is valid in both.
+    unsafe { std::slice::from_raw_parts_mut(bytes.as_mut_ptr() as *mut i8, bytes.len()) }
 }
 
 /// Rounds `src` to Q8_0 blocks: each block's scale is its largest magnitude over 127 (passed
@@ -197,10 +315,10 @@ pub fn quantize_q8_0(
     round_scale: impl Fn(f32) -> f32,
 ) {
     debug_assert_eq!(src.len(), quants.len());
-    debug_assert_eq!(src.len(), scales.len() * Q8_0_BLOCK);
+    debug_assert_eq!(src.len(), scales.len() * BLOCK_VALUES);
     for ((block, q), d) in src
-        .chunks_exact(Q8_0_BLOCK)
-        .zip(quants.chunks_exact_mut(Q8_0_BLOCK))
+        .chunks_exact(BLOCK_VALUES)
+        .zip(quants.chunks_exact_mut(BLOCK_VALUES))
         .zip(scales.iter_mut())
     {
         let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
@@ -212,6 +330,30 @@ pub fn quantize_q8_0(
             *q = (scaled + 0.5f32.copysign(scaled)) as i32 as i8;
         }
         *d = round_scale(scale);
+    }
+}
+
+/// Rounds `src` to Q4_1 blocks as GGUF does: each block spans its minimum to its maximum in 15
+/// steps, each value `min(15, trunc((v - min) / step + 0.5))`; the step and the minimum are
+/// stored rounded to f16 (the values are rounded with them unrounded, as llama.cpp does).
+fn quantize_q4_1(src: &[f32], quants: &mut [u8], scales: &mut [f32], mins: &mut [f32]) {
+    let half = BLOCK_VALUES / 2;
+    for (((block, q), d), m) in src
+        .chunks_exact(BLOCK_VALUES)
+        .zip(quants.chunks_exact_mut(half))
+        .zip(scales.iter_mut())
+        .zip(mins.iter_mut())
+    {
+        let min = block.iter().fold(f32::MAX, |a, &v| a.min(v));
+        let max = block.iter().fold(f32::MIN, |a, &v| a.max(v));
+        let step = (max - min) / 15.0;
+        let inverse = if step == 0.0 { 0.0 } else { 1.0 / step };
+        let level = |v: f32| (((v - min) * inverse + 0.5) as i8 as u8).min(15);
+        for (j, q) in q.iter_mut().enumerate() {
+            *q = level(block[j]) | (level(block[j + half]) << 4);
+        }
+        *d = f16::from_f32(step).to_f32();
+        *m = f16::from_f32(min).to_f32();
     }
 }
 
@@ -256,77 +398,95 @@ fn widen_bf16(src: &[bf16], dst: &mut [f32]) {
     }
 }
 
-/// Q8_0 blocks to f32: each value is its byte times the block's scale.
-fn widen_q8_0(quants: &[i8], scales: &[f32], dst: &mut [f32]) {
-    debug_assert_eq!(quants.len(), dst.len());
-    for ((out, q), d) in dst
-        .chunks_exact_mut(Q8_0_BLOCK)
-        .zip(quants.chunks_exact(Q8_0_BLOCK))
-        .zip(scales)
-    {
-        for (o, &q) in out.iter_mut().zip(q) {
-            *o = d * q as f32;
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::quantized::{GgmlDType, QTensor};
 
-    #[test]
-    fn q8_0_matches_what_candle_quantises_and_dequantises() {
-        use candle_core::quantized::{GgmlDType, QTensor};
-        // Magnitudes over several orders, exact ties (x.5 after scaling), zeros, a zero block.
-        let mut values: Vec<f32> = (0..3 * 64)
+    /// Magnitudes over several orders, exact ties (x.5 after scaling), zeros, a zero block, a
+    /// block of one repeated value.
+    fn awkward_values() -> Tensor {
+        let mut values: Vec<f32> = (0..4 * 64)
             .map(|i| ((i as f32 * 0.37).sin() * 3.0).powi(3))
             .collect();
         values[0..32].iter_mut().for_each(|v| *v = 0.0);
+        values[64..96].iter_mut().for_each(|v| *v = -1.25);
         values[40] = 127.0;
         values[41] = 0.5;
-        let w = Tensor::from_vec(values, (3, 64), &Device::Cpu).unwrap();
-        let want: Vec<Vec<f32>> = QTensor::quantize(&w, GgmlDType::Q8_0)
-            .unwrap()
-            .dequantize(&Device::Cpu)
-            .unwrap()
-            .to_vec2()
-            .unwrap();
-        let q = Q8Matrix::quantize(&w).unwrap();
-        let got = q.dequantize().unwrap().to_vec2::<f32>().unwrap();
-        for (r, (got, want)) in got.iter().zip(&want).enumerate() {
-            assert_eq!(got, want, "row {r}");
+        Tensor::from_vec(values, (4, 64), &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn blocks_match_what_candle_quantises_and_dequantises() {
+        let w = awkward_values();
+        for (format, ggml) in [
+            (BlockFormat::Q8_0, GgmlDType::Q8_0),
+            (BlockFormat::Q4_1, GgmlDType::Q4_1),
+        ] {
+            let want: Vec<Vec<f32>> = QTensor::quantize(&w, ggml)
+                .unwrap()
+                .dequantize(&Device::Cpu)
+                .unwrap()
+                .to_vec2()
+                .unwrap();
+            let q = QMatrix::quantize(&w, format).unwrap();
+            let got = q.dequantize().unwrap().to_vec2::<f32>().unwrap();
+            assert_eq!(got.len(), want.len());
+            for (r, (got, want)) in got.iter().zip(&want).enumerate() {
+                assert_eq!(got, want, "{format:?} row {r}");
+            }
         }
-        assert_eq!(got.len(), want.len());
+    }
+
+    #[test]
+    fn q4_1_blocks_quantised_again_come_back_unchanged() {
+        // What makes --weight-dtype q4_1 over a Q4_1 file hold the file's own blocks: the
+        // widened values of a Q4_1 block quantise to the same block.
+        let once = QMatrix::quantize(&awkward_values(), BlockFormat::Q4_1).unwrap();
+        let twice = QMatrix::quantize(&once.dequantize().unwrap(), BlockFormat::Q4_1).unwrap();
+        assert_eq!(once.view().quants, twice.view().quants);
+        assert_eq!(once.view().scales, twice.view().scales);
+        assert_eq!(once.view().mins, twice.view().mins);
     }
 
     #[test]
     fn stacked_matrices_share_storage_and_keep_their_rows() {
-        let part = |rows: usize, salt: f32| {
-            let v: Vec<f32> = (0..rows * 64)
-                .map(|i| (i as f32 * 0.11 + salt).cos())
-                .collect();
-            Q8Matrix::quantize(&Tensor::from_vec(v, (rows, 64), &Device::Cpu).unwrap()).unwrap()
-        };
-        let (a, b) = (part(3, 0.0), part(5, 1.0));
-        let (stack, views) = Q8Matrix::stack(&[&a, &b]).unwrap();
-        assert_eq!((stack.rows(), stack.cols()), (8, 64));
-        for (view, original) in views.iter().zip([&a, &b]) {
-            assert_eq!(view.view().quants, original.view().quants);
-            assert_eq!(view.view().scales, original.view().scales);
-            assert!(Arc::ptr_eq(&view.quants, &stack.quants));
+        for format in [BlockFormat::Q8_0, BlockFormat::Q4_1] {
+            let part = |rows: usize, salt: f32| {
+                let v: Vec<f32> = (0..rows * 64)
+                    .map(|i| (i as f32 * 0.11 + salt).cos())
+                    .collect();
+                let t = Tensor::from_vec(v, (rows, 64), &Device::Cpu).unwrap();
+                QMatrix::quantize(&t, format).unwrap()
+            };
+            let (a, b) = (part(3, 0.0), part(5, 1.0));
+            let (stack, views) = QMatrix::stack(&[&a, &b]).unwrap();
+            assert_eq!((stack.rows(), stack.cols()), (8, 64));
+            for (view, original) in views.iter().zip([&a, &b]) {
+                assert_eq!(view.view().quants, original.view().quants);
+                assert_eq!(view.view().scales, original.view().scales);
+                assert_eq!(view.view().mins, original.view().mins);
+                assert!(Arc::ptr_eq(&view.quants, &stack.quants));
+            }
+            let whole = stack.dequantize().unwrap();
+            let top = whole.narrow(0, 3, 5).unwrap().to_vec2::<f32>().unwrap();
+            assert_eq!(top, b.dequantize().unwrap().to_vec2::<f32>().unwrap());
+            assert!(QMatrix::stack(&[&a, &part(2, 0.0)]).is_ok());
+            let zeros = Tensor::zeros((2, 32), DType::F32, &Device::Cpu).unwrap();
+            let narrow = QMatrix::quantize(&zeros, format).unwrap();
+            assert!(QMatrix::stack(&[&a, &narrow]).is_err());
         }
-        let whole = stack.dequantize().unwrap();
-        let top = whole.narrow(0, 3, 5).unwrap().to_vec2::<f32>().unwrap();
-        assert_eq!(top, b.dequantize().unwrap().to_vec2::<f32>().unwrap());
-        assert!(Q8Matrix::stack(&[&a, &part(2, 0.0)]).is_ok());
-        let narrow = Q8Matrix::quantize(&Tensor::zeros((2, 32), DType::F32, &Device::Cpu).unwrap());
-        assert!(Q8Matrix::stack(&[&a, &narrow.unwrap()]).is_err());
+        let w = Tensor::zeros((2, 64), DType::F32, &Device::Cpu).unwrap();
+        let q8 = QMatrix::quantize(&w, BlockFormat::Q8_0).unwrap();
+        let q4 = QMatrix::quantize(&w, BlockFormat::Q4_1).unwrap();
+        assert!(QMatrix::stack(&[&q8, &q4]).is_err());
     }
 
     #[test]
-    fn q8_0_refuses_rows_that_are_not_whole_blocks() {
+    fn rows_that_are_not_whole_blocks_are_refused() {
         let w = Tensor::zeros((2, 40), DType::F32, &Device::Cpu).unwrap();
-        assert!(Q8Matrix::quantize(&w).is_err());
+        assert!(QMatrix::quantize(&w, BlockFormat::Q8_0).is_err());
+        assert!(QMatrix::quantize(&w, BlockFormat::Q4_1).is_err());
     }
 
     #[test]
@@ -336,6 +496,7 @@ mod tests {
             WeightDtype::F16,
             WeightDtype::BF16,
             WeightDtype::Q8_0,
+            WeightDtype::Q4_1,
         ] {
             assert_eq!(d.to_string().parse::<WeightDtype>(), Ok(d));
         }

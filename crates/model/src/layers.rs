@@ -6,12 +6,12 @@
 use candle_core::{DType, Device, Module, Tensor, D};
 
 pub use crate::attention::{causal_mask, Attention, LayerCache};
-use crate::compact::Q8Matrix;
+use crate::compact::{BlockFormat, QMatrix};
 pub use crate::rope::{Rope, RopeTables};
 use crate::{Activation, Config, Result, Weights};
 
-/// `y = x W^T (+ b)`. The weight may be stored compactly (f16/bf16 tensors, or Q8_0 blocks); it
-/// is widened to the activation dtype at use.
+/// `y = x W^T (+ b)`. The weight may be stored compactly (f16/bf16 tensors, or Q8_0/Q4_1
+/// blocks); it is widened to the activation dtype at use.
 #[derive(Debug, Clone)]
 pub struct Linear {
     pub weight: Weight,
@@ -21,21 +21,22 @@ pub struct Linear {
 }
 
 /// A projection's `[out, in]` matrix: a tensor (f32, f16, bf16, or f64 in gradient checks), or
-/// Q8_0 blocks, which only inference reads.
+/// quantised blocks, which only inference reads.
 #[derive(Debug, Clone)]
 pub enum Weight {
     Dense(Tensor),
-    Q8_0(Q8Matrix),
+    Quantized(QMatrix),
 }
 
 impl Weight {
-    /// The matrix as a tensor; an error for Q8_0, which training cannot use.
+    /// The matrix as a tensor; an error for quantised blocks, which training cannot use.
     pub fn tensor(&self) -> candle_core::Result<&Tensor> {
         match self {
             Weight::Dense(t) => Ok(t),
-            Weight::Q8_0(_) => candle_core::bail!(
+            Weight::Quantized(q) => candle_core::bail!(
                 "this operation needs the frozen weights as tensors (--weight-dtype f32, f16 or \
-                 bf16); they were loaded as q8_0, which only inference reads"
+                 bf16); they were loaded as {}, which only inference reads",
+                q.format().name()
             ),
         }
     }
@@ -44,7 +45,7 @@ impl Weight {
     pub fn dims2(&self) -> (usize, usize) {
         match self {
             Weight::Dense(t) => (t.dims()[0], t.dims()[1]),
-            Weight::Q8_0(q) => (q.rows(), q.cols()),
+            Weight::Quantized(q) => (q.rows(), q.cols()),
         }
     }
 }
@@ -98,15 +99,15 @@ impl Linear {
         self.weight.dims2().0
     }
 
-    /// Holds the weight as Q8_0 blocks from now on (kept as it is when its rows are not whole
-    /// blocks). Inference only: training needs [`Weight::Dense`].
-    pub fn quantize_q8_0(&mut self) -> candle_core::Result<()> {
+    /// Holds the weight as `format` blocks from now on (kept as it is when its rows are not
+    /// whole blocks). Inference only: training needs [`Weight::Dense`].
+    pub fn quantize(&mut self, format: BlockFormat) -> candle_core::Result<()> {
         if let Weight::Dense(t) = &self.weight {
             if self
                 .in_features()
-                .is_multiple_of(crate::compact::Q8_0_BLOCK)
+                .is_multiple_of(crate::compact::BLOCK_VALUES)
             {
-                self.weight = Weight::Q8_0(Q8Matrix::quantize(t)?);
+                self.weight = Weight::Quantized(QMatrix::quantize(t, format)?);
             }
         }
         Ok(())
@@ -120,7 +121,7 @@ impl Module for Linear {
         let rows = x.elem_count() / in_features;
         let x2 = x.reshape((rows, in_features))?;
         let y = match &self.weight {
-            Weight::Q8_0(q) => crate::matmul::q8_matmul(&x2, q)?,
+            Weight::Quantized(q) => crate::matmul::quantized_matmul(&x2, q)?,
             Weight::Dense(w) => match crate::matmul::few_rows_matmul(&x2, w)? {
                 Some(y) => y,
                 None if w.dtype() == x.dtype() => x2.matmul(&w.t()?)?,
@@ -186,8 +187,8 @@ pub struct Mlp {
     pub up_proj: Linear,
     pub down_proj: Linear,
     pub activation: Activation,
-    /// `gate_proj` and `up_proj` stacked, when both are Q8_0 views of one storage (see
-    /// [`fuse_q8_0`]): one pass over the weights for the two.
+    /// `gate_proj` and `up_proj` stacked, when both are quantised views of one storage (see
+    /// [`fuse_quantized`]): one pass over the weights for the two.
     pub gate_up: Option<Linear>,
 }
 
@@ -224,17 +225,21 @@ pub(crate) fn fused<'a, const N: usize>(
         .filter(|_| parts.iter().all(|p| p.lora.is_none()))
 }
 
-/// Stacks Q8_0 projections that read the same input into one (their biases stacked, zeros for
-/// those without), and makes each a view of its rows in it. `None` when one is not Q8_0.
-pub fn fuse_q8_0(parts: &mut [&mut Linear]) -> candle_core::Result<Option<Linear>> {
+/// Stacks quantised projections that read the same input into one (their biases stacked, zeros
+/// for those without), and makes each a view of its rows in it. `None` when one is not
+/// quantised, or they are not all of one format.
+pub fn fuse_quantized(parts: &mut [&mut Linear]) -> candle_core::Result<Option<Linear>> {
     let mut matrices = Vec::with_capacity(parts.len());
     for p in parts.iter() {
         match &p.weight {
-            Weight::Q8_0(q) => matrices.push(q),
+            Weight::Quantized(q) => matrices.push(q),
             Weight::Dense(_) => return Ok(None),
         }
     }
-    let (stack, views) = Q8Matrix::stack(&matrices)?;
+    if matrices.iter().any(|q| q.format() != matrices[0].format()) {
+        return Ok(None);
+    }
+    let (stack, views) = QMatrix::stack(&matrices)?;
     let bias = if parts.iter().any(|p| p.bias.is_some()) {
         let biases = parts
             .iter()
@@ -248,10 +253,10 @@ pub fn fuse_q8_0(parts: &mut [&mut Linear]) -> candle_core::Result<Option<Linear
         None
     };
     for (p, view) in parts.iter_mut().zip(views) {
-        p.weight = Weight::Q8_0(view);
+        p.weight = Weight::Quantized(view);
     }
     Ok(Some(Linear {
-        weight: Weight::Q8_0(stack),
+        weight: Weight::Quantized(stack),
         bias,
         lora: None,
     }))
@@ -454,7 +459,7 @@ impl DecoderLayer {
     }
 
     /// Every tensor of the layer under its name relative to the layer
-    /// (`self_attn.q_proj.weight`, ...). Q8_0 matrices are not tensors and are left out.
+    /// (`self_attn.q_proj.weight`, ...). Quantised matrices are not tensors and are left out.
     pub fn named_tensors(&self) -> Vec<(String, &Tensor)> {
         let mut norms = self.norms().into_iter().map(|(n, norm)| (n, &norm.weight));
         // The order is the one from before sandwich norms: two norms, projections, the rest.
@@ -472,14 +477,14 @@ impl DecoderLayer {
     }
 
     /// A copy whose tensors own fresh storage, so that training it in place leaves `self` as
-    /// it was (an expert initialised from a backbone layer). Q8_0 matrices come back widened
-    /// to f32 tensors.
+    /// it was (an expert initialised from a backbone layer). Quantised matrices come back
+    /// widened to f32 tensors.
     pub fn deep_copy(&self) -> Result<Self> {
         let copy = |t: &Tensor| t.copy();
         let lin = |l: &Linear| -> Result<Linear> {
             let weight = match &l.weight {
                 Weight::Dense(w) => copy(w)?,
-                Weight::Q8_0(q) => q.dequantize()?,
+                Weight::Quantized(q) => q.dequantize()?,
             };
             Ok(Linear::new(weight, l.bias.as_ref().map(copy).transpose()?))
         };
@@ -519,14 +524,14 @@ impl DecoderLayer {
         })
     }
 
-    /// Stacks q/k/v and gate/up into one projection each where they are Q8_0, so that a
+    /// Stacks q/k/v and gate/up into one projection each where they are quantised, so that a
     /// decode step makes one pass over each stack's weights (and one hand-off to the worker
     /// threads) instead of three and two.
-    pub fn fuse_q8_0(&mut self) -> Result<()> {
+    pub fn fuse_quantized(&mut self) -> Result<()> {
         let a = &mut self.self_attn;
-        a.qkv = fuse_q8_0(&mut [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj])?;
+        a.qkv = fuse_quantized(&mut [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj])?;
         let m = &mut self.mlp;
-        m.gate_up = fuse_q8_0(&mut [&mut m.gate_proj, &mut m.up_proj])?;
+        m.gate_up = fuse_quantized(&mut [&mut m.gate_proj, &mut m.up_proj])?;
         Ok(())
     }
 
@@ -537,7 +542,7 @@ impl DecoderLayer {
         for l in [&mut self.self_attn.o_proj, &mut self.mlp.down_proj] {
             l.weight = match &l.weight {
                 Weight::Dense(w) => Weight::Dense(w.zeros_like()?),
-                Weight::Q8_0(q) => Weight::Dense(Tensor::zeros(
+                Weight::Quantized(q) => Weight::Dense(Tensor::zeros(
                     (q.rows(), q.cols()),
                     DType::F32,
                     &Device::Cpu,

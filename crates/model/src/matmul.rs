@@ -9,7 +9,7 @@
 
 use candle_core::{DType, Tensor};
 
-use crate::compact::{Q8Matrix, Rows};
+use crate::compact::{QMatrix, Rows};
 
 /// Up to this many rows of `x` go through [`matmul_rows`]; more go to `gemm`, whose packing
 /// pays off once enough rows reuse it.
@@ -98,10 +98,10 @@ pub fn few_rows_matmul(x: &Tensor, w: &Tensor) -> candle_core::Result<Option<Ten
     Ok(Some(Tensor::from_vec(y, (rows, n), x.device())?))
 }
 
-/// `x W^T` for a Q8_0 `w` and `x: [rows, in]`, with integer dot products ([`crate::q8`]) at
-/// every row count: at many rows (prefill, evaluation) they also beat widening the weights for
-/// gemm, and they run on the same worker pool as the rest of inference.
-pub fn q8_matmul(x: &Tensor, w: &Q8Matrix) -> candle_core::Result<Tensor> {
+/// `x W^T` for a quantised `w` and `x: [rows, in]`, with integer dot products ([`crate::q8`])
+/// at every row count: at many rows (prefill, evaluation) they also beat widening the weights
+/// for gemm, and they run on the same worker pool as the rest of inference.
+pub fn quantized_matmul(x: &Tensor, w: &QMatrix) -> candle_core::Result<Tensor> {
     let (rows, k) = x.dims2()?;
     let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
     let y = crate::q8::matmul(&xs, rows, w.view(), w.rows(), k);
@@ -343,38 +343,44 @@ mod tests {
     }
 
     #[test]
-    fn q8_0_matmul_stays_close_to_the_product_of_the_widened_weights() {
+    fn quantized_matmul_stays_close_to_the_product_of_the_widened_weights() {
+        use crate::compact::BlockFormat;
         let (n, k) = (70, 96);
         let w = Tensor::from_vec(values(n * k, 0.4), (n, k), &candle_core::Device::Cpu).unwrap();
-        let q = Q8Matrix::quantize(&w).unwrap();
-        let wide: Vec<f32> = q
-            .dequantize()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        // The integer kernel rounds x to 8 bits too.
-        for m in [1, 2, 5, 64, 67] {
-            let xs = values(m * k, 1.1);
-            let x = Tensor::from_vec(xs.clone(), (m, k), &candle_core::Device::Cpu).unwrap();
-            let got: Vec<f32> = q8_matmul(&x, &q)
+        for format in [BlockFormat::Q8_0, BlockFormat::Q4_1] {
+            let q = QMatrix::quantize(&w, format).unwrap();
+            let wide: Vec<f32> = q
+                .dequantize()
                 .unwrap()
                 .flatten_all()
                 .unwrap()
                 .to_vec1()
                 .unwrap();
-            let want = naive(&xs, m, &wide, n, k);
-            for (idx, (g, e)) in got.iter().zip(&want).enumerate() {
-                assert!(
-                    (*g as f64 - e).abs() <= 0.05,
-                    "m {m}, element {idx}: {g} vs {e}"
-                );
-            }
-            // And the widened weights are close to the f32 ones they were quantised from.
-            let exact = naive(&xs, m, &values(n * k, 0.4), n, k);
-            for (e, f) in want.iter().zip(&exact) {
-                assert!((e - f).abs() <= 0.1, "quantisation error {e} vs {f}");
+            // The integer kernel rounds x to 8 bits too.
+            for m in [1, 2, 5, 64, 67] {
+                let xs = values(m * k, 1.1);
+                let x = Tensor::from_vec(xs.clone(), (m, k), &candle_core::Device::Cpu).unwrap();
+                let got: Vec<f32> = quantized_matmul(&x, &q)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                let want = naive(&xs, m, &wide, n, k);
+                for (idx, (g, e)) in got.iter().zip(&want).enumerate() {
+                    assert!(
+                        (*g as f64 - e).abs() <= 0.05,
+                        "{format:?} m {m}, element {idx}: {g} vs {e}"
+                    );
+                }
+                // And Q8_0's widened weights are close to the f32 ones they were quantised
+                // from (Q4_1's quantiser is checked against candle's in `compact`).
+                if format == BlockFormat::Q8_0 {
+                    let exact = naive(&xs, m, &values(n * k, 0.4), n, k);
+                    for (e, f) in want.iter().zip(&exact) {
+                        assert!((e - f).abs() <= 0.1, "quantisation error {e} vs {f}");
+                    }
+                }
             }
         }
     }

@@ -1,57 +1,70 @@
-//! `y = x W^T` for a Q8_0 `W`, with integer dot products.
+//! `y = x W^T` for a `W` in Q8_0 or Q4_1 blocks, with integer dot products.
 //!
-//! The rows of `x` are rounded to Q8_0 blocks too (scales kept in f32), and each pair of
-//! blocks is multiplied with 8-bit dot products, then scaled by the product of the two blocks'
-//! scales in f32: AVX-512 VNNI's `vpdpbusd` where the CPU has it (the weights offset to
-//! unsigned, the offset taken back out of each lane's starting value), AVX2's `vpmaddubsw`
-//! otherwise (`x` gives its magnitudes, the weights take `x`'s signs). This is what llama.cpp
-//! does: the weights are read as bytes, and the arithmetic runs 32 multiply-adds an
-//! instruction.
+//! The rows of `x` are rounded to Q8_0 blocks (scales kept in f32), and each pair of blocks is
+//! multiplied with 8-bit dot products, then scaled by the product of the two blocks' scales in
+//! f32; Q4_1's minimum adds `min * scale_x * sum(x's block)`, from sums taken when `x` is
+//! rounded. AVX-512 VNNI's `vpdpbusd` where the CPU has it (Q8_0 weights offset to unsigned, the
+//! offset taken back out of each lane's starting value; Q4_1's nibbles are unsigned already),
+//! AVX2's `vpmaddubsw` otherwise (for Q8_0, `x` gives its magnitudes and the weights take `x`'s
+//! signs). This is what llama.cpp does: the weights are read as bytes, and the arithmetic runs
+//! 32 multiply-adds an instruction.
 //!
 //! Every output element is summed in the same order however many rows `x` has and wherever a
 //! row sits among them, so a sequence decoded in a batch gets bit for bit the logits it gets
 //! alone.
 
-use crate::compact::{quantize_q8_0, Q8Rows, Q8_0_BLOCK};
+use crate::compact::{quantize_q8_0, BlockFormat, QRows, BLOCK_VALUES};
 
 /// How many groups of weight rows ahead of the one being multiplied the kernels prefetch. The
 /// hardware prefetcher alone kept a thread at a third of the bandwidth a plain streaming read
 /// reaches here; asking for the rows a few groups ahead gets most of it.
 const PREFETCH_GROUPS: usize = 2;
 
-/// Rows of `x` rounded to Q8_0: `quants` row-major, one f32 scale per block.
+/// Rows of `x` rounded to Q8_0: `quants` row-major, one f32 scale per block, and per block
+/// its scale times the sum of its values (what a Q4_1 block's minimum multiplies).
 struct Activations {
     quants: Vec<i8>,
     scales: Vec<f32>,
+    sums: Vec<f32>,
 }
 
 impl Activations {
     /// Rounds `x` (whole blocks) to Q8_0, in chunks of blocks spread over candle's pool when
     /// `x` is large (prefill, a batched decode step's down projection).
     fn quantize(x: &[f32]) -> Self {
-        let blocks = x.len() / Q8_0_BLOCK;
+        let blocks = x.len() / BLOCK_VALUES;
         let mut quants = vec![0i8; x.len()];
         let mut scales = vec![0f32; blocks];
+        let mut sums = vec![0f32; blocks];
         let q_ptr = crate::matmul::OutPtr(quants.as_mut_ptr());
         let s_ptr = crate::matmul::OutPtr(scales.as_mut_ptr());
+        let sum_ptr = crate::matmul::OutPtr(sums.as_mut_ptr());
         let chunks = blocks.div_ceil(BLOCKS_PER_QUANTIZE_TASK);
         crate::matmul::chunked(chunks, x.len(), |range| {
             for chunk in range {
                 let b0 = chunk * BLOCKS_PER_QUANTIZE_TASK;
                 let n = BLOCKS_PER_QUANTIZE_TASK.min(blocks - b0);
-                let values = n * Q8_0_BLOCK;
-                // SAFETY: each chunk writes only its own blocks of `quants` and `scales`, which
-                // outlive the loop.
-                let (q, s) = unsafe {
+                let values = n * BLOCK_VALUES;
+                // SAFETY: each chunk writes only its own blocks of `quants`, `scales` and
+                // `sums`, which outlive the loop.
+                let (q, s, sum) = unsafe {
                     (
-                        std::slice::from_raw_parts_mut(q_ptr.get().add(b0 * Q8_0_BLOCK), values),
+                        std::slice::from_raw_parts_mut(q_ptr.get().add(b0 * BLOCK_VALUES), values),
                         std::slice::from_raw_parts_mut(s_ptr.get().add(b0), n),
+                        std::slice::from_raw_parts_mut(sum_ptr.get().add(b0), n),
                     )
                 };
-                quantize_q8_0(&x[b0 * Q8_0_BLOCK..][..values], q, s, |d| d);
+                quantize_q8_0(&x[b0 * BLOCK_VALUES..][..values], q, s, |d| d);
+                for ((sum, q), d) in sum.iter_mut().zip(q.chunks_exact(BLOCK_VALUES)).zip(&*s) {
+                    *sum = d * q.iter().map(|&v| v as i32).sum::<i32>() as f32;
+                }
             }
         });
-        Self { quants, scales }
+        Self {
+            quants,
+            scales,
+            sums,
+        }
     }
 }
 
@@ -59,19 +72,23 @@ impl Activations {
 const BLOCKS_PER_QUANTIZE_TASK: usize = 64;
 
 /// `y[i, j] = sum_k x[i, k] * w[j, k]` with `x` rounded to Q8_0: `x` is `[m, k]` in f32, `w`
-/// is `[n, k]` in Q8_0 blocks (`k` a multiple of 32); returns `y` as `[m, n]`.
-pub fn matmul(x: &[f32], m: usize, w: Q8Rows<'_>, n: usize, k: usize) -> Vec<f32> {
+/// is `[n, k]` in quantised blocks (`k` a multiple of 32); returns `y` as `[m, n]`.
+pub fn matmul(x: &[f32], m: usize, w: QRows<'_>, n: usize, k: usize) -> Vec<f32> {
     assert!(
-        k.is_multiple_of(Q8_0_BLOCK),
-        "k = {k} is not whole Q8_0 blocks"
+        k.is_multiple_of(BLOCK_VALUES),
+        "k = {k} is not whole blocks of {BLOCK_VALUES}"
     );
     assert_eq!(x.len(), m * k, "x is not [{m}, {k}]");
-    assert_eq!(w.quants.len(), n * k, "w is not [{n}, {k}]");
+    let blocks = n * k / BLOCK_VALUES;
     assert_eq!(
-        w.scales.len(),
-        n * k / Q8_0_BLOCK,
-        "w's scales are not [{n}, {k} / 32]"
+        w.quants.len(),
+        blocks * w.format.quant_bytes(),
+        "w is not [{n}, {k}]"
     );
+    assert_eq!(w.scales.len(), blocks, "w's scales are not [{n}, {k} / 32]");
+    if w.format == BlockFormat::Q4_1 {
+        assert_eq!(w.mins.len(), blocks, "w's minimums are not [{n}, {k} / 32]");
+    }
     let xq = Activations::quantize(x);
     let isa = Isa::detect();
     crate::matmul::by_columns(m, n, |cols, y| columns(isa, &xq, m, w, cols, n, k, y))
@@ -107,27 +124,32 @@ impl Isa {
     }
 }
 
-/// Columns `cols` of `y`: two weight rows at a time, against groups of up to four rows of `x`.
+/// Columns `cols` of `y`: a few weight rows at a time, against groups of up to four rows of
+/// `x`.
 #[allow(clippy::too_many_arguments)]
 fn columns(
     isa: Isa,
     xq: &Activations,
     m: usize,
-    w: Q8Rows<'_>,
+    w: QRows<'_>,
     cols: std::ops::Range<usize>,
     n: usize,
     k: usize,
     y: &mut [f32],
 ) {
-    let blocks = k / Q8_0_BLOCK;
+    let blocks = k / BLOCK_VALUES;
     // What every tile below reads and writes lies within these.
     assert!(cols.end <= n && y.len() >= m * n);
     assert!(xq.quants.len() >= m * k && xq.scales.len() >= m * blocks);
-    assert!(w.quants.len() >= n * k && w.scales.len() >= n * blocks);
+    assert!(xq.sums.len() >= m * blocks);
+    assert!(w.quants.len() >= n * blocks * w.format.quant_bytes());
+    assert!(w.scales.len() >= n * blocks);
+    assert!(w.format == BlockFormat::Q8_0 || w.mins.len() >= n * blocks);
     let task = Task {
         x: XRows {
             quants: xq.quants.as_ptr(),
             scales: xq.scales.as_ptr(),
+            sums: xq.sums.as_ptr(),
             k,
         },
         m,
@@ -136,17 +158,25 @@ fn columns(
         n,
         y: y.as_mut_ptr(),
     };
+    use BlockFormat::{Q4_1, Q8_0};
     // SAFETY: the reads and writes stay within the slices checked above; the CPU has the
     // features of the kernel `Isa::detect` picked.
     unsafe {
-        match isa {
+        match (isa, w.format) {
             #[cfg(target_arch = "x86_64")]
-            Isa::Vnni if m < 4 => x86::columns_vnni_pairs(task),
+            (Isa::Vnni, Q8_0) if m < 4 => x86::q8_0_vnni_pairs(task),
             #[cfg(target_arch = "x86_64")]
-            Isa::Vnni => x86::columns_vnni(task),
+            (Isa::Vnni, Q8_0) => x86::q8_0_vnni(task),
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => x86::columns_avx2(task),
-            Isa::Scalar => task.run::<Scalar, 2>(),
+            (Isa::Vnni, Q4_1) if m < 4 => x86::q4_1_vnni_pairs(task),
+            #[cfg(target_arch = "x86_64")]
+            (Isa::Vnni, Q4_1) => x86::q4_1_vnni(task),
+            #[cfg(target_arch = "x86_64")]
+            (Isa::Avx2, Q8_0) => x86::q8_0_avx2(task),
+            #[cfg(target_arch = "x86_64")]
+            (Isa::Avx2, Q4_1) => x86::q4_1_avx2(task),
+            (Isa::Scalar, Q8_0) => task.run::<Scalar<false>, 2>(),
+            (Isa::Scalar, Q4_1) => task.run::<Scalar<true>, 2>(),
         }
     }
 }
@@ -155,7 +185,7 @@ fn columns(
 struct Task<'a> {
     x: XRows,
     m: usize,
-    w: Q8Rows<'a>,
+    w: QRows<'a>,
     cols: std::ops::Range<usize>,
     n: usize,
     y: *mut f32,
@@ -166,42 +196,53 @@ struct Task<'a> {
 struct XRows {
     quants: *const i8,
     scales: *const f32,
+    sums: *const f32,
     k: usize,
 }
 
 /// `NR` consecutive weight rows, and where the rows to prefetch start (past the matrix's end
-/// near its last rows: a prefetch never faults, and nothing there is read).
+/// near its last rows: a prefetch never faults, and nothing there is read). `mins` is only
+/// read for Q4_1.
 #[derive(Clone, Copy)]
 struct WeightRows<const NR: usize> {
-    quants: [*const i8; NR],
+    quants: [*const u8; NR],
     scales: [*const f32; NR],
-    ahead: *const i8,
+    mins: [*const f32; NR],
+    ahead: *const u8,
 }
 
-/// A tile kernel: `MR` rows of `x` against `NR` weight rows, `[row][weight]`.
+/// A tile kernel: `MR` rows of `x` against `NR` weight rows of format `FORMAT`,
+/// `[row][weight]`, without Q4_1's minimum terms.
 trait Tile<const NR: usize> {
+    const FORMAT: BlockFormat;
     /// # Safety
     /// `MR` rows of `x` and the `NR` weight rows hold `blocks` whole blocks.
     unsafe fn tile<const MR: usize>(x: XRows, w: WeightRows<NR>, blocks: usize) -> [[f32; NR]; MR];
 }
 
 impl Task<'_> {
-    /// Inlined into each instruction set's entry point, so that its tiles inline too.
+    /// Inlined into each kernel's entry point, so that its tiles inline too.
     ///
     /// # Safety
     /// `cols.end <= n`, `y` holds `m * n` values, `x` `m` rows and `w` `n` rows of `k`.
     #[inline(always)]
     unsafe fn run<T: Tile<NR>, const NR: usize>(self) {
         let k = self.x.k;
-        let blocks = k / Q8_0_BLOCK;
-        let (wq, ws) = (self.w.quants.as_ptr(), self.w.scales.as_ptr());
+        let blocks = k / BLOCK_VALUES;
+        let row_bytes = blocks * T::FORMAT.quant_bytes();
+        let (wq, ws, wm) = (
+            self.w.quants.as_ptr(),
+            self.w.scales.as_ptr(),
+            self.w.mins.as_ptr(),
+        );
         for j in self.cols.clone().step_by(NR) {
             // Past the last row the group repeats it; those results are dropped.
             let rows: [usize; NR] = std::array::from_fn(|s| (j + s).min(self.cols.end - 1));
             let group = WeightRows {
-                quants: rows.map(|r| wq.add(r * k)),
+                quants: rows.map(|r| wq.add(r * row_bytes)),
                 scales: rows.map(|r| ws.add(r * blocks)),
-                ahead: wq.wrapping_add((j + NR * PREFETCH_GROUPS) * k),
+                mins: rows.map(|r| wm.wrapping_add(r * blocks)),
+                ahead: wq.wrapping_add((j + NR * PREFETCH_GROUPS) * row_bytes),
             };
             let mut i = 0;
             while i < self.m {
@@ -209,19 +250,43 @@ impl Task<'_> {
                 let x = XRows {
                     quants: self.x.quants.add(i * k),
                     scales: self.x.scales.add(i * blocks),
+                    sums: self.x.sums.add(i * blocks),
                     k,
                 };
                 let out = self.y.add(i * self.n);
                 match mr {
-                    4 => store(T::tile::<4>(x, group, blocks), out, self.n, rows),
-                    3 => store(T::tile::<3>(x, group, blocks), out, self.n, rows),
-                    2 => store(T::tile::<2>(x, group, blocks), out, self.n, rows),
-                    _ => store(T::tile::<1>(x, group, blocks), out, self.n, rows),
+                    4 => store(tile::<T, NR, 4>(x, group, blocks), out, self.n, rows),
+                    3 => store(tile::<T, NR, 3>(x, group, blocks), out, self.n, rows),
+                    2 => store(tile::<T, NR, 2>(x, group, blocks), out, self.n, rows),
+                    _ => store(tile::<T, NR, 1>(x, group, blocks), out, self.n, rows),
                 }
                 i += mr;
             }
         }
     }
+}
+
+/// A tile's sums with Q4_1's minimum terms added (`min * scale_x * sum(x)`, block by block).
+///
+/// # Safety
+/// As [`Tile::tile`]; for Q4_1 the weight rows' minimums and `x`'s sums hold `blocks` values.
+#[inline(always)]
+unsafe fn tile<T: Tile<NR>, const NR: usize, const MR: usize>(
+    x: XRows,
+    w: WeightRows<NR>,
+    blocks: usize,
+) -> [[f32; NR]; MR] {
+    let mut sums = T::tile::<MR>(x, w, blocks);
+    if T::FORMAT == BlockFormat::Q4_1 {
+        for (r, row) in sums.iter_mut().enumerate() {
+            let xs = std::slice::from_raw_parts(x.sums.add(r * blocks), blocks);
+            for (s, sum) in row.iter_mut().enumerate() {
+                let mins = std::slice::from_raw_parts(w.mins[s], blocks);
+                *sum += mins.iter().zip(xs).map(|(m, x)| m * x).sum::<f32>();
+            }
+        }
+    }
+    sums
 }
 
 /// Writes a tile's sums into consecutive rows of `y` (`n` wide) from `out`, at columns `cols`
@@ -245,22 +310,44 @@ unsafe fn store<const MR: usize, const NR: usize>(
     }
 }
 
-/// Plain Rust, for CPUs without AVX2.
-struct Scalar;
+/// Plain Rust, for CPUs without AVX2: Q8_0, or Q4_1 when `Q4_1` is true.
+struct Scalar<const Q4_1: bool>;
 
-impl Tile<2> for Scalar {
+impl<const Q4_1: bool> Tile<2> for Scalar<Q4_1> {
+    const FORMAT: BlockFormat = if Q4_1 {
+        BlockFormat::Q4_1
+    } else {
+        BlockFormat::Q8_0
+    };
+
     unsafe fn tile<const MR: usize>(x: XRows, w: WeightRows<2>, blocks: usize) -> [[f32; 2]; MR] {
+        let bytes = Self::FORMAT.quant_bytes();
         let mut out = [[0f32; 2]; MR];
         for (r, sums) in out.iter_mut().enumerate() {
             for (s, sum) in sums.iter_mut().enumerate() {
                 for b in 0..blocks {
                     let xb = std::slice::from_raw_parts(
-                        x.quants.add(r * x.k + b * Q8_0_BLOCK),
-                        Q8_0_BLOCK,
+                        x.quants.add(r * x.k + b * BLOCK_VALUES),
+                        BLOCK_VALUES,
                     );
-                    let wb =
-                        std::slice::from_raw_parts(w.quants[s].add(b * Q8_0_BLOCK), Q8_0_BLOCK);
-                    let dot: i32 = xb.iter().zip(wb).map(|(&a, &c)| a as i32 * c as i32).sum();
+                    let wb = std::slice::from_raw_parts(w.quants[s].add(b * bytes), bytes);
+                    let weight = |i: usize| -> i32 {
+                        if Q4_1 {
+                            let byte = wb[i % (BLOCK_VALUES / 2)];
+                            (if i < BLOCK_VALUES / 2 {
+                                byte & 0x0F
+                            } else {
+                                byte >> 4
+                            }) as i32
+                        } else {
+                            wb[i] as i8 as i32
+                        }
+                    };
+                    let dot: i32 = xb
+                        .iter()
+                        .enumerate()
+                        .map(|(i, &a)| a as i32 * weight(i))
+                        .sum();
                     *sum += dot as f32 * (*w.scales[s].add(b) * *x.scales.add(r * blocks + b));
                 }
             }
@@ -270,123 +357,15 @@ impl Tile<2> for Scalar {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod x86 {
-    use super::{Task, Tile, WeightRows, XRows, Q8_0_BLOCK};
-    use crate::matmul::avx2::sum8;
-    use std::arch::x86_64::*;
-
-    /// An instruction set's tile and entry point. Per block, `$prepare(x)` turns a block of x
-    /// into what `$dot(prepared, w)` takes with a block of weights; `$dot` gives eight lanes
-    /// of sums of four products each.
-    macro_rules! kernel {
-        (
-            $isa:ident, $entry:ident, $features:literal, $nr:literal,
-            prepare = |$x:ident| $prepare:expr,
-            weight = |$w:ident| $weight:expr,
-            dot = |$px:ident, $pw:ident| $dot:expr
-        ) => {
-            pub struct $isa;
-
-            /// # Safety
-            /// As [`Task::run`]; the CPU has the features.
-            #[target_feature(enable = $features)]
-            pub unsafe fn $entry(task: Task<'_>) {
-                task.run::<$isa, $nr>()
-            }
-
-            impl Tile<$nr> for $isa {
-                #[target_feature(enable = $features)]
-                unsafe fn tile<const MR: usize>(
-                    x: XRows,
-                    w: WeightRows<$nr>,
-                    blocks: usize,
-                ) -> [[f32; $nr]; MR] {
-                    let mut acc = [[_mm256_setzero_ps(); $nr]; MR];
-                    for b in 0..blocks {
-                        let off = b * Q8_0_BLOCK;
-                        // The group PREFETCH_GROUPS ahead is NR k bytes, read while this one's
-                        // k: NR / 2 cache lines a block.
-                        for line in 0..$nr / 2 {
-                            let at = w.ahead.wrapping_add($nr * off + 64 * line);
-                            _mm_prefetch::<_MM_HINT_T0>(at);
-                        }
-                        let wv: [__m256i; $nr] = std::array::from_fn(|s| {
-                            let $w = _mm256_loadu_si256(w.quants[s].add(off) as *const __m256i);
-                            $weight
-                        });
-                        let dw: [__m256; $nr] =
-                            std::array::from_fn(|s| _mm256_set1_ps(*w.scales[s].add(b)));
-                        for (r, acc) in acc.iter_mut().enumerate() {
-                            let $x =
-                                _mm256_loadu_si256(x.quants.add(r * x.k + off) as *const __m256i);
-                            let $px = $prepare;
-                            let dx = _mm256_set1_ps(*x.scales.add(r * blocks + b));
-                            for s in 0..$nr {
-                                let $pw = wv[s];
-                                let dot: __m256i = $dot;
-                                let scale = _mm256_mul_ps(dw[s], dx);
-                                acc[s] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), scale, acc[s]);
-                            }
-                        }
-                    }
-                    let mut out = [[0f32; $nr]; MR];
-                    for (o, a) in out.iter_mut().zip(&acc) {
-                        for (o, &v) in o.iter_mut().zip(a) {
-                            *o = sum8(v);
-                        }
-                    }
-                    out
-                }
-            }
-        };
-    }
-
-    // VNNI multiplies unsigned by signed bytes: the weights go in offset by 128 (a flip of the
-    // top bit), and each lane's accumulator starts at minus 128 times its four x values, so
-    // the sum comes out exact with no sign fix-up per pair (32 registers: 4 x 4 tiles fit).
-    macro_rules! vnni {
-        ($isa:ident, $entry:ident, $nr:literal) => {
-            kernel!(
-                $isa,
-                $entry,
-                "avx2,fma,avx512f,avx512vl,avx512vnni",
-                $nr,
-                prepare = |xv| (
-                    xv,
-                    _mm256_sub_epi32(
-                        _mm256_setzero_si256(),
-                        _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_set1_epi8(-128), xv)
-                    )
-                ),
-                weight = |wv| _mm256_xor_si256(wv, _mm256_set1_epi8(-128)),
-                dot = |px, wu| _mm256_dpbusd_epi32(px.1, wu, px.0)
-            );
-        };
-    }
-    vnni!(Vnni, columns_vnni, 4);
-    // A lone row (decoding one sequence) streams the weights faster two rows at a time.
-    vnni!(VnniPairs, columns_vnni_pairs, 2);
-    // AVX2's `vpmaddubsw` saturates at 16 bits, which offset weights would overflow: x gives
-    // its magnitudes and each weight takes x's sign instead.
-    kernel!(
-        Avx2,
-        columns_avx2,
-        "avx2,fma",
-        2,
-        prepare = |xv| (_mm256_sign_epi8(xv, xv), xv),
-        weight = |wv| wv,
-        dot = |px, wv| _mm256_madd_epi16(
-            _mm256_maddubs_epi16(px.0, _mm256_sign_epi8(wv, px.1)),
-            _mm256_set1_epi16(1)
-        )
-    );
-}
+mod x86;
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::compact::Q8Matrix;
+    use crate::compact::QMatrix;
     use candle_core::{Device, Tensor};
+
+    const FORMATS: [BlockFormat; 2] = [BlockFormat::Q8_0, BlockFormat::Q4_1];
 
     fn values(len: usize, salt: f32) -> Vec<f32> {
         (0..len)
@@ -394,17 +373,32 @@ mod tests {
             .collect()
     }
 
+    /// Weight `c` of row `j`, in f64, from its block's parts.
+    fn weight(w: QRows<'_>, k: usize, j: usize, c: usize) -> f64 {
+        let block = j * k / BLOCK_VALUES + c / BLOCK_VALUES;
+        let i = c % BLOCK_VALUES;
+        let d = w.scales[block] as f64;
+        match w.format {
+            BlockFormat::Q8_0 => d * w.quants[j * k + c] as i8 as f64,
+            BlockFormat::Q4_1 => {
+                let byte = w.quants[block * 16 + i % 16];
+                let q = if i < 16 { byte & 0x0F } else { byte >> 4 };
+                d * q as f64 + w.mins[block] as f64
+            }
+        }
+    }
+
     /// The product of the quantised values, exactly (in f64), one dot product at a time.
-    fn naive(xq: &Activations, m: usize, w: Q8Rows<'_>, n: usize, k: usize) -> Vec<f64> {
-        let blocks = k / Q8_0_BLOCK;
+    fn naive(xq: &Activations, m: usize, w: QRows<'_>, n: usize, k: usize) -> Vec<f64> {
+        let blocks = k / BLOCK_VALUES;
         let mut y = vec![0f64; m * n];
         for i in 0..m {
             for j in 0..n {
                 y[i * n + j] = (0..k)
                     .map(|c| {
-                        let (b, bi) = (c / Q8_0_BLOCK, i * blocks + c / Q8_0_BLOCK);
-                        (xq.quants[i * k + c] as f64 * xq.scales[bi] as f64)
-                            * (w.quants[j * k + c] as f64 * w.scales[j * blocks + b] as f64)
+                        let x = xq.quants[i * k + c] as f64
+                            * xq.scales[i * blocks + c / BLOCK_VALUES] as f64;
+                        x * weight(w, k, j, c)
                     })
                     .sum();
             }
@@ -412,39 +406,41 @@ mod tests {
         y
     }
 
-    fn weights(n: usize, k: usize) -> Q8Matrix {
+    fn weights(n: usize, k: usize, format: BlockFormat) -> QMatrix {
         let w = Tensor::from_vec(values(n * k, 0.4), (n, k), &Device::Cpu).unwrap();
-        Q8Matrix::quantize(&w).unwrap()
+        QMatrix::quantize(&w, format).unwrap()
     }
 
     #[test]
     fn every_instruction_set_matches_the_naive_product_at_every_shape_edge() {
-        // Rows of x around the tile's 4 (and the 2-row kernel below 4), weight rows around
+        // Rows of x around the tile's 4 (and the 2-row kernels below 4), weight rows around
         // groups of 2 and 4 and a task's 32.
-        for &(m, n, k) in &[
-            (1, 1, 32),
-            (1, 67, 64),
-            (3, 33, 96),
-            (5, 64, 576),
-            (8, 7, 32),
-        ] {
-            let q = weights(n, k);
-            let x = values(m * k, 1.1);
-            let xq = Activations::quantize(&x);
-            let want = naive(&xq, m, q.view(), n, k);
-            let mut isas = vec![Isa::Scalar, Isa::detect()];
-            #[cfg(target_arch = "x86_64")]
-            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-                isas.push(Isa::Avx2);
-            }
-            for isa in isas {
-                let mut y = vec![0f32; m * n];
-                columns(isa, &xq, m, q.view(), 0..n, n, k, &mut y);
-                for (idx, (g, e)) in y.iter().zip(&want).enumerate() {
-                    assert!(
-                        (*g as f64 - e).abs() <= 1e-4 * e.abs().max(1.0),
-                        "{isa:?} [{m}, {n}, {k}] element {idx}: {g} vs {e}"
-                    );
+        for format in FORMATS {
+            for &(m, n, k) in &[
+                (1, 1, 32),
+                (1, 67, 64),
+                (3, 33, 96),
+                (5, 64, 576),
+                (8, 7, 32),
+            ] {
+                let q = weights(n, k, format);
+                let x = values(m * k, 1.1);
+                let xq = Activations::quantize(&x);
+                let want = naive(&xq, m, q.view(), n, k);
+                let mut isas = vec![Isa::Scalar, Isa::detect()];
+                #[cfg(target_arch = "x86_64")]
+                if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                    isas.push(Isa::Avx2);
+                }
+                for isa in isas {
+                    let mut y = vec![0f32; m * n];
+                    columns(isa, &xq, m, q.view(), 0..n, n, k, &mut y);
+                    for (idx, (g, e)) in y.iter().zip(&want).enumerate() {
+                        assert!(
+                            (*g as f64 - e).abs() <= 1e-4 * e.abs().max(1.0),
+                            "{format:?} {isa:?} [{m}, {n}, {k}] element {idx}: {g} vs {e}"
+                        );
+                    }
                 }
             }
         }
@@ -457,40 +453,47 @@ mod tests {
         assert!(
             m * k >= crate::matmul::MIN_PARALLEL_VALUES && k < crate::matmul::MIN_PARALLEL_VALUES
         );
-        let q = weights(n, k);
-        let batch = values(m * k, 2.5);
-        let together = matmul(&batch, m, q.view(), n, k);
-        let xq = Activations::quantize(&batch);
-        let want = naive(&xq, m, q.view(), n, k);
-        for (g, e) in together.iter().zip(&want) {
-            assert!((*g as f64 - e).abs() <= 1e-4 * e.abs().max(1.0));
-        }
-        for i in 0..m {
-            let alone = matmul(&batch[i * k..(i + 1) * k], 1, q.view(), n, k);
-            assert_eq!(alone, together[i * n..(i + 1) * n], "row {i}");
+        for format in FORMATS {
+            let q = weights(n, k, format);
+            let batch = values(m * k, 2.5);
+            let together = matmul(&batch, m, q.view(), n, k);
+            let xq = Activations::quantize(&batch);
+            let want = naive(&xq, m, q.view(), n, k);
+            for (g, e) in together.iter().zip(&want) {
+                assert!((*g as f64 - e).abs() <= 1e-4 * e.abs().max(1.0));
+            }
+            for i in 0..m {
+                let alone = matmul(&batch[i * k..(i + 1) * k], 1, q.view(), n, k);
+                assert_eq!(alone, together[i * n..(i + 1) * n], "{format:?} row {i}");
+            }
         }
     }
 
     #[test]
     fn rounding_x_to_q8_0_stays_close_to_the_f32_product() {
         let (m, n, k) = (3, 40, 576);
-        let q = weights(n, k);
-        let x = values(m * k, 0.7);
-        let got = matmul(&x, m, q.view(), n, k);
-        let wide = q.dequantize().unwrap().to_vec2::<f32>().unwrap();
-        for i in 0..m {
-            for j in 0..n {
-                let exact: f32 = (0..k).map(|c| x[i * k + c] * wide[j][c]).sum();
-                // Each x value moves by at most half a step of its block's scale.
-                let bound: f32 = (0..k)
-                    .map(|c| {
-                        let block = &x[i * k + c / 32 * 32..][..32];
-                        let step = block.iter().fold(0f32, |a, v| a.max(v.abs())) / 127.0;
-                        0.5 * step * wide[j][c].abs()
-                    })
-                    .sum();
-                let err = (got[i * n + j] - exact).abs();
-                assert!(err <= bound * 1.01 + 1e-5, "{i},{j}: {err} > {bound}");
+        for format in FORMATS {
+            let q = weights(n, k, format);
+            let x = values(m * k, 0.7);
+            let got = matmul(&x, m, q.view(), n, k);
+            let wide = q.dequantize().unwrap().to_vec2::<f32>().unwrap();
+            for i in 0..m {
+                for j in 0..n {
+                    let exact: f32 = (0..k).map(|c| x[i * k + c] * wide[j][c]).sum();
+                    // Each x value moves by at most half a step of its block's scale.
+                    let bound: f32 = (0..k)
+                        .map(|c| {
+                            let block = &x[i * k + c / 32 * 32..][..32];
+                            let step = block.iter().fold(0f32, |a, v| a.max(v.abs())) / 127.0;
+                            0.5 * step * wide[j][c].abs()
+                        })
+                        .sum();
+                    let err = (got[i * n + j] - exact).abs();
+                    assert!(
+                        err <= bound * 1.01 + 1e-5,
+                        "{format:?} {i},{j}: {err} > {bound}"
+                    );
+                }
             }
         }
     }

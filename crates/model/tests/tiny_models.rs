@@ -128,17 +128,30 @@ fn compact_weights_stay_close_to_f32() {
 }
 
 #[test]
-fn q8_0_weights_stay_close_to_f32_and_batch_like_single_rows() {
-    for arch in ARCHES {
+fn quantized_weights_stay_close_to_f32_and_batch_like_single_rows() {
+    use mode_model::compact::BlockFormat;
+    for (format, bound) in [(BlockFormat::Q8_0, 5e-2), (BlockFormat::Q4_1, 0.5)] {
+        for arch in ARCHES {
+            quantized_model_checks(arch, format, bound);
+        }
+    }
+}
+
+fn quantized_model_checks(
+    arch: Architecture,
+    format: mode_model::compact::BlockFormat,
+    bound: f32,
+) {
+    {
         let (_, _, model) = tiny(arch, 6);
         let (_, _, mut q8) = tiny(arch, 6);
-        q8.quantize_q8_0().unwrap();
+        q8.quantize(format).unwrap();
         assert!(q8.is_quantized(), "{arch:?}");
         let full = model.forward(&ids(&TOKENS), None).unwrap();
         let logits = q8.forward(&ids(&TOKENS), None).unwrap();
         let diff = max_abs_diff(&full, &logits);
-        // Both the weights and the activations are rounded to 8 bits; the change must show.
-        assert!(diff < 5e-2 && diff > 0.0, "{arch:?}: {diff}");
+        // The weights and the activations are rounded (to 8 or 4 bits); the change must show.
+        assert!(diff < bound && diff > 0.0, "{arch:?} {format:?}: {diff}");
 
         // A decode step of two sequences at once gives each what it gets alone.
         let mut alone = Vec::new();
@@ -155,7 +168,7 @@ fn q8_0_weights_stay_close_to_f32_and_batch_like_single_rows() {
         let both = q8.forward_last(&next, Some(&mut cache)).unwrap();
         for (r, one) in alone.iter().enumerate() {
             let diff = max_abs_diff(&both.i(r..r + 1).unwrap(), one);
-            assert!(diff < 1e-5, "{arch:?} row {r}: {diff}");
+            assert!(diff < 1e-5, "{arch:?} {format:?} row {r}: {diff}");
         }
     }
 }

@@ -53,11 +53,13 @@ pub struct BackboneArgs {
     /// [default: smollm2-135m, or the one a --model was composed over]
     #[arg(long)]
     pub backbone: Option<String>,
-    /// How the frozen backbone's weights are held in memory: f32, f16, bf16, or q8_0 (GGUF's
-    /// Q8_0: projections and LM head quantised at load and multiplied with 8-bit integer dot
-    /// products, their inputs rounded to 8 bits as llama.cpp does; embeddings in f16;
-    /// generation, eval, serve and bench only). Experts, gates and the activations between
-    /// layers stay f32; fewer bytes make decoding faster, at a small cost in accuracy
+    /// How the frozen backbone's weights are held in memory: f32, f16, bf16, q8_0 or q4_1.
+    /// q8_0 and q4_1 are GGUF's block formats: the projections are quantised at load (q4_1 over
+    /// a Q4_1 file, such as the default backbone, gives back the file's own blocks) and
+    /// multiplied with integer dot products, their inputs rounded to 8 bits as llama.cpp does;
+    /// the LM head is Q8_0 and the embeddings f16 with either; generation, eval, serve and bench
+    /// only. Experts, gates and the activations between layers stay f32; fewer bytes make
+    /// decoding faster, at a small cost in accuracy
     #[arg(long, default_value = "f32")]
     pub weight_dtype: WeightDtype,
     /// Go ahead even when the estimated peak memory (of loading, or of training) exceeds what
@@ -68,13 +70,13 @@ pub struct BackboneArgs {
 
 /// Sets how many rounds candle's idle workers spin before they sleep
 /// (`CANDLE_BARRIER_POOL_SPIN_LIMIT`, unless the user set it). candle's pool runs its elementwise
-/// ops and, with q8_0 weights, every matmul; rayon's runs the gemms of f32/f16/bf16 weights and
-/// the training kernels. Beside rayon, a short spin leaves the cores to the next gemm (training
-/// steps 10-18% faster on 2 cores, `mode bench train`). With q8_0 the matmuls are candle's own,
-/// and a long spin keeps its workers awake across the gaps between a decode step's matmuls:
-/// waking a sleeping worker took longer than a matmul (decode about 30% faster on 2 cores,
-/// `mode bench infer --weight-dtype q8_0`). Takes effect when candle's pool starts: call it at
-/// start-up and before loading weights.
+/// ops and, with quantised (q8_0, q4_1) weights, every matmul; rayon's runs the gemms of
+/// f32/f16/bf16 weights and the training kernels. Beside rayon, a short spin leaves the cores to
+/// the next gemm (training steps 10-18% faster on 2 cores, `mode bench train`). With quantised
+/// weights the matmuls are candle's own, and a long spin keeps its workers awake across the gaps
+/// between a decode step's matmuls: waking a sleeping worker took longer than a matmul (decode
+/// about 30% faster on 2 cores, `mode bench infer --weight-dtype q8_0`). Takes effect when
+/// candle's pool starts: call it at start-up and before loading weights.
 pub fn set_worker_spin(weights: WeightDtype) {
     const VAR: &str = "CANDLE_BARRIER_POOL_SPIN_LIMIT";
     static FROM_USER: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
@@ -82,7 +84,7 @@ pub fn set_worker_spin(weights: WeightDtype) {
         return;
     }
     let rounds = match weights {
-        WeightDtype::Q8_0 => 2_000_000,
+        WeightDtype::Q8_0 | WeightDtype::Q4_1 => 2_000_000,
         WeightDtype::F32 | WeightDtype::F16 | WeightDtype::BF16 => 200,
     };
     std::env::set_var(VAR, rounds.to_string());
@@ -107,10 +109,10 @@ impl BackboneArgs {
         set_worker_spin(self.weight_dtype);
         let (mut model, tokenizer) = open(&path, self.weight_dtype.load_dtype(), &Device::Cpu)
             .context("loading the backbone")?;
-        if self.weight_dtype == WeightDtype::Q8_0 {
+        if let Some(format) = self.weight_dtype.block_format() {
             model
-                .quantize_q8_0()
-                .context("quantising the backbone to q8_0")?;
+                .quantize(format)
+                .with_context(|| format!("quantising the backbone to {}", format.name()))?;
             // The f32 weights just freed stay in the allocator's free lists, so a q8_0 process
             // would hold more memory than an f32 one; give them back to the system.
             #[cfg(all(target_os = "linux", target_env = "gnu"))]
