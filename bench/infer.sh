@@ -14,6 +14,7 @@
 #   ROUNDS=9 NEW_TOKENS=64 bench/infer.sh           # defaults: ROUNDS=5, NEW_TOKENS=64
 #   PEER=llama WEIGHT_DTYPE=q8_0 bench/infer.sh     # the peer is llama.cpp's llama-bench instead
 #   PEER=llama WEIGHT_DTYPE=q4_1 bench/infer.sh     # both on the default Q4_1 file's own blocks
+#   PEER=llama STREAMS=8,32 WEIGHT_DTYPE=q4_1 bench/infer.sh   # also N sequences decoded together
 #
 # PEER=llama: the peer is llama-bench (bench/peer/build_llama_cpp.sh) on the same GGUF, or on it requantised to
 # Q8_0 when ours runs with WEIGHT_DTYPE=q8_0 (bench/peer/q8_0_gguf.sh); `-p PROMPT_TOKENS -n NEW_TOKENS -r 1`,
@@ -21,9 +22,11 @@
 # --weight-dtype.
 #
 # BACKBONE: a name `mode` knows (smollm2-135m, the default; gemma3-270m) or a .gguf path; the peer loads the
-# GGUF that ours reports having loaded. Prompt: SmolLM2's GGUF has a chat template and the peer uses its
-# 37-token ChatML prompt; for a GGUF without one (Gemma 3 270M) the peer's prompt is PROMPT_TOKENS (default 37)
-# tokens: BOS + the text `mode bench infer` uses. Ours always decodes after a prompt of the same length
+# GGUF that ours reports having loaded. STREAMS (PEER=llama only): also the aggregate decode tokens/s of N
+# sequences decoded together after the same prompt, ours `--streams N` (one batched step per token, as `mode
+# serve` runs) and the peer's llama-batched-bench `-npp PROMPT_TOKENS -ntg NEW_TOKENS -npl N` (S_TG t/s).
+# Prompt: SmolLM2's GGUF has a chat template and the peer uses its 37-token ChatML prompt; for a GGUF
+# without one (Gemma 3 270M) the peer's prompt is PROMPT_TOKENS (default 37) tokens: BOS + the text `mode bench infer` uses. Ours always decodes after a prompt of the same length
 # (`--prompt-tokens`). EVAL_TOKENS (unset: mode's default) only sizes ours' evaluation figure, which the
 # peer does not measure.
 set -euo pipefail
@@ -35,6 +38,11 @@ NEW_TOKENS="${NEW_TOKENS:-64}"
 PROMPT_TOKENS="${PROMPT_TOKENS:-37}"
 MODE="${CARGO_TARGET_DIR:-target}/release/mode"
 PEER="${PEER:-hf}"
+STREAMS="${STREAMS:-}"
+if [ -n "$STREAMS" ] && [ "$PEER" != llama ]; then
+    echo "infer.sh: STREAMS needs PEER=llama (the transformers peer decodes one sequence)" >&2
+    exit 1
+fi
 WEIGHT_DTYPE="${WEIGHT_DTYPE:-f32}"
 PY=scripts/reference/.venv/bin/python
 if [ "$PEER" = hf ]; then
@@ -46,6 +54,7 @@ fi
 cargo build --release --quiet
 eval_flags=()
 [ -n "${EVAL_TOKENS:-}" ] && eval_flags=(--eval-tokens "$EVAL_TOKENS" --seq-len "$EVAL_TOKENS")
+[ -n "$STREAMS" ] && eval_flags+=(--streams "$STREAMS")
 rows=()
 GGUF=""
 for round in $(seq 1 "$ROUNDS"); do
@@ -73,6 +82,22 @@ pp = [t["avg_ts"] for t in tests if t["n_prompt"] > 0 and t["n_gen"] == 0]
 tg = [t["avg_ts"] for t in tests if t["n_gen"] > 0 and t["n_prompt"] == 0]
 print(json.dumps({"gguf": sys.argv[1], "prefill_tokens_per_sec": pp[0], "decode_tokens_per_sec": tg[0]}))
 ' "$PEER_GGUF")
+        if [ -n "$STREAMS" ]; then
+            most=$(tr ',' '\n' <<< "$STREAMS" | sort -n | tail -n 1)
+            peer=$("$LLAMA_BIN/llama-batched-bench" -m "$PEER_GGUF" -t "$THREADS" -npp "$PROMPT_TOKENS" \
+                -ntg "$NEW_TOKENS" -npl "$STREAMS" -c $(( most * (PROMPT_TOKENS + NEW_TOKENS) + 64 )) 2>/dev/null \
+                | python3 -c '
+import json, sys
+row = json.loads(sys.argv[1])
+batched = {}
+for line in sys.stdin:
+    cells = [c.strip() for c in line.strip().strip("|").split("|")]
+    if len(cells) == 10 and cells[2].isdigit():
+        batched[cells[2]] = float(cells[7])
+row["batched_decode_tokens_per_sec"] = batched
+print(json.dumps(row))
+' "$peer")
+        fi
     fi
     echo "round $round/$ROUNDS peer: $peer"
     rows+=("$ours" "$peer")
@@ -90,5 +115,10 @@ for metric in ("decode", "prefill"):
     key = f"{metric}_tokens_per_sec"
     out[f"ratio_{metric}"] = ratio_summary([o[key] for o in ours], [p[key] for p in peer])
     out[key] = {"mode": round(median([o[key] for o in ours]), 1), peer_name: round(median([p[key] for p in peer]), 1)}
+for n in ours[0].get("batched_decode_tokens_per_sec", {}):
+    a = [o["batched_decode_tokens_per_sec"][n] for o in ours]
+    b = [p["batched_decode_tokens_per_sec"][n] for p in peer]
+    out[f"ratio_decode_{n}_streams"] = ratio_summary(a, b)
+    out[f"decode_{n}_streams_tokens_per_sec"] = {"mode": round(median(a), 1), peer_name: round(median(b), 1)}
 print(json.dumps(out))
 PY

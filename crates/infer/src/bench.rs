@@ -76,6 +76,38 @@ pub fn time_greedy(
     })
 }
 
+/// Aggregate greedy decode tokens/s of `streams` sequences decoded together, one batched step
+/// ([`mode_core::ModeModel::decode_step`]) per token for all of them, as `mode serve` decodes
+/// its running requests; each sequence first reads `prompt` with its own cache (not timed).
+pub fn time_batched_greedy(
+    model: &mode_core::ModeModel,
+    prompt: &[u32],
+    streams: usize,
+    new_tokens: usize,
+) -> Result<f64> {
+    let routing = mode_core::Routing::default();
+    let mut caches = Vec::with_capacity(streams);
+    let mut next = Vec::with_capacity(streams);
+    let ids = Tensor::new(prompt, model.device())?.unsqueeze(0)?;
+    for _ in 0..streams {
+        let mut cache = model.new_cache();
+        cache.reserve(prompt.len() + new_tokens);
+        let hidden = model.forward_routed(&ids, Some(&mut cache), &routing, None)?;
+        let t = hidden.dims()[1];
+        let logits = model.logits(&hidden.i((0, t - 1..t, ..))?.contiguous()?)?;
+        next.push(logits.flatten_all()?.argmax(0)?.to_scalar::<u32>()?);
+        caches.push(cache);
+    }
+    let routings = vec![&routing; streams];
+    let start = Instant::now();
+    for _ in 0..new_tokens {
+        let mut refs: Vec<&mut mode_model::KvCache> = caches.iter_mut().collect();
+        let logits = model.decode_step(&next, &mut refs, &routings)?;
+        next = logits.argmax(1)?.to_vec1::<u32>()?;
+    }
+    Ok((streams * new_tokens) as f64 / start.elapsed().as_secs_f64())
+}
+
 /// Medians of one configuration over the timed runs.
 #[derive(Debug, Clone, Serialize)]
 pub struct DecodeRow {

@@ -17,6 +17,8 @@ pub enum Error {
     #[error(transparent)]
     Model(#[from] mode_model::Error),
     #[error(transparent)]
+    Core(#[from] mode_core::Error),
+    #[error(transparent)]
     Io(#[from] mode_io::Error),
     #[error("tensor computation failed: {0}")]
     Candle(#[from] candle_core::Error),

@@ -118,6 +118,11 @@ struct InferArgs {
     eval_tokens: usize,
     #[arg(long, default_value_t = 512)]
     seq_len: usize,
+    /// Also time batched decoding: for each count N (comma-separated, e.g. 8,32), N sequences
+    /// after the same prompt decoded together, one batched step per token as `mode serve` runs
+    /// its requests; reports their aggregate tokens/s
+    #[arg(long, value_delimiter = ',')]
+    streams: Vec<usize>,
     /// Print one JSON line instead of a table
     #[arg(long)]
     json: bool,
@@ -130,6 +135,9 @@ pub fn run(args: Args) -> Result<()> {
         What::Decode(a) => decode(a),
     }
 }
+
+/// The most sequences a batched decode measurement runs together.
+const MAX_STREAMS: usize = 1024;
 
 /// The most timed runs (or steps) a benchmark takes.
 const MAX_RUNS: usize = 1000;
@@ -147,7 +155,14 @@ fn infer(args: InferArgs) -> Result<()> {
     ] {
         super::check_range(flag, n, 1, super::MAX_TOKENS)?;
     }
-    let (model, tokenizer, path) = args.backbone.load()?;
+    for &n in &args.streams {
+        super::check_range("--streams", n, 1, MAX_STREAMS)?;
+    }
+    let (backbone, tokenizer, path) = args.backbone.load()?;
+    // The batched steps are the server's, on the backbone with no experts; the single stream
+    // runs the backbone itself, as before.
+    let bare = mode_core::ModeModel::bare(backbone)?;
+    let model = &bare.backbone;
     let ids = bench::text_ids(&tokenizer, args.prompt_tokens.max(args.eval_tokens))?;
     // The prompt begins with the BOS where the tokenizer asks for one (Gemma), as a user's prompt
     // would and as the peer's plain-text prompt does (bench/peer/hf_generate.py); then the text.
@@ -160,12 +175,13 @@ fn infer(args: InferArgs) -> Result<()> {
     let threads = candle_core::utils::get_num_threads();
 
     let (mut prefill, mut decode, mut eval) = (Vec::new(), Vec::new(), Vec::new());
+    let mut batched: Vec<Vec<f64>> = vec![Vec::new(); args.streams.len()];
     for run in 0..=args.runs {
-        let g = bench::time_greedy(&model, &prompt, args.new_tokens)?;
+        let g = bench::time_greedy(model, &prompt, args.new_tokens)?;
         let (p, d) = (g.prefill_tokens_per_sec, g.decode_tokens_per_sec);
         let start = Instant::now();
         mode_eval::evaluate_ids(
-            &model,
+            model,
             &mode_eval::EvalSet::plain(ids[..args.eval_tokens].to_vec())
                 .with_bos(tokenizer.leading_bos()),
             args.seq_len,
@@ -174,17 +190,31 @@ fn infer(args: InferArgs) -> Result<()> {
             |_| {},
         )?;
         let e = args.eval_tokens as f64 / start.elapsed().as_secs_f64();
+        let mut line = format!("prefill {p:.1}, decode {d:.1}, eval {e:.1}");
+        for (i, &n) in args.streams.iter().enumerate() {
+            let tps = bench::time_batched_greedy(&bare, &prompt, n, args.new_tokens)?;
+            line += &format!(", {n} streams {tps:.1}");
+            if run > 0 {
+                batched[i].push(tps);
+            }
+        }
         if run > 0 {
             prefill.push(p);
             decode.push(d);
             eval.push(e);
         }
         eprintln!(
-            "mode: run {run}{}: prefill {p:.1}, decode {d:.1}, eval {e:.1} tokens/s",
+            "mode: run {run}{}: {line} tokens/s",
             if run == 0 { " (warm-up)" } else { "" }
         );
     }
     let (p, d, e) = (median(&prefill), median(&decode), median(&eval));
+    let batched: Vec<(usize, f64)> = args
+        .streams
+        .iter()
+        .zip(&batched)
+        .map(|(&n, t)| (n, median(t)))
+        .collect();
     if args.json {
         println!(
             "{}",
@@ -194,6 +224,10 @@ fn infer(args: InferArgs) -> Result<()> {
                 "prefill_tokens_per_sec": p,
                 "decode_tokens_per_sec": d,
                 "eval_tokens_per_sec": e,
+                "batched_decode_tokens_per_sec": batched
+                    .iter()
+                    .map(|(n, t)| (n.to_string(), *t))
+                    .collect::<std::collections::BTreeMap<_, _>>(),
                 "prompt_tokens": args.prompt_tokens,
                 "prompt_bos": tokenizer.leading_bos(),
                 "new_tokens": args.new_tokens,
@@ -219,6 +253,9 @@ fn infer(args: InferArgs) -> Result<()> {
             "  eval     {e:>8.1} tokens/s  ({} tokens, seq-len {})",
             args.eval_tokens, args.seq_len
         );
+        for (n, t) in batched {
+            println!("  decode   {t:>8.1} tokens/s  ({n} streams together, all rows' tokens)");
+        }
     }
     Ok(())
 }
