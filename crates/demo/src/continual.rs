@@ -263,7 +263,7 @@ impl Runner<'_> {
             let (model, mut result, tokens) = self.continual_step(track, step, earlier, recipe)?;
             let seconds = t.elapsed().as_secs_f64();
             let spec = RunSpec::default();
-            self.score(&spec, &name, &model, Scoring::Continual, &mut result)?;
+            self.score(&spec, &name, &model, Scoring::Continual, &mut result, None)?;
             let r = StepResult {
                 track,
                 step,

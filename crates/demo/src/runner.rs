@@ -84,27 +84,53 @@ impl Runner<'_> {
     }
 
     /// The result of run `spec` scored by `scoring`: read back from `runs/NAME.json` when an
-    /// earlier invocation finished it, otherwise trained and scored now.
+    /// earlier invocation finished it, otherwise trained and scored now. Work is kept as it
+    /// goes in `runs/NAME.partial.json` (the training's result, then each set's score), so an
+    /// invocation stopped while scoring reloads the trained model and scores only what is left.
     pub fn run(&mut self, spec: &RunSpec, scoring: Scoring) -> Result<RunResult> {
         let name = spec.name(&self.budget);
         let saved = self.path(&["runs", &format!("{name}.json")]);
-        if let Ok(text) = std::fs::read_to_string(&saved) {
-            if let Ok(r) = serde_json::from_str::<RunResult>(&text) {
-                if r.spec == *spec {
-                    self.reporter
-                        .stage(&format!("{name}: done in an earlier run"));
-                    return Ok(r);
-                }
+        if let Some(r) = read_result(&saved).filter(|r| r.spec == *spec) {
+            self.reporter
+                .stage(&format!("{name}: done in an earlier run"));
+            return Ok(r);
+        }
+        let partial = self.path(&["runs", &format!("{name}.partial.json")]);
+        let (model, mut result) = match read_result(&partial).filter(|r| r.spec == *spec) {
+            Some(r) => {
+                self.reporter
+                    .stage(&format!("{name}: trained in an earlier run"));
+                (self.trained(spec, &name)?, r)
             }
-        }
-        let t = Instant::now();
-        let (model, mut result) = self.train(spec, &name)?;
-        if spec.method != Method::Backbone {
-            result.train_seconds += t.elapsed().as_secs_f64();
-        }
-        self.score(spec, &name, &model, scoring, &mut result)?;
+            None => {
+                let t = Instant::now();
+                let (model, mut result) = self.train(spec, &name)?;
+                if spec.method != Method::Backbone {
+                    result.train_seconds += t.elapsed().as_secs_f64();
+                }
+                crate::save_json(&partial, &result)?;
+                (model, result)
+            }
+        };
+        self.score(spec, &name, &model, scoring, &mut result, Some(&partial))?;
         crate::save_json(&saved, &result)?;
+        let _ = std::fs::remove_file(&partial);
         Ok(result)
+    }
+
+    /// The model an earlier invocation trained for `spec`, loaded from where training left it.
+    fn trained(&mut self, spec: &RunSpec, name: &str) -> Result<LoadedModel> {
+        Ok(match spec.method {
+            Method::Backbone => LoadedModel::Backbone(Box::new(self.backbone()?)),
+            Method::Expert { .. } | Method::FreshMix { .. } => {
+                let (file, _) = self.expert(spec)?;
+                mode_core::loaded::load_with_expert(&file, self.backbone()?)?.0
+            }
+            Method::FullFt | Method::Lora { .. } | Method::Composed { .. } => {
+                let out = self.path(&["models", name]);
+                mode_core::loaded::load_folder(&out, self.backbone()?)?.0
+            }
+        })
     }
 
     fn train(&mut self, spec: &RunSpec, name: &str) -> Result<(LoadedModel, RunResult)> {
@@ -302,7 +328,9 @@ impl Runner<'_> {
         Ok((model, result))
     }
 
-    /// Scores `model` on every held-out set (or validation split) of the demo, window by window.
+    /// Scores `model` on every held-out set (or validation split) of the demo, window by window;
+    /// sets already in `result` are kept. With `progress`, `result` is saved there after each
+    /// set.
     pub(crate) fn score(
         &mut self,
         spec: &RunSpec,
@@ -310,8 +338,9 @@ impl Runner<'_> {
         model: &LoadedModel,
         scoring: Scoring,
         result: &mut RunResult,
+        progress: Option<&Path>,
     ) -> Result<()> {
-        let t = Instant::now();
+        let mut t = Instant::now();
         let b = self.budget.clone();
         let (sets, split, windows) = match scoring {
             Scoring::Test => (self.domains.eval_sets(), Split::Test, b.eval_windows),
@@ -351,6 +380,9 @@ impl Runner<'_> {
         ));
         model.take_gate_stats();
         for (set, path) in sets {
+            if result.sets.contains_key(set) {
+                continue;
+            }
             let (report, windows) = mode_eval::evaluate_path(
                 model.lm(),
                 &self.tokenizer,
@@ -372,15 +404,25 @@ impl Runner<'_> {
             if let Some(g) = model.take_gate_stats() {
                 result.gate_weights.insert(set.to_string(), g);
             }
+            result.eval_seconds += t.elapsed().as_secs_f64();
+            t = Instant::now();
+            if let Some(path) = progress {
+                crate::save_json(path, result)?;
+            }
         }
         if let LoadedModel::Mode(m) = model {
             result.branches = std::iter::once("backbone".to_string())
                 .chain(m.experts.iter().map(|e| e.name.clone()))
                 .collect();
         }
-        result.eval_seconds = t.elapsed().as_secs_f64();
         Ok(())
     }
+}
+
+/// A run's result as saved, if `path` holds one.
+fn read_result(path: &Path) -> Option<RunResult> {
+    let text = std::fs::read_to_string(path).ok()?;
+    serde_json::from_str(&text).ok()
 }
 
 /// Parameters an expert file adds: its layers and stage-1 gates.

@@ -223,6 +223,49 @@ fn a_tiny_demo_runs_every_method_and_writes_the_report() {
         again.0
     );
 
+    // A run stopped while it was being scored keeps its training and the sets it had scored:
+    // the next invocation reloads the trained model and scores only the rest, alike.
+    let runs = out.join("runs");
+    for name in ["full_ft", "mode_composed"] {
+        let done = runs.join(format!("{name}.json"));
+        let mut partial: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&done).unwrap()).unwrap();
+        partial["sets"].as_object_mut().unwrap().remove("code");
+        // (`get_mut`: indexing would add a null field to a run without gates.)
+        if let Some(g) = partial
+            .get_mut("gate_weights")
+            .and_then(|g| g.as_object_mut())
+        {
+            g.remove("code");
+        }
+        std::fs::write(
+            runs.join(format!("{name}.partial.json")),
+            serde_json::to_vec(&partial).unwrap(),
+        )
+        .unwrap();
+        std::fs::remove_file(&done).unwrap();
+    }
+    let mut resumed = Quiet(Vec::new());
+    let third = mode_demo::run(&opts, &mut resumed).unwrap();
+    for name in ["full_ft", "mode_composed"] {
+        let stage = format!("{name}: trained in an earlier run");
+        assert!(resumed.0.contains(&stage), "{:?}", resumed.0);
+        assert_eq!(third.runs[name].sets, results.runs[name].sets, "{name}");
+        assert_eq!(
+            third.runs[name].gate_weights,
+            results.runs[name].gate_weights
+        );
+        assert!(!runs.join(format!("{name}.partial.json")).exists());
+    }
+    assert!(
+        resumed
+            .0
+            .iter()
+            .all(|s| !s.starts_with("training") && !s.starts_with("composing")),
+        "{:?}",
+        resumed.0
+    );
+
     // The trade-off adds the longer runs and reuses the table's.
     let tradeoff = DemoOptions {
         tradeoff: true,
