@@ -114,19 +114,28 @@ impl BlockFormat {
     }
 }
 
+/// Weight rows stored together: one 32-byte vector holds four consecutive values of each of
+/// them, so that one integer instruction computes a piece of eight dot products at once.
+pub const GROUP_ROWS: usize = 8;
+
 /// A `[rows, cols]` matrix in Q8_0 or Q4_1 blocks: GGUF's values (scales and minimums rounded
-/// to f16 as the file stores them), held as one array of quantised bytes and one each of scales
-/// and minimums (widened to f32 once, at load) so that the integer kernels read whole blocks of
-/// aligned bytes and never convert a scale in their inner loop.
+/// to f16 as the file stores them, widened to f32 once, at load), with the rows interleaved in
+/// groups of [`GROUP_ROWS`] for the integer kernels (the last group padded with zero rows).
+///
+/// Group `g`, block `b` (values `32b..32b + 32` of each of its rows) holds, for Q8_0, eight
+/// vectors of 32 bytes, vector `c` being values `4c..4c + 4` of rows `8g..8g + 8` in turn; for
+/// Q4_1 four vectors, vector `c` holding values `4c..4c + 4` in the low nibbles and
+/// `16 + 4c..16 + 4c + 4` in the high ones. Then the group's 8 scales (and minimums) of the
+/// block. A kernel reads a group's blocks in order, each as a few aligned vectors.
 ///
 /// Several matrices can share one storage ([`QMatrix::stack`]): each is then a view of its own
-/// rows, and the stack multiplies all of them in one pass.
+/// rows, and the stack computes all of their outputs in one pass.
 #[derive(Debug, Clone)]
 pub struct QMatrix {
     format: BlockFormat,
     rows: usize,
     cols: usize,
-    /// The first of this matrix's rows in the storage.
+    /// The first of this matrix's rows in the storage (a multiple of [`GROUP_ROWS`]).
     first_row: usize,
     quants: Arc<[u8]>,
     scales: Arc<[f32]>,
@@ -145,18 +154,58 @@ impl QMatrix {
         }
         let values = w.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
         let blocks = rows * cols / BLOCK_VALUES;
+        // Row by row first, as GGUF stores them; then interleaved.
         let mut quants = vec![0u8; blocks * format.quant_bytes()];
         let mut scales = vec![0f32; blocks];
-        let mut mins = Vec::new();
+        let mut mins = vec![0f32; blocks];
         let to_f16 = |d: f32| f16::from_f32(d).to_f32();
         match format {
             BlockFormat::Q8_0 => {
-                let signed = bytemuck_i8(&mut quants);
-                quantize_q8_0(&values, signed, &mut scales, to_f16);
+                quantize_q8_0(&values, bytemuck_i8(&mut quants), &mut scales, to_f16);
             }
-            BlockFormat::Q4_1 => {
-                mins = vec![0f32; blocks];
-                quantize_q4_1(&values, &mut quants, &mut scales, &mut mins);
+            BlockFormat::Q4_1 => quantize_q4_1(&values, &mut quants, &mut scales, &mut mins),
+        }
+        let level = |r: usize, c: usize| -> u8 {
+            let block = (r * cols + c) / BLOCK_VALUES;
+            let v = c % BLOCK_VALUES;
+            match format {
+                BlockFormat::Q8_0 => quants[block * BLOCK_VALUES + v],
+                BlockFormat::Q4_1 => {
+                    let byte = quants[block * BLOCK_VALUES / 2 + v % 16];
+                    if v < 16 {
+                        byte & 0x0F
+                    } else {
+                        byte >> 4
+                    }
+                }
+            }
+        };
+        let (groups, row_blocks) = (rows.div_ceil(GROUP_ROWS), cols / BLOCK_VALUES);
+        let group_block_bytes = GROUP_ROWS * format.quant_bytes();
+        let mut packed = vec![0u8; groups * row_blocks * group_block_bytes];
+        let mut packed_scales = vec![0f32; groups * row_blocks * GROUP_ROWS];
+        let mut packed_mins = match format {
+            BlockFormat::Q8_0 => Vec::new(),
+            BlockFormat::Q4_1 => vec![0f32; packed_scales.len()],
+        };
+        for r in 0..rows {
+            let (g, i) = (r / GROUP_ROWS, r % GROUP_ROWS);
+            for b in 0..row_blocks {
+                let at = (g * row_blocks + b) * GROUP_ROWS + i;
+                packed_scales[at] = scales[r * row_blocks + b];
+                if let Some(m) = packed_mins.get_mut(at) {
+                    *m = mins[r * row_blocks + b];
+                }
+                let base = (g * row_blocks + b) * group_block_bytes + i * 4;
+                for v in 0..BLOCK_VALUES {
+                    let q = level(r, b * BLOCK_VALUES + v);
+                    let (vector, high) = match format {
+                        BlockFormat::Q8_0 => (v / 4, false),
+                        BlockFormat::Q4_1 => ((v / 4) % 4, v >= 16),
+                    };
+                    let byte = &mut packed[base + vector * 32 + v % 4];
+                    *byte |= if high { q << 4 } else { q };
+                }
             }
         }
         Ok(Self {
@@ -164,15 +213,16 @@ impl QMatrix {
             rows,
             cols,
             first_row: 0,
-            quants: quants.into(),
-            scales: scales.into(),
-            mins: mins.into(),
+            quants: packed.into(),
+            scales: packed_scales.into(),
+            mins: packed_mins.into(),
         })
     }
 
     /// One matrix holding the rows of `parts` in order (all of one format and number of
-    /// columns), and each part again as a view of its rows in it: the parts then share one
-    /// storage, and the stack computes all of their outputs in one pass over it.
+    /// columns, each but the last a whole number of groups), and each part again as a view of
+    /// its rows in it: the parts then share one storage, and the stack computes all of their
+    /// outputs in one pass over it.
     pub fn stack(parts: &[&QMatrix]) -> candle_core::Result<(Self, Vec<Self>)> {
         let Some(first) = parts.first() else {
             candle_core::bail!("no matrices to stack");
@@ -183,6 +233,15 @@ impl QMatrix {
                 "cannot stack a [_, {}] {:?} matrix on [_, {cols}] {format:?} ones",
                 p.cols,
                 p.format
+            );
+        }
+        if let Some(p) = parts[..parts.len() - 1]
+            .iter()
+            .find(|p| !p.rows.is_multiple_of(GROUP_ROWS))
+        {
+            candle_core::bail!(
+                "cannot stack a matrix of {} rows: not whole groups of {GROUP_ROWS}",
+                p.rows
             );
         }
         let (mut quants, mut scales, mut mins) = (Vec::new(), Vec::new(), Vec::new());
@@ -229,18 +288,22 @@ impl QMatrix {
         self.format
     }
 
-    /// This matrix's blocks, for the kernels.
+    /// This matrix's groups of rows, for the kernels.
     pub fn view(&self) -> QRows<'_> {
         let blocks = self.cols / BLOCK_VALUES;
-        let row_bytes = blocks * self.format.quant_bytes();
+        let (g0, groups) = (self.first_row / GROUP_ROWS, self.rows.div_ceil(GROUP_ROWS));
+        let group_bytes = blocks * GROUP_ROWS * self.format.quant_bytes();
+        let group_scales = blocks * GROUP_ROWS;
         let mins = match self.format {
             BlockFormat::Q8_0 => &self.mins[..],
-            BlockFormat::Q4_1 => &self.mins[self.first_row * blocks..][..self.rows * blocks],
+            BlockFormat::Q4_1 => &self.mins[g0 * group_scales..][..groups * group_scales],
         };
         QRows {
             format: self.format,
-            quants: &self.quants[self.first_row * row_bytes..][..self.rows * row_bytes],
-            scales: &self.scales[self.first_row * blocks..][..self.rows * blocks],
+            rows: self.rows,
+            cols: self.cols,
+            quants: &self.quants[g0 * group_bytes..][..groups * group_bytes],
+            scales: &self.scales[g0 * group_scales..][..groups * group_scales],
             mins,
         }
     }
@@ -251,51 +314,59 @@ impl QMatrix {
         let (rows, cols) = (self.rows, self.cols);
         let mut out = vec![0f32; rows * cols];
         let v = self.view();
-        out.par_chunks_mut(cols)
-            .enumerate()
-            .for_each(|(r, dst)| v.widen_row(r, cols, dst));
+        out.par_chunks_mut(cols).enumerate().for_each(|(r, dst)| {
+            for (c, o) in dst.iter_mut().enumerate() {
+                *o = v.value(r, c);
+            }
+        });
         Tensor::from_vec(out, (rows, cols), &Device::Cpu)
     }
 }
 
-/// Quantised blocks as the kernels read them: `values / 32` scales (and for Q4_1 minimums), one
-/// per 32 consecutive values; `quants` holds [`BlockFormat::quant_bytes`] a block.
+/// A matrix's groups of interleaved rows as the kernels read them (see [`QMatrix`]).
 #[derive(Debug, Clone, Copy)]
 pub struct QRows<'a> {
     pub format: BlockFormat,
+    pub rows: usize,
+    pub cols: usize,
     pub quants: &'a [u8],
     pub scales: &'a [f32],
+    /// Empty for Q8_0.
     pub mins: &'a [f32],
 }
 
 impl QRows<'_> {
-    /// Writes row `r` (of `cols` values) widened to f32 into `dst`.
-    fn widen_row(&self, r: usize, cols: usize, dst: &mut [f32]) {
-        let blocks = cols / BLOCK_VALUES;
-        let bytes = self.format.quant_bytes();
-        let quants = self.quants[r * blocks * bytes..][..blocks * bytes].chunks_exact(bytes);
-        let scales = &self.scales[r * blocks..][..blocks];
-        for (b, ((out, q), d)) in dst
-            .chunks_exact_mut(BLOCK_VALUES)
-            .zip(quants)
-            .zip(scales)
-            .enumerate()
-        {
-            match self.format {
-                BlockFormat::Q8_0 => {
-                    for (o, &q) in out.iter_mut().zip(q) {
-                        *o = d * q as i8 as f32;
-                    }
-                }
-                BlockFormat::Q4_1 => {
-                    let m = self.mins[r * blocks + b];
-                    let (low, high) = out.split_at_mut(BLOCK_VALUES / 2);
-                    for ((lo, hi), &q) in low.iter_mut().zip(high).zip(q) {
-                        *lo = d * (q & 0x0F) as f32 + m;
-                        *hi = d * (q >> 4) as f32 + m;
-                    }
-                }
+    /// Where row `r`'s scale (and minimum) of block `b` is.
+    fn scale_at(&self, r: usize, b: usize) -> usize {
+        ((r / GROUP_ROWS) * (self.cols / BLOCK_VALUES) + b) * GROUP_ROWS + r % GROUP_ROWS
+    }
+
+    /// The quantised level of value `c` of row `r`: signed for Q8_0, 0 to 15 for Q4_1.
+    pub fn level(&self, r: usize, c: usize) -> i32 {
+        let (b, v) = (c / BLOCK_VALUES, c % BLOCK_VALUES);
+        let group_block = (r / GROUP_ROWS) * (self.cols / BLOCK_VALUES) + b;
+        let base = group_block * GROUP_ROWS * self.format.quant_bytes() + (r % GROUP_ROWS) * 4;
+        match self.format {
+            BlockFormat::Q8_0 => self.quants[base + (v / 4) * 32 + v % 4] as i8 as i32,
+            BlockFormat::Q4_1 => {
+                let byte = self.quants[base + ((v / 4) % 4) * 32 + v % 4];
+                (if v < 16 { byte & 0x0F } else { byte >> 4 }) as i32
             }
+        }
+    }
+
+    /// Row `r`'s scale and minimum (0 for Q8_0) of block `b`.
+    pub fn scale_min(&self, r: usize, b: usize) -> (f32, f32) {
+        let at = self.scale_at(r, b);
+        (self.scales[at], self.mins.get(at).copied().unwrap_or(0.0))
+    }
+
+    /// Value `c` of row `r`, widened to f32 as GGUF does.
+    pub fn value(&self, r: usize, c: usize) -> f32 {
+        let (d, m) = self.scale_min(r, c / BLOCK_VALUES);
+        match self.format {
+            BlockFormat::Q8_0 => d * self.level(r, c) as f32,
+            BlockFormat::Q4_1 => d * self.level(r, c) as f32 + m,
         }
     }
 }
@@ -459,9 +530,10 @@ mod tests {
                 let t = Tensor::from_vec(v, (rows, 64), &Device::Cpu).unwrap();
                 QMatrix::quantize(&t, format).unwrap()
             };
-            let (a, b) = (part(3, 0.0), part(5, 1.0));
+            // Whole groups of rows but the last part's.
+            let (a, b) = (part(8, 0.0), part(5, 1.0));
             let (stack, views) = QMatrix::stack(&[&a, &b]).unwrap();
-            assert_eq!((stack.rows(), stack.cols()), (8, 64));
+            assert_eq!((stack.rows(), stack.cols()), (13, 64));
             for (view, original) in views.iter().zip([&a, &b]) {
                 assert_eq!(view.view().quants, original.view().quants);
                 assert_eq!(view.view().scales, original.view().scales);
@@ -469,14 +541,17 @@ mod tests {
                 assert!(Arc::ptr_eq(&view.quants, &stack.quants));
             }
             let whole = stack.dequantize().unwrap();
-            let top = whole.narrow(0, 3, 5).unwrap().to_vec2::<f32>().unwrap();
+            let top = whole.narrow(0, 8, 5).unwrap().to_vec2::<f32>().unwrap();
             assert_eq!(top, b.dequantize().unwrap().to_vec2::<f32>().unwrap());
-            assert!(QMatrix::stack(&[&a, &part(2, 0.0)]).is_ok());
-            let zeros = Tensor::zeros((2, 32), DType::F32, &Device::Cpu).unwrap();
+            assert!(
+                QMatrix::stack(&[&b, &a]).is_err(),
+                "5 rows end inside a group"
+            );
+            let zeros = Tensor::zeros((8, 32), DType::F32, &Device::Cpu).unwrap();
             let narrow = QMatrix::quantize(&zeros, format).unwrap();
             assert!(QMatrix::stack(&[&a, &narrow]).is_err());
         }
-        let w = Tensor::zeros((2, 64), DType::F32, &Device::Cpu).unwrap();
+        let w = Tensor::zeros((8, 64), DType::F32, &Device::Cpu).unwrap();
         let q8 = QMatrix::quantize(&w, BlockFormat::Q8_0).unwrap();
         let q4 = QMatrix::quantize(&w, BlockFormat::Q4_1).unwrap();
         assert!(QMatrix::stack(&[&q8, &q4]).is_err());

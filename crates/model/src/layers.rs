@@ -236,10 +236,10 @@ pub fn fuse_quantized(parts: &mut [&mut Linear]) -> candle_core::Result<Option<L
             Weight::Dense(_) => return Ok(None),
         }
     }
-    if matrices.iter().any(|q| q.format() != matrices[0].format()) {
+    // Parts of other formats, or whose rows end inside a group of interleaved rows, stay apart.
+    let Ok((stack, views)) = QMatrix::stack(&matrices) else {
         return Ok(None);
-    }
-    let (stack, views) = QMatrix::stack(&matrices)?;
+    };
     let bias = if parts.iter().any(|p| p.bias.is_some()) {
         let biases = parts
             .iter()

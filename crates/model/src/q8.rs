@@ -3,17 +3,20 @@
 //! The rows of `x` are rounded to Q8_0 blocks (scales kept in f32), and each pair of blocks is
 //! multiplied with 8-bit dot products, then scaled by the product of the two blocks' scales in
 //! f32; Q4_1's minimum adds `min * scale_x * sum(x's block)`, from sums taken when `x` is
-//! rounded. AVX-512 VNNI's `vpdpbusd` where the CPU has it (Q8_0 weights offset to unsigned, the
-//! offset taken back out of each lane's starting value; Q4_1's nibbles are unsigned already),
-//! AVX2's `vpmaddubsw` otherwise (for Q8_0, `x` gives its magnitudes and the weights take `x`'s
-//! signs). This is what llama.cpp does: the weights are read as bytes, and the arithmetic runs
+//! rounded. The weights are stored in groups of 8 interleaved rows ([`crate::compact::QMatrix`]):
+//! four values of `x`, broadcast, meet four values of each of the 8 rows in one instruction, so
+//! each lane of the accumulator is one output and a block costs one conversion to f32 for 8
+//! outputs. AVX-512 VNNI's `vpdpbusd` where the CPU has it (Q8_0 weights offset to unsigned,
+//! the offset taken back out of the accumulator's starting value; Q4_1's nibbles are unsigned
+//! already), AVX2's `vpmaddubsw` otherwise (for Q8_0, `x` gives its magnitudes and the weights
+//! take `x`'s signs). As in llama.cpp, the weights are read as bytes, and the arithmetic runs
 //! 32 multiply-adds an instruction.
 //!
 //! Every output element is summed in the same order however many rows `x` has and wherever a
 //! row sits among them, so a sequence decoded in a batch gets bit for bit the logits it gets
 //! alone.
 
-use crate::compact::{quantize_q8_0, BlockFormat, QRows, BLOCK_VALUES};
+use crate::compact::{quantize_q8_0, BlockFormat, QRows, BLOCK_VALUES, GROUP_ROWS};
 
 /// How many groups of weight rows ahead of the one being multiplied the kernels prefetch. The
 /// hardware prefetcher alone kept a thread at a third of the bandwidth a plain streaming read
@@ -21,10 +24,12 @@ use crate::compact::{quantize_q8_0, BlockFormat, QRows, BLOCK_VALUES};
 const PREFETCH_GROUPS: usize = 2;
 
 /// Rows of `x` rounded to Q8_0: `quants` row-major, one f32 scale per block, and per block
-/// its scale times the sum of its values (what a Q4_1 block's minimum multiplies).
+/// the sum of its levels (what VNNI's offset takes back) and its scale times that sum (what a
+/// Q4_1 block's minimum multiplies).
 struct Activations {
     quants: Vec<i8>,
     scales: Vec<f32>,
+    level_sums: Vec<i32>,
     sums: Vec<f32>,
 }
 
@@ -36,7 +41,9 @@ impl Activations {
         let mut quants = vec![0i8; x.len()];
         let mut scales = vec![0f32; blocks];
         let mut sums = vec![0f32; blocks];
+        let mut level_sums = vec![0i32; blocks];
         let q_ptr = crate::matmul::OutPtr(quants.as_mut_ptr());
+        let l_ptr = crate::matmul::OutPtr(level_sums.as_mut_ptr());
         let s_ptr = crate::matmul::OutPtr(scales.as_mut_ptr());
         let sum_ptr = crate::matmul::OutPtr(sums.as_mut_ptr());
         let chunks = blocks.div_ceil(BLOCKS_PER_QUANTIZE_TASK);
@@ -45,24 +52,27 @@ impl Activations {
                 let b0 = chunk * BLOCKS_PER_QUANTIZE_TASK;
                 let n = BLOCKS_PER_QUANTIZE_TASK.min(blocks - b0);
                 let values = n * BLOCK_VALUES;
-                // SAFETY: each chunk writes only its own blocks of `quants`, `scales` and
-                // `sums`, which outlive the loop.
-                let (q, s, sum) = unsafe {
+                // SAFETY: each chunk writes only its own blocks of `quants`, `scales`,
+                // `level_sums` and `sums`, which outlive the loop.
+                let (q, s, l, sum) = unsafe {
                     (
                         std::slice::from_raw_parts_mut(q_ptr.get().add(b0 * BLOCK_VALUES), values),
                         std::slice::from_raw_parts_mut(s_ptr.get().add(b0), n),
+                        std::slice::from_raw_parts_mut(l_ptr.get().add(b0), n),
                         std::slice::from_raw_parts_mut(sum_ptr.get().add(b0), n),
                     )
                 };
                 quantize_q8_0(&x[b0 * BLOCK_VALUES..][..values], q, s, |d| d);
-                for ((sum, q), d) in sum.iter_mut().zip(q.chunks_exact(BLOCK_VALUES)).zip(&*s) {
-                    *sum = d * q.iter().map(|&v| v as i32).sum::<i32>() as f32;
+                for (b, q) in q.chunks_exact(BLOCK_VALUES).enumerate() {
+                    l[b] = q.iter().map(|&v| v as i32).sum();
+                    sum[b] = s[b] * l[b] as f32;
                 }
             }
         });
         Self {
             quants,
             scales,
+            level_sums,
             sums,
         }
     }
@@ -79,15 +89,24 @@ pub fn matmul(x: &[f32], m: usize, w: QRows<'_>, n: usize, k: usize) -> Vec<f32>
         "k = {k} is not whole blocks of {BLOCK_VALUES}"
     );
     assert_eq!(x.len(), m * k, "x is not [{m}, {k}]");
-    let blocks = n * k / BLOCK_VALUES;
+    assert_eq!((w.rows, w.cols), (n, k), "w is not [{n}, {k}]");
+    let group_blocks = n.div_ceil(GROUP_ROWS) * (k / BLOCK_VALUES);
     assert_eq!(
         w.quants.len(),
-        blocks * w.format.quant_bytes(),
-        "w is not [{n}, {k}]"
+        group_blocks * GROUP_ROWS * w.format.quant_bytes(),
+        "w's blocks are not [{n}, {k}] in groups"
     );
-    assert_eq!(w.scales.len(), blocks, "w's scales are not [{n}, {k} / 32]");
+    assert_eq!(
+        w.scales.len(),
+        group_blocks * GROUP_ROWS,
+        "w's scales are not [{n}, {k} / 32]"
+    );
     if w.format == BlockFormat::Q4_1 {
-        assert_eq!(w.mins.len(), blocks, "w's minimums are not [{n}, {k} / 32]");
+        assert_eq!(
+            w.mins.len(),
+            w.scales.len(),
+            "w's minimums are not [{n}, {k} / 32]"
+        );
     }
     let xq = Activations::quantize(x);
     let isa = Isa::detect();
@@ -124,8 +143,8 @@ impl Isa {
     }
 }
 
-/// Columns `cols` of `y`: a few weight rows at a time, against groups of up to four rows of
-/// `x`.
+/// Columns `cols` of `y` (a range starting at a whole group of weight rows): one group of 8
+/// weight rows at a time, against up to four rows of `x` at a time.
 #[allow(clippy::too_many_arguments)]
 fn columns(
     isa: Isa,
@@ -138,18 +157,20 @@ fn columns(
     y: &mut [f32],
 ) {
     let blocks = k / BLOCK_VALUES;
+    let groups = n.div_ceil(GROUP_ROWS);
     // What every tile below reads and writes lies within these.
-    assert!(cols.end <= n && y.len() >= m * n);
+    assert!(cols.start.is_multiple_of(GROUP_ROWS) && cols.end <= n && y.len() >= m * n);
     assert!(xq.quants.len() >= m * k && xq.scales.len() >= m * blocks);
-    assert!(xq.sums.len() >= m * blocks);
-    assert!(w.quants.len() >= n * blocks * w.format.quant_bytes());
-    assert!(w.scales.len() >= n * blocks);
-    assert!(w.format == BlockFormat::Q8_0 || w.mins.len() >= n * blocks);
+    assert!(xq.sums.len() >= m * blocks && xq.level_sums.len() >= m * blocks);
+    assert!(w.quants.len() >= groups * blocks * GROUP_ROWS * w.format.quant_bytes());
+    assert!(w.scales.len() >= groups * blocks * GROUP_ROWS);
+    assert!(w.format == BlockFormat::Q8_0 || w.mins.len() >= groups * blocks * GROUP_ROWS);
     let task = Task {
         x: XRows {
             quants: xq.quants.as_ptr(),
             scales: xq.scales.as_ptr(),
             sums: xq.sums.as_ptr(),
+            level_sums: xq.level_sums.as_ptr(),
             k,
         },
         m,
@@ -164,19 +185,15 @@ fn columns(
     unsafe {
         match (isa, w.format) {
             #[cfg(target_arch = "x86_64")]
-            (Isa::Vnni, Q8_0) if m < 4 => x86::q8_0_vnni_pairs(task),
-            #[cfg(target_arch = "x86_64")]
             (Isa::Vnni, Q8_0) => x86::q8_0_vnni(task),
-            #[cfg(target_arch = "x86_64")]
-            (Isa::Vnni, Q4_1) if m < 4 => x86::q4_1_vnni_pairs(task),
             #[cfg(target_arch = "x86_64")]
             (Isa::Vnni, Q4_1) => x86::q4_1_vnni(task),
             #[cfg(target_arch = "x86_64")]
             (Isa::Avx2, Q8_0) => x86::q8_0_avx2(task),
             #[cfg(target_arch = "x86_64")]
             (Isa::Avx2, Q4_1) => x86::q4_1_avx2(task),
-            (Isa::Scalar, Q8_0) => task.run::<Scalar<false>, 2>(),
-            (Isa::Scalar, Q4_1) => task.run::<Scalar<true>, 2>(),
+            (Isa::Scalar, Q8_0) => task.run::<Scalar<false>>(),
+            (Isa::Scalar, Q4_1) => task.run::<Scalar<true>>(),
         }
     }
 }
@@ -197,53 +214,56 @@ struct XRows {
     quants: *const i8,
     scales: *const f32,
     sums: *const f32,
+    level_sums: *const i32,
     k: usize,
 }
 
-/// `NR` consecutive weight rows, and where the rows to prefetch start (past the matrix's end
-/// near its last rows: a prefetch never faults, and nothing there is read). `mins` is only
-/// read for Q4_1.
+/// One group of [`GROUP_ROWS`] interleaved weight rows (see [`crate::compact::QMatrix`]), and
+/// where the group to prefetch starts (past the matrix's end near its last groups: a prefetch
+/// never faults, and nothing there is read). `mins` is only read for Q4_1.
 #[derive(Clone, Copy)]
-struct WeightRows<const NR: usize> {
-    quants: [*const u8; NR],
-    scales: [*const f32; NR],
-    mins: [*const f32; NR],
+struct Group {
+    quants: *const u8,
+    scales: *const f32,
+    mins: *const f32,
     ahead: *const u8,
 }
 
-/// A tile kernel: `MR` rows of `x` against `NR` weight rows of format `FORMAT`,
-/// `[row][weight]`, without Q4_1's minimum terms.
-trait Tile<const NR: usize> {
+/// A tile kernel: `MR` rows of `x` against one group of weight rows of format `FORMAT`,
+/// `[x row][weight row]`.
+trait Tile {
     const FORMAT: BlockFormat;
     /// # Safety
-    /// `MR` rows of `x` and the `NR` weight rows hold `blocks` whole blocks.
-    unsafe fn tile<const MR: usize>(x: XRows, w: WeightRows<NR>, blocks: usize) -> [[f32; NR]; MR];
+    /// `MR` rows of `x` and the group hold `blocks` whole blocks.
+    unsafe fn tile<const MR: usize>(x: XRows, w: Group, blocks: usize) -> [[f32; GROUP_ROWS]; MR];
 }
 
 impl Task<'_> {
     /// Inlined into each kernel's entry point, so that its tiles inline too.
     ///
     /// # Safety
-    /// `cols.end <= n`, `y` holds `m * n` values, `x` `m` rows and `w` `n` rows of `k`.
+    /// `cols` starts at a whole group and ends at most at `n`, `y` holds `m * n` values, `x`
+    /// `m` rows and `w` `n` rows of `k`.
     #[inline(always)]
-    unsafe fn run<T: Tile<NR>, const NR: usize>(self) {
+    unsafe fn run<T: Tile>(self) {
         let k = self.x.k;
         let blocks = k / BLOCK_VALUES;
-        let row_bytes = blocks * T::FORMAT.quant_bytes();
+        let group_bytes = blocks * GROUP_ROWS * T::FORMAT.quant_bytes();
+        let group_scales = blocks * GROUP_ROWS;
         let (wq, ws, wm) = (
             self.w.quants.as_ptr(),
             self.w.scales.as_ptr(),
             self.w.mins.as_ptr(),
         );
-        for j in self.cols.clone().step_by(NR) {
-            // Past the last row the group repeats it; those results are dropped.
-            let rows: [usize; NR] = std::array::from_fn(|s| (j + s).min(self.cols.end - 1));
-            let group = WeightRows {
-                quants: rows.map(|r| wq.add(r * row_bytes)),
-                scales: rows.map(|r| ws.add(r * blocks)),
-                mins: rows.map(|r| wm.wrapping_add(r * blocks)),
-                ahead: wq.wrapping_add((j + NR * PREFETCH_GROUPS) * row_bytes),
+        for j in self.cols.clone().step_by(GROUP_ROWS) {
+            let g = j / GROUP_ROWS;
+            let group = Group {
+                quants: wq.add(g * group_bytes),
+                scales: ws.add(g * group_scales),
+                mins: wm.wrapping_add(g * group_scales),
+                ahead: wq.wrapping_add((g + PREFETCH_GROUPS) * group_bytes),
             };
+            let width = (self.cols.end - j).min(GROUP_ROWS);
             let mut i = 0;
             while i < self.m {
                 let mr = (self.m - i).min(4);
@@ -251,14 +271,15 @@ impl Task<'_> {
                     quants: self.x.quants.add(i * k),
                     scales: self.x.scales.add(i * blocks),
                     sums: self.x.sums.add(i * blocks),
+                    level_sums: self.x.level_sums.add(i * blocks),
                     k,
                 };
-                let out = self.y.add(i * self.n);
+                let out = self.y.add(i * self.n + j);
                 match mr {
-                    4 => store(tile::<T, NR, 4>(x, group, blocks), out, self.n, rows),
-                    3 => store(tile::<T, NR, 3>(x, group, blocks), out, self.n, rows),
-                    2 => store(tile::<T, NR, 2>(x, group, blocks), out, self.n, rows),
-                    _ => store(tile::<T, NR, 1>(x, group, blocks), out, self.n, rows),
+                    4 => store(T::tile::<4>(x, group, blocks), out, self.n, width),
+                    3 => store(T::tile::<3>(x, group, blocks), out, self.n, width),
+                    2 => store(T::tile::<2>(x, group, blocks), out, self.n, width),
+                    _ => store(T::tile::<1>(x, group, blocks), out, self.n, width),
                 }
                 i += mr;
             }
@@ -266,108 +287,62 @@ impl Task<'_> {
     }
 }
 
-/// A tile's sums with Q4_1's minimum terms added (`min * scale_x * sum(x)`, block by block).
+/// Writes a tile's sums into consecutive rows of `y` (`n` wide) from `out`: the first `width`
+/// of each row's 8 (the rest are a padded group's).
 ///
 /// # Safety
-/// As [`Tile::tile`]; for Q4_1 the weight rows' minimums and `x`'s sums hold `blocks` values.
+/// `MR` rows of `width` values from `out`, `n` apart, are inside `y`.
 #[inline(always)]
-unsafe fn tile<T: Tile<NR>, const NR: usize, const MR: usize>(
-    x: XRows,
-    w: WeightRows<NR>,
-    blocks: usize,
-) -> [[f32; NR]; MR] {
-    let mut sums = T::tile::<MR>(x, w, blocks);
-    if T::FORMAT == BlockFormat::Q4_1 {
-        for (r, row) in sums.iter_mut().enumerate() {
-            let xs = std::slice::from_raw_parts(x.sums.add(r * blocks), blocks);
-            for (s, sum) in row.iter_mut().enumerate() {
-                *sum += dot_lanes(std::slice::from_raw_parts(w.mins[s], blocks), xs);
-            }
-        }
-    }
-    sums
-}
-
-/// `sum_i a[i] * b[i]` in eight independent lanes (which the compiler keeps in one vector
-/// register), then across them: a fixed order, whatever the CPU.
-#[inline(always)]
-fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
-    let mut lanes = [0f32; 8];
-    let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = a8
-        .remainder()
-        .iter()
-        .zip(b8.remainder())
-        .map(|(a, b)| a * b)
-        .sum();
-    for (a, b) in a8.zip(b8) {
-        for l in 0..8 {
-            lanes[l] += a[l] * b[l];
-        }
-    }
-    lanes.iter().sum::<f32>() + tail
-}
-
-/// Writes a tile's sums into consecutive rows of `y` (`n` wide) from `out`, at columns `cols`
-/// (a repeat of the previous column is dropped).
-///
-/// # Safety
-/// `MR` rows of `n` values from `out` are inside `y`; every column is below `n`.
-#[inline(always)]
-unsafe fn store<const MR: usize, const NR: usize>(
-    sums: [[f32; NR]; MR],
+unsafe fn store<const MR: usize>(
+    sums: [[f32; GROUP_ROWS]; MR],
     out: *mut f32,
     n: usize,
-    cols: [usize; NR],
+    width: usize,
 ) {
     for (r, row) in sums.iter().enumerate() {
-        for (s, &v) in row.iter().enumerate() {
-            if s == 0 || cols[s] > cols[s - 1] {
-                *out.add(r * n + cols[s]) = v;
-            }
-        }
+        std::ptr::copy_nonoverlapping(row.as_ptr(), out.add(r * n), width);
     }
 }
 
-/// Plain Rust, for CPUs without AVX2: Q8_0, or Q4_1 when `Q4_1` is true.
+/// Plain Rust, for CPUs without AVX2: Q8_0, or Q4_1 when `Q4_1` is true. Sums in the order
+/// the vector kernels do, lane by lane.
 struct Scalar<const Q4_1: bool>;
 
-impl<const Q4_1: bool> Tile<2> for Scalar<Q4_1> {
+impl<const Q4_1: bool> Tile for Scalar<Q4_1> {
     const FORMAT: BlockFormat = if Q4_1 {
         BlockFormat::Q4_1
     } else {
         BlockFormat::Q8_0
     };
 
-    unsafe fn tile<const MR: usize>(x: XRows, w: WeightRows<2>, blocks: usize) -> [[f32; 2]; MR] {
-        let bytes = Self::FORMAT.quant_bytes();
-        let mut out = [[0f32; 2]; MR];
-        for (r, sums) in out.iter_mut().enumerate() {
-            for (s, sum) in sums.iter_mut().enumerate() {
-                for b in 0..blocks {
-                    let xb = std::slice::from_raw_parts(
-                        x.quants.add(r * x.k + b * BLOCK_VALUES),
-                        BLOCK_VALUES,
-                    );
-                    let wb = std::slice::from_raw_parts(w.quants[s].add(b * bytes), bytes);
-                    let weight = |i: usize| -> i32 {
-                        if Q4_1 {
-                            let byte = wb[i % (BLOCK_VALUES / 2)];
-                            (if i < BLOCK_VALUES / 2 {
-                                byte & 0x0F
+    unsafe fn tile<const MR: usize>(x: XRows, w: Group, blocks: usize) -> [[f32; GROUP_ROWS]; MR] {
+        let bytes = GROUP_ROWS * Self::FORMAT.quant_bytes();
+        let mut out = [[0f32; GROUP_ROWS]; MR];
+        for b in 0..blocks {
+            let packed = std::slice::from_raw_parts(w.quants.add(b * bytes), bytes);
+            for (r, sums) in out.iter_mut().enumerate() {
+                let xb = std::slice::from_raw_parts(
+                    x.quants.add(r * x.k + b * BLOCK_VALUES),
+                    BLOCK_VALUES,
+                );
+                let dx = *x.scales.add(r * blocks + b);
+                for (i, sum) in sums.iter_mut().enumerate() {
+                    let dot: i32 = (0..BLOCK_VALUES)
+                        .map(|v| {
+                            let level = if Q4_1 {
+                                let byte = packed[((v / 4) % 4) * 32 + i * 4 + v % 4];
+                                (if v < 16 { byte & 0x0F } else { byte >> 4 }) as i32
                             } else {
-                                byte >> 4
-                            }) as i32
-                        } else {
-                            wb[i] as i8 as i32
-                        }
-                    };
-                    let dot: i32 = xb
-                        .iter()
-                        .enumerate()
-                        .map(|(i, &a)| a as i32 * weight(i))
+                                packed[(v / 4) * 32 + i * 4 + v % 4] as i8 as i32
+                            };
+                            xb[v] as i32 * level
+                        })
                         .sum();
-                    *sum += dot as f32 * (*w.scales[s].add(b) * *x.scales.add(r * blocks + b));
+                    let d = *w.scales.add(b * GROUP_ROWS + i);
+                    *sum += dot as f32 * (d * dx);
+                    if Q4_1 {
+                        *sum += *w.mins.add(b * GROUP_ROWS + i) * *x.sums.add(r * blocks + b);
+                    }
                 }
             }
         }
@@ -393,18 +368,9 @@ mod tests {
     }
 
     /// Weight `c` of row `j`, in f64, from its block's parts.
-    fn weight(w: QRows<'_>, k: usize, j: usize, c: usize) -> f64 {
-        let block = j * k / BLOCK_VALUES + c / BLOCK_VALUES;
-        let i = c % BLOCK_VALUES;
-        let d = w.scales[block] as f64;
-        match w.format {
-            BlockFormat::Q8_0 => d * w.quants[j * k + c] as i8 as f64,
-            BlockFormat::Q4_1 => {
-                let byte = w.quants[block * 16 + i % 16];
-                let q = if i < 16 { byte & 0x0F } else { byte >> 4 };
-                d * q as f64 + w.mins[block] as f64
-            }
-        }
+    fn weight(w: QRows<'_>, j: usize, c: usize) -> f64 {
+        let (d, m) = w.scale_min(j, c / BLOCK_VALUES);
+        d as f64 * w.level(j, c) as f64 + m as f64
     }
 
     /// The product of the quantised values, exactly (in f64), one dot product at a time.
@@ -417,7 +383,7 @@ mod tests {
                     .map(|c| {
                         let x = xq.quants[i * k + c] as f64
                             * xq.scales[i * blocks + c / BLOCK_VALUES] as f64;
-                        x * weight(w, k, j, c)
+                        x * weight(w, j, c)
                     })
                     .sum();
             }
@@ -432,8 +398,8 @@ mod tests {
 
     #[test]
     fn every_instruction_set_matches_the_naive_product_at_every_shape_edge() {
-        // Rows of x around the tile's 4 (and the 2-row kernels below 4), weight rows around
-        // groups of 2 and 4 and a task's 32.
+        // Rows of x around the tile's 4, weight rows around a group's 8 (padded groups) and a
+        // task's 32.
         for format in FORMATS {
             for &(m, n, k) in &[
                 (1, 1, 32),
