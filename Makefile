@@ -43,9 +43,9 @@ serve-check: build
 
 # Server throughput with 1, 8 and 32 concurrent clients, ours next to llama.cpp's llama-server on the same
 # weights, alternating rounds; ends with the ratio JSON line (bench/serve.sh; WEIGHT_DTYPE=f32|q8_0|q4_1,
-# default q8_0; ROUNDS=3). With EXPERTS="a.expert.safetensors b.expert.safetensors", a last run of ours
+# default q4_1, the default file's own blocks; ROUNDS=3). With EXPERTS="a.expert.safetensors b.expert.safetensors", a last run of ours
 # loads them and each request names a different expert set (backbone alone, each expert, all).
-WEIGHT_DTYPE ?= q8_0
+WEIGHT_DTYPE ?= q4_1
 bench-serve: build
 	WEIGHT_DTYPE=$(WEIGHT_DTYPE) bench/serve.sh
 	$(if $(EXPERTS),python3 scripts/check_openai_client.py --mode $(MODE) --clients 1,8,32 --seconds 30 --max-tokens 64 --serve-arg=--parallel --serve-arg=32 --serve-arg=--weight-dtype --serve-arg=$(WEIGHT_DTYPE) --expert-mix $(foreach e,$(EXPERTS),--serve-arg=--expert --serve-arg=$(e)))

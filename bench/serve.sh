@@ -8,11 +8,11 @@
 # per client count; the last line is one JSON object with, per client count, the median of the per-round
 # ratios, their spread (min, max), and the medians of each side's own tokens/s and p50 latency.
 #
-#   bench/serve.sh                           # q8_0 on both sides, 3 rounds, 1/8/32 clients, 30 s each
-#   WEIGHT_DTYPE=q4_1 ROUNDS=5 bench/serve.sh  # both on the Q4_1 file's own blocks
+#   bench/serve.sh                           # the default Q4_1 file on both sides, 3 rounds, 1/8/32 clients, 30 s each
+#   WEIGHT_DTYPE=q8_0 ROUNDS=5 bench/serve.sh  # both on the file requantised to Q8_0
 #
 # Weights: ours loads the default backbone's GGUF (SmolLM2-135M-Instruct, Q4_1) with --weight-dtype
-# WEIGHT_DTYPE (default q8_0: requantised at load). The peer loads the same file requantised to Q8_0 by
+# WEIGHT_DTYPE (default q4_1: the file's own blocks). The peer loads the same file requantised to Q8_0 by
 # llama-quantize (cached under $MODE_HOME/peer) for q8_0, and the Q4_1 file itself otherwise (q4_1 holds its
 # blocks again; llama.cpp has no f32 path worth comparing against; the report names the file each side used).
 # The peer is built once by bench/peer/build_llama_cpp.sh (about 15 minutes on 2 free cores).
@@ -24,7 +24,7 @@ SECONDS_EACH="${SECONDS_EACH:-30}"
 MAX_TOKENS="${MAX_TOKENS:-64}"
 PARALLEL="${PARALLEL:-32}"
 THREADS="${THREADS:-2}"
-WEIGHT_DTYPE="${WEIGHT_DTYPE:-q8_0}"
+WEIGHT_DTYPE="${WEIGHT_DTYPE:-q4_1}"
 MODE_HOME="${MODE_HOME:-$HOME/.cache/mode}"
 MODE="${CARGO_TARGET_DIR:-target}/release/mode"
 
