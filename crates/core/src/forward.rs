@@ -1,7 +1,8 @@
 //! The gated forward of a [`ModeModel`] at inference: one sequence (or a batch sharing one
-//! cache) for evaluation and generation, or a batched decode step where every row is its own
-//! sequence with its own cache and its own routing, as a server batching requests runs it.
-//! Both go through [`ModeModel::forward_mix`], the one implementation of the mix.
+//! cache) for evaluation and generation, or several sequences packed in one batch, each with
+//! its own cache and its own routing, each reading its next tokens (one when decoding, a chunk
+//! of its prompt when starting), as a server batching requests runs it. Both go through
+//! [`ModeModel::forward_mix`], the one implementation of the mix.
 
 use candle_core::{Device, IndexOp, Module, Tensor};
 use mode_model::{CausalLm, DecoderLayer, KvCache, LayerCache, RopeTables};
@@ -12,13 +13,17 @@ use crate::{Error, ExpertForm, ModeModel, Result, Routing};
 enum Caches<'a, 'b> {
     /// The whole batch continues one cache, or none (a full forward).
     Shared(Option<&'a mut KvCache>),
-    /// A batched decode step: row `r` continues `caches[r]`.
-    PerRow(&'a mut [&'b mut KvCache]),
+    /// Sequences packed one token per row: the `lens[i]` rows of sequence `i` continue
+    /// `caches[i]`.
+    Packed {
+        caches: &'a mut [&'b mut KvCache],
+        lens: &'a [usize],
+    },
 }
 
 impl Caches<'_, '_> {
     /// Runs `layer` (cache slot `slot`) on `x`: every row, or the rows marked in `rows` when
-    /// `x` holds only those (per-row caches only).
+    /// `x` holds only those (packed sequences only, marked whole).
     fn run_layer(
         &mut self,
         layer: &DecoderLayer,
@@ -31,14 +36,18 @@ impl Caches<'_, '_> {
             Caches::Shared(cache) => {
                 layer.forward(x, rope, cache.as_mut().map(|c| &mut c.layers[slot]))
             }
-            Caches::PerRow(caches) => {
-                let mut picked: Vec<&mut LayerCache> = caches
-                    .iter_mut()
-                    .enumerate()
-                    .filter(|(r, _)| rows.is_none_or(|rows| rows[*r]))
-                    .map(|(_, c)| &mut c.layers[slot])
-                    .collect();
-                layer.forward_rows(x, rope, &mut picked)
+            Caches::Packed { caches, lens } => {
+                let mut picked: Vec<&mut LayerCache> = Vec::with_capacity(caches.len());
+                let mut picked_lens = Vec::with_capacity(caches.len());
+                let mut first = 0;
+                for (cache, &len) in caches.iter_mut().zip(lens.iter()) {
+                    if rows.is_none_or(|rows| rows[first]) {
+                        picked.push(&mut cache.layers[slot]);
+                        picked_lens.push(len);
+                    }
+                    first += len;
+                }
+                layer.forward_packed(x, rope, &mut picked, &picked_lens)
             }
         }
     }
@@ -68,21 +77,41 @@ impl ModeModel {
     }
 
     /// One decode step for several sequences at once: `tokens[r]` is the next token of the
-    /// sequence cached in `caches[r]`, run under `routings[r]`. The backbone runs on all rows in
-    /// one pass (its weights are read once for every sequence); each expert runs on the rows
-    /// whose routing keeps it, and each row's keys and values go to its own cache. Returns the
-    /// logits `[rows, vocab]`; row `r` is what [`Self::forward_routed`] gives that sequence
-    /// alone, up to the rounding of batched matrix products.
+    /// sequence cached in `caches[r]`, run under `routings[r]`. Returns the logits `[rows,
+    /// vocab]`; see [`Self::step_packed`].
     pub fn decode_step(
         &self,
         tokens: &[u32],
         caches: &mut [&mut KvCache],
         routings: &[&Routing],
     ) -> Result<Tensor> {
-        if tokens.len() != caches.len() || tokens.len() != routings.len() || tokens.is_empty() {
+        let chunks: Vec<&[u32]> = tokens.chunks(1).collect();
+        self.step_packed(&chunks, caches, routings)
+    }
+
+    /// One step for several sequences packed in one batch: sequence `i` (cached in `caches[i]`,
+    /// run under `routings[i]`) reads `chunks[i]`, one token when it is decoding, a part of its
+    /// prompt when it is starting. The backbone runs on all tokens in one pass (its weights are
+    /// read once for every sequence); each expert runs on the sequences whose routing keeps it,
+    /// and each sequence's keys and values go to its own cache. Returns the logits after each
+    /// chunk's last token, `[sequences, vocab]`; row `i` is what [`Self::forward_routed`] gives
+    /// that sequence alone, up to the rounding of batched matrix products.
+    pub fn step_packed(
+        &self,
+        chunks: &[&[u32]],
+        caches: &mut [&mut KvCache],
+        routings: &[&Routing],
+    ) -> Result<Tensor> {
+        if chunks.len() != caches.len()
+            || chunks.len() != routings.len()
+            || chunks.is_empty()
+            || chunks.iter().any(|c| c.is_empty())
+        {
             return Err(Error::Layout(format!(
-                "a decode step needs one cache and one routing per token, got {} tokens, {} caches, {} routings",
-                tokens.len(),
+                "a packed step needs one cache and one routing per sequence and at least one token \
+                 each, got {} sequences ({} without tokens), {} caches, {} routings",
+                chunks.len(),
+                chunks.iter().filter(|c| c.is_empty()).count(),
                 caches.len(),
                 routings.len()
             )));
@@ -90,14 +119,26 @@ impl ModeModel {
         for routing in routings {
             routing.check(self.experts.len())?;
         }
-        let ids = Tensor::new(tokens, self.device())?.unsqueeze(1)?;
-        let hidden = self.forward_mix(&ids, Caches::PerRow(caches), routings, None)?;
-        Ok(self.backbone.logits(&hidden.squeeze(1)?)?)
+        let lens: Vec<usize> = chunks.iter().map(|c| c.len()).collect();
+        let ids = Tensor::new(chunks.concat(), self.device())?.unsqueeze(1)?;
+        let hidden = self.forward_mix(&ids, Caches::Packed { caches, lens: &lens }, routings, None)?;
+        let last: Vec<u32> = lens
+            .iter()
+            .scan(0u32, |end, &len| {
+                *end += len as u32;
+                Some(*end - 1)
+            })
+            .collect();
+        let hidden = hidden
+            .squeeze(1)?
+            .index_select(&Tensor::new(last, self.device())?, 0)?;
+        Ok(self.backbone.logits(&hidden)?)
     }
 
     /// The gated mix, block by block: `B(x) + sum_j g_j D_j(x)` (see
     /// `mode_engine::model::Block::residual`), exactly the backbone where every expert's
-    /// difference is zero. `routings` holds one routing for the whole batch or one per row.
+    /// difference is zero. `routings` holds one routing for the whole batch, or one per packed
+    /// sequence.
     fn forward_mix(
         &self,
         ids: &Tensor,
@@ -112,14 +153,34 @@ impl ModeModel {
                 bb.rope
                     .tables(cache.as_ref().map_or(0, |c| c.len()), t, bb.device())?
             }
-            Caches::PerRow(caches) => {
-                let positions: Vec<usize> = caches.iter().map(|c| c.len()).collect();
+            Caches::Packed { caches, lens } => {
+                let positions: Vec<usize> = caches
+                    .iter()
+                    .zip(lens.iter())
+                    .flat_map(|(c, &len)| c.len()..c.len() + len)
+                    .collect();
                 bb.rope.at_positions(&positions, bb.device())?
             }
         };
-        // One sequence's cache cannot skip some of its rows, so with a shared cache an expert
-        // runs on every row or none.
-        let per_row = matches!(caches, Caches::PerRow(_));
+        // The rows of each sequence, and which routing each row follows. One sequence's cache
+        // cannot skip some of its positions, so an expert runs on all of a sequence's rows or
+        // on none.
+        let groups: Vec<std::ops::Range<usize>> = match &caches {
+            Caches::Shared(_) => vec![0..b],
+            Caches::Packed { lens, .. } => lens
+                .iter()
+                .scan(0, |first, &len| {
+                    *first += len;
+                    Some(*first - len..*first)
+                })
+                .collect(),
+        };
+        let mut routing_of = vec![0; b];
+        if routings.len() > 1 {
+            for (i, rows) in groups.iter().enumerate() {
+                routing_of[rows.clone()].fill(i);
+            }
+        }
         let branches = self.experts.len() + 1;
         let mut x = bb.embed(ids)?;
         let mut stats = Vec::with_capacity(self.layout.num_blocks());
@@ -137,15 +198,15 @@ impl ModeModel {
                 runs.iter_mut().for_each(|rows| rows.fill(false));
                 for (k, token) in p.chunks_mut(branches).enumerate() {
                     let row = k / t;
-                    routings[if routings.len() == 1 { 0 } else { row }].apply(token);
+                    routings[routing_of[row]].apply(token);
                     for (j, w) in token.iter().skip(1).enumerate() {
                         runs[j][row] |= *w > 0.0;
                     }
                 }
-                if !per_row {
-                    for rows in runs.iter_mut() {
-                        let any = rows.iter().any(|&r| r);
-                        rows.fill(any);
+                for rows in runs.iter_mut() {
+                    for group in &groups {
+                        let any = rows[group.clone()].iter().any(|&r| r);
+                        rows[group.clone()].fill(any);
                     }
                 }
                 probs = Tensor::from_vec(p, (b, t, branches), x.device())?.to_dtype(x.dtype())?;

@@ -1,8 +1,9 @@
-//! A batched decode step (`ModeModel::decode_step`, what the server runs) gives every sequence
-//! what it gets decoded alone: on tiny random backbones of every architecture, with two experts
-//! (one of each form) and random gates, sequences of different lengths, each under its own
-//! routing (dense, backbone alone, one expert, top-1, a threshold), joining the batch at
-//! different steps, decode the same greedy tokens with the same logits.
+//! A packed step (`ModeModel::step_packed`, what the server runs) gives every sequence what it
+//! gets alone: on tiny random backbones of every architecture, with two experts (one of each
+//! form) and random gates, sequences of different lengths, each under its own routing (dense,
+//! backbone alone, one expert, top-1, a threshold), joining the batch at different steps and
+//! reading their prompts in chunks beside the others' decoding, get the same logits and decode
+//! the same greedy tokens.
 
 mod common;
 
@@ -68,14 +69,20 @@ fn argmax(logits: &[f32]) -> u32 {
     best as u32
 }
 
-/// Prefills `prompt` into a fresh cache; the last position's logits.
+/// Reads `prompt` into a fresh cache, CHUNK tokens a forward, as the server reads a prompt
+/// (under sparse routing an expert's cache holds the positions of the chunks it ran on, so the
+/// chunking is part of what a sequence computes); the last position's logits.
 fn prefill(m: &ModeModel, prompt: &[u32], routing: &Routing, cache: &mut KvCache) -> Tensor {
-    let ids = Tensor::new(prompt, &Device::Cpu)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
-    let h = m.forward_routed(&ids, Some(cache), routing, None).unwrap();
-    let t = prompt.len();
+    let mut h = None;
+    for chunk in prompt.chunks(CHUNK) {
+        let ids = Tensor::new(chunk, &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        h = Some(m.forward_routed(&ids, Some(cache), routing, None).unwrap());
+    }
+    let h = h.expect("a prompt has tokens");
+    let t = h.dims()[1];
     m.logits(&h.i((0, t - 1, ..)).unwrap()).unwrap()
 }
 
@@ -98,8 +105,12 @@ fn solo(m: &ModeModel, k: usize, routing: &Routing) -> Vec<Tensor> {
     out
 }
 
+/// Prompt tokens a sequence reads per packed step: prompts take several steps, beside the
+/// other sequences' decoding.
+const CHUNK: usize = 4;
+
 #[test]
-fn a_batched_decode_step_gives_each_sequence_its_solo_tokens() {
+fn a_packed_step_gives_each_sequence_its_solo_tokens() {
     for arch in [
         Architecture::Llama,
         Architecture::Qwen2,
@@ -111,28 +122,32 @@ fn a_batched_decode_step_gives_each_sequence_its_solo_tokens() {
         let n = routings.len();
         let expected: Vec<Vec<Tensor>> = (0..n).map(|k| solo(&m, k, &routings[k])).collect();
 
-        // Sequence k joins at step k, so rows differ in length and the batch changes size.
+        // Sequence k joins at step k and reads its prompt CHUNK tokens a step, packed with the
+        // sequences already decoding: rows differ in length and the batch changes size.
         let mut caches: Vec<KvCache> = (0..n).map(|_| m.new_cache()).collect();
+        let mut read = vec![0; n];
         let mut logits: Vec<Vec<Tensor>> = vec![Vec::new(); n];
-        for step in 0..n + STEPS {
-            if step < n {
-                logits[step].push(prefill(
-                    &m,
-                    &prompt(step),
-                    &routings[step],
-                    &mut caches[step],
-                ));
-            }
-            let active: Vec<usize> = (0..n)
-                .filter(|&k| !logits[k].is_empty() && logits[k].len() <= STEPS)
+        let mut packed_prompts = 0;
+        for step in 0..3 * n + STEPS {
+            let active: Vec<usize> = (0..n.min(step + 1))
+                .filter(|&k| logits[k].len() <= STEPS)
                 .collect();
             if active.is_empty() {
                 continue;
             }
-            let tokens: Vec<u32> = active
+            let chunks: Vec<Vec<u32>> = active
                 .iter()
-                .map(|&k| argmax(&logits[k].last().unwrap().to_vec1::<f32>().unwrap()))
+                .map(|&k| match logits[k].last() {
+                    Some(l) => vec![argmax(&l.to_vec1::<f32>().unwrap())],
+                    None => {
+                        let p = prompt(k);
+                        p[read[k]..p.len().min(read[k] + CHUNK)].to_vec()
+                    }
+                })
                 .collect();
+            if chunks.iter().filter(|c| c.len() > 1).count() > 0 && active.len() > 1 {
+                packed_prompts += 1;
+            }
             let rows: Vec<&Routing> = active.iter().map(|&k| &routings[k]).collect();
             let mut row_caches: Vec<&mut KvCache> = caches
                 .iter_mut()
@@ -140,12 +155,20 @@ fn a_batched_decode_step_gives_each_sequence_its_solo_tokens() {
                 .filter(|(k, _)| active.contains(k))
                 .map(|(_, c)| c)
                 .collect();
-            let out = m.decode_step(&tokens, &mut row_caches, &rows).unwrap();
+            let chunk_refs: Vec<&[u32]> = chunks.iter().map(|c| c.as_slice()).collect();
+            let out = m.step_packed(&chunk_refs, &mut row_caches, &rows).unwrap();
             assert_eq!(out.dims(), [active.len(), m.backbone.config.vocab_size]);
             for (r, &k) in active.iter().enumerate() {
+                if logits[k].is_empty() {
+                    read[k] += chunks[r].len();
+                    if read[k] < prompt(k).len() {
+                        continue;
+                    }
+                }
                 logits[k].push(out.i(r).unwrap());
             }
         }
+        assert!(packed_prompts > 2, "{arch:?}: prompts were never packed with other rows");
         for k in 0..n {
             assert_eq!(logits[k].len(), STEPS + 1);
             for (step, (got, want)) in logits[k].iter().zip(&expected[k]).enumerate() {
@@ -172,7 +195,7 @@ fn a_batched_decode_step_gives_each_sequence_its_solo_tokens() {
 }
 
 #[test]
-fn a_decode_step_refuses_mismatched_rows() {
+fn a_packed_step_refuses_mismatched_rows() {
     let m = model(Architecture::Llama);
     let mut c = m.new_cache();
     let dense = Routing::default();
@@ -180,7 +203,12 @@ fn a_decode_step_refuses_mismatched_rows() {
         .decode_step(&[1, 2], &mut [&mut c], &[&dense])
         .unwrap_err()
         .to_string();
-    assert!(err.contains("one cache and one routing per token"), "{err}");
+    assert!(err.contains("one cache and one routing per sequence"), "{err}");
+    let err = m
+        .step_packed(&[&[]], &mut [&mut c], &[&dense])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("1 without tokens"), "{err}");
     let bad = Routing {
         experts: Some(vec![5]),
         ..Routing::default()

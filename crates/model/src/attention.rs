@@ -1,6 +1,6 @@
 //! Causal self-attention with grouped key/value heads, and its KV cache: one sequence (or a
-//! batch sharing positions) at a time, or one new token for each of several sequences (a
-//! batched decode step).
+//! batch sharing positions) at a time, or several sequences packed in one batch, each reading
+//! its next tokens (a server's step: one token of each decoding sequence, a chunk of a prompt).
 
 use candle_core::{Device, Module, Tensor, D};
 
@@ -96,35 +96,48 @@ impl Attention {
         Ok(self.o_proj.forward(&out.reshape((b, t, ()))?)?)
     }
 
-    /// One new position for each of several sequences (a batched decode step): `x` is
-    /// `[rows, 1, hidden]`, `rope` has one table row per sequence (`[rows, 1, head_dim / 2]`,
-    /// see [`RopeTables::at_positions`]), and row `r` attends over, and extends, `caches[r]`.
-    /// The projections run on all rows at once; attention runs per row, as each sequence has
-    /// its own length. Row `r` gets what [`Self::forward`] gives it alone.
-    pub fn forward_rows(
+    /// Several sequences packed in one batch, each reading its next tokens: `x` is `[rows, 1,
+    /// hidden]`, one token per row; the first `lens[0]` rows continue `caches[0]`, the next
+    /// `lens[1]` rows `caches[1]`, and so on (a decode step has every length 1; a prompt being
+    /// read adds a longer run). `rope` has one table row per token (`[rows, 1, head_dim / 2]`,
+    /// see [`RopeTables::at_positions`]). The projections run on all rows at once; each token
+    /// attends over its own sequence's cache up to its own position, so a row gets what
+    /// [`Self::forward`] gives its sequence alone.
+    pub fn forward_packed(
         &self,
         x: &Tensor,
         rope: &RopeTables,
         caches: &mut [&mut LayerCache],
+        lens: &[usize],
     ) -> Result<Tensor> {
         let (rows, t, _) = x.dims3()?;
-        if t != 1 || rows != caches.len() {
+        if t != 1 || lens.len() != caches.len() || lens.iter().sum::<usize>() != rows {
             return Err(candle_core::Error::Msg(format!(
-                "a batched decode step takes one token for each of its {} caches, got [{rows}, {t}]",
+                "a packed batch takes one token per row and one cache per sequence: got [{rows}, {t}] \
+                 for {} caches and runs of {lens:?}",
                 caches.len()
             ))
             .into());
         }
         let (q, k, v) = self.project(x, rope)?;
-        let mut kv = Vec::with_capacity(rows);
-        for (r, cache) in caches.iter_mut().enumerate() {
-            kv.push(cache.extend(k.narrow(0, r, 1)?, v.narrow(0, r, 1)?)?);
+        // Each sequence's new keys and values go to its cache; every token then sees a view of
+        // its cache that ends at its own position, which is the causal mask.
+        let mut seen = Vec::with_capacity(rows);
+        let mut first = 0;
+        for (cache, &len) in caches.iter_mut().zip(lens) {
+            let part = |t: &Tensor| t.narrow(0, first, len)?.transpose(0, 2);
+            let past = cache.len();
+            let (ck, cv) = cache.extend(part(&k)?, part(&v)?)?;
+            for i in 0..len {
+                seen.push((ck.narrow(2, 0, past + i + 1)?, cv.narrow(2, 0, past + i + 1)?));
+            }
+            first += len;
         }
-        let out = match self.attend_one(&q, &kv)? {
+        let out = match self.attend_one(&q, &seen)? {
             Some(out) => out,
             None => {
                 let mut outs = Vec::with_capacity(rows);
-                for (r, (k, v)) in kv.iter().enumerate() {
+                for (r, (k, v)) in seen.iter().enumerate() {
                     outs.push(self.attend(&q.narrow(0, r, 1)?, k, v)?);
                 }
                 Tensor::cat(&outs, 0)?

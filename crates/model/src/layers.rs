@@ -564,15 +564,16 @@ impl DecoderLayer {
         self.forward_with(x, |h| self.self_attn.forward(h, rope, cache))
     }
 
-    /// [`Self::forward`] for a batched decode step: one new token per row, row `r` continuing
-    /// `caches[r]` (see [`Attention::forward_rows`]).
-    pub fn forward_rows(
+    /// [`Self::forward`] for sequences packed in one batch, one token per row, the rows of
+    /// sequence `i` (`lens[i]` of them) continuing `caches[i]` (see [`Attention::forward_packed`]).
+    pub fn forward_packed(
         &self,
         x: &Tensor,
         rope: &RopeTables,
         caches: &mut [&mut LayerCache],
+        lens: &[usize],
     ) -> Result<Tensor> {
-        self.forward_with(x, |h| self.self_attn.forward_rows(h, rope, caches))
+        self.forward_with(x, |h| self.self_attn.forward_packed(h, rope, caches, lens))
     }
 
     fn forward_with(

@@ -13,8 +13,8 @@ pub struct Rope {
     local_inv_freq: Option<Vec<f64>>,
 }
 
-/// cos and sin tables, each `[len, head_dim / 2]` (or `[rows, 1, head_dim / 2]` for a batched
-/// decode step, one position per row), for the global layers and (when the model has them) the
+/// cos and sin tables, each `[len, head_dim / 2]` (or `[rows, 1, head_dim / 2]` for a packed
+/// batch, one position per row), for the global layers and (when the model has them) the
 /// sliding-window layers.
 #[derive(Debug, Clone)]
 pub struct RopeTables {
@@ -106,27 +106,20 @@ impl Rope {
         dtype: DType,
         device: &Device,
     ) -> Result<RopeTables> {
-        let (cos, sin) = cos_sin(&self.inv_freq, start, len, dtype, device)?;
+        let (cos, sin) = cos_sin(&self.inv_freq, start..start + len, dtype, device)?;
         let local = match &self.local_inv_freq {
-            Some(f) => Some(cos_sin(f, start, len, dtype, device)?),
+            Some(f) => Some(cos_sin(f, start..start + len, dtype, device)?),
             None => None,
         };
         Ok(RopeTables { cos, sin, local })
     }
 
-    /// Per-row tables in f32 for a batched decode step: row `r` holds position `positions[r]`,
-    /// each table `[rows, 1, head_dim / 2]`.
+    /// Per-row tables in f32 for a packed batch (one token per row): row `r` holds position
+    /// `positions[r]`, each table `[rows, 1, head_dim / 2]`.
     pub fn at_positions(&self, positions: &[usize], device: &Device) -> Result<RopeTables> {
-        let rows = positions.len();
         let per_row = |f: &[f64]| -> Result<(Tensor, Tensor)> {
-            let mut cos = Vec::with_capacity(rows * f.len());
-            let mut sin = Vec::with_capacity(rows * f.len());
-            for &p in positions {
-                let (c, s) = cos_sin(f, p, 1, DType::F32, device)?;
-                cos.push(c);
-                sin.push(s);
-            }
-            Ok((Tensor::stack(&cos, 0)?, Tensor::stack(&sin, 0)?))
+            let (cos, sin) = cos_sin(f, positions.iter().copied(), DType::F32, device)?;
+            Ok((cos.unsqueeze(1)?, sin.unsqueeze(1)?))
         };
         let (cos, sin) = per_row(&self.inv_freq)?;
         let local = match &self.local_inv_freq {
@@ -137,17 +130,18 @@ impl Rope {
     }
 }
 
+/// `[positions, inv_freq.len()]` tables of cos and sin of every position times every
+/// frequency, computed in f64 and rounded to `dtype`.
 fn cos_sin(
     inv_freq: &[f64],
-    start: usize,
-    len: usize,
+    positions: impl ExactSizeIterator<Item = usize>,
     dtype: DType,
     device: &Device,
 ) -> Result<(Tensor, Tensor)> {
-    let half = inv_freq.len();
+    let (len, half) = (positions.len(), inv_freq.len());
     let mut cos = Vec::with_capacity(len * half);
     let mut sin = Vec::with_capacity(len * half);
-    for pos in start..start + len {
+    for pos in positions {
         for f in inv_freq {
             let angle = pos as f64 * f;
             cos.push(angle.cos());

@@ -1,13 +1,13 @@
 //! Continuous batching: one thread runs every request's sequences together.
 //!
 //! Each step of the loop (1) admits waiting sequences while fewer than `parallel` run and
-//! their KV caches fit the memory budget, (2) reads at most `prefill_chunk` prompt tokens in
-//! all, oldest sequence first, so a long prompt delays the running streams by one chunk at a
-//! time, not by its whole length, and (3) decodes one token
-//! for every sequence past its prompt in one batched forward ([`ModeModel::decode_step`]): the
-//! backbone's weights are read once for all of them, and each expert runs only on the rows of
-//! the requests that use it. A finished or abandoned sequence leaves at once. Each of a
-//! request's `n` answers is its own sequence.
+//! their KV caches fit the memory budget, and (2) runs one packed forward
+//! ([`ModeModel::step_packed`]) in which every sequence past its prompt decodes one token and
+//! the sequences still reading their prompt read at most `prefill_chunk` prompt tokens in all,
+//! oldest first, so a long prompt delays the running streams by one chunk at a time, not by its
+//! whole length. The backbone's weights are read once per step for all of them, and each expert
+//! runs only on the rows of the requests that use it. A finished or abandoned sequence leaves
+//! at once. Each of a request's `n` answers is its own sequence.
 //!
 //! The model lock is held while sequences run, so the model never changes under one (its
 //! experts' indices and cache slots stay valid). Adding or removing an expert raises
@@ -20,7 +20,6 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
-use candle_core::{IndexOp, Tensor};
 use mode_core::{ModeModel, Routing};
 use mode_infer::{Sampler, SamplingParams, StopText, TextStream};
 use mode_io::Tokenizer;
@@ -308,8 +307,8 @@ impl Scheduler {
         }
     }
 
-    /// One chunk of prompt for the first sequence still reading one, then one decode step for
-    /// every sequence past its prompt.
+    /// One packed forward for every running sequence: each decoding sequence feeds its next
+    /// token, and sequences reading their prompt feed the next part of it.
     fn step(&self, model: &ModeModel, running: &mut [Sequence]) {
         for seq in running.iter_mut() {
             if seq.request.tx.is_closed() {
@@ -319,90 +318,63 @@ impl Scheduler {
         // Prompts share one budget of `prefill_chunk` tokens per step, oldest first: many
         // short prompts start in one step, a long one is read over several.
         let mut budget = self.batching.prefill_chunk.max(1);
-        for seq in running.iter_mut() {
-            if budget == 0 {
-                break;
-            }
-            if seq.done.is_some() || seq.read >= seq.request.ids.len() {
-                continue;
-            }
-            match self.prefill(model, seq, budget) {
-                Ok(n) => budget -= n,
-                Err(e) => fail(std::slice::from_mut(seq), e),
-            }
+        let mut rows: Vec<&mut Sequence> = Vec::with_capacity(running.len());
+        let mut chunks: Vec<Vec<u32>> = Vec::with_capacity(running.len());
+        for seq in running.iter_mut().filter(|s| s.done.is_none()) {
+            let chunk = match seq.next {
+                Some(token) => vec![token],
+                None if budget > 0 && seq.read < seq.request.ids.len() => {
+                    let n = (seq.request.ids.len() - seq.read).min(budget);
+                    budget -= n;
+                    seq.request.ids[seq.read..seq.read + n].to_vec()
+                }
+                None => continue,
+            };
+            rows.push(seq);
+            chunks.push(chunk);
         }
-        let mut rows: Vec<&mut Sequence> = running
-            .iter_mut()
-            .filter(|s| s.done.is_none() && s.next.is_some())
-            .collect();
         if rows.is_empty() {
             return;
         }
-        let tokens: Vec<u32> = rows.iter().map(|s| s.next.expect("filtered")).collect();
+        let decoding = rows.iter().filter(|s| s.next.is_some()).count();
         let stats = &self.stats;
-        stats.decode_steps.fetch_add(1, Ordering::Relaxed);
-        stats
-            .decode_rows
-            .fetch_add(rows.len() as u64, Ordering::Relaxed);
-        stats.max_rows.fetch_max(rows.len(), Ordering::Relaxed);
+        if decoding > 0 {
+            stats.decode_steps.fetch_add(1, Ordering::Relaxed);
+            stats
+                .decode_rows
+                .fetch_add(decoding as u64, Ordering::Relaxed);
+            stats.max_rows.fetch_max(decoding, Ordering::Relaxed);
+        }
         let routings: Vec<Routing> = rows.iter().map(|s| s.request.routing.clone()).collect();
         let routing_refs: Vec<&Routing> = routings.iter().collect();
+        let chunk_refs: Vec<&[u32]> = chunks.iter().map(|c| c.as_slice()).collect();
         let logits = {
             let mut caches: Vec<&mut KvCache> = rows.iter_mut().map(|s| &mut s.cache).collect();
             model
-                .decode_step(&tokens, &mut caches, &routing_refs)
+                .step_packed(&chunk_refs, &mut caches, &routing_refs)
                 .and_then(|l| Ok(l.to_dtype(candle_core::DType::F32)?.to_vec2::<f32>()?))
         };
-        match logits {
-            Ok(logits) => {
-                for (seq, row) in rows.into_iter().zip(logits) {
-                    self.take_token(seq, &row);
-                }
-            }
+        let logits = match logits {
+            Ok(logits) => logits,
             Err(e) => {
                 for seq in rows {
                     fail(std::slice::from_mut(seq), internal(e.to_string()));
                 }
+                return;
             }
+        };
+        for ((seq, chunk), row) in rows.into_iter().zip(chunks).zip(logits) {
+            if seq.next.is_none() {
+                seq.read += chunk.len();
+                stats
+                    .prompt_tokens
+                    .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                if seq.read < seq.request.ids.len() {
+                    continue;
+                }
+            }
+            self.take_token(seq, &row);
         }
-    }
-
-    /// Reads up to `budget` more tokens of `seq`'s prompt (returns how many); after the last
-    /// one, samples its first token.
-    fn prefill(
-        &self,
-        model: &ModeModel,
-        seq: &mut Sequence,
-        budget: usize,
-    ) -> Result<usize, ApiError> {
-        let ids = &seq.request.ids;
-        let n = (ids.len() - seq.read).min(budget);
-        let chunk = Tensor::new(&ids[seq.read..seq.read + n], model.device())
-            .and_then(|t| t.unsqueeze(0))
-            .map_err(|e| internal(e.to_string()))?;
-        let hidden = model
-            .forward_routed(&chunk, Some(&mut seq.cache), &seq.request.routing, None)
-            .map_err(|e| internal(e.to_string()))?;
-        seq.read += n;
-        self.stats
-            .prompt_tokens
-            .fetch_add(n as u64, Ordering::Relaxed);
-        if seq.read < ids.len() {
-            return Ok(n);
-        }
-        let logits = hidden
-            .i((0, n - 1..n, ..))
-            .and_then(|h| h.contiguous())
-            .map_err(|e| internal(e.to_string()))
-            .and_then(|h| model.logits(&h).map_err(|e| internal(e.to_string())))
-            .and_then(|l| {
-                l.flatten_all()
-                    .and_then(|l| l.to_dtype(candle_core::DType::F32))
-                    .and_then(|l| l.to_vec1::<f32>())
-                    .map_err(|e| internal(e.to_string()))
-            })?;
-        self.take_token(seq, &logits);
-        Ok(n)
     }
 
     /// Samples `seq`'s next token from `logits`, sends its text, and ends the sequence at an
