@@ -121,7 +121,15 @@ impl ModeModel {
         }
         let lens: Vec<usize> = chunks.iter().map(|c| c.len()).collect();
         let ids = Tensor::new(chunks.concat(), self.device())?.unsqueeze(1)?;
-        let hidden = self.forward_mix(&ids, Caches::Packed { caches, lens: &lens }, routings, None)?;
+        let hidden = self.forward_mix(
+            &ids,
+            Caches::Packed {
+                caches,
+                lens: &lens,
+            },
+            routings,
+            None,
+        )?;
         let last: Vec<u32> = lens
             .iter()
             .scan(0u32, |end, &len| {

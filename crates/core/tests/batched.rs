@@ -168,7 +168,10 @@ fn a_packed_step_gives_each_sequence_its_solo_tokens() {
                 logits[k].push(out.i(r).unwrap());
             }
         }
-        assert!(packed_prompts > 2, "{arch:?}: prompts were never packed with other rows");
+        assert!(
+            packed_prompts > 2,
+            "{arch:?}: prompts were never packed with other rows"
+        );
         for k in 0..n {
             assert_eq!(logits[k].len(), STEPS + 1);
             for (step, (got, want)) in logits[k].iter().zip(&expected[k]).enumerate() {
@@ -203,7 +206,10 @@ fn a_packed_step_refuses_mismatched_rows() {
         .decode_step(&[1, 2], &mut [&mut c], &[&dense])
         .unwrap_err()
         .to_string();
-    assert!(err.contains("one cache and one routing per sequence"), "{err}");
+    assert!(
+        err.contains("one cache and one routing per sequence"),
+        "{err}"
+    );
     let err = m
         .step_packed(&[&[]], &mut [&mut c], &[&dense])
         .unwrap_err()

@@ -129,7 +129,10 @@ impl Attention {
             let past = cache.len();
             let (ck, cv) = cache.extend(part(&k)?, part(&v)?)?;
             for i in 0..len {
-                seen.push((ck.narrow(2, 0, past + i + 1)?, cv.narrow(2, 0, past + i + 1)?));
+                seen.push((
+                    ck.narrow(2, 0, past + i + 1)?,
+                    cv.narrow(2, 0, past + i + 1)?,
+                ));
             }
             first += len;
         }

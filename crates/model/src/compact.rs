@@ -118,15 +118,17 @@ impl BlockFormat {
 /// them, so that one integer instruction computes a piece of eight dot products at once.
 pub const GROUP_ROWS: usize = 8;
 
-/// A `[rows, cols]` matrix in Q8_0 or Q4_1 blocks: GGUF's values (scales and minimums rounded
-/// to f16 as the file stores them, widened to f32 once, at load), with the rows interleaved in
-/// groups of [`GROUP_ROWS`] for the integer kernels (the last group padded with zero rows).
+/// A `[rows, cols]` matrix in Q8_0 or Q4_1 blocks: GGUF's values (scales and minimums in f16
+/// as the file stores them, so a block reads no more bytes than llama.cpp's), with the rows
+/// interleaved in groups of [`GROUP_ROWS`] for the integer kernels (the last group padded with
+/// zero rows).
 ///
 /// Group `g`, block `b` (values `32b..32b + 32` of each of its rows) holds, for Q8_0, eight
 /// vectors of 32 bytes, vector `c` being values `4c..4c + 4` of rows `8g..8g + 8` in turn; for
 /// Q4_1 four vectors, vector `c` holding values `4c..4c + 4` in the low nibbles and
-/// `16 + 4c..16 + 4c + 4` in the high ones. Then the group's 8 scales (and minimums) of the
-/// block. A kernel reads a group's blocks in order, each as a few aligned vectors.
+/// `16 + 4c..16 + 4c + 4` in the high ones. The group's 8 scales (and minimums) of each block
+/// lie in their own arrays, in the same order. A kernel reads a group's blocks in order, each
+/// as a few vectors.
 ///
 /// Several matrices can share one storage ([`QMatrix::stack`]): each is then a view of its own
 /// rows, and the stack computes all of their outputs in one pass.
@@ -138,9 +140,9 @@ pub struct QMatrix {
     /// The first of this matrix's rows in the storage (a multiple of [`GROUP_ROWS`]).
     first_row: usize,
     quants: Arc<[u8]>,
-    scales: Arc<[f32]>,
+    scales: Arc<[f16]>,
     /// Q4_1's per-block minimums; empty for Q8_0.
-    mins: Arc<[f32]>,
+    mins: Arc<[f16]>,
 }
 
 impl QMatrix {
@@ -183,18 +185,19 @@ impl QMatrix {
         let (groups, row_blocks) = (rows.div_ceil(GROUP_ROWS), cols / BLOCK_VALUES);
         let group_block_bytes = GROUP_ROWS * format.quant_bytes();
         let mut packed = vec![0u8; groups * row_blocks * group_block_bytes];
-        let mut packed_scales = vec![0f32; groups * row_blocks * GROUP_ROWS];
+        let mut packed_scales = vec![f16::ZERO; groups * row_blocks * GROUP_ROWS];
         let mut packed_mins = match format {
             BlockFormat::Q8_0 => Vec::new(),
-            BlockFormat::Q4_1 => vec![0f32; packed_scales.len()],
+            BlockFormat::Q4_1 => vec![f16::ZERO; packed_scales.len()],
         };
         for r in 0..rows {
             let (g, i) = (r / GROUP_ROWS, r % GROUP_ROWS);
             for b in 0..row_blocks {
                 let at = (g * row_blocks + b) * GROUP_ROWS + i;
-                packed_scales[at] = scales[r * row_blocks + b];
+                // Exact: the quantisers round scales and minimums to f16.
+                packed_scales[at] = f16::from_f32(scales[r * row_blocks + b]);
                 if let Some(m) = packed_mins.get_mut(at) {
-                    *m = mins[r * row_blocks + b];
+                    *m = f16::from_f32(mins[r * row_blocks + b]);
                 }
                 let base = (g * row_blocks + b) * group_block_bytes + i * 4;
                 for v in 0..BLOCK_VALUES {
@@ -330,9 +333,9 @@ pub struct QRows<'a> {
     pub rows: usize,
     pub cols: usize,
     pub quants: &'a [u8],
-    pub scales: &'a [f32],
+    pub scales: &'a [f16],
     /// Empty for Q8_0.
-    pub mins: &'a [f32],
+    pub mins: &'a [f16],
 }
 
 impl QRows<'_> {
@@ -358,7 +361,10 @@ impl QRows<'_> {
     /// Row `r`'s scale and minimum (0 for Q8_0) of block `b`.
     pub fn scale_min(&self, r: usize, b: usize) -> (f32, f32) {
         let at = self.scale_at(r, b);
-        (self.scales[at], self.mins.get(at).copied().unwrap_or(0.0))
+        (
+            self.scales[at].to_f32(),
+            self.mins.get(at).map_or(0.0, |m| m.to_f32()),
+        )
     }
 
     /// Value `c` of row `r`, widened to f32 as GGUF does.

@@ -127,7 +127,9 @@ impl Isa {
     fn detect() -> Self {
         #[cfg(target_arch = "x86_64")]
         {
-            let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+            let avx2 = is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c");
             if avx2
                 && is_x86_feature_detected!("avx512f")
                 && is_x86_feature_detected!("avx512vl")
@@ -224,8 +226,8 @@ struct XRows {
 #[derive(Clone, Copy)]
 struct Group {
     quants: *const u8,
-    scales: *const f32,
-    mins: *const f32,
+    scales: *const half::f16,
+    mins: *const half::f16,
     ahead: *const u8,
 }
 
@@ -338,10 +340,11 @@ impl<const Q4_1: bool> Tile for Scalar<Q4_1> {
                             xb[v] as i32 * level
                         })
                         .sum();
-                    let d = *w.scales.add(b * GROUP_ROWS + i);
+                    let d = (*w.scales.add(b * GROUP_ROWS + i)).to_f32();
                     *sum += dot as f32 * (d * dx);
                     if Q4_1 {
-                        *sum += *w.mins.add(b * GROUP_ROWS + i) * *x.sums.add(r * blocks + b);
+                        let min = (*w.mins.add(b * GROUP_ROWS + i)).to_f32();
+                        *sum += min * *x.sums.add(r * blocks + b);
                     }
                 }
             }

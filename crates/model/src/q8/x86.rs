@@ -47,7 +47,7 @@ macro_rules! kernel {
                     }
                     let $p = w.quants.add(b * BYTES);
                     let wv: [__m256i; 8] = $load;
-                    let scales = _mm256_loadu_ps(w.scales.add(b * GROUP_ROWS));
+                    let scales = widen_f16(w.scales.add(b * GROUP_ROWS));
                     for (r, sum) in sums.iter_mut().enumerate() {
                         let xq = x.quants.add(r * x.k + b * BLOCK_VALUES);
                         let $level_sum = *x.level_sums.add(r * blocks + b);
@@ -64,7 +64,7 @@ macro_rules! kernel {
                             *sum,
                         );
                         if BlockFormat::$format == BlockFormat::Q4_1 {
-                            let mins = _mm256_loadu_ps(w.mins.add(b * GROUP_ROWS));
+                            let mins = widen_f16(w.mins.add(b * GROUP_ROWS));
                             let sx = _mm256_set1_ps(*x.sums.add(r * blocks + b));
                             *sum = _mm256_fmadd_ps(mins, sx, *sum);
                         }
@@ -78,6 +78,13 @@ macro_rules! kernel {
             }
         }
     };
+}
+
+/// A group's 8 scales (or minimums) of one block, from f16.
+#[inline]
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn widen_f16(p: *const half::f16) -> __m256 {
+    _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
 }
 
 /// A Q8_0 group's block: 8 vectors as stored.
@@ -109,7 +116,7 @@ unsafe fn q4_1_vectors(p: *const u8) -> [__m256i; 8] {
 kernel!(
     Q8_0Vnni,
     q8_0_vnni,
-    "avx2,fma,avx512f,avx512vl,avx512vnni",
+    "avx2,fma,f16c,avx512f,avx512vl,avx512vnni",
     Q8_0,
     load = |p| q8_0_vectors(p).map(|v| _mm256_xor_si256(v, _mm256_set1_epi8(-128))),
     start = |level_sum| _mm256_set1_epi32(-128 * level_sum),
@@ -118,7 +125,7 @@ kernel!(
 kernel!(
     Q4_1Vnni,
     q4_1_vnni,
-    "avx2,fma,avx512f,avx512vl,avx512vnni",
+    "avx2,fma,f16c,avx512f,avx512vl,avx512vnni",
     Q4_1,
     load = |p| q4_1_vectors(p),
     start = |_level_sum| _mm256_setzero_si256(),
@@ -131,7 +138,7 @@ kernel!(
 kernel!(
     Q8_0Avx2,
     q8_0_avx2,
-    "avx2,fma",
+    "avx2,fma,f16c",
     Q8_0,
     load = |p| q8_0_vectors(p),
     start = |_level_sum| _mm256_setzero_si256(),
@@ -146,7 +153,7 @@ kernel!(
 kernel!(
     Q4_1Avx2,
     q4_1_avx2,
-    "avx2,fma",
+    "avx2,fma,f16c",
     Q4_1,
     load = |p| q4_1_vectors(p),
     start = |_level_sum| _mm256_setzero_si256(),
