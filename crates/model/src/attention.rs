@@ -34,6 +34,30 @@ impl LayerCache {
         self.len == 0
     }
 
+    /// Views of the cached keys and values (`[batch, kv_heads, len, head_dim]`); `None` before
+    /// the first write.
+    pub fn keys_values(&self) -> Option<(Tensor, Tensor)> {
+        let (k, v) = self.kv.as_ref()?;
+        Some((
+            k.narrow(2, 0, self.len).ok()?,
+            v.narrow(2, 0, self.len).ok()?,
+        ))
+    }
+
+    /// The first `positions` cached positions (at most all of them) in buffers of their own,
+    /// with room for `capacity` positions before they grow.
+    pub fn copy_prefix(&self, positions: usize, capacity: usize) -> Result<LayerCache> {
+        let mut out = LayerCache {
+            capacity_hint: capacity,
+            ..LayerCache::default()
+        };
+        let positions = positions.min(self.len);
+        if let (Some((k, v)), true) = (&self.kv, positions > 0) {
+            out.extend(k.narrow(2, 0, positions)?, v.narrow(2, 0, positions)?)?;
+        }
+        Ok(out)
+    }
+
     /// Appends new keys and values (`[batch, kv_heads, seq, head_dim]`, contiguous); returns
     /// views of all of them.
     fn extend(&mut self, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {

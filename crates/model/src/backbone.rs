@@ -41,6 +41,17 @@ impl KvCache {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// Every layer's first `positions` positions in buffers of their own, with room for
+    /// `capacity` (see [`LayerCache::copy_prefix`]): what reading those tokens afresh gives.
+    pub fn copy_prefix(&self, positions: usize, capacity: usize) -> Result<KvCache> {
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| l.copy_prefix(positions, capacity))
+            .collect::<Result<_>>()?;
+        Ok(KvCache { layers })
+    }
 }
 
 /// A decoder-only language model.

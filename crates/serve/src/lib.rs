@@ -31,6 +31,7 @@ mod error;
 mod experts;
 mod generation;
 mod openai;
+mod prompt_cache;
 mod request;
 mod scheduler;
 
@@ -174,6 +175,9 @@ struct AppState {
     model: Arc<Mutex<ModeModel>>,
     /// Expert changes waiting for the lock; while any wait, no new sequence starts.
     model_change: Arc<AtomicUsize>,
+    /// Counts the changes of the model's experts (the scheduler's prompt cache is emptied
+    /// after each).
+    model_generation: Arc<AtomicU64>,
     /// Where jobs go to be run.
     scheduler: std::sync::mpsc::Sender<Submission>,
     stats: Arc<scheduler::Stats>,
@@ -197,6 +201,8 @@ impl AppState {
             scheduler::kv_bytes_per_token(model),
             std::sync::atomic::Ordering::Relaxed,
         );
+        self.model_generation
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
     }
 }
 
@@ -214,6 +220,7 @@ pub fn router(served: Served) -> Router {
     let model = Arc::new(Mutex::new(served.model));
     let tokenizer = Arc::new(served.tokenizer);
     let model_change = Arc::new(AtomicUsize::new(0));
+    let model_generation = Arc::new(AtomicU64::new(0));
     let (scheduler, inbox) = std::sync::mpsc::channel();
     let stats = Arc::new(scheduler::Stats::default());
     let runner = Scheduler {
@@ -222,6 +229,7 @@ pub fn router(served: Served) -> Router {
         experts: experts.clone(),
         batching: served.batching,
         model_change: model_change.clone(),
+        model_generation: model_generation.clone(),
         stats: stats.clone(),
     };
     std::thread::Builder::new()
@@ -249,6 +257,7 @@ pub fn router(served: Served) -> Router {
         tokenizer,
         model,
         model_change,
+        model_generation,
         scheduler,
         stats,
     });

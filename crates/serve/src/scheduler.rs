@@ -31,6 +31,7 @@ use crate::error::{internal, ApiError};
 use crate::experts::ExpertSet;
 use crate::generation::{job_routing, Piece};
 use crate::openai::Usage;
+use crate::prompt_cache::PromptCache;
 use crate::request::Job;
 
 /// How the scheduler batches.
@@ -43,6 +44,9 @@ pub struct Batching {
     /// Memory for the running sequences' keys and values; a sequence reserves room for its
     /// prompt and its `max_tokens` when it starts.
     pub kv_cache_bytes: u64,
+    /// Memory for the keys and values of prompts already read, so that a prompt starting the
+    /// same way reads only the rest ([`PromptCache`]); 0 keeps none.
+    pub prompt_cache_bytes: u64,
 }
 
 impl Default for Batching {
@@ -51,6 +55,7 @@ impl Default for Batching {
             parallel: 16,
             prefill_chunk: 256,
             kv_cache_bytes: 2 << 30,
+            prompt_cache_bytes: 256 << 20,
         }
     }
 }
@@ -68,6 +73,8 @@ pub(crate) struct Stats {
     /// The most rows one decode step has had.
     pub max_rows: AtomicUsize,
     pub prompt_tokens: AtomicU64,
+    /// Prompt tokens whose keys and values came from the prompt cache instead.
+    pub cached_prompt_tokens: AtomicU64,
     pub generated_tokens: AtomicU64,
 }
 
@@ -112,6 +119,12 @@ impl Stats {
                 "counter",
                 "Prompt tokens read.",
                 get(&self.prompt_tokens),
+            ),
+            (
+                "mode_prompt_tokens_cached_total",
+                "counter",
+                "Prompt tokens taken from the prompt cache instead of read.",
+                get(&self.cached_prompt_tokens),
             ),
             (
                 "mode_generated_tokens_total",
@@ -190,6 +203,8 @@ pub(crate) struct Scheduler {
     pub batching: Batching,
     /// Expert changes waiting for the running sequences to finish.
     pub model_change: Arc<AtomicUsize>,
+    /// Counts the changes of the model's experts (read while holding the model lock).
+    pub model_generation: Arc<AtomicU64>,
     pub stats: Arc<Stats>,
 }
 
@@ -199,6 +214,7 @@ impl Scheduler {
         let mut waiting: VecDeque<Submission> = VecDeque::new();
         let mut queued: VecDeque<(Rc<Request>, usize)> = VecDeque::new();
         let mut running: Vec<Sequence> = Vec::new();
+        let mut prompts = PromptCache::new(self.batching.prompt_cache_bytes);
         loop {
             if waiting.is_empty() && queued.is_empty() {
                 match inbox.recv() {
@@ -211,15 +227,22 @@ impl Scheduler {
                 std::thread::sleep(Duration::from_millis(2));
             }
             let model = self.model.blocking_lock();
+            prompts.sync(self.model_generation.load(Ordering::Acquire));
             loop {
                 waiting.extend(inbox.try_iter());
                 if self.model_change.load(Ordering::Acquire) == 0 {
-                    self.admit(&model, &mut waiting, &mut queued, &mut running);
+                    self.admit(
+                        &model,
+                        &mut waiting,
+                        &mut queued,
+                        &mut running,
+                        &mut prompts,
+                    );
                 }
                 if running.is_empty() {
                     break;
                 }
-                self.step(&model, &mut running);
+                self.step(&model, &mut running, &mut prompts);
                 running.retain(|s| s.done.is_none());
                 let waiting_seqs: usize =
                     queued.len() + waiting.iter().map(|s| s.job.choices).sum::<usize>();
@@ -229,13 +252,15 @@ impl Scheduler {
         }
     }
 
-    /// Starts waiting sequences while there is room.
+    /// Starts waiting sequences while there is room, each from the longest start of its
+    /// prompt that `prompts` holds.
     fn admit(
         &self,
         model: &ModeModel,
         waiting: &mut VecDeque<Submission>,
         queued: &mut VecDeque<(Rc<Request>, usize)>,
         running: &mut Vec<Sequence>,
+        prompts: &mut PromptCache,
     ) {
         let per_token = kv_bytes_per_token(model);
         let mut reserved: u64 = running.iter().map(|s| s.reserved_bytes).sum();
@@ -262,8 +287,20 @@ impl Scheduler {
                 continue;
             }
             reserved += need;
-            let mut cache = model.new_cache();
-            cache.reserve(tokens as usize);
+            let cached = prompts
+                .lookup(&request.routing, &request.ids, tokens as usize)
+                .unwrap_or_else(|e| {
+                    eprintln!("mode serve: prompt cache: {e}");
+                    None
+                });
+            let (cache, read) = cached.unwrap_or_else(|| {
+                let mut cache = model.new_cache();
+                cache.reserve(tokens as usize);
+                (cache, 0)
+            });
+            self.stats
+                .cached_prompt_tokens
+                .fetch_add(read as u64, Ordering::Relaxed);
             running.push(Sequence {
                 sampler: Sampler::new(SamplingParams {
                     seed: request.job.params.seed.wrapping_add(choice as u64),
@@ -273,7 +310,7 @@ impl Scheduler {
                 request,
                 choice,
                 cache,
-                read: 0,
+                read,
                 next: None,
                 generated: 0,
                 text: TextStream::default(),
@@ -308,8 +345,9 @@ impl Scheduler {
     }
 
     /// One packed forward for every running sequence: each decoding sequence feeds its next
-    /// token, and sequences reading their prompt feed the next part of it.
-    fn step(&self, model: &ModeModel, running: &mut [Sequence]) {
+    /// token, and sequences reading their prompt feed the next part of it (a prompt read to
+    /// its end goes into `prompts`).
+    fn step(&self, model: &ModeModel, running: &mut [Sequence], prompts: &mut PromptCache) {
         for seq in running.iter_mut() {
             if seq.request.tx.is_closed() {
                 seq.done = Some("");
@@ -371,6 +409,13 @@ impl Scheduler {
                     .fetch_add(chunk.len() as u64, Ordering::Relaxed);
                 if seq.read < seq.request.ids.len() {
                     continue;
+                }
+                let request = &seq.request;
+                let per_token = kv_bytes_per_token(model);
+                if let Err(e) =
+                    prompts.insert(&request.routing, &request.ids, &seq.cache, per_token)
+                {
+                    eprintln!("mode serve: prompt cache: {e}");
                 }
             }
             self.take_token(seq, &row);

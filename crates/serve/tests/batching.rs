@@ -1,5 +1,5 @@
 //! Continuous batching: requests that run together, each with its own experts, get exactly the
-//! answers they get alone.
+//! answers they get alone (and again when their prompts' starts come from the prompt cache).
 
 mod common;
 
@@ -101,6 +101,9 @@ fn requests_batched_together_answer_as_they_do_alone() {
         "the requests never ran in one batch"
     );
     assert_eq!(metric(addr, "mode_sequences_running"), 0);
+    // The rounds asked the alone phase's prompts again: their starts came from the prompt
+    // cache, and the answers above are the same.
+    assert!(metric(addr, "mode_prompt_tokens_cached_total") > 0);
     let steps = metric(addr, "mode_decode_steps_total");
     let rows = metric(addr, "mode_decode_rows_total");
     assert!(rows > steps, "{rows} rows in {steps} steps");

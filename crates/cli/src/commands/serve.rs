@@ -74,6 +74,12 @@ pub struct Args {
     /// never fit is refused with 400
     #[arg(long, default_value_t = 2048, value_name = "MIB")]
     kv_cache_mib: u64,
+    /// Memory for the keys and values of prompts already read, in MiB: a prompt that starts
+    /// like one of them (a chat template and system prompt, a conversation going on) reads only
+    /// the rest. Least recently used first out; 0 turns it off. Requests with per-token expert
+    /// routing (top-k, a threshold) are not cached
+    #[arg(long, default_value_t = 256, value_name = "MIB")]
+    prompt_cache_mib: u64,
     /// Require `Authorization: Bearer KEY` on every request but GET /health (401 otherwise).
     /// Set it whenever --host is not loopback. Prefer the environment variable: a flag shows
     /// in the process list
@@ -94,6 +100,12 @@ pub fn run(args: Args) -> Result<()> {
     super::check_range("--parallel", args.parallel, 1, 4096)?;
     super::check_range("--prefill-chunk", args.prefill_chunk, 1, super::MAX_TOKENS)?;
     super::check_range("--kv-cache-mib", args.kv_cache_mib as usize, 1, 1 << 24)?;
+    super::check_range(
+        "--prompt-cache-mib",
+        args.prompt_cache_mib as usize,
+        0,
+        1 << 24,
+    )?;
     if let Some(key) = &args.api_key {
         let printable = key.bytes().all(|b| b.is_ascii_graphic());
         if key.is_empty() || !printable {
@@ -141,6 +153,7 @@ pub fn run(args: Args) -> Result<()> {
         parallel: args.parallel,
         prefill_chunk: args.prefill_chunk,
         kv_cache_bytes: args.kv_cache_mib << 20,
+        prompt_cache_bytes: args.prompt_cache_mib << 20,
     };
     served.api_key = args.api_key.clone();
     served.routing = RoutingDefaults {
