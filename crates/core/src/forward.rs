@@ -174,7 +174,7 @@ impl ModeModel {
         // cannot skip some of its positions, so an expert runs on all of a sequence's rows or
         // on none.
         let groups: Vec<std::ops::Range<usize>> = match &caches {
-            Caches::Shared(_) => vec![0..b],
+            Caches::Shared(_) => std::iter::once(0..b).collect(),
             Caches::Packed { lens, .. } => lens
                 .iter()
                 .scan(0, |first, &len| {
