@@ -524,7 +524,7 @@ pub fn random_weights(config: &Config, seed: u64) -> Weights {
     );
     for i in 0..config.num_hidden_layers {
         let p = format!("model.layers.{i}");
-        for norm in crate::layers::hidden_norm_names(config) {
+        for norm in crate::weights::hidden_norm_names(config) {
             add(format!("{p}.{norm}.weight"), vec![h], true);
         }
         add(format!("{p}.self_attn.q_proj.weight"), vec![q, h], false);

@@ -262,47 +262,6 @@ pub fn fuse_quantized(parts: &mut [&mut Linear]) -> candle_core::Result<Option<L
     }))
 }
 
-/// The Hugging Face names of a layer's norms, by role. Llama's second norm comes before the MLP
-/// and is called `post_attention_layernorm`; Gemma's of that name norms the attention output.
-struct NormNames {
-    attn: &'static str,
-    attn_out: Option<&'static str>,
-    mlp: &'static str,
-    mlp_out: Option<&'static str>,
-}
-
-const PRE_NORMS: NormNames = NormNames {
-    attn: "input_layernorm",
-    attn_out: None,
-    mlp: "post_attention_layernorm",
-    mlp_out: None,
-};
-
-const SANDWICH_NORMS: NormNames = NormNames {
-    attn: "input_layernorm",
-    attn_out: Some("post_attention_layernorm"),
-    mlp: "pre_feedforward_layernorm",
-    mlp_out: Some("post_feedforward_layernorm"),
-};
-
-fn norm_names(sandwich: bool) -> &'static NormNames {
-    if sandwich {
-        &SANDWICH_NORMS
-    } else {
-        &PRE_NORMS
-    }
-}
-
-/// The names (relative to the layer, without `.weight`) of the hidden-size norms of a layer of
-/// `config`'s architecture: the attention's, its output's, the MLP's, its output's.
-pub fn hidden_norm_names(config: &Config) -> Vec<&'static str> {
-    let n = norm_names(config.sandwich_norms());
-    [Some(n.attn), n.attn_out, Some(n.mlp), n.mlp_out]
-        .into_iter()
-        .flatten()
-        .collect()
-}
-
 /// One pre-norm transformer decoder layer: `x + [attn_out_norm](attn(attn_norm(x)))`, then
 /// `+ [mlp_out_norm](mlp(mlp_norm(.)))`; the bracketed norms exist in sandwich-norm models
 /// (Gemma) only.
@@ -361,7 +320,7 @@ impl DecoderLayer {
         } else {
             (None, None)
         };
-        let names = norm_names(config.sandwich_norms());
+        let names = crate::weights::norm_names(config.sandwich_norms());
         Ok(Self {
             attn_norm: norm(names.attn, h)?,
             self_attn: Attention {
@@ -422,7 +381,7 @@ impl DecoderLayer {
     /// (`input_layernorm.weight`, ...), in a fixed order: attention, attention output, MLP, MLP
     /// output, then q and k.
     pub fn norms(&self) -> Vec<(String, &RmsNorm)> {
-        let names = norm_names(self.attn_out_norm.is_some());
+        let names = crate::weights::norm_names(self.attn_out_norm.is_some());
         let a = &self.self_attn;
         let mut out = vec![(names.attn, &self.attn_norm)];
         if let (Some(n), Some(name)) = (&self.attn_out_norm, names.attn_out) {

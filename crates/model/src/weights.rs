@@ -168,6 +168,47 @@ fn unpermute_rope_rows(w: &Tensor, heads: usize) -> Result<Tensor> {
         .reshape((rows, cols))?)
 }
 
+/// The Hugging Face names of a layer's norms, by role. Llama's second norm comes before the MLP
+/// and is called `post_attention_layernorm`; Gemma's of that name norms the attention output.
+pub(crate) struct NormNames {
+    pub attn: &'static str,
+    pub attn_out: Option<&'static str>,
+    pub mlp: &'static str,
+    pub mlp_out: Option<&'static str>,
+}
+
+const PRE_NORMS: NormNames = NormNames {
+    attn: "input_layernorm",
+    attn_out: None,
+    mlp: "post_attention_layernorm",
+    mlp_out: None,
+};
+
+const SANDWICH_NORMS: NormNames = NormNames {
+    attn: "input_layernorm",
+    attn_out: Some("post_attention_layernorm"),
+    mlp: "pre_feedforward_layernorm",
+    mlp_out: Some("post_feedforward_layernorm"),
+};
+
+pub(crate) fn norm_names(sandwich: bool) -> &'static NormNames {
+    if sandwich {
+        &SANDWICH_NORMS
+    } else {
+        &PRE_NORMS
+    }
+}
+
+/// The names (relative to the layer, without `.weight`) of the hidden-size norms of a layer of
+/// `config`'s architecture: the attention's, its output's, the MLP's, its output's.
+pub fn hidden_norm_names(config: &Config) -> Vec<&'static str> {
+    let n = norm_names(config.sandwich_norms());
+    [Some(n.attn), n.attn_out, Some(n.mlp), n.mlp_out]
+        .into_iter()
+        .flatten()
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -144,15 +144,14 @@ mod tests {
         cache
     }
 
+    fn backbone() -> Backbone {
+        let config = Config::tiny(Architecture::Llama);
+        Backbone::random(config, 1, DType::F32, &Device::Cpu).unwrap()
+    }
+
     #[test]
     fn finds_the_longest_start_under_the_same_routing_and_forgets_on_change() {
-        let bb = Backbone::random(
-            Config::tiny(Architecture::Llama),
-            1,
-            DType::F32,
-            &Device::Cpu,
-        )
-        .unwrap();
+        let bb = backbone();
         let dense = Routing::default();
         let alone = Routing {
             experts: Some(vec![]),
@@ -197,13 +196,7 @@ mod tests {
 
     #[test]
     fn keeps_within_its_budget_dropping_the_least_recently_used() {
-        let bb = Backbone::random(
-            Config::tiny(Architecture::Llama),
-            1,
-            DType::F32,
-            &Device::Cpu,
-        )
-        .unwrap();
+        let bb = backbone();
         let dense = Routing::default();
         let mut pc = PromptCache::new(100);
         let (a, b, c) = ([1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12]);
