@@ -16,6 +16,9 @@
 # llama-quantize (cached under $MODE_HOME/peer) for q8_0, and the Q4_1 file itself otherwise (q4_1 holds its
 # blocks again; llama.cpp has no f32 path worth comparing against; the report names the file each side used).
 # The peer is built once by bench/peer/build_llama_cpp.sh (about 15 minutes on 2 free cores).
+# Both sides reuse the keys and values of prompts already read (ours: --prompt-cache-mib, on by default;
+# llama-server: its slots' `cache_prompt`, true by default), so each request reads only what follows the
+# chat template and system prompt it shares with the others.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS="${ROUNDS:-3}"
