@@ -172,7 +172,7 @@ fn attach_saved_lora(
         path: path.to_path_buf(),
         msg: format!("tensor `{name}` is missing"),
     };
-    let dtype = mode_model::layers::small_dtype(backbone.embed_tokens.dtype());
+    let dtype = backbone.adapter_dtype();
     let targets = spec.targets.projections();
     for (i, layer) in backbone.layers.iter_mut().enumerate() {
         for (name, linear) in layer.linears_mut() {

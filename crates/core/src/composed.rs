@@ -241,7 +241,7 @@ pub fn load_composed(dir: &Path, backbone: Backbone) -> Result<(ModeModel, Compo
     mode_io::input::check(&gates_path).map_err(|e| gates_err(e.to_string()))?;
     let tensors = candle_core::safetensors::load(&gates_path, backbone.device())
         .map_err(|e| gates_err(e.to_string()))?;
-    let dtype = backbone.embed_tokens.dtype();
+    let dtype = backbone.adapter_dtype();
     let branches = experts.len() + 1;
     let hidden = backbone.config.hidden_size;
     let gates = (0..manifest.layout.num_blocks())

@@ -149,7 +149,7 @@ impl Expert {
         tensors: &HashMap<String, Tensor>,
         label: &std::path::Path,
     ) -> Result<Self> {
-        let dtype = backbone.embed_tokens.dtype();
+        let dtype = backbone.adapter_dtype();
         let mut blocks = Vec::new();
         for b in 0..layout.num_blocks() {
             let mut layers = Vec::new();

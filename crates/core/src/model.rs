@@ -88,7 +88,7 @@ impl ModeModel {
         let layout = BlockLayout::explicit(vec![0, layers], layers, 1)?;
         let (hidden, dtype, device) = (
             backbone.config.hidden_size,
-            backbone.embed_tokens.dtype(),
+            backbone.adapter_dtype(),
             backbone.device().clone(),
         );
         let gate = Gate {

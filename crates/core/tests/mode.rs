@@ -190,6 +190,41 @@ fn expert_files_round_trip_and_refuse_mismatches() {
 }
 
 #[test]
+fn experts_beside_a_compact_backbone_keep_their_trained_weights() {
+    // Rounding the frozen backbone (f16, Q8_0, Q4_1) is a speed choice for the backbone alone:
+    // an expert loaded beside it must keep the f32 values it was trained and saved with.
+    let m = mode_model(7, 1, ExpertInit::Random);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("math.expert.safetensors");
+    ExpertFile::from_expert(
+        meta(&m.backbone, &m.layout, "math"),
+        &m.experts[0],
+        &m.gates,
+    )
+    .save(&path)
+    .unwrap();
+    let loaded = ExpertFile::load(&path, &Device::Cpu).unwrap();
+    for format in [
+        mode_model::compact::BlockFormat::Q8_0,
+        mode_model::compact::BlockFormat::Q4_1,
+    ] {
+        let mut compact = backbone(7);
+        compact.quantize(format).unwrap();
+        let fp = compact.fingerprint().unwrap();
+        let mut served = ModeModel::bare(compact).unwrap();
+        assert_eq!(served.gates[0].weight.dtype(), DType::F32, "{format:?}");
+        served.add_expert_file(&loaded, &path, &fp, None).unwrap();
+        let trained = m.experts[0].named_tensors();
+        let kept = served.experts[0].named_tensors();
+        assert_eq!(kept.len(), trained.len());
+        for ((name, a), (_, b)) in trained.iter().zip(&kept) {
+            assert_eq!(b.dtype(), DType::F32, "{format:?} {name}");
+            assert_eq!(max_diff(a, b), 0.0, "{format:?} {name}");
+        }
+    }
+}
+
+#[test]
 fn fingerprints_are_deterministic_for_the_same_weights() {
     let mut config = Config::tiny(Architecture::Llama);
     config.num_hidden_layers = 2;

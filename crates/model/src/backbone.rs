@@ -220,6 +220,14 @@ impl Backbone {
         &self.source
     }
 
+    /// The dtype of what is trained beside this backbone and added to it (experts, gates, LoRA
+    /// adapters) when it is loaded for inference: f32 (f64 over an f64 backbone), however the
+    /// frozen matrices are stored. Rounding the frozen weights (f16, bf16, Q8_0, Q4_1) is a choice
+    /// of speed over the backbone; the trained tensors are few and stay as they were trained.
+    pub fn adapter_dtype(&self) -> DType {
+        crate::layers::small_dtype(self.embed_tokens.dtype())
+    }
+
     pub fn device(&self) -> &Device {
         &self.device
     }
@@ -363,7 +371,7 @@ impl Backbone {
         seed: u64,
     ) -> Result<()> {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        let dtype = crate::layers::small_dtype(self.embed_tokens.dtype());
+        let dtype = self.adapter_dtype();
         for layer in &mut self.layers {
             for (name, linear) in layer.linears_mut() {
                 let short = name.rsplit('.').next().unwrap_or(name);
