@@ -18,9 +18,9 @@ pub const MAX_ROWS: usize = 64;
 /// Weight rows (columns of `y`) per parallel task.
 const ROWS_PER_TASK: usize = 32;
 
-/// Weight rows widened and multiplied together: 8 rows of up to 1,024 values fill half of L1,
-/// and each group of four `x` rows is read from L2 once per panel rather than once per pair.
-const PANEL: usize = 8;
+/// Weight rows widened and multiplied together: 6 rows of up to 1,024 values take 24 KiB of L1,
+/// and each group of four `x` rows is read from L2 once per panel rather than once per triple.
+const PANEL: usize = 6;
 
 /// `y[i, j] = sum_k x[i, k] * w[j, k]`: `x` is `[m, k]`, `w` is `[n, k]`, both row-major (`w`
 /// in any stored element type); returns `y` as `[m, n]`.
@@ -124,7 +124,7 @@ impl<T> OutPtr<T> {
 
 /// Columns `j0..j0 + rows` of `y`, a panel of [`PANEL`] weight rows at a time: each row widened
 /// to f32 once (into L1) for all `m` rows of `x`, and each group of four `x` rows (also in L1)
-/// multiplied by the whole panel, two weight rows at a time, before the next group is read.
+/// multiplied by the whole panel, three weight rows at a time, before the next group is read.
 #[allow(clippy::too_many_arguments)]
 fn block(
     x: &[f32],
@@ -157,18 +157,18 @@ fn block(
             let mr = (m - i0).min(4);
             let xq = &x[i0 * k..(i0 + mr) * k];
             let yq = &mut y[i0 * n..(i0 + mr) * n];
-            for dj in (0..pr).step_by(2) {
-                let nr = (pr - dj).min(2);
-                let (w0, w1) = (panel[dj], panel[dj + nr - 1]);
+            for dj in (0..pr).step_by(3) {
+                let nr = (pr - dj).min(3);
+                let ws = [panel[dj], panel[dj + 1.min(nr - 1)], panel[dj + nr - 1]];
                 let col = j0 + p0 + dj;
                 #[cfg(target_arch = "x86_64")]
                 if simd {
                     // SAFETY: the CPU has the features the kernel is compiled for; k is a
                     // multiple of 8.
-                    unsafe { avx2::pair(xq, mr, w0, w1, nr, col, n, k, yq) };
+                    unsafe { avx2::triple(xq, mr, ws, nr, col, n, k, yq) };
                     continue;
                 }
-                for (s, wr) in [w0, w1].iter().enumerate().take(nr) {
+                for (s, wr) in ws.iter().enumerate().take(nr) {
                     for i in 0..mr {
                         let xr = &xq[i * k..(i + 1) * k];
                         yq[i * n + col + s] = xr.iter().zip(wr.iter()).map(|(a, b)| a * b).sum();
@@ -183,45 +183,46 @@ fn block(
 pub(crate) mod avx2 {
     use std::arch::x86_64::*;
 
-    /// Two weight rows (`w1` is `w0` again when `nr` is 1) against four rows of `x` at a time:
-    /// eight 8-lane accumulators, two weight loads and four `x` loads per 8 values of `k`.
+    /// Three weight rows (repeated when `nr` is less) against four rows of `x` at a time:
+    /// twelve 8-lane accumulators, three weight loads and four `x` loads per 8 values of `k`
+    /// (a 4 x 2 tile needs six loads for eight products: the loads, not the products, bound it).
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn pair(
+    pub unsafe fn triple(
         x: &[f32],
         m: usize,
-        w0: &[f32],
-        w1: &[f32],
+        w: [&[f32]; 3],
         nr: usize,
         col: usize,
         n: usize,
         k: usize,
         y: &mut [f32],
     ) {
-        let (w0, w1) = (w0.as_ptr(), w1.as_ptr());
+        let [w0, w1, w2] = w.map(|r| r.as_ptr());
         if m == 1 {
             // One row of x (a lone sequence decoding): two accumulators per weight row so that
             // consecutive FMAs do not wait on each other, instead of a 4-row tile that would
             // compute the same row four times.
             let xr = x.as_ptr();
-            let mut acc = [_mm256_setzero_ps(); 4];
+            let mut acc = [_mm256_setzero_ps(); 6];
             let mut c = 0;
             while c + 16 <= k {
                 let (v0, v1) = (_mm256_loadu_ps(xr.add(c)), _mm256_loadu_ps(xr.add(c + 8)));
-                acc[0] = _mm256_fmadd_ps(v0, _mm256_loadu_ps(w0.add(c)), acc[0]);
-                acc[1] = _mm256_fmadd_ps(v1, _mm256_loadu_ps(w0.add(c + 8)), acc[1]);
-                acc[2] = _mm256_fmadd_ps(v0, _mm256_loadu_ps(w1.add(c)), acc[2]);
-                acc[3] = _mm256_fmadd_ps(v1, _mm256_loadu_ps(w1.add(c + 8)), acc[3]);
+                for (s, wr) in [w0, w1, w2].iter().enumerate() {
+                    acc[2 * s] = _mm256_fmadd_ps(v0, _mm256_loadu_ps(wr.add(c)), acc[2 * s]);
+                    acc[2 * s + 1] =
+                        _mm256_fmadd_ps(v1, _mm256_loadu_ps(wr.add(c + 8)), acc[2 * s + 1]);
+                }
                 c += 16;
             }
             if c < k {
                 let v = _mm256_loadu_ps(xr.add(c));
-                acc[0] = _mm256_fmadd_ps(v, _mm256_loadu_ps(w0.add(c)), acc[0]);
-                acc[2] = _mm256_fmadd_ps(v, _mm256_loadu_ps(w1.add(c)), acc[2]);
+                for (s, wr) in [w0, w1, w2].iter().enumerate() {
+                    acc[2 * s] = _mm256_fmadd_ps(v, _mm256_loadu_ps(wr.add(c)), acc[2 * s]);
+                }
             }
-            y[col] = sum8(_mm256_add_ps(acc[0], acc[1]));
-            if nr == 2 {
-                y[col + 1] = sum8(_mm256_add_ps(acc[2], acc[3]));
+            for s in 0..nr {
+                y[col + s] = sum8(_mm256_add_ps(acc[2 * s], acc[2 * s + 1]));
             }
             return;
         }
@@ -230,20 +231,22 @@ pub(crate) mod avx2 {
             let mr = (m - i).min(4);
             let xs: [*const f32; 4] =
                 std::array::from_fn(|r| x.as_ptr().add((i + r.min(mr - 1)) * k));
-            let mut acc = [[_mm256_setzero_ps(); 2]; 4];
+            let mut acc = [[_mm256_setzero_ps(); 3]; 4];
             let mut c = 0;
             while c < k {
                 let a = _mm256_loadu_ps(w0.add(c));
                 let b = _mm256_loadu_ps(w1.add(c));
+                let d = _mm256_loadu_ps(w2.add(c));
                 for r in 0..4 {
                     let v = _mm256_loadu_ps(xs[r].add(c));
                     acc[r][0] = _mm256_fmadd_ps(v, a, acc[r][0]);
                     acc[r][1] = _mm256_fmadd_ps(v, b, acc[r][1]);
+                    acc[r][2] = _mm256_fmadd_ps(v, d, acc[r][2]);
                 }
                 c += 8;
             }
-            for (r, pair) in acc.iter().enumerate().take(mr) {
-                for (s, v) in pair.iter().enumerate().take(nr) {
+            for (r, row) in acc.iter().enumerate().take(mr) {
+                for (s, v) in row.iter().enumerate().take(nr) {
                     y[(i + r) * n + col + s] = sum8(*v);
                 }
             }
