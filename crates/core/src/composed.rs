@@ -190,7 +190,8 @@ pub fn read_manifest(dir: &Path) -> Result<ComposedManifest> {
 }
 
 /// Loads the composed model in `dir` onto `backbone`, checking the backbone's fingerprint, each
-/// expert file's SHA-256 and layout, and the gates' shapes.
+/// expert file's SHA-256 and layout, and the gates' shapes; its experts are loaded to run
+/// ([`crate::Expert::pack_for_inference`]).
 pub fn load_composed(dir: &Path, backbone: Backbone) -> Result<(ModeModel, ComposedManifest)> {
     let manifest = read_manifest(dir)?;
     let fingerprint = backbone.fingerprint()?;
@@ -228,6 +229,7 @@ pub fn load_composed(dir: &Path, backbone: Backbone) -> Result<(ModeModel, Compo
             .file
             .check_compatible(&path, &fingerprint, &dims, Some(&manifest.layout))?;
         let mut expert = loaded.file.expert(&backbone, &path)?;
+        expert.pack_for_inference()?;
         expert.name = e.name.clone();
         experts.push(expert);
     }

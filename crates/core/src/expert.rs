@@ -185,6 +185,18 @@ impl Expert {
         })
     }
 
+    /// Keeps the expert's f32 matrices transposed in panels too ([`mode_model::packed`]):
+    /// batched decoding multiplies them faster, at a second copy of the weights. For experts
+    /// loaded to run, not to train (the copy does not follow training).
+    pub fn pack_for_inference(&mut self) -> Result<()> {
+        for layer in self.blocks.iter_mut().flatten() {
+            for (_, linear) in layer.linears_mut() {
+                linear.pack()?;
+            }
+        }
+        Ok(())
+    }
+
     pub fn num_parameters(&self) -> usize {
         self.named_tensors()
             .iter()

@@ -101,8 +101,9 @@ impl ModeModel {
     /// Adds the expert in a stage-1 expert file, checked against this backbone (its
     /// `backbone_fingerprint`) and, when the model has experts, against their layout; named
     /// `name` or after the file's domain. A model without experts takes the file's layout and
-    /// stage-1 gates as they are; otherwise see [`Self::add_expert`]. Nothing changes when it
-    /// fails. Returns the expert's name.
+    /// stage-1 gates as they are; otherwise see [`Self::add_expert`]. The expert is loaded to
+    /// run ([`Expert::pack_for_inference`]). Nothing changes when it fails. Returns the expert's
+    /// name.
     pub fn add_expert_file(
         &mut self,
         file: &ExpertFile,
@@ -114,6 +115,7 @@ impl ModeModel {
         let layout = (!self.experts.is_empty()).then_some(&self.layout);
         file.check_compatible(path, backbone_fingerprint, &dims, layout)?;
         let mut expert = file.expert(&self.backbone, path)?;
+        expert.pack_for_inference()?;
         if let Some(name) = name {
             mode_io::names::check_name(name).map_err(|msg| Error::File {
                 path: path.to_path_buf(),

@@ -30,6 +30,10 @@ fn model(arch: Architecture) -> ModeModel {
             )
             .unwrap();
             e.form = form;
+            // The server runs experts loaded from files, packed; keep one of each kind.
+            if j == 0 {
+                e.pack_for_inference().unwrap();
+            }
             e
         })
         .collect();

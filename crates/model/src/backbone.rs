@@ -294,7 +294,7 @@ impl Backbone {
             );
         }
         out.push(("model.norm.weight".to_string(), &self.norm.weight));
-        if let (false, crate::Weight::Dense(w)) = (self.lm_head_tied, &self.lm_head.weight) {
+        if let (false, Some(w)) = (self.lm_head_tied, self.lm_head.weight.dense()) {
             out.push(("lm_head.weight".to_string(), w));
         }
         out

@@ -7,6 +7,7 @@ use candle_core::{DType, Device, Module, Tensor, D};
 
 pub use crate::attention::{causal_mask, Attention, LayerCache};
 use crate::compact::{BlockFormat, QMatrix};
+use crate::packed::PackedF32;
 pub use crate::rope::{Rope, RopeTables};
 use crate::{Activation, Config, Result, Weights};
 
@@ -26,6 +27,9 @@ pub struct Linear {
 pub enum Weight {
     Dense(Tensor),
     Quantized(QMatrix),
+    /// f32, also held transposed in panels for few-row products (inference only; see
+    /// [`crate::packed`]).
+    Packed(PackedF32),
 }
 
 impl Weight {
@@ -33,6 +37,7 @@ impl Weight {
     pub fn tensor(&self) -> candle_core::Result<&Tensor> {
         match self {
             Weight::Dense(t) => Ok(t),
+            Weight::Packed(p) => Ok(p.tensor()),
             Weight::Quantized(q) => candle_core::bail!(
                 "this operation needs the frozen weights as tensors (--weight-dtype f32, f16 or \
                  bf16); they were loaded as {}, which only inference reads",
@@ -45,7 +50,17 @@ impl Weight {
     pub fn dims2(&self) -> (usize, usize) {
         match self {
             Weight::Dense(t) => (t.dims()[0], t.dims()[1]),
+            Weight::Packed(p) => (p.tensor().dims()[0], p.tensor().dims()[1]),
             Weight::Quantized(q) => (q.rows(), q.cols()),
+        }
+    }
+
+    /// The matrix as a tensor where it is one (dense or packed); `None` for quantised blocks.
+    pub fn dense(&self) -> Option<&Tensor> {
+        match self {
+            Weight::Dense(t) => Some(t),
+            Weight::Packed(p) => Some(p.tensor()),
+            Weight::Quantized(_) => None,
         }
     }
 }
@@ -112,6 +127,18 @@ impl Linear {
         }
         Ok(())
     }
+
+    /// Holds an f32 weight transposed in panels too from now on, for faster few-row products
+    /// ([`crate::packed`]); other weights stay as they are. Inference only: the copy is not
+    /// updated if the tensor is trained.
+    pub fn pack(&mut self) -> candle_core::Result<()> {
+        if let Weight::Dense(t) = &self.weight {
+            if let Some(p) = PackedF32::pack(t)? {
+                self.weight = Weight::Packed(p);
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Module for Linear {
@@ -122,6 +149,13 @@ impl Module for Linear {
         let x2 = x.reshape((rows, in_features))?;
         let y = match &self.weight {
             Weight::Quantized(q) => crate::matmul::quantized_matmul(&x2, q)?,
+            Weight::Packed(p)
+                if x.dtype() == DType::F32 && (1..=crate::matmul::MAX_ROWS).contains(&rows) =>
+            {
+                let xs = x2.flatten_all()?.to_vec1::<f32>()?;
+                Tensor::from_vec(p.matmul(&xs, rows), (rows, self.out_features()), x.device())?
+            }
+            Weight::Packed(p) => x2.matmul(&p.tensor().to_dtype(x.dtype())?.t()?)?,
             Weight::Dense(w) => match crate::matmul::few_rows_matmul(&x2, w)? {
                 Some(y) => y,
                 None if w.dtype() == x.dtype() => x2.matmul(&w.t()?)?,
@@ -233,7 +267,7 @@ pub fn fuse_quantized(parts: &mut [&mut Linear]) -> candle_core::Result<Option<L
     for p in parts.iter() {
         match &p.weight {
             Weight::Quantized(q) => matrices.push(q),
-            Weight::Dense(_) => return Ok(None),
+            Weight::Dense(_) | Weight::Packed(_) => return Ok(None),
         }
     }
     // Parts of other formats, or whose rows end inside a group of interleaved rows, stay apart.
@@ -424,7 +458,7 @@ impl DecoderLayer {
         // The order is the one from before sandwich norms: two norms, projections, the rest.
         let mut out: Vec<(String, &Tensor)> = norms.by_ref().take(2).collect();
         for (name, l) in self.linears() {
-            if let Weight::Dense(w) = &l.weight {
+            if let Some(w) = l.weight.dense() {
                 out.push((format!("{name}.weight"), w));
             }
             if let Some(b) = &l.bias {
@@ -443,6 +477,7 @@ impl DecoderLayer {
         let lin = |l: &Linear| -> Result<Linear> {
             let weight = match &l.weight {
                 Weight::Dense(w) => copy(w)?,
+                Weight::Packed(p) => copy(p.tensor())?,
                 Weight::Quantized(q) => q.dequantize()?,
             };
             Ok(Linear::new(weight, l.bias.as_ref().map(copy).transpose()?))
@@ -501,6 +536,7 @@ impl DecoderLayer {
         for l in [&mut self.self_attn.o_proj, &mut self.mlp.down_proj] {
             l.weight = match &l.weight {
                 Weight::Dense(w) => Weight::Dense(w.zeros_like()?),
+                Weight::Packed(p) => Weight::Dense(p.tensor().zeros_like()?),
                 Weight::Quantized(q) => Weight::Dense(Tensor::zeros(
                     (q.rows(), q.cols()),
                     DType::F32,

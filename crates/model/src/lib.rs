@@ -13,6 +13,7 @@ pub mod config;
 pub mod error;
 pub mod layers;
 pub mod matmul;
+pub mod packed;
 pub mod q8;
 pub mod rope;
 pub mod serial;

@@ -16,7 +16,7 @@ use crate::compact::{QMatrix, Rows};
 pub const MAX_ROWS: usize = 64;
 
 /// Weight rows (columns of `y`) per parallel task.
-const ROWS_PER_TASK: usize = 32;
+pub(crate) const ROWS_PER_TASK: usize = 32;
 
 /// Weight rows widened and multiplied together: 6 rows of up to 1,024 values take 24 KiB of L1,
 /// and each group of four `x` rows is read from L2 once per panel rather than once per triple.
