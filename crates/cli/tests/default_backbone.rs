@@ -273,7 +273,7 @@ fn q4_1_weights_are_the_gguf_files_own_blocks() {
     q4.quantize(mode_model::compact::BlockFormat::Q4_1).unwrap();
     let widened = |l: &mode_model::layers::Linear| match &l.weight {
         mode_model::Weight::Quantized(q) => (q.format(), q.dequantize().unwrap()),
-        mode_model::Weight::Dense(_) => panic!("not quantised"),
+        mode_model::Weight::Dense(_) | mode_model::Weight::Packed(_) => panic!("not quantised"),
     };
     let exact = |a: &Tensor, b: &Tensor| {
         let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap();
