@@ -152,8 +152,8 @@ impl Module for Linear {
             Weight::Packed(p)
                 if x.dtype() == DType::F32 && (1..=crate::matmul::MAX_ROWS).contains(&rows) =>
             {
-                let xs = x2.flatten_all()?.to_vec1::<f32>()?;
-                Tensor::from_vec(p.matmul(&xs, rows), (rows, self.out_features()), x.device())?
+                let y = crate::matmul::with_values(&x2, |xs| p.matmul(xs, rows))?;
+                Tensor::from_vec(y, (rows, self.out_features()), x.device())?
             }
             Weight::Packed(p) => x2.matmul(&p.tensor().to_dtype(x.dtype())?.t()?)?,
             Weight::Dense(w) => match crate::matmul::few_rows_matmul(&x2, w)? {

@@ -72,6 +72,22 @@ pub(crate) fn chunked(items: usize, values: usize, f: impl Fn(std::ops::Range<us
     }
 }
 
+/// `f` of `x`'s values as one f32 slice: borrowed from its storage when `x` is a contiguous
+/// f32 tensor on the CPU (copying a step's activations out was a measurable share of serving),
+/// copied otherwise.
+pub(crate) fn with_values<R>(x: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
+    if x.dtype() == DType::F32 {
+        let (storage, layout) = x.storage_and_layout();
+        if let (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(d)), Some((a, b))) =
+            (&*storage, layout.contiguous_offsets())
+        {
+            return Ok(f(&d[a..b]));
+        }
+    }
+    let values = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    Ok(f(&values))
+}
+
 /// `x W^T` through [`matmul_rows`] when `x` (`[rows, in]`) has a few rows and `w` is in memory
 /// as f32 (2 to `MAX_ROWS` rows: one row is a matrix-vector product, which gemm does well
 /// without packing) or f16/bf16 (1 to `MAX_ROWS` rows: widened a row at a time instead of
@@ -93,8 +109,7 @@ pub fn few_rows_matmul(x: &Tensor, w: &Tensor) -> candle_core::Result<Option<Ten
         _ => return Ok(None),
     };
     let n = w.dims()[0];
-    let xs = x.flatten_all()?.to_vec1::<f32>()?;
-    let y = matmul_rows(&xs, rows, rows_of, n, k);
+    let y = with_values(x, |xs| matmul_rows(xs, rows, rows_of, n, k))?;
     Ok(Some(Tensor::from_vec(y, (rows, n), x.device())?))
 }
 
@@ -103,8 +118,7 @@ pub fn few_rows_matmul(x: &Tensor, w: &Tensor) -> candle_core::Result<Option<Ten
 /// for gemm, and they run on the same worker pool as the rest of inference.
 pub fn quantized_matmul(x: &Tensor, w: &QMatrix) -> candle_core::Result<Tensor> {
     let (rows, k) = x.dims2()?;
-    let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-    let y = crate::q8::matmul(&xs, rows, w.view(), w.rows(), k);
+    let y = with_values(x, |xs| crate::q8::matmul(xs, rows, w.view(), w.rows(), k))?;
     Tensor::from_vec(y, (rows, w.rows()), x.device())?.to_dtype(x.dtype())
 }
 

@@ -133,20 +133,22 @@ pub fn gated(both: &Tensor, activation: Activation) -> candle_core::Result<Optio
         return Ok(None);
     }
     let width = dims[dims.len() - 1] / 2;
-    let values = both.flatten_all()?.to_vec1::<f32>()?;
-    let rows = values.len() / (2 * width).max(1);
-    let mut out = vec![0f32; rows * width];
-    let out_ptr = crate::matmul::OutPtr(out.as_mut_ptr());
-    let row = |r: usize| {
-        let (gate, up) = values[r * 2 * width..][..2 * width].split_at(width);
-        // SAFETY: each row writes only its own `width` values of `out`, which outlives the
-        // parallel loop.
-        let o = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(r * width), width) };
-        for ((o, &g), &u) in o.iter_mut().zip(gate).zip(up) {
-            *o = activate(g, activation) * u;
-        }
-    };
-    crate::matmul::chunked(rows, rows * width, |range| range.for_each(row));
+    let out = crate::matmul::with_values(both, |values| {
+        let rows = values.len() / (2 * width).max(1);
+        let mut out = vec![0f32; rows * width];
+        let out_ptr = crate::matmul::OutPtr(out.as_mut_ptr());
+        let row = |r: usize| {
+            let (gate, up) = values[r * 2 * width..][..2 * width].split_at(width);
+            // SAFETY: each row writes only its own `width` values of `out`, which outlives the
+            // parallel loop.
+            let o = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(r * width), width) };
+            for ((o, &g), &u) in o.iter_mut().zip(gate).zip(up) {
+                *o = activate(g, activation) * u;
+            }
+        };
+        crate::matmul::chunked(rows, rows * width, |range| range.for_each(row));
+        out
+    })?;
     let mut out_dims = dims.to_vec();
     *out_dims.last_mut().expect("non-empty dims") = width;
     Ok(Some(Tensor::from_vec(out, out_dims, both.device())?))
