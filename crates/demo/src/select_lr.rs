@@ -79,7 +79,10 @@ pub fn same_backbone(chosen_on: &str, backbone: &str) -> bool {
 /// The selections committed with the code, one per backbone they were chosen on; the first is
 /// the default backbone's and serves any backbone without its own. A new backbone's grid
 /// (`mode demo --select-lr --backbone NAME`) goes in as `lr_selection.NAME.json` and a row here.
-const COMMITTED: &[&str] = &[include_str!("../lr_selection.json")];
+const COMMITTED: &[&str] = &[
+    include_str!("../lr_selection.json"),
+    include_str!("../lr_selection.gemma3-270m.json"),
+];
 
 impl LrSelection {
     /// The default backbone's committed selection: the demo's learning rates.
@@ -311,10 +314,19 @@ mod tests {
             .unwrap();
         assert!(note.contains(&s.backbone), "{note}");
         // A backbone without its own grid falls back to the default's rates, and says so.
-        let other = LrSelection::committed_for("gemma3-270m");
+        let other = LrSelection::committed_for("/x/backbones/qwen3-0.6b/q.gguf");
         assert_eq!(other.backbone, s.backbone);
-        assert!(other.other_backbone_note("gemma3-270m").is_some());
+        assert!(other
+            .other_backbone_note("/x/backbones/qwen3-0.6b/q.gguf")
+            .is_some());
         assert_eq!(LrSelection::committed_for(&s.backbone).backbone, s.backbone);
+        // Gemma 3 has its own grid, found by name or by a path under its cache folder.
+        for name in ["gemma3-270m", "/x/backbones/gemma3-270m/g.gguf"] {
+            let gemma = LrSelection::committed_for(name);
+            assert_eq!(gemma.backbone, "gemma3-270m");
+            assert_eq!(gemma.other_backbone_note(name), None);
+            assert_ne!(gemma.chosen, s.chosen);
+        }
     }
 
     #[test]
