@@ -141,6 +141,15 @@ impl Linear {
     }
 }
 
+/// `x W^T` for a tensor `w`: the few-row kernel where it applies, else gemm.
+fn dense_matmul(x2: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    match crate::matmul::few_rows_matmul(x2, w)? {
+        Some(y) => Ok(y),
+        None if w.dtype() == x2.dtype() => x2.matmul(&w.t()?),
+        None => x2.matmul(&w.to_dtype(x2.dtype())?.t()?),
+    }
+}
+
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let dims = x.dims();
@@ -149,18 +158,11 @@ impl Module for Linear {
         let x2 = x.reshape((rows, in_features))?;
         let y = match &self.weight {
             Weight::Quantized(q) => crate::matmul::quantized_matmul(&x2, q)?,
-            Weight::Packed(p)
-                if x.dtype() == DType::F32 && (1..=crate::matmul::MAX_ROWS).contains(&rows) =>
-            {
-                let y = crate::matmul::with_values(&x2, |xs| p.matmul(xs, rows))?;
-                Tensor::from_vec(y, (rows, self.out_features()), x.device())?
-            }
-            Weight::Packed(p) => x2.matmul(&p.tensor().to_dtype(x.dtype())?.t()?)?,
-            Weight::Dense(w) => match crate::matmul::few_rows_matmul(&x2, w)? {
+            Weight::Packed(p) => match p.few_rows_matmul(&x2)? {
                 Some(y) => y,
-                None if w.dtype() == x.dtype() => x2.matmul(&w.t()?)?,
-                None => x2.matmul(&w.to_dtype(x.dtype())?.t()?)?,
+                None => dense_matmul(&x2, p.tensor())?,
             },
+            Weight::Dense(w) => dense_matmul(&x2, w)?,
         };
         let y = match &self.bias {
             Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?)?,

@@ -72,6 +72,24 @@ pub(crate) fn chunked(items: usize, values: usize, f: impl Fn(std::ops::Range<us
     }
 }
 
+/// Whether this CPU runs the AVX2 + FMA kernels.
+pub(crate) fn has_avx2_fma() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// Deterministic values in (-1, 1) for the kernels' tests.
+#[cfg(test)]
+pub(crate) fn test_values(len: usize, salt: f32) -> Vec<f32> {
+    (0..len)
+        .map(|i| ((i as f32 * 0.618 + salt).sin() * 1000.0).fract())
+        .collect()
+}
+
 /// `f` of `x`'s values as one f32 slice: borrowed from its storage when `x` is a contiguous
 /// f32 tensor on the CPU (copying a step's activations out was a measurable share of serving),
 /// copied otherwise.
@@ -151,8 +169,7 @@ fn block(
     y: &mut [f32],
 ) {
     #[cfg(target_arch = "x86_64")]
-    let simd =
-        k.is_multiple_of(8) && is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+    let simd = k.is_multiple_of(8) && has_avx2_fma();
     let mut buf = vec![0f32; PANEL * k];
     for p0 in (0..rows).step_by(PANEL) {
         let pr = PANEL.min(rows - p0);
@@ -281,6 +298,7 @@ pub(crate) mod avx2 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use test_values as values;
 
     /// The product in f64, one dot product at a time.
     fn naive(x: &[f32], m: usize, w: &[f32], n: usize, k: usize) -> Vec<f64> {
@@ -293,12 +311,6 @@ mod tests {
             }
         }
         y
-    }
-
-    fn values(len: usize, salt: f32) -> Vec<f32> {
-        (0..len)
-            .map(|i| ((i as f32 * 0.618 + salt).sin() * 1000.0).fract())
-            .collect()
     }
 
     #[test]

@@ -62,16 +62,24 @@ impl PackedF32 {
         &self.tensor
     }
 
+    /// `x W^T` for a tensor `x` `[rows, k]` through [`Self::matmul`] when `x` is f32 with 1
+    /// to [`crate::matmul::MAX_ROWS`] rows; `None` otherwise (gemm on [`Self::tensor`] then).
+    pub fn few_rows_matmul(&self, x: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let (rows, _) = x.dims2()?;
+        if x.dtype() != DType::F32 || !(1..=crate::matmul::MAX_ROWS).contains(&rows) {
+            return Ok(None);
+        }
+        let y = crate::matmul::with_values(x, |xs| self.matmul(xs, rows))?;
+        Ok(Some(Tensor::from_vec(y, (rows, self.n), x.device())?))
+    }
+
     /// `x W^T` for `x` `[m, k]` (row-major f32): `[m, n]`, panels spread over candle's worker
     /// pool. Each output is summed over `k` in order in its own lane, so a row gets the same
     /// bits whatever other rows share its step.
     pub fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
         let (n, k) = (self.n, self.k);
         assert_eq!(x.len(), m * k, "x is not [{m}, {k}]");
-        #[cfg(target_arch = "x86_64")]
-        let simd = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
-        #[cfg(not(target_arch = "x86_64"))]
-        let simd = false;
+        let simd = crate::matmul::has_avx2_fma();
         crate::matmul::by_columns(m, n, |cols, y| {
             // Tasks start at multiples of 32 columns, so every task holds whole panels.
             for p in cols.start / PANEL_COLS..cols.end.div_ceil(PANEL_COLS) {
@@ -176,13 +184,8 @@ mod avx2 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::matmul::test_values as values;
     use candle_core::Device;
-
-    fn values(len: usize, salt: f32) -> Vec<f32> {
-        (0..len)
-            .map(|i| ((i as f32 * 0.618 + salt).sin() * 1000.0).fract())
-            .collect()
-    }
 
     #[test]
     fn packed_products_match_the_naive_product_and_do_not_depend_on_the_batch() {

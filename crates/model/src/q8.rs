@@ -360,15 +360,10 @@ mod x86;
 mod tests {
     use super::*;
     use crate::compact::QMatrix;
+    use crate::matmul::test_values as values;
     use candle_core::{Device, Tensor};
 
     const FORMATS: [BlockFormat; 2] = [BlockFormat::Q8_0, BlockFormat::Q4_1];
-
-    fn values(len: usize, salt: f32) -> Vec<f32> {
-        (0..len)
-            .map(|i| ((i as f32 * 0.618 + salt).sin() * 1000.0).fract())
-            .collect()
-    }
 
     /// Weight `c` of row `j`, in f64, from its block's parts.
     fn weight(w: QRows<'_>, j: usize, c: usize) -> f64 {
@@ -417,7 +412,7 @@ mod tests {
                 let want = naive(&xq, m, q.view(), n, k);
                 let mut isas = vec![Isa::Scalar, Isa::detect()];
                 #[cfg(target_arch = "x86_64")]
-                if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                if crate::matmul::has_avx2_fma() {
                     isas.push(Isa::Avx2);
                 }
                 for isa in isas {

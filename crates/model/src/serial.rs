@@ -92,7 +92,7 @@ pub fn attend_one(
     }
     let q = q.flatten_all()?.to_vec1::<f32>()?;
     let rep = nh / nkv;
-    let simd = has_avx2_fma();
+    let simd = crate::matmul::has_avx2_fma();
     let mut out = vec![0f32; rows * nh * hd];
     let out_ptr = crate::matmul::OutPtr(out.as_mut_ptr());
     let head = |pair: usize, scores: &mut Vec<f32>| {
@@ -189,17 +189,7 @@ impl Strided {
     }
 }
 
-/// Whether the CPU runs the AVX2 and FMA kernels below (the check is cached by std).
-fn has_avx2_fma() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    false
-}
-
-/// `sum a[i] * b[i]`; with `simd` (from [`has_avx2_fma`]) in AVX2 registers with FMA. The build
+/// `sum a[i] * b[i]`; with `simd` (from [`crate::matmul::has_avx2_fma`]) in AVX2 registers with FMA. The build
 /// targets plain x86-64, so the portable loop gets SSE's four lanes and no FMA: attention over a
 /// long cache spent most of its time here.
 fn dot(a: &[f32], b: &[f32], simd: bool) -> f32 {
@@ -433,7 +423,7 @@ mod tests {
 
     #[test]
     fn dot_and_add_scaled_match_the_definition_on_every_path_and_length() {
-        let paths = if has_avx2_fma() {
+        let paths = if crate::matmul::has_avx2_fma() {
             vec![false, true]
         } else {
             vec![false]
