@@ -215,7 +215,7 @@ fn tokenizer_json_round_trip() {
 #[test]
 #[ignore = "needs the real default backbone (fetched through pip); make test runs it"]
 fn a_preserving_expert_start_is_the_real_backbone_at_step_0() {
-    use mode_core::{BlockLayout, Expert, ExpertInit, Gate, ModeModel};
+    use mode_core::{BlockLayout, Expert, ExpertInit, Gate, GateInput, ModeModel};
     use mode_model::CausalLm;
     let (reference, tokenizer) = model();
     let ids = tokenizer
@@ -247,6 +247,7 @@ fn a_preserving_expert_start_is_the_real_backbone_at_step_0() {
                 .reshape((3, hidden))
                 .unwrap(),
             bias: Tensor::new(&[-2f32, 1.0 + b as f32, 0.5], &Device::Cpu).unwrap(),
+            input: GateInput::Raw,
         })
         .collect();
     let m = ModeModel::new(bb, layout, experts, gates).unwrap();

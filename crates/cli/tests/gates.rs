@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use common::{mode, ok};
 use mode_core::file::{ExpertDims, TrainingSummary};
-use mode_core::{BlockLayout, Expert, ExpertFile, ExpertInit, ExpertMeta, Gate};
+use mode_core::{BlockLayout, Expert, ExpertFile, ExpertInit, ExpertMeta, Gate, GateInput};
 use mode_io::Tokenizer;
 use mode_model::{Architecture, Backbone, Config};
 
@@ -45,12 +45,14 @@ fn tiny_model(dir: &Path) -> (PathBuf, Vec<PathBuf>) {
                 training: TrainingSummary::default(),
                 tool_version: "test".into(),
                 form: mode_core::ExpertForm::Replace,
+                gate_input: GateInput::Raw,
             };
             let gates: Vec<Gate> = (0..layout.num_blocks())
                 .map(|b| Gate {
                     weight: Tensor::randn(0f32, 0.3, (2, bb.config.hidden_size), &Device::Cpu)
                         .unwrap(),
                     bias: Tensor::new(&[0.0f32, b as f32 * 0.2 - 0.5], &Device::Cpu).unwrap(),
+                    input: GateInput::Raw,
                 })
                 .collect();
             let file = dir.join(format!("{domain}.expert.safetensors"));

@@ -18,10 +18,20 @@ use mode_model::Backbone;
 use serde::{Deserialize, Serialize};
 
 use crate::file::{ExpertDims, TrainingSummary};
-use crate::{BlockLayout, Error, ExpertFile, Gate, ModeModel, Result};
+use crate::{BlockLayout, Error, ExpertFile, Gate, GateInput, ModeModel, Result};
 
-/// Version of the composed-model format.
-pub const COMPOSED_FORMAT_VERSION: u32 = 1;
+/// The newest composed-model format this version reads and writes. Version 2 added
+/// [`ComposedManifest::gate_input`]; models whose gates read the raw block input are still
+/// written as version 1 (see [`composed_format_version`]).
+pub const COMPOSED_FORMAT_VERSION: u32 = 2;
+
+/// The format version of a composed model whose gates read `gate_input`.
+pub fn composed_format_version(gate_input: GateInput) -> u32 {
+    match gate_input {
+        GateInput::Raw => 1,
+        GateInput::Normalized => 2,
+    }
+}
 /// The manifest's file name inside a composed-model folder.
 pub const MANIFEST_FILE: &str = "model.json";
 const GATES_FILE: &str = "gates.safetensors";
@@ -58,6 +68,9 @@ pub struct ComposedManifest {
     pub gate_init: String,
     pub training: TrainingSummary,
     pub tool_version: String,
+    /// What the gates read (absent before format version 2: raw).
+    #[serde(default, skip_serializing_if = "crate::file::is_raw")]
+    pub gate_input: GateInput,
 }
 
 /// An expert file on disk, with the SHA-256 of its bytes.
@@ -97,6 +110,8 @@ pub fn save_composed(
     let tmp = mode_io::atomic::temp_dir_beside(dir).map_err(|e| err(e.to_string()))?;
     std::fs::create_dir_all(tmp.path().join("experts")).map_err(|e| err(e.to_string()))?;
     let mut manifest = manifest.clone();
+    manifest.gate_input = model.gates.first().map_or(GateInput::Raw, |g| g.input);
+    manifest.format_version = composed_format_version(manifest.gate_input);
     manifest.experts.clear();
     for (expert, source) in model.experts.iter().zip(sources) {
         // Names were checked where they entered; checked again as they become file names.
@@ -177,11 +192,12 @@ pub fn read_manifest(dir: &Path) -> Result<ComposedManifest> {
             msg: format!("a `{}` model, not a composed MoDE model", manifest.kind),
         });
     }
-    if manifest.format_version != COMPOSED_FORMAT_VERSION {
+    if !(1..=COMPOSED_FORMAT_VERSION).contains(&manifest.format_version) {
         return Err(Error::File {
             path,
             msg: format!(
-                "composed-model format {} is not the supported {COMPOSED_FORMAT_VERSION}",
+                "composed-model format {} is not one this version reads (1 to \
+                 {COMPOSED_FORMAT_VERSION}); a newer mode wrote it",
                 manifest.format_version
             ),
         });
@@ -260,6 +276,7 @@ pub fn load_composed(dir: &Path, backbone: Backbone) -> Result<(ModeModel, Compo
             Ok(Gate {
                 weight: get("weight", &[branches, hidden])?,
                 bias: get("bias", &[branches])?,
+                input: manifest.gate_input,
             })
         })
         .collect::<Result<Vec<_>>>()?;

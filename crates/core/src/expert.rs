@@ -222,20 +222,58 @@ fn file_names(mut e: mode_model::Error, prefix: &str) -> crate::Error {
     e.into()
 }
 
-/// A block's gate: `softmax(W x + b)` over `[backbone, expert_1, ..., expert_N]`.
+/// What a gate reads from its block's input `x`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GateInput {
+    /// `x` as it is (the paper's gate).
+    #[default]
+    Raw,
+    /// `x / rms(x)` per token, without a scale ([`mode_engine::ops::gate_input`]): every
+    /// block's gate reads rows of one scale, however large the residual stream has grown.
+    Normalized,
+}
+
+impl GateInput {
+    /// The name `--gate-input` takes and files record.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Raw => "raw",
+            Self::Normalized => "normalized",
+        }
+    }
+
+    pub(crate) fn normalizes(self) -> bool {
+        self == Self::Normalized
+    }
+}
+
+impl std::str::FromStr for GateInput {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        [Self::Raw, Self::Normalized]
+            .into_iter()
+            .find(|i| i.name() == s)
+            .ok_or_else(|| format!("`{s}` is not one of raw, normalized"))
+    }
+}
+
+/// A block's gate: `softmax(W u + b)` over `[backbone, expert_1, ..., expert_N]`, where `u` is
+/// the block input as [`Gate::input`] says.
 pub struct Gate {
     pub weight: Tensor,
     pub bias: Tensor,
+    pub input: GateInput,
 }
 
 /// Default initial probability of the backbone branch in a fresh gate.
 pub const GATE_INIT_BACKBONE_PROB: f64 = 0.9;
 
 impl Gate {
-    /// A fresh gate over `experts` experts: zero weights (every token alike) and a bias that
-    /// gives the backbone `backbone_prob` and the experts the rest, equally. With a high
-    /// `backbone_prob` training starts close to the backbone's behaviour while the experts still
-    /// get gradient.
+    /// A fresh gate over `experts` experts on the raw block input (see [`Self::reading`]):
+    /// zero weights (every token alike) and a bias that gives the backbone `backbone_prob` and
+    /// the experts the rest, equally. With a high `backbone_prob` training starts close to the
+    /// backbone's behaviour while the experts still get gradient.
     pub fn new(
         hidden: usize,
         experts: usize,
@@ -254,7 +292,15 @@ impl Gate {
         Ok(Self {
             weight: Tensor::zeros((experts + 1, hidden), dtype, device)?,
             bias: Tensor::from_vec(bias, experts + 1, device)?.to_dtype(dtype)?,
+            input: GateInput::Raw,
         })
+    }
+
+    /// The same weights reading `input`. With the zero weights of [`Self::new`] the gate's
+    /// output does not change; trained weights mean something only for the input they were
+    /// trained on.
+    pub fn reading(self, input: GateInput) -> Self {
+        Self { input, ..self }
     }
 
     /// A gate over N experts built from their N stage-1 gates (each over `[backbone, expert_j]`):
@@ -263,12 +309,21 @@ impl Gate {
     /// learned in stage 1. The backbone's share then shrinks as experts are added (two
     /// experts that each gave it 0.9 leave it 0.82); with `keep_backbone_prior` its bias gains
     /// `ln N`, so that where the experts agree the backbone keeps its stage-1 odds against all of
-    /// them together (0.9 again).
+    /// them together (0.9 again). The stage-1 gates must read the same input.
     pub fn from_stage1(stage1: &[&Gate], keep_backbone_prior: bool) -> Result<Self> {
         if stage1.is_empty() || stage1.iter().any(|g| g.num_branches() != 2) {
             return Err(crate::Error::Layout(
                 "stage-1 gates must each have two branches (backbone, expert)".into(),
             ));
+        }
+        let input = stage1[0].input;
+        if let Some(other) = stage1.iter().find(|g| g.input != input) {
+            return Err(crate::Error::Layout(format!(
+                "the experts' stage-1 gates read different inputs ({} and {}): gates trained on \
+                 one cannot be combined with gates trained on the other",
+                input.name(),
+                other.input.name()
+            )));
         }
         let n = stage1.len() as f64;
         let mean_row = |f: fn(&Gate) -> &Tensor| -> Result<Tensor> {
@@ -288,6 +343,7 @@ impl Gate {
         Ok(Self {
             weight: Tensor::cat(&weights, 0)?.contiguous()?,
             bias: Tensor::cat(&biases, 0)?.contiguous()?,
+            input,
         })
     }
 

@@ -7,19 +7,22 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::{BlockLayout, Error, Expert, ExpertForm, Gate, Result};
+use crate::{BlockLayout, Error, Expert, ExpertForm, Gate, GateInput, Result};
 
 /// The newest expert-file format this version reads and writes. Version 2 added
-/// [`ExpertMeta::form`]; files of replace-form experts are still written as version 1, so that
-/// earlier tools keep reading them, while earlier tools refuse a residual expert rather than run
-/// it in the wrong form.
-pub const FORMAT_VERSION: u32 = 2;
+/// [`ExpertMeta::form`], version 3 [`ExpertMeta::gate_input`]. A file is written with the
+/// oldest version that holds what it needs, so that earlier tools keep reading the files they
+/// can run, and refuse the others (a residual expert, a gate on the normalised input) rather
+/// than run them wrongly.
+pub const FORMAT_VERSION: u32 = 3;
 
-/// The format version a file of an expert of `form` is written with.
-pub fn format_version(form: ExpertForm) -> u32 {
-    match form {
-        ExpertForm::Replace => 1,
-        ExpertForm::Residual => 2,
+/// The format version a file of an expert of `form` whose stage-1 gates read `gate_input` is
+/// written with.
+pub fn format_version(form: ExpertForm, gate_input: GateInput) -> u32 {
+    match (form, gate_input) {
+        (_, GateInput::Normalized) => 3,
+        (ExpertForm::Residual, GateInput::Raw) => 2,
+        (ExpertForm::Replace, GateInput::Raw) => 1,
     }
 }
 
@@ -74,6 +77,14 @@ pub struct ExpertMeta {
     /// How the expert's branch mixes with the block (absent before format version 2: replace).
     #[serde(default)]
     pub form: ExpertForm,
+    /// What the stage-1 gates read (absent before format version 3: raw). Written only when
+    /// not raw, so that a version-1 or 2 file stays byte-for-byte what earlier tools wrote.
+    #[serde(default, skip_serializing_if = "is_raw")]
+    pub gate_input: GateInput,
+}
+
+pub(crate) fn is_raw(input: &GateInput) -> bool {
+    *input == GateInput::Raw
 }
 
 /// Safetensors metadata key holding the JSON header.
@@ -86,11 +97,12 @@ pub struct ExpertFile {
 }
 
 impl ExpertFile {
-    /// Packs an expert and its stage-1 gates (two branches per block). The header's form and
-    /// format version are the expert's.
+    /// Packs an expert and its stage-1 gates (two branches per block). The header's form, gate
+    /// input and format version are the expert's and its gates'.
     pub fn from_expert(mut meta: ExpertMeta, expert: &Expert, gates: &[Gate]) -> Self {
         meta.form = expert.form;
-        meta.format_version = format_version(expert.form);
+        meta.gate_input = gates.first().map_or(GateInput::Raw, |g| g.input);
+        meta.format_version = format_version(expert.form, meta.gate_input);
         let mut tensors: HashMap<String, Tensor> = expert
             .named_tensors()
             .into_iter()
@@ -280,6 +292,7 @@ impl ExpertFile {
                 Ok(Gate {
                     weight: get("weight", &[2, hidden])?,
                     bias: get("bias", &[2])?,
+                    input: self.meta.gate_input,
                 })
             })
             .collect()

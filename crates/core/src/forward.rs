@@ -7,7 +7,7 @@
 use candle_core::{Device, IndexOp, Module, Tensor};
 use mode_model::{CausalLm, DecoderLayer, KvCache, LayerCache, RopeTables};
 
-use crate::{Error, ExpertForm, ModeModel, Result, Routing};
+use crate::{Error, ExpertForm, GateInput, ModeModel, Result, Routing};
 
 /// Where a forward's keys and values go.
 enum Caches<'a, 'b> {
@@ -195,7 +195,16 @@ impl ModeModel {
         for blk in 0..self.layout.num_blocks() {
             let gate = &self.gates[blk];
             let lin = mode_model::layers::Linear::new(gate.weight.clone(), Some(gate.bias.clone()));
-            let mut probs = candle_nn::ops::softmax_last_dim(&lin.forward(&x)?)?; // [b, t, branches]
+            let u = match gate.input {
+                GateInput::Raw => x.clone(),
+                GateInput::Normalized => {
+                    let rows = x.reshape((b * t, x.dim(2)?))?;
+                    mode_engine::ops::gate_input(&rows, true)?
+                        .0
+                        .reshape(x.shape())?
+                }
+            };
+            let mut probs = candle_nn::ops::softmax_last_dim(&lin.forward(&u)?)?; // [b, t, branches]
                                                                                   // runs[j][r]: expert j runs on row r.
             let mut runs = vec![vec![true; b]; self.experts.len()];
             if !routings.iter().all(|r| r.is_dense()) {

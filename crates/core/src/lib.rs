@@ -22,7 +22,7 @@ pub mod model;
 pub mod routing;
 
 pub use composed::{load_composed, save_composed, ComposedManifest, LoadedExpertFile};
-pub use expert::{Expert, ExpertForm, ExpertInit, Gate};
+pub use expert::{Expert, ExpertForm, ExpertInit, Gate, GateInput};
 pub use file::{ExpertFile, ExpertMeta};
 pub use forward::Routed;
 pub use layout::BlockLayout;

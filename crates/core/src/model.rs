@@ -8,7 +8,7 @@ use mode_engine::model::{Block, Mix, Plan, Trainable};
 use mode_model::Backbone;
 
 use crate::file::ExpertDims;
-use crate::{BlockLayout, Error, Expert, ExpertFile, ExpertForm, Gate, Result};
+use crate::{BlockLayout, Error, Expert, ExpertFile, ExpertForm, Gate, GateInput, Result};
 
 /// A backbone with experts and per-block gates.
 pub struct ModeModel {
@@ -94,6 +94,7 @@ impl ModeModel {
         let gate = Gate {
             weight: Tensor::zeros((1, hidden), dtype, &device)?,
             bias: Tensor::zeros(1, dtype, &device)?,
+            input: GateInput::Raw,
         };
         Self::new(backbone, layout, Vec::new(), vec![gate])
     }
@@ -156,6 +157,7 @@ impl ModeModel {
                 mix: Mix::Gate {
                     weight: &self.gates[b].weight,
                     bias: &self.gates[b].bias,
+                    normalize_input: self.gates[b].input.normalizes(),
                 },
                 train_experts: vec![train_experts; self.experts.len()],
                 train_gate: train_gates,
@@ -238,7 +240,8 @@ impl ModeModel {
     /// Adds an expert trained in stage 1 alone, with its stage-1 gates (`[backbone, expert]`
     /// per block). Each gate gains a row that gives the new expert, against the backbone, the
     /// log-odds it learned in stage 1: `row = backbone_row + (stage1_expert_row -
-    /// stage1_backbone_row)`; the other rows stay as they are.
+    /// stage1_backbone_row)`; the other rows stay as they are. The stage-1 gates must read the
+    /// input the model's gates read (a model without experts takes theirs).
     pub fn add_expert(&mut self, expert: Expert, stage1_gates: &[Gate]) -> Result<()> {
         if self.experts.iter().any(|e| e.name == expert.name) {
             return Err(Error::Layout(format!(
@@ -252,6 +255,18 @@ impl ModeModel {
                 "expert `{}` needs {blocks} stage-1 gates over [backbone, expert]",
                 expert.name
             )));
+        }
+        for (gate, s1) in self.gates.iter().zip(stage1_gates) {
+            if gate.num_branches() > 1 && gate.input != s1.input {
+                return Err(Error::Layout(format!(
+                    "expert `{}`'s gates read the {} block input, this model's gates the {} one: \
+                     an expert trained with `--gate-input {}` cannot join them",
+                    expert.name,
+                    s1.input.name(),
+                    gate.input.name(),
+                    s1.input.name()
+                )));
+            }
         }
         if expert.blocks.len() != blocks
             || expert
@@ -274,6 +289,7 @@ impl ModeModel {
             gates.push(Gate {
                 weight: row(&gate.weight, &s1.weight)?,
                 bias: row(&gate.bias.unsqueeze(1)?, &s1.bias.unsqueeze(1)?)?.squeeze(1)?,
+                input: s1.input,
             });
         }
         self.gates = gates;
@@ -299,6 +315,7 @@ impl ModeModel {
             gates.push(Gate {
                 weight: drop_row(&gate.weight)?,
                 bias: drop_row(&gate.bias)?,
+                input: gate.input,
             });
         }
         self.gates = gates;

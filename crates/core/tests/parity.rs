@@ -48,6 +48,7 @@ fn model(arch: Architecture, seed: u64, gates: &[Gate], keep: &[usize]) -> ModeM
         .map(|g| Gate {
             weight: g.weight.index_select(&rows, 0).unwrap(),
             bias: g.bias.index_select(&rows, 0).unwrap(),
+            input: g.input,
         })
         .collect();
     ModeModel::new(bb, layout, experts, gates).unwrap()

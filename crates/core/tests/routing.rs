@@ -5,7 +5,7 @@ mod common;
 
 use candle_core::{Device, Tensor};
 use common::{ids, max_diff, meta};
-use mode_core::{BlockLayout, Expert, ExpertFile, ExpertInit, Gate, ModeModel, Routing};
+use mode_core::{BlockLayout, Expert, ExpertFile, ExpertInit, Gate, GateInput, ModeModel, Routing};
 use mode_model::{Backbone, CausalLm};
 
 fn backbone() -> Backbone {
@@ -30,7 +30,11 @@ fn random_gates(hidden: usize, experts: usize, blocks: usize, seed: u64) -> Vec<
                 dev,
             )
             .unwrap();
-            Gate { weight: w, bias }
+            Gate {
+                weight: w,
+                bias,
+                input: GateInput::Raw,
+            }
         })
         .collect()
 }

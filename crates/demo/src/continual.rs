@@ -335,6 +335,7 @@ impl Runner<'_> {
                     gate_init_backbone_prob: mode_core::expert::GATE_INIT_BACKBONE_PROB,
                     keep_backbone_prior: recipe.keep_backbone_prior,
                     gate_lr_scale: recipe.gate_lr_scale,
+                    gate_input: Some(recipe.gate_input),
                     train: b.train_config(b.compose_steps, lr, b.seed),
                 };
                 let experts = files

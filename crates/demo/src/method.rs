@@ -3,6 +3,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use mode_core::GateInput;
+
 use crate::Budget;
 
 /// A training domain of the demo.
@@ -134,6 +136,14 @@ pub struct Recipe {
     pub keep_backbone_prior: bool,
     /// The gates' learning rate as a multiple of their stage's.
     pub gate_lr_scale: f64,
+    /// What the gates read ([`GateInput`]), at both stages. Left out of the JSON when raw, so
+    /// that results written before it existed read and compare as they were.
+    #[serde(skip_serializing_if = "is_raw")]
+    pub gate_input: GateInput,
+}
+
+fn is_raw(input: &GateInput) -> bool {
+    *input == GateInput::Raw
 }
 
 impl Default for Recipe {
@@ -149,6 +159,7 @@ impl Recipe {
         preserve_start: false,
         keep_backbone_prior: false,
         gate_lr_scale: 1.0,
+        gate_input: GateInput::Raw,
     };
 
     pub fn is_paper(&self) -> bool {
@@ -160,7 +171,7 @@ impl Recipe {
         f64::from(self.general_percent) / 100.0
     }
 
-    /// What sets it apart from the paper's, as a name suffix (`_g10_pres_prior_glr10`); the
+    /// What sets it apart from the paper's, as a name suffix (`_g10_pres_prior_glr10_gnorm`); the
     /// parts that only a composition uses are left out with `stage1`.
     fn suffix(&self, stage1: bool) -> String {
         let mut s = String::new();
@@ -175,6 +186,9 @@ impl Recipe {
         }
         if self.gate_lr_scale != 1.0 {
             s += &format!("_glr{}", self.gate_lr_scale);
+        }
+        if self.gate_input == GateInput::Normalized {
+            s += "_gnorm";
         }
         s
     }
@@ -201,6 +215,9 @@ impl Recipe {
         }
         if self.gate_lr_scale != 1.0 {
             parts.push(format!("gate learning rate x{}", self.gate_lr_scale));
+        }
+        if self.gate_input == GateInput::Normalized {
+            parts.push("normalised gate input".to_string());
         }
         if parts.is_empty() {
             "the paper's recipe".to_string()
@@ -408,9 +425,18 @@ mod tests {
             preserve_start: true,
             keep_backbone_prior: true,
             gate_lr_scale: 10.0,
+            gate_input: GateInput::Raw,
         };
         let aware = composed.with_recipe(recipe);
         assert_eq!(aware.name(&b), "mode_composed_g10_pres_prior_glr10");
+        let normalized = composed.with_recipe(Recipe {
+            gate_input: GateInput::Normalized,
+            ..recipe
+        });
+        assert_eq!(
+            normalized.name(&b),
+            "mode_composed_g10_pres_prior_glr10_gnorm"
+        );
         // The prior is a composition setting: experts with and without it are the same files.
         assert_eq!(
             aware.expert_for(Domain::Math, &b).expert_file_stem(&b),

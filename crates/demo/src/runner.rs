@@ -236,6 +236,7 @@ impl Runner<'_> {
                 },
                 gate_init_backbone_prob: mode_core::expert::GATE_INIT_BACKBONE_PROB,
                 gate_lr_scale: spec.recipe.gate_lr_scale,
+                gate_input: spec.recipe.gate_input,
                 train: b.train_config(spec.steps, lr, spec.seed),
             };
             let t = Instant::now();
@@ -296,6 +297,7 @@ impl Runner<'_> {
             gate_init_backbone_prob: mode_core::expert::GATE_INIT_BACKBONE_PROB,
             keep_backbone_prior: spec.recipe.keep_backbone_prior,
             gate_lr_scale: spec.recipe.gate_lr_scale,
+            gate_input: Some(spec.recipe.gate_input),
             train: b.train_config(b.compose_steps_for(spec.steps), lr, spec.seed),
         };
         let experts = files

@@ -11,6 +11,7 @@
 
 use std::fmt::Write;
 
+use mode_core::GateInput;
 use serde::{Deserialize, Serialize};
 
 use crate::method::{Method, Recipe, RunSpec};
@@ -47,6 +48,18 @@ pub fn grid() -> Vec<Recipe> {
         Recipe {
             keep_backbone_prior: true,
             gate_lr_scale: 10.0,
+            ..preserving(10)
+        },
+        // Added after the first seven ran: a rerun of `--select-recipe` trains only these.
+        Recipe {
+            keep_backbone_prior: true,
+            gate_input: GateInput::Normalized,
+            ..preserving(10)
+        },
+        Recipe {
+            keep_backbone_prior: true,
+            gate_lr_scale: 10.0,
+            gate_input: GateInput::Normalized,
             ..preserving(10)
         },
     ]

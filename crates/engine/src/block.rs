@@ -21,6 +21,7 @@ pub(crate) struct BlockSaved {
     outputs: Vec<Tensor>,
     /// Mixing weights `[n, branches]`.
     weights: Tensor,
+    gate_input: GateRead,
 }
 
 /// The block's output `[b, t, h]` for input `x`, and what its backward pass will read.
@@ -66,7 +67,7 @@ pub(crate) fn block_forward(
         let base = if residual { &x2d } else { &outputs[0] };
         outputs[j + 1] = (&outputs[j + 1] - base)?;
     }
-    let weights = mix_weights(&block.mix, &x2d, outputs.len())?;
+    let (weights, gate_input) = mix_weights(&block.mix, &x2d, outputs.len())?;
     let mut y = outputs[0].clone();
     for (j, delta) in outputs.iter().enumerate().skip(1) {
         y = (y + delta.broadcast_mul(&weights.narrow(1, j, 1)?)?)?;
@@ -78,25 +79,36 @@ pub(crate) fn block_forward(
             acts,
             outputs,
             weights,
+            gate_input,
         },
     ))
 }
 
-/// `[n, branches]` mixing weights.
-fn mix_weights(mix: &Mix, x: &Tensor, branches: usize) -> Result<Tensor> {
+/// What a gate read: its input `[n, h]` and, when normalised, the per-row reciprocal RMS.
+type GateRead = Option<(Tensor, Option<Tensor>)>;
+
+/// `[n, branches]` mixing weights, and what the gate read (none for a fixed mix).
+fn mix_weights(mix: &Mix, x: &Tensor, branches: usize) -> Result<(Tensor, GateRead)> {
     match mix {
         Mix::Fixed(w) => {
             if w.len() != branches {
                 candle_core::bail!("fixed mix has {} weights for {branches} branches", w.len());
             }
             let row = Tensor::new(w.as_slice(), x.device())?.to_dtype(x.dtype())?;
-            row.unsqueeze(0)?
+            let weights = row
+                .unsqueeze(0)?
                 .broadcast_as((x.dim(0)?, branches))?
-                .contiguous()
+                .contiguous()?;
+            Ok((weights, None))
         }
-        Mix::Gate { weight, bias } => {
-            let logits = ops::linear(x, weight, Some(bias))?;
-            candle_nn::ops::softmax_last_dim(&logits)
+        Mix::Gate {
+            weight,
+            bias,
+            normalize_input,
+        } => {
+            let (u, rstd) = ops::gate_input(x, *normalize_input)?;
+            let logits = ops::linear(&u, weight, Some(bias))?;
+            Ok((candle_nn::ops::softmax_last_dim(&logits)?, Some((u, rstd))))
         }
     }
 }
@@ -218,14 +230,17 @@ pub(crate) fn block_backward(
             let da = Tensor::cat(&da, 1)?;
             let row = (&da * &s.weights)?.sum_keepdim(D::Minus1)?;
             let dlogits = (&s.weights * da.broadcast_sub(&row)?)?;
+            let (u, rstd) = s.gate_input.as_ref().expect("a gate keeps what it read");
             if block.train_gate {
-                let dw = ops::linear_backward_weight(&dlogits, &s.x)?;
+                let dw = ops::linear_backward_weight(&dlogits, u)?;
                 let db = ops::linear_backward_bias(&dlogits)?;
                 grads.push((crate::names::gate_weight(bi), dw));
                 grads.push((crate::names::gate_bias(bi), db));
             }
             if upstream {
-                add(ops::linear_backward_input(&dlogits, weight)?.reshape((b, t, h))?)?;
+                let du = ops::linear_backward_input(&dlogits, weight)?;
+                let dx = ops::gate_input_backward(&du, &s.x, rstd.as_ref())?;
+                add(dx.reshape((b, t, h))?)?;
             }
         }
     }

@@ -73,10 +73,13 @@ impl Trainable {
 pub enum Mix<'a> {
     /// Constant weights, one per branch.
     Fixed(Vec<f64>),
-    /// Per-token softmax gate: `softmax(x W^T + b)`, `W: [branches, hidden]`, `b: [branches]`.
+    /// Per-token softmax gate: `softmax(u W^T + b)`, `W: [branches, hidden]`, `b: [branches]`,
+    /// where `u` is the block input `x`, or with `normalize_input` `x / rms(x)` per token
+    /// ([`ops::gate_input`]).
     Gate {
         weight: &'a Tensor,
         bias: &'a Tensor,
+        normalize_input: bool,
     },
 }
 

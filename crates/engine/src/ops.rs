@@ -59,6 +59,34 @@ pub fn rms_norm_backward(
     kernels::rms_norm_backward(dy, x, w, rstd)
 }
 
+/// Epsilon of a gate's input normalisation ([`gate_input`]).
+pub const GATE_NORM_EPS: f64 = 1e-6;
+
+/// What a gate reads from the block input `x: [n, h]`: `x` itself, or with `normalize`
+/// `x / rms(x)` per row (an RMSNorm without a scale). The residual stream's scale differs from
+/// block to block and token to token, so a gate on the raw input sees inputs of very different
+/// scales; normalised, every block's gate reads unit-RMS rows. Returns the gate's input and, when normalised, the per-row
+/// reciprocal RMS `[n, 1]` that [`gate_input_backward`] needs.
+pub fn gate_input(x: &Tensor, normalize: bool) -> Result<(Tensor, Option<Tensor>)> {
+    if !normalize {
+        return Ok((x.clone(), None));
+    }
+    let ones = Tensor::ones(x.dim(1)?, x.dtype(), x.device())?;
+    let (u, rstd) = rms_norm(x, &ones, GATE_NORM_EPS)?;
+    Ok((u, Some(rstd)))
+}
+
+/// Backward of [`gate_input`]: the input gradient from the gradient `du` of the gate's input.
+pub fn gate_input_backward(du: &Tensor, x: &Tensor, rstd: Option<&Tensor>) -> Result<Tensor> {
+    match rstd {
+        None => Ok(du.clone()),
+        Some(rstd) => {
+            let ones = Tensor::ones(x.dim(1)?, x.dtype(), x.device())?;
+            Ok(rms_norm_backward(du, x, &ones, rstd)?.0)
+        }
+    }
+}
+
 /// Rotary embedding in the Hugging Face (rotate-half) layout: `x: [b, heads, t, d]`,
 /// `cos`/`sin: [t, d/2]`. Pair i is (x[i], x[i + d/2]).
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {

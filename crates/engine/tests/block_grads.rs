@@ -117,19 +117,29 @@ fn batch() -> (Tensor, Vec<u32>) {
     (Tensor::new(&ids, &Device::Cpu).unwrap(), targets)
 }
 
+/// How the test block mixes: fixed weights, a gate on the raw block input, or a gate on the
+/// normalised input.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Mixing {
+    Fixed,
+    Gate,
+    NormalizedGate,
+}
+
 /// The block covers backbone layer 1 with one 2-layer expert (in the residual form: its branch
 /// is `B(x) + L(x) - x`).
-fn plan<'a>(b: &'a Built, gate: bool, train_layer0: bool, residual: bool) -> Plan<'a> {
+fn plan<'a>(b: &'a Built, mixing: Mixing, train_layer0: bool, residual: bool) -> Plan<'a> {
     let mut backbone = Trainable::none(b.model.layers.len());
     backbone.layers[0] = train_layer0;
-    let mix = if gate {
-        Mix::Gate {
+    let mix = match mixing {
+        Mixing::Fixed => Mix::Fixed(vec![0.3, 0.7]),
+        Mixing::Gate | Mixing::NormalizedGate => Mix::Gate {
             weight: &b.gate_w,
             bias: &b.gate_b,
-        }
-    } else {
-        Mix::Fixed(vec![0.3, 0.7])
+            normalize_input: mixing == Mixing::NormalizedGate,
+        },
     };
+    let gate = mixing != Mixing::Fixed;
     Plan {
         backbone,
         blocks: vec![Block {
@@ -144,13 +154,14 @@ fn plan<'a>(b: &'a Built, gate: bool, train_layer0: bool, residual: bool) -> Pla
     }
 }
 
-fn check(arch: Architecture, gate: bool, train_layer0: bool, residual: bool) {
+fn check(arch: Architecture, mixing: Mixing, train_layer0: bool, residual: bool) {
     let (config, params) = setup(arch);
     let built = build(&config, &params);
     let (ids, targets) = batch();
+    let gate = mixing != Mixing::Fixed;
     let r = loss_and_grads(
         &built.model,
-        &plan(&built, gate, train_layer0, residual),
+        &plan(&built, mixing, train_layer0, residual),
         &ids,
         &targets,
     )
@@ -184,7 +195,7 @@ fn check(arch: Architecture, gate: bool, train_layer0: bool, residual: bool) {
                     Tensor::from_vec(v, params[name].dims(), &Device::Cpu).unwrap(),
                 );
                 let b = build(&config, &p);
-                let p = plan(&b, gate, false, residual);
+                let p = plan(&b, mixing, false, residual);
                 let r = loss_and_grads(&b.model, &p, &ids, &targets).unwrap();
                 r.loss_sum / r.count as f64
             };
@@ -193,7 +204,7 @@ fn check(arch: Architecture, gate: bool, train_layer0: bool, residual: bool) {
             let err = (numeric - grad[i]).abs() / (1e-4 + numeric.abs());
             assert!(
                 err < 1e-4,
-                "{arch:?} gate={gate} {name}[{i}]: analytic {} numeric {numeric}",
+                "{arch:?} {mixing:?} {name}[{i}]: analytic {} numeric {numeric}",
                 grad[i]
             );
         }
@@ -208,28 +219,36 @@ fn expert_and_gate_gradients() {
         Architecture::Qwen3,
         Architecture::Gemma3,
     ] {
-        check(arch, true, false, false);
+        check(arch, Mixing::Gate, false, false);
     }
 }
 
 #[test]
 fn fixed_mix_gradients() {
-    check(Architecture::Llama, false, false, false);
+    check(Architecture::Llama, Mixing::Fixed, false, false);
+}
+
+#[test]
+fn normalized_gate_gradients() {
+    check(Architecture::Llama, Mixing::NormalizedGate, false, false);
+    check(Architecture::Gemma3, Mixing::NormalizedGate, false, true);
+    // Through the normalisation to the layer before the block.
+    check(Architecture::Qwen3, Mixing::NormalizedGate, true, false);
 }
 
 #[test]
 fn gradients_flow_through_the_block_to_upstream_layers() {
-    check(Architecture::Llama, true, true, false);
-    check(Architecture::Qwen3, false, true, false);
-    check(Architecture::Gemma3, true, true, false);
+    check(Architecture::Llama, Mixing::Gate, true, false);
+    check(Architecture::Qwen3, Mixing::Fixed, true, false);
+    check(Architecture::Gemma3, Mixing::Gate, true, false);
 }
 
 #[test]
 fn residual_expert_gradients() {
-    check(Architecture::Llama, true, false, true);
-    check(Architecture::Llama, true, true, true);
-    check(Architecture::Qwen3, false, true, true);
-    check(Architecture::Gemma3, true, true, true);
+    check(Architecture::Llama, Mixing::Gate, false, true);
+    check(Architecture::Llama, Mixing::Gate, true, true);
+    check(Architecture::Qwen3, Mixing::Fixed, true, true);
+    check(Architecture::Gemma3, Mixing::Gate, true, true);
 }
 
 #[test]
@@ -237,20 +256,21 @@ fn recomputed_activations_give_the_same_loss_and_gradients() {
     let (config, params) = setup(Architecture::Llama);
     let built = build(&config, &params);
     let (ids, targets) = batch();
-    for (gate, train_layer0, residual) in [
-        (true, false, false),
-        (true, true, false),
-        (false, true, false),
-        (true, true, true),
+    for (mixing, train_layer0, residual) in [
+        (Mixing::Gate, false, false),
+        (Mixing::Gate, true, false),
+        (Mixing::Fixed, true, false),
+        (Mixing::Gate, true, true),
+        (Mixing::NormalizedGate, true, false),
     ] {
         let saved = loss_and_grads(
             &built.model,
-            &plan(&built, gate, train_layer0, residual),
+            &plan(&built, mixing, train_layer0, residual),
             &ids,
             &targets,
         )
         .unwrap();
-        let mut p = plan(&built, gate, train_layer0, residual);
+        let mut p = plan(&built, mixing, train_layer0, residual);
         p.recompute_activations = true;
         let recomputed = loss_and_grads(&built.model, &p, &ids, &targets).unwrap();
         assert!((saved.loss_sum - recomputed.loss_sum).abs() < 1e-12 * saved.loss_sum.abs());
@@ -277,7 +297,7 @@ fn recomputed_activations_give_the_same_loss_and_gradients() {
                 .unwrap();
             assert!(
                 diff <= 1e-12 * scale.max(1e-6),
-                "{name}: gate={gate} layer0={train_layer0}: {diff} of {scale}"
+                "{name}: {mixing:?} layer0={train_layer0}: {diff} of {scale}"
             );
         }
     }

@@ -531,6 +531,7 @@ mod tests {
             .map(|_| Gate {
                 weight: Tensor::randn(0f32, 0.5, (3, config.hidden_size), dev).unwrap(),
                 bias: Tensor::zeros(3, DType::F32, dev).unwrap(),
+                input: mode_core::GateInput::Raw,
             })
             .collect();
         ModeModel::new(bb, layout, experts, gates).unwrap()

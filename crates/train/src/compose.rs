@@ -5,7 +5,7 @@ use std::path::Path;
 
 use mode_core::composed::{ComposedManifest, COMPOSED_FORMAT_VERSION};
 use mode_core::file::ExpertDims;
-use mode_core::{Gate, LoadedExpertFile, ModeModel};
+use mode_core::{Gate, GateInput, LoadedExpertFile, ModeModel};
 use mode_data::DataMix;
 use mode_model::Backbone;
 
@@ -45,6 +45,9 @@ pub struct ComposeOptions {
     pub keep_backbone_prior: bool,
     /// The gates' learning rate relative to `train.lr`.
     pub gate_lr_scale: f64,
+    /// What the composed gates read; `None`: what the experts' stage-1 gates read. With
+    /// [`GateInit::Stage1`] it must be that.
+    pub gate_input: Option<GateInput>,
     pub train: TrainConfig,
 }
 
@@ -89,6 +92,7 @@ pub fn compose(
         }
         layers.push(e.file.expert(&backbone, &e.path)?);
     }
+    let gate_input = composed_gate_input(&experts, opts)?;
     let dtype = backbone.embed_tokens.dtype();
     let gates = (0..layout.num_blocks())
         .map(|b| match opts.gate_init {
@@ -98,7 +102,8 @@ pub fn compose(
                 opts.gate_init_backbone_prob,
                 dtype,
                 backbone.device(),
-            ),
+            )
+            .map(|g| g.reading(gate_input)),
             GateInit::Stage1 => {
                 let stage1 = experts
                     .iter()
@@ -109,6 +114,7 @@ pub fn compose(
                 Ok(Gate {
                     weight: g.weight.to_dtype(dtype)?,
                     bias: g.bias.to_dtype(dtype)?,
+                    input: g.input,
                 })
             }
         })
@@ -149,9 +155,41 @@ pub fn compose(
             },
         ),
         tool_version: env!("CARGO_PKG_VERSION").to_string(),
+        gate_input,
     };
     let manifest =
         mode_core::save_composed(out, &manifest, &model, &experts, !opts.freeze_experts)?;
     let _ = mode_io::atomic::remove_dir(&ckpt);
     Ok((Some(manifest), report))
+}
+
+/// What the composed gates read: `opts.gate_input`, or the experts' stage-1 gates' input,
+/// which must then be one; gates started from stage 1 keep what those read.
+fn composed_gate_input(
+    experts: &[LoadedExpertFile],
+    opts: &ComposeOptions,
+) -> Result<GateInput, Error> {
+    let first = &experts[0];
+    let stage1 = first.file.meta.gate_input;
+    if let Some(other) = experts.iter().find(|e| e.file.meta.gate_input != stage1) {
+        if opts.gate_init == GateInit::Stage1 || opts.gate_input.is_none() {
+            return Err(Error::Data(format!(
+                "{}'s gates read the {} block input, {}'s the {} one; compose them with \
+                 `--gate-init fresh --gate-input raw|normalized`",
+                first.path.display(),
+                stage1.name(),
+                other.path.display(),
+                other.file.meta.gate_input.name()
+            )));
+        }
+    }
+    match (opts.gate_init, opts.gate_input) {
+        (GateInit::Stage1, Some(asked)) if asked != stage1 => Err(Error::Data(format!(
+            "--gate-input {} with --gate-init stage1: the experts' stage-1 gates read the {} \
+             block input; start fresh gates (`--gate-init fresh`) to read another",
+            asked.name(),
+            stage1.name()
+        ))),
+        (_, asked) => Ok(asked.unwrap_or(stage1)),
+    }
 }

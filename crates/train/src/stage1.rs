@@ -4,7 +4,9 @@
 use std::path::{Path, PathBuf};
 
 use mode_core::file::ExpertDims;
-use mode_core::{BlockLayout, Expert, ExpertFile, ExpertInit, ExpertMeta, Gate, ModeModel};
+use mode_core::{
+    BlockLayout, Expert, ExpertFile, ExpertInit, ExpertMeta, Gate, GateInput, ModeModel,
+};
 use mode_data::DataMix;
 use mode_model::Backbone;
 
@@ -22,6 +24,8 @@ pub struct Stage1Options {
     pub gate_init_backbone_prob: f64,
     /// The gates' learning rate relative to `train.lr`.
     pub gate_lr_scale: f64,
+    /// What the gates read from the block input.
+    pub gate_input: GateInput,
     pub train: TrainConfig,
 }
 
@@ -66,6 +70,7 @@ pub fn train_expert(
                 dtype,
                 backbone.device(),
             )
+            .map(|g| g.reading(opts.gate_input))
         })
         .collect::<mode_core::Result<Vec<_>>>()?;
     let model = ModeModel::new(backbone, layout.clone(), vec![expert], gates)?;
@@ -78,7 +83,7 @@ pub fn train_expert(
     };
     let report = train(&method, data, &opts.train, &ckpt, &metrics, on_event)?;
     let meta = ExpertMeta {
-        format_version: mode_core::file::format_version(opts.init.form()),
+        format_version: mode_core::file::format_version(opts.init.form(), opts.gate_input),
         domain: opts.domain.clone(),
         backbone_fingerprint: fingerprint,
         backbone_source: backbone_source.to_string(),
@@ -87,6 +92,7 @@ pub fn train_expert(
         training: report.summary(data, opts.train.seed, opts.init.name()),
         tool_version: env!("CARGO_PKG_VERSION").to_string(),
         form: opts.init.form(),
+        gate_input: opts.gate_input,
     };
     if report.steps < opts.train.steps {
         // Stopped early: the checkpoint stays for a rerun to resume; no expert file yet.

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use mode_core::{load_composed, Gate, LoadedExpertFile};
+use mode_core::{load_composed, Gate, GateInput, LoadedExpertFile};
 use mode_data::{prepare, DataMix, Format, PrepareOptions, PreparedData};
 use mode_io::Tokenizer;
 use mode_model::{Architecture, Backbone, CausalLm, Config};
@@ -61,6 +61,11 @@ fn fingerprint() -> String {
 
 /// Trains a stage-1 expert for `domain` on `data` and returns its file.
 fn expert(dir: &Path, domain: &str, data: PreparedData) -> PathBuf {
+    expert_reading(dir, domain, data, GateInput::Raw)
+}
+
+/// [`expert`] with stage-1 gates that read `gate_input`.
+fn expert_reading(dir: &Path, domain: &str, data: PreparedData, gate_input: GateInput) -> PathBuf {
     let out = dir.join(format!("{domain}.expert.safetensors"));
     let opts = Stage1Options {
         domain: domain.into(),
@@ -69,6 +74,7 @@ fn expert(dir: &Path, domain: &str, data: PreparedData) -> PathBuf {
         init: mode_core::ExpertInit::Copy,
         gate_init_backbone_prob: 0.5,
         gate_lr_scale: 1.0,
+        gate_input,
         train: cfg(2),
     };
     train_expert(
@@ -135,6 +141,7 @@ fn composing_two_experts_writes_a_folder_that_loads_back() {
             gate_init_backbone_prob: 0.8,
             keep_backbone_prior: freeze,
             gate_lr_scale: 1.0,
+            gate_input: None,
             train: cfg(3),
         };
         let (manifest, report) = compose(
@@ -211,6 +218,7 @@ fn composing_two_experts_writes_a_folder_that_loads_back() {
         gate_init_backbone_prob: 0.8,
         keep_backbone_prior: false,
         gate_lr_scale: 1.0,
+        gate_input: None,
         train: cfg(1),
     };
     let e = compose(
@@ -250,6 +258,7 @@ fn stage1_gates_merge_into_one_gate() {
     let gate = |w: &[f32], b: &[f32]| Gate {
         weight: Tensor::from_slice(w, (2, 2), &dev).unwrap(),
         bias: Tensor::from_slice(b, 2, &dev).unwrap(),
+        input: GateInput::Raw,
     };
     let a = gate(&[1.0, 2.0, 3.0, 4.0], &[0.5, -0.5]);
     let b = gate(&[3.0, 0.0, -1.0, 1.0], &[1.5, 2.0]);
@@ -270,4 +279,73 @@ fn stage1_gates_merge_into_one_gate() {
     assert!((bias[0] - (1.0 + 2f32.ln())).abs() < 1e-6 && bias[1..] == [-0.5, 2.0]);
     // A gate that is not a stage-1 gate is refused.
     assert!(Gate::from_stage1(&[&two], false).is_err());
+}
+
+#[test]
+fn gates_on_the_normalised_input_compose_and_never_mix_with_raw_ones() {
+    let tmp = tempfile::tempdir().unwrap();
+    let code_text = |i: usize| "def f(x): return x\n".repeat(3 + i);
+    let math_text = |i: usize| format!("{i} * 2 = {}\n", 2 * i).repeat(5);
+    let code = expert_reading(
+        tmp.path(),
+        "code",
+        prepared(tmp.path(), "code", code_text),
+        GateInput::Normalized,
+    );
+    let math = expert_reading(
+        tmp.path(),
+        "math",
+        prepared(tmp.path(), "math", math_text),
+        GateInput::Normalized,
+    );
+    let raw_dir = tmp.path().join("raw");
+    std::fs::create_dir_all(&raw_dir).unwrap();
+    let raw_math = expert(&raw_dir, "math", prepared(&raw_dir, "math", math_text));
+    let data = mix(tmp.path());
+    let run = |files: &[&PathBuf], init: GateInit, input: Option<GateInput>, out: &str| {
+        let opts = ComposeOptions {
+            freeze_experts: true,
+            gate_init: init,
+            gate_init_backbone_prob: 0.8,
+            keep_backbone_prior: false,
+            gate_lr_scale: 1.0,
+            gate_input: input,
+            train: cfg(2),
+        };
+        compose(
+            backbone(1),
+            "tiny",
+            &fingerprint(),
+            load(files),
+            &data,
+            &opts,
+            &tmp.path().join(out),
+            |_| true,
+        )
+        .map(|(m, _)| m.unwrap())
+        .map_err(|e| e.to_string())
+    };
+    // From stage 1: the composed gates read what the experts' gates read, and say so.
+    let m = run(&[&code, &math], GateInit::Stage1, None, "norm").unwrap();
+    assert_eq!((m.gate_input, m.format_version), (GateInput::Normalized, 2));
+    let (model, _) = load_composed(&tmp.path().join("norm"), backbone(1)).unwrap();
+    assert!(model.gates.iter().all(|g| g.input == GateInput::Normalized));
+    // Another input needs fresh gates.
+    let e = run(&[&code, &math], GateInit::Stage1, Some(GateInput::Raw), "a").unwrap_err();
+    assert!(e.contains("--gate-init fresh"), "{e}");
+    let m = run(&[&code, &math], GateInit::Fresh, Some(GateInput::Raw), "b").unwrap();
+    assert_eq!((m.gate_input, m.format_version), (GateInput::Raw, 1));
+    // Experts whose gates read different inputs: only fresh gates with a stated input.
+    let e = run(&[&code, &raw_math], GateInit::Stage1, None, "c").unwrap_err();
+    assert!(e.contains("raw") && e.contains("normalized"), "{e}");
+    let e = run(&[&code, &raw_math], GateInit::Fresh, None, "d").unwrap_err();
+    assert!(e.contains("--gate-input"), "{e}");
+    let m = run(
+        &[&code, &raw_math],
+        GateInit::Fresh,
+        Some(GateInput::Normalized),
+        "e",
+    )
+    .unwrap();
+    assert_eq!(m.gate_input, GateInput::Normalized);
 }

@@ -2,7 +2,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use candle_core::Device;
-use mode_core::LoadedExpertFile;
+use mode_core::{GateInput, LoadedExpertFile};
 use mode_train::compose::{ComposeOptions, GateInit};
 use mode_train::stage1::side_paths;
 
@@ -50,6 +50,10 @@ pub struct Args {
     /// The gates' learning rate as a multiple of --lr (0: the gates stay as they start)
     #[arg(long, default_value_t = 1.0)]
     gate_lr_scale: f64,
+    /// What the gates read: `raw` or `normalized` (see `mode train --help`). Default: what the
+    /// experts' stage-1 gates read; another input needs `--gate-init fresh`
+    #[arg(long)]
+    gate_input: Option<GateInput>,
     #[command(flatten)]
     train: TrainFlags,
 }
@@ -101,6 +105,7 @@ pub fn run(args: Args) -> Result<()> {
         gate_init_backbone_prob: args.gate_init_backbone_prob,
         keep_backbone_prior: args.keep_backbone_prior,
         gate_lr_scale: args.gate_lr_scale,
+        gate_input: args.gate_input,
         train,
     };
     let progress = TrainProgress::new(opts.train.steps);

@@ -1,7 +1,7 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Result};
-use mode_core::ExpertInit;
+use mode_core::{ExpertInit, GateInput};
 use mode_train::stage1::{side_paths, Stage1Options};
 
 use super::training::{summary, TrainFlags, TrainProgress, ADAPTER_LR};
@@ -47,6 +47,12 @@ pub struct Args {
     /// The gates' learning rate as a multiple of --lr (0: the gates stay as they start)
     #[arg(long, default_value_t = 1.0)]
     gate_lr_scale: f64,
+    /// What the gates read: `raw` (the block input as it is, the paper's gate) or `normalized`
+    /// (divided by its RMS per token, so every block's gate reads inputs of one scale). An
+    /// expert trained one way composes only with experts trained the same way, unless the
+    /// composition starts fresh gates
+    #[arg(long, default_value = "raw")]
+    gate_input: GateInput,
     #[command(flatten)]
     train: TrainFlags,
 }
@@ -110,6 +116,7 @@ pub fn run(args: Args) -> Result<()> {
         init: args.init,
         gate_init_backbone_prob: args.gate_init_backbone_prob,
         gate_lr_scale: args.gate_lr_scale,
+        gate_input: args.gate_input,
         train,
     };
     let progress = TrainProgress::new(opts.train.steps);

@@ -4,7 +4,7 @@
 
 use candle_core::{DType, Device, Tensor};
 use mode_core::file::{ExpertDims, TrainingSummary};
-use mode_core::{BlockLayout, ExpertMeta, Gate};
+use mode_core::{BlockLayout, ExpertMeta, Gate, GateInput};
 use mode_model::{Architecture, Backbone, Config};
 
 /// A 4-layer tiny Llama with random weights from `seed`.
@@ -41,6 +41,7 @@ pub fn meta(bb: &Backbone, layout: &BlockLayout, domain: &str) -> ExpertMeta {
         training: TrainingSummary::default(),
         tool_version: "test".into(),
         form: mode_core::ExpertForm::Replace,
+        gate_input: GateInput::Raw,
     }
 }
 
@@ -60,6 +61,7 @@ pub fn random_gates(hidden: usize, experts: usize, seed: u64) -> Vec<Gate> {
                 weight: Tensor::from_vec(values(n * hidden, salt, 1.0), (n, hidden), &Device::Cpu)
                     .unwrap(),
                 bias: Tensor::from_vec(values(n, salt + 0.5, 2.0), n, &Device::Cpu).unwrap(),
+                input: GateInput::Raw,
             }
         })
         .collect()

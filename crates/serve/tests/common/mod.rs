@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use mode_core::file::{ExpertDims, TrainingSummary};
-use mode_core::{BlockLayout, Expert, ExpertFile, ExpertInit, ExpertMeta, Gate, ModeModel};
+use mode_core::{
+    BlockLayout, Expert, ExpertFile, ExpertInit, ExpertMeta, Gate, GateInput, ModeModel,
+};
 use mode_io::Tokenizer;
 use mode_model::{Architecture, Backbone, Config};
 use mode_serve::{Limits, Served};
@@ -88,12 +90,14 @@ pub fn started_expert_file(
         training: TrainingSummary::default(),
         tool_version: "test".into(),
         form: mode_core::ExpertForm::Replace,
+        gate_input: GateInput::Raw,
     };
     let hidden = bb.config.hidden_size;
     let gates: Vec<Gate> = (0..blocks)
         .map(|_| Gate {
             weight: Tensor::randn(0f32, 0.5, (2, hidden), &Device::Cpu).unwrap(),
             bias: Tensor::new(&[0f32, 2.0], &Device::Cpu).unwrap(),
+            input: GateInput::Raw,
         })
         .collect();
     let path = dir.join(format!("{domain}.expert.safetensors"));
