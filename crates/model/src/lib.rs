@@ -11,6 +11,7 @@ pub mod backbone;
 pub mod compact;
 pub mod config;
 pub mod error;
+pub mod fastmath;
 pub mod layers;
 pub mod matmul;
 pub mod packed;

@@ -82,34 +82,7 @@ impl Float for f64 {
     }
 }
 
-/// `e^x` in f32 without branches or calls, so that loops over it vectorise: `x = n ln2 + r`
-/// with `n` rounded to nearest (the 1.5 * 2^23 trick) and `ln2` split in two (Cody-Waite), a
-/// degree-7 polynomial for `e^r` on `|r| <= ln2/2` (the Cephes `expf` coefficients), and
-/// `2^n` built in the exponent bits. Relative error below 2e-7 over the normal range; NaN stays
-/// NaN, arguments above 88.7 give infinity and below -87.3 the smallest normal number.
-#[inline(always)]
-pub fn exp_f32(x: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const ROUND: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    let x = if x < -87.336_55 { -87.336_55 } else { x };
-    let x = if x > 88.722_84 { 88.722_84 } else { x };
-    let shifted = x * LOG2E + ROUND;
-    let n = shifted - ROUND;
-    let r = x - n * LN2_HI - n * LN2_LO;
-    let mut p = 1.987_569_1e-4f32;
-    p = p * r + 1.398_199_9e-3;
-    p = p * r + 8.333_452e-3;
-    p = p * r + 4.166_579_6e-2;
-    p = p * r + 1.666_666_5e-1;
-    p = p * r + 0.5;
-    let e = p * r * r + r + 1.0;
-    // The low mantissa bits of `shifted` hold n + 2^22; move n + 127 into the exponent field.
-    let n_bits = (shifted.to_bits() as i32).wrapping_sub(ROUND.to_bits() as i32);
-    let two_n = f32::from_bits((n_bits.wrapping_add(127) as u32).wrapping_shl(23));
-    e * two_n
-}
+pub use mode_model::fastmath::exp_f32;
 
 /// Partial sums per reduction; 8 f32 fill one AVX2 register.
 pub const LANES: usize = 8;
