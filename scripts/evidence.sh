@@ -39,6 +39,13 @@ copy() {
         mv -f "$dest/$rel.tmp.$$" "$dest/$rel"
     done
     echo "evidence: ${#files[@]} files from $src to $dest" >&2
+    # A run scored to its end drops its partial file; on save, drop the stored copy too, or a
+    # later restore would bring back a stale partial beside the finished run.
+    if [ "$cmd" = save ]; then
+        for rel in "$dest"/runs/*.partial.json; do
+            [ -e "$src/runs/$(basename "$rel")" ] || { rm -f "$rel"; echo "evidence: dropped $rel (finished)" >&2; }
+        done
+    fi
 }
 
 case "$cmd" in
