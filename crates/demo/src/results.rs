@@ -8,7 +8,7 @@ use mode_eval::stats::{self, Interval, Verdict};
 use mode_eval::{Totals, WindowScore};
 use serde::{Deserialize, Serialize};
 
-use crate::method::{Method, RunSpec};
+use crate::method::{Method, Recipe, RunSpec};
 use crate::select_lr::LrSelection;
 use crate::select_recipe::RecipeSelection;
 use crate::{Budget, Preset};
@@ -123,6 +123,9 @@ pub struct Claim {
 pub struct TradeoffPoint {
     pub row: String,
     pub method: Method,
+    /// The paper's recipe, or a retention-aware one (for the baselines: replay of general prose).
+    #[serde(default)]
+    pub recipe: Recipe,
     pub steps: usize,
     /// Mean accuracy change on Math and Code (points), paired interval.
     pub target_gain: Interval,
@@ -437,7 +440,8 @@ fn claims(rows: &[Row], runs: &BTreeMap<String, RunResult>, b: &Budget) -> Vec<C
 }
 
 /// Target gain against retention change, both against the backbone, for every row of full
-/// fine-tuning, the budget's LoRA and composed MoDE (at every number of steps it has).
+/// fine-tuning, the budget's LoRA and composed MoDE: each training length of the paper's
+/// recipe, and the retention-aware rows (replay for the baselines) at the length they ran.
 fn tradeoff(rows: &[Row], runs: &BTreeMap<String, RunResult>, b: &Budget) -> Vec<TradeoffPoint> {
     let Some(base) = rows.iter().find(|r| r.spec.method == Method::Backbone) else {
         return Vec::new();
@@ -449,7 +453,7 @@ fn tradeoff(rows: &[Row], runs: &BTreeMap<String, RunResult>, b: &Budget) -> Vec
         .filter(|s| base.accuracy.contains_key(*s))
         .collect();
     rows.iter()
-        .filter(|r| r.spec.documents.is_none() && r.spec.lr.is_none() && r.spec.recipe.is_paper())
+        .filter(|r| r.spec.documents.is_none() && r.spec.lr.is_none())
         .filter(|r| {
             matches!(
                 r.spec.method,
@@ -464,6 +468,7 @@ fn tradeoff(rows: &[Row], runs: &BTreeMap<String, RunResult>, b: &Budget) -> Vec
             TradeoffPoint {
                 row: r.name.clone(),
                 method: r.spec.method,
+                recipe: r.spec.recipe,
                 steps: r.spec.steps,
                 target_gain: difference(&rs, &base_runs, &TARGET_SETS),
                 retention_change: difference(&rs, &base_runs, &retention),

@@ -271,7 +271,7 @@ pub fn error_curves(
     title: &str,
     x_label: &str,
     y_label: &str,
-    series: &[(&str, Vec<ErrorPoint>)],
+    series: &[(impl AsRef<str>, Vec<ErrorPoint>)],
 ) -> String {
     let all = || series.iter().flat_map(|s| s.1.iter());
     let x = Axis::new(all().flat_map(|p| p.x).chain([0.0]), false);
@@ -293,6 +293,7 @@ pub fn error_curves(
         py(0.0)
     );
     for (i, (name, points)) in series.iter().enumerate() {
+        let name = name.as_ref();
         let colour = PALETTE[i % PALETTE.len()];
         let finite: Vec<&ErrorPoint> = points
             .iter()
@@ -329,7 +330,10 @@ pub fn error_curves(
             );
         }
     }
-    legend(&mut out, &series.iter().map(|s| s.0).collect::<Vec<_>>());
+    legend(
+        &mut out,
+        &series.iter().map(|s| s.0.as_ref()).collect::<Vec<_>>(),
+    );
     out.push_str("</svg>");
     out
 }

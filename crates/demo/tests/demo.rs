@@ -273,8 +273,17 @@ fn a_tiny_demo_runs_every_method_and_writes_the_report() {
     };
     let mut log = Quiet(Vec::new());
     let traded = mode_demo::run(&tradeoff, &mut log).unwrap();
-    assert_eq!(traded.tradeoff.len(), 6, "{:?}", traded.tradeoff);
+    // Three methods at two lengths, and each retention-aware twin at the table's length.
+    let twins = if aware.is_some() { 3 } else { 0 };
+    assert_eq!(traded.tradeoff.len(), 6 + twins, "{:?}", traded.tradeoff);
     assert!(traded.row("mode_composed_t4").is_some());
+    let aware_points: Vec<_> = traded
+        .tradeoff
+        .iter()
+        .filter(|p| !p.recipe.is_paper())
+        .collect();
+    assert_eq!(aware_points.len(), twins);
+    assert!(aware_points.iter().all(|p| p.steps == budget.steps));
     assert!(
         log.0.iter().all(|s| !s.starts_with("training full_ft ")),
         "{:?}",
@@ -282,6 +291,10 @@ fn a_tiny_demo_runs_every_method_and_writes_the_report() {
     );
     let html = std::fs::read_to_string(out.join("report.html")).unwrap();
     assert!(html.contains("Learning and forgetting"));
+    if let Some(r) = aware {
+        assert!(html.contains("MoDE composed, retention-aware"));
+        assert!(html.contains(&format!("full FT + {}% replay", r.general_percent)));
+    }
 
     // The scaling sweep adds its runs.
     let scaling = DemoOptions {

@@ -5,7 +5,7 @@ use std::fmt::Write;
 use mode_eval::stats::Interval;
 
 use super::{columns, millions};
-use crate::method::Method;
+use crate::method::{Method, Recipe};
 use crate::results::{Results, Row, CODE, ENGLISH, MATH, PROSE};
 use crate::svg::{bar_chart, error_curves, line_chart, scatter, ErrorPoint, Series};
 use crate::SCALING_DOCUMENTS;
@@ -301,6 +301,20 @@ fn claims(h: &mut String, results: &Results) {
     h.push_str("</table>");
 }
 
+/// The name of a trade-off curve: the method, and what its recipe adds to the paper's.
+fn tradeoff_series(method: &Method, recipe: &Recipe) -> String {
+    let base = match method {
+        Method::FullFt => "full FT",
+        Method::Lora { .. } => "LoRA",
+        _ => "MoDE composed",
+    };
+    match (recipe.is_paper(), method) {
+        (true, _) => base.to_string(),
+        (false, Method::Composed { .. }) => format!("{base}, retention-aware"),
+        (false, _) => format!("{base} + {}% replay", recipe.general_percent),
+    }
+}
+
 /// The learning-forgetting trade-off: target gain against retention change, both against the
 /// backbone, one curve per method over its training lengths.
 fn tradeoff(h: &mut String, results: &Results) {
@@ -315,32 +329,25 @@ fn tradeoff(h: &mut String, results: &Results) {
          against the backbone on the same windows, with paired 95% intervals; each point is one \
          training length (steps).</p>",
     );
-    let mut series: Vec<(&str, Vec<ErrorPoint>)> = Vec::new();
-    for (name, pick) in [
-        (
-            "full FT",
-            (|m: &Method| *m == Method::FullFt) as fn(&Method) -> bool,
-        ),
-        ("LoRA", |m| matches!(m, Method::Lora { .. })),
-        ("MoDE composed", |m| matches!(m, Method::Composed { .. })),
-    ] {
-        let mut pts: Vec<&crate::results::TradeoffPoint> =
-            points.iter().filter(|p| pick(&p.method)).collect();
-        pts.sort_by_key(|p| p.steps);
-        series.push((
-            name,
-            pts.iter()
-                .map(|p| ErrorPoint {
-                    label: p.steps.to_string(),
-                    x: [p.target_gain.estimate, p.target_gain.lo, p.target_gain.hi],
-                    y: [
-                        p.retention_change.estimate,
-                        p.retention_change.lo,
-                        p.retention_change.hi,
-                    ],
-                })
-                .collect(),
-        ));
+    // One curve per method and recipe, in the order the points come, each over its lengths.
+    let mut series: Vec<(String, Vec<ErrorPoint>)> = Vec::new();
+    let mut sorted: Vec<&crate::results::TradeoffPoint> = points.iter().collect();
+    sorted.sort_by_key(|p| p.steps);
+    for p in sorted {
+        let name = tradeoff_series(&p.method, &p.recipe);
+        let point = ErrorPoint {
+            label: p.steps.to_string(),
+            x: [p.target_gain.estimate, p.target_gain.lo, p.target_gain.hi],
+            y: [
+                p.retention_change.estimate,
+                p.retention_change.lo,
+                p.retention_change.hi,
+            ],
+        };
+        match series.iter_mut().find(|(n, _)| *n == name) {
+            Some((_, pts)) => pts.push(point),
+            None => series.push((name, vec![point])),
+        }
     }
     h.push_str(&error_curves(
         &format!(
