@@ -146,7 +146,7 @@ impl Isa {
 }
 
 /// Columns `cols` of `y` (a range starting at a whole group of weight rows): one group of 8
-/// weight rows at a time, against up to four rows of `x` at a time.
+/// weight rows at a time, against up to [`Tile::MAX_ROWS`] rows of `x` at a time.
 #[allow(clippy::too_many_arguments)]
 fn columns(
     isa: Isa,
@@ -235,6 +235,9 @@ struct Group {
 /// `[x row][weight row]`.
 trait Tile {
     const FORMAT: BlockFormat;
+    /// The most rows of `x` one tile takes: as many as the registers hold accumulators for,
+    /// so that each block of weights, loaded (and for Q4_1 unpacked) once, meets them all.
+    const MAX_ROWS: usize;
     /// # Safety
     /// `MR` rows of `x` and the group hold `blocks` whole blocks.
     unsafe fn tile<const MR: usize>(x: XRows, w: Group, blocks: usize) -> [[f32; GROUP_ROWS]; MR];
@@ -268,7 +271,7 @@ impl Task<'_> {
             let width = (self.cols.end - j).min(GROUP_ROWS);
             let mut i = 0;
             while i < self.m {
-                let mr = (self.m - i).min(4);
+                let mr = (self.m - i).min(T::MAX_ROWS);
                 let x = XRows {
                     quants: self.x.quants.add(i * k),
                     scales: self.x.scales.add(i * blocks),
@@ -278,6 +281,10 @@ impl Task<'_> {
                 };
                 let out = self.y.add(i * self.n + j);
                 match mr {
+                    8 => store(T::tile::<8>(x, group, blocks), out, self.n, width),
+                    7 => store(T::tile::<7>(x, group, blocks), out, self.n, width),
+                    6 => store(T::tile::<6>(x, group, blocks), out, self.n, width),
+                    5 => store(T::tile::<5>(x, group, blocks), out, self.n, width),
                     4 => store(T::tile::<4>(x, group, blocks), out, self.n, width),
                     3 => store(T::tile::<3>(x, group, blocks), out, self.n, width),
                     2 => store(T::tile::<2>(x, group, blocks), out, self.n, width),
@@ -316,6 +323,7 @@ impl<const Q4_1: bool> Tile for Scalar<Q4_1> {
     } else {
         BlockFormat::Q8_0
     };
+    const MAX_ROWS: usize = 4;
 
     unsafe fn tile<const MR: usize>(x: XRows, w: Group, blocks: usize) -> [[f32; GROUP_ROWS]; MR] {
         let bytes = GROUP_ROWS * Self::FORMAT.quant_bytes();
@@ -396,8 +404,8 @@ mod tests {
 
     #[test]
     fn every_instruction_set_matches_the_naive_product_at_every_shape_edge() {
-        // Rows of x around the tile's 4, weight rows around a group's 8 (padded groups) and a
-        // task's 32.
+        // Rows of x around the tiles' 4 and 8, weight rows around a group's 8 (padded groups)
+        // and a task's 32.
         for format in FORMATS {
             for &(m, n, k) in &[
                 (1, 1, 32),
@@ -405,6 +413,9 @@ mod tests {
                 (3, 33, 96),
                 (5, 64, 576),
                 (8, 7, 32),
+                (9, 16, 64),
+                (13, 9, 96),
+                (17, 24, 32),
             ] {
                 let q = weights(n, k, format);
                 let x = values(m * k, 1.1);

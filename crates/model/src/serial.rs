@@ -95,26 +95,33 @@ pub fn attend_one(
     let simd = crate::matmul::has_avx2_fma();
     let mut out = vec![0f32; rows * nh * hd];
     let out_ptr = crate::matmul::OutPtr(out.as_mut_ptr());
-    let head = |pair: usize, scores: &mut Vec<f32>| {
+    let head = |pair: usize, scratch: &mut head::Scratch| {
         let (r, h) = (pair / nh, pair % nh);
         let ((keys, values, s), (k, v)) = (&layouts[r], data[r]);
         let g = h / rep;
-        let first = s - seen.min(*s);
-        let qh = &q[pair * hd..][..hd];
-        scores.clear();
-        scores.extend((first..*s).map(|j| dot(qh, &k[keys.row(0, g, j)..][..hd], simd) * scale));
-        softmax_row(scores);
+        let rows = |layout: &Strided, data| head::HeadRows {
+            data,
+            start: layout.row(0, g, 0),
+            stride: layout.strides[2],
+        };
         // SAFETY: each (row, head) pair writes only its own hd values of `out`, which outlives
         // the parallel loop.
         let oh = unsafe { std::slice::from_raw_parts_mut(out_ptr.get().add(pair * hd), hd) };
-        for (&p, j) in scores.iter().zip(first..*s) {
-            add_scaled(oh, p, &v[values.row(0, g, j)..][..hd], simd);
-        }
+        head::attend_head(
+            &q[pair * hd..][..hd],
+            rows(keys, k),
+            rows(values, v),
+            s - seen.min(*s)..*s,
+            scale,
+            scratch,
+            oh,
+            simd,
+        );
     };
     let work: usize = layouts.iter().map(|(_, _, s)| s * nh * hd).sum();
     crate::matmul::chunked(rows * nh, work, |range| {
-        let mut scores = Vec::new();
-        range.for_each(|pair| head(pair, &mut scores));
+        let mut scratch = head::Scratch::default();
+        range.for_each(|pair| head(pair, &mut scratch));
     });
     drop(guards);
     Ok(Some(Tensor::from_vec(
@@ -189,104 +196,7 @@ impl Strided {
     }
 }
 
-/// `sum a[i] * b[i]`; with `simd` (from [`crate::matmul::has_avx2_fma`]) in AVX2 registers with FMA. The build
-/// targets plain x86-64, so the portable loop gets SSE's four lanes and no FMA: attention over a
-/// long cache spent most of its time here.
-fn dot(a: &[f32], b: &[f32], simd: bool) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if simd {
-        // SAFETY: `simd` says the CPU has AVX2 and FMA.
-        return unsafe { avx2::dot(a, b) };
-    }
-    let _ = simd;
-    let mut lanes = [0f32; 8];
-    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ac
-        .remainder()
-        .iter()
-        .zip(bc.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ac.zip(bc) {
-        for l in 0..8 {
-            lanes[l] += x[l] * y[l];
-        }
-    }
-    lanes.iter().sum::<f32>() + tail
-}
-
-/// `out[i] += p * x[i]`; with `simd` as in [`dot`].
-fn add_scaled(out: &mut [f32], p: f32, x: &[f32], simd: bool) {
-    #[cfg(target_arch = "x86_64")]
-    if simd {
-        // SAFETY: `simd` says the CPU has AVX2 and FMA.
-        return unsafe { avx2::add_scaled(out, p, x) };
-    }
-    let _ = simd;
-    for (o, &v) in out.iter_mut().zip(x) {
-        *o += p * v;
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-mod avx2 {
-    use std::arch::x86_64::*;
-
-    /// [`super::dot`] in two 8-lane accumulators, so that consecutive FMAs do not wait on each
-    /// other.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
-        let n = a.len().min(b.len());
-        let (pa, pb) = (a.as_ptr(), b.as_ptr());
-        let mut acc = [_mm256_setzero_ps(); 2];
-        let mut i = 0;
-        while i + 16 <= n {
-            acc[0] = _mm256_fmadd_ps(
-                _mm256_loadu_ps(pa.add(i)),
-                _mm256_loadu_ps(pb.add(i)),
-                acc[0],
-            );
-            acc[1] = _mm256_fmadd_ps(
-                _mm256_loadu_ps(pa.add(i + 8)),
-                _mm256_loadu_ps(pb.add(i + 8)),
-                acc[1],
-            );
-            i += 16;
-        }
-        if i + 8 <= n {
-            acc[0] = _mm256_fmadd_ps(
-                _mm256_loadu_ps(pa.add(i)),
-                _mm256_loadu_ps(pb.add(i)),
-                acc[0],
-            );
-            i += 8;
-        }
-        let mut sum = crate::matmul::avx2::sum8(_mm256_add_ps(acc[0], acc[1]));
-        while i < n {
-            sum += a[i] * b[i];
-            i += 1;
-        }
-        sum
-    }
-
-    /// [`super::add_scaled`], eight values at a time.
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn add_scaled(out: &mut [f32], p: f32, x: &[f32]) {
-        let n = out.len().min(x.len());
-        let (po, px) = (out.as_mut_ptr(), x.as_ptr());
-        let pv = _mm256_set1_ps(p);
-        let mut i = 0;
-        while i + 8 <= n {
-            let o = _mm256_fmadd_ps(pv, _mm256_loadu_ps(px.add(i)), _mm256_loadu_ps(po.add(i)));
-            _mm256_storeu_ps(po.add(i), o);
-            i += 8;
-        }
-        while i < n {
-            out[i] += p * x[i];
-            i += 1;
-        }
-    }
-}
+mod head;
 
 #[cfg(test)]
 mod tests {
@@ -415,36 +325,6 @@ mod tests {
                     assert!(
                         (g - w).abs() <= 1e-5 * w.abs().max(1.0),
                         "{activation:?}: {g} vs {w}"
-                    );
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn dot_and_add_scaled_match_the_definition_on_every_path_and_length() {
-        let paths = if crate::matmul::has_avx2_fma() {
-            vec![false, true]
-        } else {
-            vec![false]
-        };
-        for simd in paths {
-            for n in [0, 1, 7, 8, 9, 15, 16, 17, 24, 64, 71] {
-                let a: Vec<f32> = (0..n).map(|i| ((i * 7 % 11) as f32 - 5.0) / 3.0).collect();
-                let b: Vec<f32> = (0..n).map(|i| ((i * 5 % 13) as f32 - 6.0) / 4.0).collect();
-                let want: f64 = a.iter().zip(&b).map(|(&x, &y)| x as f64 * y as f64).sum();
-                let got = dot(&a, &b, simd) as f64;
-                assert!(
-                    (got - want).abs() <= 1e-5 * want.abs().max(1.0),
-                    "simd {simd}, n {n}: {got} vs {want}"
-                );
-                let mut out: Vec<f32> = b.clone();
-                add_scaled(&mut out, 0.75, &a, simd);
-                for i in 0..n {
-                    let want = b[i] as f64 + 0.75 * a[i] as f64;
-                    assert!(
-                        (out[i] as f64 - want).abs() <= 1e-6 * want.abs().max(1.0),
-                        "simd {simd}, n {n}, i {i}"
                     );
                 }
             }

@@ -1,6 +1,7 @@
 //! The x86 kernels: AVX-512 VNNI and AVX2 tiles for Q8_0 and Q4_1 weights.
 //!
-//! A tile is up to four rows of `x` against one group of 8 interleaved weight rows. Per block,
+//! A tile is up to eight rows of `x` (AVX-512's 32 vector registers; four with AVX2's 16) against
+//! one group of 8 interleaved weight rows. Per block,
 //! the group's 8 vectors (Q4_1: 4, each two of them in nibbles) are loaded once; for each `x`
 //! row, eight broadcasts of four of its values go through eight integer dot products into one
 //! accumulator whose lanes are the 8 outputs, converted and scaled once.
@@ -13,7 +14,7 @@ use std::arch::x86_64::*;
 /// starting value and `$dot(acc, w, x4)` adds the products of `w` with the broadcast `x4`.
 macro_rules! kernel {
     (
-        $isa:ident, $entry:ident, $features:literal, $format:ident,
+        $isa:ident, $entry:ident, $features:literal, $format:ident, max_rows = $max_rows:literal,
         load = |$p:ident| $load:expr,
         start = |$level_sum:ident| $start:expr,
         dot = |$acc:ident, $w:ident, $x4:ident| $dot:expr
@@ -29,6 +30,7 @@ macro_rules! kernel {
 
         impl Tile for $isa {
             const FORMAT: BlockFormat = BlockFormat::$format;
+            const MAX_ROWS: usize = $max_rows;
 
             #[target_feature(enable = $features)]
             unsafe fn tile<const MR: usize>(
@@ -118,6 +120,7 @@ kernel!(
     q8_0_vnni,
     "avx2,fma,f16c,avx512f,avx512vl,avx512vnni",
     Q8_0,
+    max_rows = 8,
     load = |p| q8_0_vectors(p).map(|v| _mm256_xor_si256(v, _mm256_set1_epi8(-128))),
     start = |level_sum| _mm256_set1_epi32(-128 * level_sum),
     dot = |acc, w, x4| _mm256_dpbusd_epi32(acc, w, x4)
@@ -127,6 +130,7 @@ kernel!(
     q4_1_vnni,
     "avx2,fma,f16c,avx512f,avx512vl,avx512vnni",
     Q4_1,
+    max_rows = 8,
     load = |p| q4_1_vectors(p),
     start = |_level_sum| _mm256_setzero_si256(),
     dot = |acc, w, x4| _mm256_dpbusd_epi32(acc, w, x4)
@@ -140,6 +144,7 @@ kernel!(
     q8_0_avx2,
     "avx2,fma,f16c",
     Q8_0,
+    max_rows = 4,
     load = |p| q8_0_vectors(p),
     start = |_level_sum| _mm256_setzero_si256(),
     dot = |acc, w, x4| _mm256_add_epi32(
@@ -155,6 +160,7 @@ kernel!(
     q4_1_avx2,
     "avx2,fma,f16c",
     Q4_1,
+    max_rows = 4,
     load = |p| q4_1_vectors(p),
     start = |_level_sum| _mm256_setzero_si256(),
     dot = |acc, w, x4| _mm256_add_epi32(
