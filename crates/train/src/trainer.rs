@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
-use mode_data::{DataMix, Split};
+use mode_data::{DataMix, MixSource, Split, SplitData};
 use mode_engine::model::{loss_and_grads, Batch, Plan};
 use mode_engine::ops::IGNORE;
 use mode_model::Backbone;
@@ -264,12 +264,7 @@ pub fn validate(
     let (mut loss_all, mut correct_all, mut count_all) = (0.0, 0, 0);
     let mut sources = Vec::with_capacity(data.sources.len());
     for source in &data.sources {
-        let split = source.data.split(Split::Val);
-        let split = if split.len() > cfg.seq_len {
-            split
-        } else {
-            source.data.split(Split::Test)
-        };
+        let split = validation_split(source, cfg.seq_len);
         let tokens = split.tokens();
         let (mut loss, mut correct, mut count) = (0.0, 0, 0);
         for w in 0..cfg.val_windows {
@@ -296,6 +291,27 @@ pub fn validate(
         total: score(loss_all, correct_all, count_all),
         sources,
     })
+}
+
+/// The split [`validate`] scores for `source`: its validation split, or its test split when the
+/// validation split is shorter than a window.
+fn validation_split(source: &MixSource, seq_len: usize) -> &SplitData {
+    let split = source.data.split(Split::Val);
+    if split.len() > seq_len {
+        split
+    } else {
+        source.data.split(Split::Test)
+    }
+}
+
+/// The sources of `data` that hold no validation window of `seq_len` tokens (neither their
+/// validation nor their test split is long enough): [`validate`] scores nothing of them.
+pub fn sources_without_validation(data: &DataMix, seq_len: usize) -> Vec<&str> {
+    data.sources
+        .iter()
+        .filter(|source| validation_split(source, seq_len).len() <= seq_len)
+        .map(|source| source.name.as_str())
+        .collect()
 }
 
 fn score(loss_sum: f64, correct: usize, count: usize) -> Score {
@@ -460,20 +476,29 @@ pub fn train(
         if last || (cfg.val_every > 0 && (step + 1) % cfg.val_every == 0) {
             let v = validate(method, data, cfg)?;
             let (loss, accuracy) = (v.total.loss, v.total.accuracy);
-            let line = MetricsLine {
-                step: step + 1,
-                kind: "val".into(),
-                loss,
-                accuracy: Some(accuracy),
-                lr: None,
-                grad_norm: None,
-                tokens_per_sec: None,
-                sources: (v.sources.len() > 1).then(|| v.sources.into_iter().collect()),
-            };
-            log(&line)?;
-            go_on &= on_event(Event::Validation(&line));
-            report.final_val_loss = Some(loss);
-            report.final_val_accuracy = Some(accuracy);
+            // With no validation window in any source (the CLI says so before training) there
+            // is nothing to report, and an empty mean is not a diverged run.
+            if v.total.tokens > 0 {
+                let sources: Vec<_> = v
+                    .sources
+                    .into_iter()
+                    .filter(|(_, s)| s.tokens > 0)
+                    .collect();
+                let line = MetricsLine {
+                    step: step + 1,
+                    kind: "val".into(),
+                    loss,
+                    accuracy: Some(accuracy),
+                    lr: None,
+                    grad_norm: None,
+                    tokens_per_sec: None,
+                    sources: (sources.len() > 1).then(|| sources.into_iter().collect()),
+                };
+                log(&line)?;
+                go_on &= on_event(Event::Validation(&line));
+                report.final_val_loss = Some(loss);
+                report.final_val_accuracy = Some(accuracy);
+            }
         }
         if !last && cfg.checkpoint_every > 0 && (step + 1) % cfg.checkpoint_every == 0 {
             check_finite(&params, step + 1)?;

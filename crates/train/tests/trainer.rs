@@ -9,7 +9,9 @@ use mode_data::{prepare, DataMix, Format, PrepareOptions, PreparedData};
 use mode_io::Tokenizer;
 use mode_model::{Architecture, Backbone, Config};
 use mode_train::methods::ModeTraining;
-use mode_train::trainer::{sample_batch, train, Event, Method, TrainConfig};
+use mode_train::trainer::{
+    sample_batch, sources_without_validation, train, Event, Method, TrainConfig,
+};
 
 fn data(dir: &Path) -> DataMix {
     DataMix::single(prepared(dir, "code", |i| {
@@ -19,6 +21,16 @@ fn data(dir: &Path) -> DataMix {
 
 /// A prepared folder `dir/name` of 40 documents made by `text`.
 fn prepared(dir: &Path, name: &str, text: impl Fn(usize) -> String) -> PreparedData {
+    prepared_split(dir, name, text, 0.1)
+}
+
+/// [`prepared`], with `held_out` of the documents in each of the validation and test splits.
+fn prepared_split(
+    dir: &Path,
+    name: &str,
+    text: impl Fn(usize) -> String,
+    held_out: f64,
+) -> PreparedData {
     let src = dir.join(format!("{name}-src"));
     std::fs::create_dir_all(&src).unwrap();
     for i in 0..40 {
@@ -31,8 +43,8 @@ fn prepared(dir: &Path, name: &str, text: impl Fn(usize) -> String) -> PreparedD
         glob: Some("*.py".into()),
         format: Format::Auto,
         column: None,
-        val_fraction: 0.1,
-        test_fraction: 0.1,
+        val_fraction: held_out,
+        test_fraction: held_out,
         seed: 0,
         force: false,
     };
@@ -359,4 +371,59 @@ fn a_last_update_that_overflows_is_an_error_not_a_finished_run() {
     .expect_err("an overflowing update must not end as a finished run")
     .to_string();
     assert!(e.contains("not finite"), "{e}");
+}
+
+#[test]
+fn a_run_without_validation_data_finishes_and_says_it_has_no_validation_loss() {
+    let tmp = tempfile::tempdir().unwrap();
+    let text = |i: usize| format!("def add_{i}(a, b):\n    return a + b + {i}\n\n").repeat(4);
+    let cfg = config();
+    let run = |data: &DataMix, name: &str| {
+        let m = model();
+        let method = ModeTraining {
+            model: &m,
+            experts: true,
+            gates: true,
+            gate_lr_scale: 1.0,
+        };
+        let metrics = tmp.path().join(format!("{name}.jsonl"));
+        let report = train(
+            &method,
+            data,
+            &cfg,
+            &tmp.path().join(format!("{name}.ckpt")),
+            &metrics,
+            |_| true,
+        )
+        .expect("a run without validation data is still a finished run");
+        (report, std::fs::read_to_string(metrics).unwrap())
+    };
+
+    // Every document in training: nothing to validate on, and no NaN called a divergence.
+    let alone = DataMix::single(prepared_split(tmp.path(), "all", text, 0.0));
+    assert_eq!(sources_without_validation(&alone, cfg.seq_len), ["all"]);
+    let (report, metrics) = run(&alone, "alone");
+    assert_eq!(report.steps, cfg.steps);
+    assert_eq!(
+        (report.final_val_loss, report.final_val_accuracy),
+        (None, None)
+    );
+    assert!(report.final_train_loss.is_some_and(f64::is_finite));
+    assert!(!metrics.contains("\"val\""), "{metrics}");
+
+    // Beside a source that has validation data, the run validates on that one alone.
+    let mut mix = DataMix::single(prepared(tmp.path(), "held", text));
+    mix.sources
+        .extend(DataMix::single(prepared_split(tmp.path(), "all2", text, 0.0)).sources);
+    assert_eq!(sources_without_validation(&mix, cfg.seq_len), ["all2"]);
+    let (report, metrics) = run(&mix, "mix");
+    let loss = report
+        .final_val_loss
+        .expect("the held-out source is validated");
+    assert!(loss.is_finite(), "{loss}");
+    let last_val = metrics.lines().rfind(|l| l.contains("\"val\"")).unwrap();
+    assert!(
+        !last_val.contains("null") && !last_val.contains("all2"),
+        "{last_val}"
+    );
 }

@@ -84,13 +84,12 @@ fn composed(args: &Args) -> Result<()> {
     }
     let t = &m.training;
     println!(
-        "  stage 2           {} steps, {} tokens, gates {}, seed {}, validation loss {:.4} (accuracy {:.2}%)",
+        "  stage 2           {} steps, {} tokens, gates {}, seed {}, {}",
         t.steps,
         t.tokens,
         safe(&m.gate_init),
         t.seed,
-        t.final_val_loss.unwrap_or(f64::NAN),
-        100.0 * t.final_val_accuracy.unwrap_or(f64::NAN)
+        validation(t.final_val_loss, t.final_val_accuracy)
     );
     Ok(())
 }
@@ -147,12 +146,24 @@ fn print_training(t: &mode_core::file::TrainingSummary) {
         t.seed
     );
     println!(
-        "  final losses      train {:.4}, validation {:.4} (accuracy {:.2}%)",
+        "  final losses      train {:.4}, {}",
         t.final_train_loss.unwrap_or(f64::NAN),
-        t.final_val_loss.unwrap_or(f64::NAN),
-        100.0 * t.final_val_accuracy.unwrap_or(f64::NAN)
+        validation(t.final_val_loss, t.final_val_accuracy)
     );
     if let Some(d) = &t.data_fingerprint {
         println!("  data fingerprint  {}", safe(d));
+    }
+}
+
+/// "validation loss L (accuracy A%)", or what a run without validation data had.
+fn validation(loss: Option<f64>, accuracy: Option<f64>) -> String {
+    match (loss, accuracy) {
+        (Some(loss), Some(accuracy)) => {
+            format!(
+                "validation loss {loss:.4} (accuracy {:.2}%)",
+                100.0 * accuracy
+            )
+        }
+        _ => "no validation data".to_string(),
     }
 }

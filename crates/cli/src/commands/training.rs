@@ -140,6 +140,24 @@ impl TrainFlags {
             }
             data.limit_train_documents(n);
         }
+        let unvalidated = mode_train::trainer::sources_without_validation(&data, self.seq_len);
+        if unvalidated.len() == data.sources.len() {
+            eprintln!(
+                "mode: warning: no --data folder has a validation (or test) split longer than \
+                 --seq-len {}: the run will report no validation loss. `mode data prepare` splits \
+                 by document, so give it several documents (files, or JSONL rows), or lower \
+                 --seq-len",
+                self.seq_len
+            );
+        } else {
+            for name in unvalidated {
+                eprintln!(
+                    "mode: warning: `{name}` has no validation (or test) split longer than \
+                     --seq-len {}: validation scores the other sources only",
+                    self.seq_len
+                );
+            }
+        }
         Ok(data)
     }
 
@@ -294,12 +312,15 @@ impl TrainProgress {
 
 /// What a finished run reports after `wrote OUT (...)`: steps, tokens, time, final validation.
 pub fn summary(report: &TrainReport) -> String {
+    let validation = match (report.final_val_loss, report.final_val_accuracy) {
+        (Some(loss), Some(accuracy)) => format!(
+            "final validation loss {loss:.4}, accuracy {:.2}%",
+            100.0 * accuracy
+        ),
+        _ => "no validation data".to_string(),
+    };
     format!(
-        "{} steps, {} tokens in {:.0}s, final validation loss {:.4}, accuracy {:.2}%",
-        report.steps,
-        report.tokens,
-        report.seconds,
-        report.final_val_loss.unwrap_or(f64::NAN),
-        100.0 * report.final_val_accuracy.unwrap_or(f64::NAN)
+        "{} steps, {} tokens in {:.0}s, {validation}",
+        report.steps, report.tokens, report.seconds
     )
 }
