@@ -7,7 +7,10 @@
 #
 #   bench/peer/build_llama_cpp.sh            # about 15 minutes on 2 free cores the first time
 #
-# Built for this CPU (GGML_NATIVE), CPU only, without curl; llama.cpp's defaults otherwise.
+# Built for this CPU (GGML_NATIVE), CPU only, without curl, without AMX tiles (on the Xeon VMs this runs
+# on, the CPU reports AMX but its first tile instruction faults: llama-server and llama-bench die with
+# SIGSEGV in ggml_backend_amx_mul_mat); llama.cpp's defaults otherwise. The flags are stamped beside the
+# binaries, and a build made with other flags is rebuilt.
 set -euo pipefail
 VERSION=0.3.36
 SHA256=832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
@@ -19,7 +22,15 @@ TOOLS=(llama-bench llama-batched-bench llama-server llama-quantize)
 # builds incrementally.
 BUILD="$DEST-build"
 
+# With GGML_NATIVE, ggml's own GGML_AMX_* switches are ignored: AMX goes off through the compiler
+# (an explicit -mno-* wins over -march=native whatever the order; harmless on CPUs without AMX).
+NO_AMX="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+FLAGS=(-DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON "-DCMAKE_C_FLAGS=$NO_AMX" "-DCMAKE_CXX_FLAGS=$NO_AMX"
+    -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DBUILD_SHARED_LIBS=OFF)
+STAMP="$DEST/bin/.cmake-flags"
+
 have_all() {
+    [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "${FLAGS[*]}" ] || return 1
     for t in "${TOOLS[@]}"; do [ -x "$DEST/bin/$t" ] || return 1; done
 }
 if have_all; then
@@ -53,10 +64,10 @@ fi
 cmake="$cmake_venv/bin/cmake"
 
 echo "build_llama_cpp: building ${TOOLS[*]} (this takes a while)" >&2
-"$cmake" -S "$src" -B "$BUILD/out" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF \
-    -DLLAMA_BUILD_TESTS=OFF -DBUILD_SHARED_LIBS=OFF >&2
+"$cmake" -S "$src" -B "$BUILD/out" "${FLAGS[@]}" >&2
 "$cmake" --build "$BUILD/out" --config Release -j "$(nproc)" --target "${TOOLS[@]}" >&2
 
 mkdir -p "$DEST/bin"
 for t in "${TOOLS[@]}"; do cp "$BUILD/out/bin/$t" "$DEST/bin/$t.tmp" && mv "$DEST/bin/$t.tmp" "$DEST/bin/$t"; done
+echo "${FLAGS[*]}" > "$STAMP"
 echo "$DEST/bin"
