@@ -48,4 +48,4 @@ serve-check: build
 WEIGHT_DTYPE ?= q4_1
 bench-serve: build
 	WEIGHT_DTYPE=$(WEIGHT_DTYPE) bench/serve.sh
-	$(if $(EXPERTS),python3 scripts/check_openai_client.py --mode $(MODE) --clients 1,8,32 --seconds 30 --max-tokens 64 --serve-arg=--parallel --serve-arg=32 --serve-arg=--weight-dtype --serve-arg=$(WEIGHT_DTYPE) --expert-mix $(foreach e,$(EXPERTS),--serve-arg=--expert --serve-arg=$(e)))
+	if [ -n "$(EXPERTS)" ]; then python3 scripts/check_openai_client.py --mode $(MODE) --clients 1,8,32 --seconds 30 --max-tokens 64 --serve-arg=--parallel --serve-arg=32 --serve-arg=--weight-dtype --serve-arg=$(WEIGHT_DTYPE) --expert-mix $(foreach e,$(EXPERTS),--serve-arg=--expert --serve-arg=$(e)); fi

@@ -72,5 +72,13 @@ for i, level in enumerate(ours[0]["load"]):
         "peer_p50_s": median([r["load"][i]["latency_p50_s"] for r in peer]),
         "failures": sum(r["load"][i]["failures"] for r in ours + peer),
     }
+    # What each side spent: prompt tokens it ran (not held by its prompt cache), completion tokens per
+    # request, and the CPU cores it and the load generator (Python clients on the same machine) used.
+    for side, rs in (("ours", ours), ("peer", peer)):
+        for key in ("prompt_tokens_read_per_sec", "completion_tokens_per_request", "server_cores",
+                    "client_cores"):
+            values = [r["load"][i].get(key) for r in rs]
+            if all(v is not None for v in values):
+                out["clients"][level["clients"]][f"{side}_{key}"] = median(values)
 print(json.dumps(out))
 PY

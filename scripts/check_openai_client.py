@@ -15,8 +15,10 @@
    MODE_API_KEY), so a client with a wrong key must get openai.AuthenticationError (401);
    one chat completion through `curl` with the key.
 4. Load: --clients threads (default 32) send small chat requests (--max-tokens, default 8) in a loop for
-   --seconds (default 60); reports requests done, failures, p50/p95 latency, and that the
-   server is still alive and answering.
+   --seconds (default 60); reports requests done, failures, p50/p95 latency, completion tokens
+   per request, prompt tokens the server read (its /metrics: what its prompt cache did not hold),
+   the CPU cores the server and the load generator itself used (both share the machine), and
+   that the server is still alive and answering.
 
 Exits non-zero on any failure. Not run by CI (it needs the real backbone and a minute or more).
 """
@@ -128,6 +130,33 @@ class Server:
         except OSError:
             pass
         return float("nan")
+
+    def cpu_seconds(self) -> float:
+        """User plus system CPU seconds the server has used so far (all its threads)."""
+        try:
+            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, IndexError, ValueError):
+            return float("nan")
+
+    def counters(self) -> dict:
+        """The server's Prometheus counters (`GET /metrics`) by name; empty when it has none."""
+        req = urllib.request.Request(self.url("/metrics"),
+                                     headers={"Authorization": f"Bearer {API_KEY}"})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                text = r.read().decode()
+        except OSError:
+            return {}
+        out = {}
+        for line in text.splitlines():
+            parts = line.split()
+            if len(parts) == 2 and not line.startswith("#"):
+                try:
+                    out[parts[0]] = float(parts[1])
+                except ValueError:
+                    pass
+        return out
 
     def tail(self, lines: int = 20) -> str:
         if not self.log_file.closed:
@@ -289,6 +318,10 @@ def api_checks(server: Server, checks: Checks) -> str:
     return model
 
 
+# The counters, ours then llama-server's (with --metrics), of prompt tokens run through the model.
+PROMPT_READ_COUNTERS = ("mode_prompt_tokens_total", "llamacpp:prompt_tokens_total")
+
+
 def expert_sets(server: Server) -> list:
     """The backbone alone, each loaded expert alone, then all of them: what `--expert-mix` cycles."""
     req = urllib.request.Request(server.url("/v1/experts"),
@@ -336,6 +369,8 @@ def load(server: Server, model: str, clients: int, seconds: float, max_tokens: i
             n += 1
 
     rss_before = server.rss_mib()
+    counters_before, server_cpu_before = server.counters(), server.cpu_seconds()
+    client_cpu_before = time.process_time()
     mix = f", expert sets cycling over {sets}" if sets else ""
     log(f"load: {clients} clients for {seconds:.0f}s (chat, max_tokens {max_tokens}{mix})")
     started = time.monotonic()
@@ -345,6 +380,13 @@ def load(server: Server, model: str, clients: int, seconds: float, max_tokens: i
     for t in threads:
         t.join()
     elapsed = time.monotonic() - started
+    client_cores = (time.process_time() - client_cpu_before) / elapsed
+    server_cores = (server.cpu_seconds() - server_cpu_before) / elapsed
+    counters_after = server.counters()
+    # Prompt tokens the server actually ran through the model (not those its prompt cache held).
+    read = [counters_after[k] - counters_before.get(k, 0.0) for k in PROMPT_READ_COUNTERS
+            if k in counters_after]
+    prompt_read_per_sec = round(read[0] / elapsed, 2) if read else None
 
     done = len(latencies)
     lat = sorted(latencies)
@@ -357,7 +399,9 @@ def load(server: Server, model: str, clients: int, seconds: float, max_tokens: i
         f"({done / elapsed:.2f} requests/s, {sum(tokens) / elapsed:.1f} completion tokens/s); "
         f"latency p50 {pct(0.50):.2f}s, "
         f"p95 {pct(0.95):.2f}s, max {lat[-1] if lat else float('nan'):.2f}s; "
-        f"server RSS {rss_before:.0f} -> {server.rss_mib():.0f} MiB",
+        f"server RSS {rss_before:.0f} -> {server.rss_mib():.0f} MiB; "
+        f"prompt tokens read {prompt_read_per_sec if prompt_read_per_sec is not None else '?'}/s; "
+        f"CPU cores used: server {server_cores:.2f}, these clients {client_cores:.2f}",
         flush=True,
     )
     for e in errors[:10]:
@@ -375,6 +419,10 @@ def load(server: Server, model: str, clients: int, seconds: float, max_tokens: i
         "completion_tokens_per_sec": round(sum(tokens) / elapsed, 2),
         "latency_p50_s": round(pct(0.50), 3),
         "latency_p95_s": round(pct(0.95), 3),
+        "completion_tokens_per_request": round(sum(tokens) / done, 2) if done else None,
+        "prompt_tokens_read_per_sec": prompt_read_per_sec,
+        "server_cores": round(server_cores, 2),
+        "client_cores": round(client_cores, 2),
     }
 
 
@@ -425,7 +473,7 @@ def main() -> int:
         cmd = [str(args.llama_server), "-m", str(args.gguf), "--host", "127.0.0.1",
                "--port", str(port), "-np", str(args.parallel),
                "-c", str(args.parallel * args.ctx_per_slot), "-t", str(args.peer_threads),
-               "--api-key", API_KEY]
+               "--api-key", API_KEY, "--metrics"]
         server = Server(cmd, port, log_dir / "llama-server.log")
     else:
         cmd = [str(args.mode), "serve", "--port", str(port), *args.serve_arg]
