@@ -230,7 +230,7 @@ mod tests {
     }
 
     /// Attention of one query over keys and values, in f64, straight from the definition.
-    fn naive(q: &[f32], k: &[Vec<f32>], v: &[Vec<f32>], scale: f32) -> Vec<f64> {
+    pub(super) fn naive(q: &[f32], k: &[Vec<f32>], v: &[Vec<f32>], scale: f32) -> Vec<f64> {
         let scores: Vec<f64> = k
             .iter()
             .map(|kr| {

@@ -79,13 +79,18 @@ fn config() -> TrainConfig {
     }
 }
 
-fn params(m: &ModeModel) -> Vec<(String, Vec<f32>)> {
-    let method = ModeTraining {
+/// Training of `m`'s experts and gates at the base learning rate.
+fn experts_and_gates(m: &ModeModel) -> ModeTraining<'_> {
+    ModeTraining {
         model: m,
         experts: true,
         gates: true,
         gate_lr_scale: 1.0,
-    };
+    }
+}
+
+fn params(m: &ModeModel) -> Vec<(String, Vec<f32>)> {
+    let method = experts_and_gates(m);
     method
         .params()
         .into_iter()
@@ -101,12 +106,7 @@ fn training_lowers_the_loss_and_resume_is_exact() {
 
     // Uninterrupted.
     let a = model();
-    let method = ModeTraining {
-        model: &a,
-        experts: true,
-        gates: true,
-        gate_lr_scale: 1.0,
-    };
+    let method = experts_and_gates(&a);
     let report = train(
         &method,
         &data,
@@ -134,12 +134,7 @@ fn training_lowers_the_loss_and_resume_is_exact() {
     // Stopped right after the checkpoint at step 6, then resumed from it by a fresh process
     // state (a new model with the same initialisation).
     let b = model();
-    let method = ModeTraining {
-        model: &b,
-        experts: true,
-        gates: true,
-        gate_lr_scale: 1.0,
-    };
+    let method = experts_and_gates(&b);
     let ckpt = tmp.path().join("b.ckpt");
     let metrics_b = tmp.path().join("b.jsonl");
     let mut checkpoints = 0;
@@ -152,12 +147,7 @@ fn training_lowers_the_loss_and_resume_is_exact() {
     .unwrap();
     assert_eq!(stopped.steps, 6);
     let c = model();
-    let method = ModeTraining {
-        model: &c,
-        experts: true,
-        gates: true,
-        gate_lr_scale: 1.0,
-    };
+    let method = experts_and_gates(&c);
     let resumed = train(&method, &data, &cfg, &ckpt, &metrics_b, |_| true).unwrap();
     assert_eq!(resumed.steps, 8);
     assert_eq!(
@@ -212,12 +202,7 @@ fn a_mixture_draws_rows_by_weight_and_validates_each_source() {
     );
 
     let m = model();
-    let method = ModeTraining {
-        model: &m,
-        experts: true,
-        gates: true,
-        gate_lr_scale: 1.0,
-    };
+    let method = experts_and_gates(&m);
     let cfg = TrainConfig {
         steps: 2,
         val_every: 2,
@@ -252,12 +237,7 @@ fn a_diverging_run_stops_cleanly_and_keeps_its_last_good_checkpoint() {
     let tmp = tempfile::tempdir().unwrap();
     let data = data(tmp.path());
     let m = model();
-    let method = ModeTraining {
-        model: &m,
-        experts: true,
-        gates: true,
-        gate_lr_scale: 1.0,
-    };
+    let method = experts_and_gates(&m);
     // A learning rate no model survives: the weights blow up within a few steps.
     let cfg = TrainConfig {
         steps: 40,
@@ -345,12 +325,7 @@ fn a_last_update_that_overflows_is_an_error_not_a_finished_run() {
     let tmp = tempfile::tempdir().unwrap();
     let data = data(tmp.path());
     let m = model();
-    let method = ModeTraining {
-        model: &m,
-        experts: true,
-        gates: true,
-        gate_lr_scale: 1.0,
-    };
+    let method = experts_and_gates(&m);
     // One step at a rate beyond f32: the loss of the step is finite, its update is not.
     let cfg = TrainConfig {
         steps: 1,
@@ -380,12 +355,7 @@ fn a_run_without_validation_data_finishes_and_says_it_has_no_validation_loss() {
     let cfg = config();
     let run = |data: &DataMix, name: &str| {
         let m = model();
-        let method = ModeTraining {
-            model: &m,
-            experts: true,
-            gates: true,
-            gate_lr_scale: 1.0,
-        };
+        let method = experts_and_gates(&m);
         let metrics = tmp.path().join(format!("{name}.jsonl"));
         let report = train(
             &method,

@@ -201,28 +201,12 @@ mod tests {
                 let vd: Vec<f32> = (0..n).map(|i| value(i, 0.9)).collect();
                 let q: Vec<f32> = (0..hd).map(|i| value(i, 0.1)).collect();
                 let scale = 0.3;
-                let row = |d: &[f32], j: usize| d[start + j * stride..][..hd].to_vec();
-                let scores: Vec<f64> = (first..first + len)
-                    .map(|j| {
-                        let k = row(&kd, j);
-                        q.iter()
-                            .zip(&k)
-                            .map(|(a, b)| *a as f64 * *b as f64)
-                            .sum::<f64>()
-                            * scale as f64
-                    })
-                    .collect();
-                let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                let e: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
-                let sum: f64 = e.iter().sum();
-                let want: Vec<f64> = (0..hd)
-                    .map(|d| {
-                        e.iter()
-                            .enumerate()
-                            .map(|(i, p)| p / sum * row(&vd, first + i)[d] as f64)
-                            .sum()
-                    })
-                    .collect();
+                let rows_of = |d: &[f32]| -> Vec<Vec<f32>> {
+                    (first..first + len)
+                        .map(|j| d[start + j * stride..][..hd].to_vec())
+                        .collect()
+                };
+                let want = crate::serial::tests::naive(&q, &rows_of(&kd), &rows_of(&vd), scale);
                 for &simd in &paths {
                     let rows = |data| HeadRows {
                         data,
