@@ -5,6 +5,8 @@ use mode_core::ExpertFile;
 // Everything from the file's header may hold escape sequences: printed escaped.
 use mode_io::term::printable as safe;
 
+use super::training::validation;
+
 /// Print what an expert file or a model folder (from `mode compose` or `mode baseline`) holds.
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -152,18 +154,5 @@ fn print_training(t: &mode_core::file::TrainingSummary) {
     );
     if let Some(d) = &t.data_fingerprint {
         println!("  data fingerprint  {}", safe(d));
-    }
-}
-
-/// "validation loss L (accuracy A%)", or what a run without validation data had.
-fn validation(loss: Option<f64>, accuracy: Option<f64>) -> String {
-    match (loss, accuracy) {
-        (Some(loss), Some(accuracy)) => {
-            format!(
-                "validation loss {loss:.4} (accuracy {:.2}%)",
-                100.0 * accuracy
-            )
-        }
-        _ => "no validation data".to_string(),
     }
 }

@@ -312,15 +312,24 @@ impl TrainProgress {
 
 /// What a finished run reports after `wrote OUT (...)`: steps, tokens, time, final validation.
 pub fn summary(report: &TrainReport) -> String {
-    let validation = match (report.final_val_loss, report.final_val_accuracy) {
-        (Some(loss), Some(accuracy)) => format!(
-            "final validation loss {loss:.4}, accuracy {:.2}%",
-            100.0 * accuracy
-        ),
-        _ => "no validation data".to_string(),
-    };
     format!(
-        "{} steps, {} tokens in {:.0}s, {validation}",
-        report.steps, report.tokens, report.seconds
+        "{} steps, {} tokens in {:.0}s, {}",
+        report.steps,
+        report.tokens,
+        report.seconds,
+        validation(report.final_val_loss, report.final_val_accuracy)
     )
+}
+
+/// "validation loss L (accuracy A%)", or what a run without validation data has.
+pub fn validation(loss: Option<f64>, accuracy: Option<f64>) -> String {
+    match (loss, accuracy) {
+        (Some(loss), Some(accuracy)) => {
+            format!(
+                "validation loss {loss:.4} (accuracy {:.2}%)",
+                100.0 * accuracy
+            )
+        }
+        _ => "no validation data".to_string(),
+    }
 }
