@@ -11,6 +11,10 @@ use crate::packed::PackedF32;
 pub use crate::rope::{Rope, RopeTables};
 use crate::{Activation, Config, Result, Weights};
 
+mod fuse;
+pub use fuse::fuse_quantized;
+pub(crate) use fuse::fused;
+
 /// `y = x W^T (+ b)`. The weight may be stored compactly (f16/bf16 tensors, or Q8_0/Q4_1
 /// blocks); it is widened to the activation dtype at use.
 #[derive(Debug, Clone)]
@@ -248,54 +252,6 @@ impl Module for Mlp {
         };
         self.down_proj.forward(&(gate * up)?)
     }
-}
-
-/// The stacked projection, unless one of its parts has since had LoRA attached (which the
-/// stack does not carry).
-pub(crate) fn fused<'a, const N: usize>(
-    stack: &'a Option<Linear>,
-    parts: [&Linear; N],
-) -> Option<&'a Linear> {
-    stack
-        .as_ref()
-        .filter(|_| parts.iter().all(|p| p.lora.is_none()))
-}
-
-/// Stacks quantised projections that read the same input into one (their biases stacked, zeros
-/// for those without), and makes each a view of its rows in it. `None` when one is not
-/// quantised, or they are not all of one format.
-pub fn fuse_quantized(parts: &mut [&mut Linear]) -> candle_core::Result<Option<Linear>> {
-    let mut matrices = Vec::with_capacity(parts.len());
-    for p in parts.iter() {
-        match &p.weight {
-            Weight::Quantized(q) => matrices.push(q),
-            Weight::Dense(_) | Weight::Packed(_) => return Ok(None),
-        }
-    }
-    // Parts of other formats, or whose rows end inside a group of interleaved rows, stay apart.
-    let Ok((stack, views)) = QMatrix::stack(&matrices) else {
-        return Ok(None);
-    };
-    let bias = if parts.iter().any(|p| p.bias.is_some()) {
-        let biases = parts
-            .iter()
-            .map(|p| match &p.bias {
-                Some(b) => b.to_dtype(DType::F32),
-                None => Tensor::zeros(p.out_features(), DType::F32, &Device::Cpu),
-            })
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        Some(Tensor::cat(&biases, 0)?)
-    } else {
-        None
-    };
-    for (p, view) in parts.iter_mut().zip(views) {
-        p.weight = Weight::Quantized(view);
-    }
-    Ok(Some(Linear {
-        weight: Weight::Quantized(stack),
-        bias,
-        lora: None,
-    }))
 }
 
 /// One pre-norm transformer decoder layer: `x + [attn_out_norm](attn(attn_norm(x)))`, then
